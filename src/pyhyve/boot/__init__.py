@@ -1,0 +1,5 @@
+"""Guest loaders: PVH ELF kernels and Linux bzImages."""
+
+from .common import BootError, BootInfo
+
+__all__ = ["BootError", "BootInfo"]

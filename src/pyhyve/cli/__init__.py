@@ -1,0 +1,1 @@
+"""Command-line front ends: `pyhyve` (run VMs, inspect snapshots) and `pyhyvectl`."""

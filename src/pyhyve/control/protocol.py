@@ -1,0 +1,42 @@
+"""Newline-delimited JSON over a UNIX stream socket, one request and one reply at a time.
+
+Request: {"cmd": NAME, ...arguments}. Reply: {"ok": true, ...} or {"ok": false, "error": MSG}.
+Lines are bounded so a confused or hostile client cannot make the VMM buffer without end.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+
+MAX_LINE = 64 * 1024
+
+
+class ProtocolError(ValueError):
+    pass
+
+
+def send(sock: socket.socket, obj: dict) -> None:
+    sock.sendall(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
+
+
+def recv(sock: socket.socket, buf: bytearray) -> dict | None:
+    """Next message from `sock` (None at EOF); `buf` carries bytes between calls."""
+    while b"\n" not in buf:
+        if len(buf) > MAX_LINE:
+            raise ProtocolError("control message too long")
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        buf += chunk
+    line, _, rest = bytes(buf).partition(b"\n")
+    buf[:] = rest
+    if len(line) > MAX_LINE:
+        raise ProtocolError("control message too long")
+    try:
+        obj = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ProtocolError("control message is not JSON") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("control message is not an object")
+    return obj

@@ -1,0 +1,1 @@
+"""Device models: buses, UART, legacy ports, PCI."""

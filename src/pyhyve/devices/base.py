@@ -1,0 +1,103 @@
+"""The device model: every device is one class on the PIO or MMIO bus.
+
+A device answers reads and writes in its range and can capture its state as a plain,
+versioned, frozen dataclass (`save()`), from which `restore()` builds an equal device.
+Encoding that value into bytes lives in pyhyve.snapshot, apart from the devices.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    """Base of every device's saved state; subclasses set VERSION and add fields."""
+
+    VERSION: ClassVar[int] = 1
+
+
+class Device:
+    """A device on a bus. `kind` names it in snapshots; `lock` serialises its state."""
+
+    kind: ClassVar[str] = "device"
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+    def read(self, offset: int, size: int) -> int:
+        """Read `size` bytes at `offset` from the device's base address."""
+        return (1 << (8 * size)) - 1
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        """Write `size` bytes at `offset` from the device's base address."""
+
+    def save(self) -> DeviceState | None:
+        """Return the device's state, or None when it has no state worth keeping."""
+        return None
+
+    def load_state(self, state: DeviceState) -> None:
+        """Put a saved state back into this (freshly built) device."""
+        if state is not None:
+            raise ValueError(f"{self.kind} has no state to restore")
+
+    def close(self) -> None:
+        """Release host resources (threads, sockets)."""
+
+
+class BusError(ValueError):
+    pass
+
+
+class Bus:
+    """Address ranges to devices, for one address space (port I/O or MMIO)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._starts: list[int] = []
+        self._entries: list[tuple[int, int, Device]] = []
+
+    def register(self, base: int, length: int, device: Device) -> None:
+        i = bisect.bisect_right(self._starts, base)
+        if i > 0:
+            s, ln, d = self._entries[i - 1]
+            if s + ln > base:
+                raise BusError(f"{self.name} range {base:#x} overlaps {d.kind} at {s:#x}")
+        if i < len(self._entries) and base + length > self._entries[i][0]:
+            raise BusError(f"{self.name} range {base:#x} overlaps {self._entries[i][2].kind}")
+        self._starts.insert(i, base)
+        self._entries.insert(i, (base, length, device))
+
+    def find(self, addr: int) -> tuple[int, Device] | None:
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i >= 0:
+            s, ln, d = self._entries[i]
+            if addr < s + ln:
+                return s, d
+        return None
+
+    def read(self, addr: int, size: int) -> int:
+        hit = self.find(addr)
+        if hit is None:
+            return (1 << (8 * size)) - 1  # unclaimed: floating bus reads all ones
+        base, dev = hit
+        with dev.lock:
+            return dev.read(addr - base, size)
+
+    def write(self, addr: int, size: int, value: int) -> None:
+        hit = self.find(addr)
+        if hit is None:
+            return  # unclaimed ports (0x80 and friends) are answered quietly
+        base, dev = hit
+        with dev.lock:
+            dev.write(addr - base, size, value)
+
+    def devices(self) -> list[tuple[int, int, Device]]:
+        return list(self._entries)
+
+
+def state_fields(state: DeviceState) -> dict[str, Any]:
+    return {k: getattr(state, k) for k in state.__dataclass_fields__}

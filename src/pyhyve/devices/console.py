@@ -1,0 +1,182 @@
+"""Console backends for the UART: where guest output goes and guest input comes from."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import sys
+import threading
+from collections import deque
+from collections.abc import Callable
+
+
+class ConsoleError(ValueError):
+    pass
+
+
+class Console:
+    """Output sink plus an optional input source feeding `on_input`."""
+
+    spec = "null"
+
+    def __init__(self) -> None:
+        self.on_input: Callable[[bytes], None] | None = None
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def start_input(self, on_input: Callable[[bytes], None]) -> None:
+        self.on_input = on_input
+
+    def close(self) -> None:
+        pass
+
+
+class StdioConsole(Console):
+    """Output to stdout; input from stdin when stdin is a terminal or a pipe."""
+
+    spec = "stdio"
+
+    def __init__(self, read_stdin: bool = True) -> None:
+        super().__init__()
+        self.out_fd = sys.stdout.fileno()
+        self.read_stdin = read_stdin
+
+    def write(self, data: bytes) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self.out_fd, data)
+
+    def start_input(self, on_input: Callable[[bytes], None]) -> None:
+        super().start_input(on_input)
+        if not self.read_stdin:
+            return
+        try:
+            fd = sys.stdin.fileno()
+        except (OSError, ValueError):
+            return
+
+        def pump() -> None:
+            while True:
+                try:
+                    data = os.read(fd, 4096)
+                except OSError:
+                    return
+                if not data:
+                    return
+                on_input(data)
+
+        threading.Thread(target=pump, name="console-stdin", daemon=True).start()
+
+
+class FileConsole(Console):
+    """Output appended to a file; no input."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.spec = f"file:{path}"
+        try:
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise ConsoleError(f"cannot open console file {path}: {e.strerror}") from None
+
+    def write(self, data: bytes) -> None:
+        os.write(self.fd, data)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class UnixConsole(Console):
+    """A listening UNIX socket; one client at a time gets output and gives input.
+
+    Output produced while no client is attached is kept (the last 64 KiB) and replayed
+    to the next client, so nothing the guest printed at boot is lost.
+    """
+
+    BACKLOG = 64 * 1024
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.spec = f"unix:{path}"
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        try:
+            self.sock.bind(path)
+        except OSError as e:
+            raise ConsoleError(f"cannot listen on console socket {path}: {e.strerror}") from None
+        os.chmod(path, 0o600)
+        self.sock.listen(1)
+        self.client: socket.socket | None = None
+        self.pending: deque[bytes] = deque()
+        self.pending_len = 0
+        self.lock = threading.Lock()
+        self.closed = False
+        threading.Thread(target=self._accept, name="console-unix", daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            with self.lock:
+                old, self.client = self.client, c
+                backlog = b"".join(self.pending)
+                self.pending.clear()
+                self.pending_len = 0
+            if old:
+                old.close()
+            with contextlib.suppress(OSError):
+                c.sendall(backlog)
+            threading.Thread(target=self._pump, args=(c,), daemon=True).start()
+
+    def _pump(self, c: socket.socket) -> None:
+        while True:
+            try:
+                data = c.recv(4096)
+            except OSError:
+                return
+            if not data:
+                return
+            if self.on_input:
+                self.on_input(data)
+
+    def write(self, data: bytes) -> None:
+        with self.lock:
+            if self.client is not None:
+                try:
+                    self.client.sendall(data)
+                    return
+                except OSError:
+                    self.client = None
+            self.pending.append(data)
+            self.pending_len += len(data)
+            while self.pending_len > self.BACKLOG:
+                self.pending_len -= len(self.pending.popleft())
+
+    def close(self) -> None:
+        self.closed = True
+        self.sock.close()
+        if self.client:
+            self.client.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+
+def open_console(spec: str) -> Console:
+    """stdio | file:PATH | unix:PATH | null (bhyve's `-l com1,stdio` names are accepted)."""
+    if spec in ("stdio", "stdout"):
+        return StdioConsole()
+    if spec == "null":
+        return Console()
+    kind, _, arg = spec.partition(":")
+    if kind == "file" and arg:
+        return FileConsole(arg)
+    if kind == "unix" and arg:
+        return UnixConsole(arg)
+    raise ConsoleError(f"bad console '{spec}': use stdio, file:PATH, unix:PATH or null")

@@ -1,0 +1,79 @@
+"""PCI host bridge on configuration mechanism #1 (ports 0xCF8 address, 0xCFC data).
+
+Bus 0, device 0 is the host bridge itself; the virtio work adds devices with
+`add()`. Absent functions read as all ones, which is how a guest discovers them missing.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from .base import Device
+
+
+class PciFunction:
+    """A function's 256-byte configuration space with a write mask (writable bits)."""
+
+    def __init__(self, vendor: int, device: int, class_code: int, header_type: int = 0) -> None:
+        self.config = bytearray(256)
+        self.wmask = bytearray(256)
+        struct.pack_into("<HH", self.config, 0, vendor, device)
+        struct.pack_into("<I", self.config, 8, class_code << 8)  # revision 0
+        self.config[0x0E] = header_type
+        self.wmask[0x04:0x06] = b"\x07\x05"  # command: io, mem, master, parity, intx-disable
+        self.wmask[0x0C] = 0xFF  # cache line size
+        self.wmask[0x0D] = 0xFF  # latency timer
+        self.wmask[0x3C] = 0xFF  # interrupt line
+
+    def read(self, reg: int, size: int) -> int:
+        return int.from_bytes(self.config[reg:reg + size], "little")
+
+    def write(self, reg: int, size: int, value: int) -> None:
+        for i in range(size):
+            b = (value >> (8 * i)) & 0xFF
+            m = self.wmask[reg + i]
+            self.config[reg + i] = (self.config[reg + i] & ~m) | (b & m)
+
+
+class PciHostBridge(Device):
+    kind = "pci-host"
+    BASE = 0xCF8  # 0xCF8..0xCFF
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.address = 0
+        # Red Hat/QEMU vendor id space is not ours to use; 0x1b36 is avoided. Host bridge
+        # class 0x060000 is what matters to guests.
+        self.functions: dict[tuple[int, int, int], PciFunction] = {
+            (0, 0, 0): PciFunction(0x8086, 0x0D57, 0x060000)}
+
+    def add(self, slot: int, function: PciFunction) -> None:
+        if (0, slot, 0) in self.functions:
+            raise ValueError(f"PCI slot {slot} is taken")
+        self.functions[(0, slot, 0)] = function
+
+    def _target(self) -> tuple[PciFunction | None, int]:
+        if not self.address & 0x8000_0000:
+            return None, 0
+        bus = (self.address >> 16) & 0xFF
+        dev = (self.address >> 11) & 0x1F
+        fn = (self.address >> 8) & 0x7
+        return self.functions.get((bus, dev, fn)), self.address & 0xFC
+
+    def read(self, offset: int, size: int) -> int:
+        if offset < 4:
+            return (self.address >> (8 * offset)) & ((1 << (8 * size)) - 1)
+        f, reg = self._target()
+        if f is None:
+            return (1 << (8 * size)) - 1
+        return f.read(reg + (offset - 4), size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if offset == 0 and size == 4:
+            self.address = value & 0x80FF_FFFC
+            return
+        if offset < 4:
+            return
+        f, reg = self._target()
+        if f is not None:
+            f.write(reg + (offset - 4), size, value)

@@ -1,0 +1,1 @@
+"""The machine: guest memory, CPUID, vCPU threads and their pause/resume handshake."""

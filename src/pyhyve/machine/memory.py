@@ -1,0 +1,113 @@
+"""Guest RAM: memfd-backed regions mapped into the VMM and registered with KVM.
+
+memfd lets the same pages later be written to a snapshot, sent over a socket, or replaced by
+a private mapping of a snapshot file (lazy restore) without changing anything above here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes as C
+import mmap
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+PAGE = 4096
+MMIO_HOLE_START = 0xC000_0000  # 3 GiB: PCI/LAPIC/IOAPIC window below 4 GiB
+MMIO_HOLE_END = 0x1_0000_0000
+
+
+@dataclass(frozen=True)
+class RegionLayout:
+    """Where one RAM region sits in guest-physical space and in the backing file."""
+
+    guest_phys_addr: int
+    size: int
+    file_offset: int
+
+
+def ram_layout(size: int) -> list[RegionLayout]:
+    """Split RAM around the MMIO hole below 4 GiB; file offsets are contiguous."""
+    if size <= MMIO_HOLE_START:
+        return [RegionLayout(0, size, 0)]
+    return [RegionLayout(0, MMIO_HOLE_START, 0),
+            RegionLayout(MMIO_HOLE_END, size - MMIO_HOLE_START, MMIO_HOLE_START)]
+
+
+class Region:
+    """One contiguous RAM region, mapped at a host address."""
+
+    def __init__(self, layout: RegionLayout, mm: mmap.mmap) -> None:
+        self.layout = layout
+        self.mm = mm
+        self.host_addr = C.addressof(C.c_char.from_buffer(mm))
+        self.array = np.frombuffer(mm, dtype=np.uint8)
+
+    @property
+    def gpa(self) -> int:
+        return self.layout.guest_phys_addr
+
+    @property
+    def size(self) -> int:
+        return self.layout.size
+
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        return self.gpa <= gpa and gpa + length <= self.gpa + self.size
+
+
+class GuestMemory:
+    """All guest RAM. Either a fresh memfd (shared mapping) or a private file mapping."""
+
+    def __init__(self, size: int, backing_fd: int | None = None, private: bool = False,
+                 name: str = "pyhyve-ram") -> None:
+        if size <= 0 or size % PAGE:
+            raise ValueError(f"memory size must be a positive multiple of {PAGE}")
+        self.size = size
+        self.private = private
+        if backing_fd is None:
+            self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+            os.ftruncate(self.fd, size)
+        else:
+            self.fd = os.dup(backing_fd)
+        self.regions: list[Region] = []
+        flags = mmap.MAP_PRIVATE if private else mmap.MAP_SHARED
+        for lay in ram_layout(size):
+            mm = mmap.mmap(self.fd, lay.size, flags=flags,
+                           prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=lay.file_offset)
+            if hasattr(mm, "madvise") and hasattr(mmap, "MADV_HUGEPAGE") and not private:
+                with contextlib.suppress(OSError):
+                    mm.madvise(mmap.MADV_HUGEPAGE)
+            self.regions.append(Region(lay, mm))
+
+    def region_for(self, gpa: int, length: int = 1) -> Region:
+        for r in self.regions:
+            if r.contains(gpa, length):
+                return r
+        raise ValueError(f"guest range {gpa:#x}+{length:#x} is not RAM")
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        r = self.region_for(gpa, len(data))
+        off = gpa - r.gpa
+        r.mm[off:off + len(data)] = data
+
+    def read(self, gpa: int, length: int) -> bytes:
+        r = self.region_for(gpa, length)
+        off = gpa - r.gpa
+        return r.mm[off:off + length]
+
+    def view(self, gpa: int, length: int) -> np.ndarray:
+        r = self.region_for(gpa, length)
+        off = gpa - r.gpa
+        return r.array[off:off + length]
+
+    def close(self) -> None:
+        for r in self.regions:
+            del r.array
+            with contextlib.suppress(BufferError):  # a numpy view still alive elsewhere
+                r.mm.close()
+        self.regions = []
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -1,0 +1,269 @@
+"""The VM object: KVM VM + guest memory + devices + vCPU threads, and its life cycle.
+
+Two ways in: `VirtualMachine.create(config)` boots a kernel; `VirtualMachine.build(config)`
+gives an unbooted machine whose state a snapshot or a migration stream then fills in.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+from .boot.common import BootError, load_kernel
+from .boot.cpu import setup_boot_cpu
+from .devices.base import Bus, Device
+from .devices.console import Console, open_console
+from .devices.misc import I8042, PostPort
+from .devices.pci import PciHostBridge
+from .devices.uart import Uart
+from .kvm import Kvm, KvmError, Vcpu
+from .kvm import ioctls as I
+from .machine.cpuid import DEFAULT_HIDDEN, build_cpuid, for_vcpu
+from .machine.memory import GuestMemory
+from .machine.vcpu import VcpuControl, VcpuThread, install_kick_handler
+
+TSS_ADDR = 0xFFFB_D000
+IDENTITY_MAP_ADDR = 0xFFFB_C000
+MIN_MEMORY = 8 << 20
+MAX_VCPUS = 64
+LAPIC_LVT0, LAPIC_LVT1 = 0x350, 0x360
+APIC_MODE_EXTINT, APIC_MODE_NMI = 0x700, 0x400
+
+
+class VmError(RuntimeError):
+    """A user-facing failure to create or run a VM; the message is the whole story."""
+
+
+@dataclass
+class VmConfig:
+    name: str
+    memory: int
+    cpus: int = 1
+    kernel: str | None = None
+    initrd: str | None = None
+    cmdline: str = ""
+    console: str = "stdio"
+    cpuid_hidden: tuple[str, ...] = DEFAULT_HIDDEN
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["cpuid_hidden"] = list(self.cpuid_hidden)
+        return d
+
+
+def host_memory_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def open_kvm() -> Kvm:
+    """/dev/kvm, or the node named by PYHYVE_KVM_DEVICE (for hosts that put it elsewhere)."""
+    path = os.environ.get("PYHYVE_KVM_DEVICE") or "/dev/kvm"
+    try:
+        return Kvm(path)
+    except FileNotFoundError:
+        raise VmError(f"cannot open {path}: no such device (is KVM enabled on this host?)") from None
+    except PermissionError:
+        raise VmError(f"cannot open {path}: permission denied (run as root or join group kvm)") from None
+    except OSError as e:
+        raise VmError(f"cannot open {path}: {e.strerror or e}") from None
+
+
+class VirtualMachine:
+    """A running (or runnable) guest."""
+
+    def __init__(self, config: VmConfig, console: Console | None = None,
+                 memory: GuestMemory | None = None) -> None:
+        if config.memory < MIN_MEMORY or config.memory % 4096:
+            raise VmError(f"memory must be at least {MIN_MEMORY >> 20}M and page-aligned")
+        if not 1 <= config.cpus <= MAX_VCPUS:
+            raise VmError(f"cpus must be between 1 and {MAX_VCPUS}")
+        host = host_memory_bytes()
+        if host and config.memory > host:
+            raise VmError(f"memory {config.memory >> 20}M is more than this host has "
+                          f"({host >> 20}M)")
+        self.config = config
+        self.kvm = open_kvm()
+        self.state = "created"
+        self.stop_reason = ""
+        self.exit_code = 0
+        self.reset_requested = False
+        self._stopped = threading.Event()
+        self._closing = False
+        try:
+            self._build(console, memory)
+        except BaseException:
+            self.close()
+            raise
+
+    # --- construction -------------------------------------------------------------------
+    def _build(self, console: Console | None, memory: GuestMemory | None) -> None:
+        install_kick_handler()
+        kvm = self.kvm
+        for cap, name in ((I.KVM_CAP_IRQCHIP, "IRQCHIP"), (I.KVM_CAP_PIT2, "PIT2"),
+                          (I.KVM_CAP_IMMEDIATE_EXIT, "IMMEDIATE_EXIT"),
+                          (I.KVM_CAP_USER_MEMORY, "USER_MEMORY")):
+            if not kvm.check_extension(cap):
+                raise VmError(f"KVM lacks KVM_CAP_{name}, which pyhyve needs")
+        self.vm = kvm.create_vm()
+        self.vm.set_tss_addr(TSS_ADDR)
+        self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
+        self.vm.create_irqchip()
+        self.vm.create_pit2()
+        self.memory = memory or GuestMemory(self.config.memory, name=f"pyhyve-{self.config.name}")
+        self.memory_flags = 0
+        for slot, r in enumerate(self.memory.regions):
+            self.vm.set_user_memory_region(slot, r.gpa, r.size, r.host_addr)
+        self.pio, self.mmio = Bus("pio"), Bus("mmio")
+        self.console = console or open_console(self.config.console)
+        self.uart = Uart(self.console, lambda level: self.vm.irq_line(Uart.IRQ_COM1, level))
+        self.devices: dict[str, Device] = {}
+        self.add_pio_device("com1", Uart.PORT_COM1, 8, self.uart)
+        self.add_pio_device("i8042", I8042.BASE, 5, I8042(self._guest_reset))
+        self.add_pio_device("post", 0x80, 1, PostPort())
+        self.add_pio_device("pci", PciHostBridge.BASE, 8, PciHostBridge())
+        self.cpuid = build_cpuid(kvm.supported_cpuid(), self.config.cpuid_hidden)
+        self.control = VcpuControl(self.memory.read, self._on_stop)
+        self.vcpus: list[Vcpu] = []
+        self.threads: list[VcpuThread] = []
+        for i in range(self.config.cpus):
+            v = self.vm.create_vcpu(i)
+            self.vcpus.append(v)
+            v.set_cpuid2(for_vcpu(self.cpuid, i, self.config.cpus))
+            self._setup_lapic(v)
+            self.threads.append(VcpuThread(v, self.control, self.pio, self.mmio))
+
+    def add_pio_device(self, name: str, base: int, length: int, dev: Device) -> None:
+        self.pio.register(base, length, dev)
+        self.devices[name] = dev
+
+    @staticmethod
+    def _setup_lapic(v: Vcpu) -> None:
+        """LINT0 = ExtINT, LINT1 = NMI: the PC wiring a PIC-mode guest (no MP table) needs."""
+        st = v.get_lapic()
+        regs = bytearray(st.regs)
+        for off, mode in ((LAPIC_LVT0, APIC_MODE_EXTINT), (LAPIC_LVT1, APIC_MODE_NMI)):
+            val = int.from_bytes(regs[off:off + 4], "little")
+            val = (val & ~0x700 & ~0x10000) | mode
+            regs[off:off + 4] = val.to_bytes(4, "little")
+        st.regs = bytes(regs)
+        v.set_lapic(st)
+
+    @classmethod
+    def create(cls, config: VmConfig, console: Console | None = None) -> VirtualMachine:
+        """Build a VM and load its kernel, ready to `start()`."""
+        if not config.kernel:
+            raise VmError("no kernel given (--kernel FILE)")
+        vm = cls(config, console)
+        try:
+            info = load_kernel(vm.memory, config.kernel, config.cmdline, config.initrd)
+            setup_boot_cpu(vm.vcpus[0], info.mode, info.entry, info.regs)
+        except BootError as e:
+            vm.close()
+            raise VmError(str(e)) from None
+        except BaseException:
+            vm.close()
+            raise
+        return vm
+
+    # --- life cycle ------------------------------------------------------------------
+    def start(self) -> None:
+        with self.control.cond:
+            self.control.alive = len(self.threads)
+        for t in self.threads:
+            t.start()
+        self.state = "running"
+
+    def pause(self, timeout: float = 10.0) -> None:
+        """Stop every vCPU at an instruction boundary; returns once all are parked."""
+        ctl = self.control
+        with ctl.cond:
+            if self.state != "running":
+                raise VmError(f"VM is {self.state}, not running")
+            ctl.pause_requested = True
+        for t in self.threads:
+            t.kick()
+        deadline = time.monotonic() + timeout
+        with ctl.cond:
+            while ctl.parked < ctl.alive and not ctl.stopping:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    ctl.pause_requested = False
+                    ctl.cond.notify_all()
+                    raise VmError("timed out waiting for vCPUs to pause")
+                ctl.cond.wait(left)
+            if ctl.stopping:
+                raise VmError(f"VM stopped while pausing: {self.stop_reason}")
+            self.state = "paused"
+
+    def resume(self) -> None:
+        ctl = self.control
+        with ctl.cond:
+            if self.state != "paused":
+                raise VmError(f"VM is {self.state}, not paused")
+            ctl.pause_requested = False
+            self.state = "running"
+            ctl.cond.notify_all()
+
+    def stop(self, reason: str = "destroyed", code: int = 0) -> None:
+        self.control.stop(reason, code)
+        for t in self.threads:
+            t.kick()
+
+    def _on_stop(self, reason: str, code: int, reset: bool) -> None:
+        self.stop_reason, self.exit_code, self.reset_requested = reason, code, reset
+        self.state = "stopped"
+        self._stopped.set()
+        for t in self.threads:
+            t.kick()
+
+    def _guest_reset(self) -> None:
+        self.control.stop("guest requested a reset", 0, True)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._stopped.wait(timeout)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped.is_set()
+
+    def join_threads(self, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        for t in self.threads:
+            if t.thread.is_alive():
+                t.kick()
+                t.thread.join(max(0.0, deadline - time.monotonic()))
+
+    def close(self) -> None:
+        """Stop the guest if needed and free everything (fds, memory, sockets)."""
+        if self._closing:
+            return
+        self._closing = True
+        if hasattr(self, "control"):
+            self.stop(self.stop_reason or "closed", self.exit_code)
+            self.join_threads()
+        for v in getattr(self, "vcpus", []):
+            if not any(t.vcpu is v and t.thread.is_alive() for t in self.threads):
+                v.close()
+        for d in getattr(self, "devices", {}).values():
+            d.close()
+        if hasattr(self, "vm"):
+            self.vm.close()
+        if hasattr(self, "memory"):
+            self.memory.close()
+        self.kvm.close()
+
+    def status(self) -> dict:
+        return {"name": self.config.name, "state": self.state, "pid": os.getpid(),
+                "memory": self.config.memory, "cpus": self.config.cpus,
+                "exits": sum(t.exits for t in self.threads),
+                "stop_reason": self.stop_reason}
+
+
+__all__ = ["KvmError", "VirtualMachine", "VmConfig", "VmError"]

@@ -1,0 +1,121 @@
+"""Shared fixtures: the built guest kit, VMs with a captured console, CLI runners."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from pyhyve import guestkit
+from pyhyve.devices.console import Console
+from pyhyve.vm import VirtualMachine, VmConfig
+
+REPO = guestkit.REPO
+BIN = os.path.dirname(sys.executable)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Tests that need KVM must fail loudly, never skip, when it is missing.
+    if not os.path.exists("/dev/kvm"):
+        raise pytest.UsageError("/dev/kvm is missing: pyhyve's tests need KVM")
+
+
+class CaptureConsole(Console):
+    """Collects guest output and lets a test wait for a pattern in it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.buf = bytearray()
+        self.cond = threading.Condition()
+
+    def write(self, data: bytes) -> None:
+        with self.cond:
+            self.buf += data
+            self.cond.notify_all()
+
+    @property
+    def text(self) -> str:
+        with self.cond:
+            return self.buf.decode(errors="replace")
+
+    def wait_for(self, needle: str | bytes, timeout: float = 20.0, start: int = 0) -> int:
+        raw = needle.encode() if isinstance(needle, str) else needle
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                i = self.buf.find(raw, start)
+                if i >= 0:
+                    return i
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"{needle!r} not seen in {timeout}s; output: "
+                                         f"{bytes(self.buf[-400:])!r}")
+                self.cond.wait(left)
+
+    def wait_count(self, char: bytes, count: int, timeout: float = 20.0, start: int = 0) -> None:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while self.buf.count(char, start) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"{count} x {char!r} not seen in {timeout}s")
+                self.cond.wait(left)
+
+
+@pytest.fixture(scope="session")
+def kit() -> dict[str, str]:
+    return guestkit.build()
+
+
+@pytest.fixture
+def make_vm(kit: dict[str, str]) -> Iterator[Callable[..., tuple[VirtualMachine, CaptureConsole]]]:
+    vms: list[VirtualMachine] = []
+
+    def make(guest: str = "ab", cmdline: str = "", memory: int = 64 << 20, cpus: int = 1,
+             start: bool = True) -> tuple[VirtualMachine, CaptureConsole]:
+        con = CaptureConsole()
+        vm = VirtualMachine.create(VmConfig(f"t{len(vms)}", memory, cpus,
+                                            kernel=kit.get(guest, guest), cmdline=cmdline),
+                                   console=con)
+        vms.append(vm)
+        if start:
+            vm.start()
+        return vm, con
+
+    yield make
+    for vm in vms:
+        vm.close()
+
+
+@pytest.fixture
+def rundir(tmp_path, monkeypatch) -> str:
+    d = str(tmp_path / "run")
+    monkeypatch.setenv("PYHYVE_RUNDIR", d)
+    return d
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60,
+        input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `pyhyve` or `pyhyvectl` from this environment's bin directory."""
+    return subprocess.run([os.path.join(BIN, args[0]), *args[1:]], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})},
+                          input=input if input is not None else "")
+
+
+def spawn(*args: str, env: dict[str, str] | None = None, **kw: object) -> subprocess.Popen:
+    return subprocess.Popen([os.path.join(BIN, args[0]), *args[1:]],
+                            env={**os.environ, **(env or {})}, **kw)  # type: ignore[arg-type]
+
+
+def wait_socket(rundir: str, name: str, timeout: float = 20.0) -> None:
+    path = os.path.join(rundir, f"{name}.sock")
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"control socket {path} never appeared")
+        time.sleep(0.02)
