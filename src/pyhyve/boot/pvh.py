@@ -104,7 +104,7 @@ def load_pvh(mem: GuestMemory, image: bytes, cmdline: str, initrd: bytes | None)
             raise BootError(f"ELF segment at {pa:#x}+{memsz:#x} does not fit in guest RAM") from None
         mem.write(pa, image[off:off + filesz])
         if memsz > filesz:
-            mem.view(pa + filesz, memsz - filesz)[:] = 0
+            mem.fill(pa + filesz, memsz - filesz)
         kernel_end = max(kernel_end, pa + memsz)
     write_gdt(mem, long_mode=False)
     write_cmdline(mem, cmdline)

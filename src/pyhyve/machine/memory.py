@@ -11,8 +11,11 @@ import ctypes as C
 import mmap
 import os
 from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 PAGE = 4096
 MMIO_HOLE_START = 0xC000_0000  # 3 GiB: PCI/LAPIC/IOAPIC window below 4 GiB
@@ -43,7 +46,13 @@ class Region:
         self.layout = layout
         self.mm = mm
         self.host_addr = C.addressof(C.c_char.from_buffer(mm))
-        self.array = np.frombuffer(mm, dtype=np.uint8)
+
+    @cached_property
+    def array(self) -> np.ndarray:
+        """The region as uint8 (numpy is imported on first use: it costs ~90 ms at start)."""
+        import numpy as np
+
+        return np.frombuffer(self.mm, dtype=np.uint8)
 
     @property
     def gpa(self) -> int:
@@ -92,6 +101,10 @@ class GuestMemory:
         off = gpa - r.gpa
         r.mm[off:off + len(data)] = data
 
+    def fill(self, gpa: int, length: int, value: int = 0) -> None:
+        r = self.region_for(gpa, length)
+        C.memset(r.host_addr + gpa - r.gpa, value, length)
+
     def read(self, gpa: int, length: int) -> bytes:
         r = self.region_for(gpa, length)
         off = gpa - r.gpa
@@ -104,7 +117,7 @@ class GuestMemory:
 
     def close(self) -> None:
         for r in self.regions:
-            del r.array
+            r.__dict__.pop("array", None)
             with contextlib.suppress(BufferError):  # a numpy view still alive elsewhere
                 r.mm.close()
         self.regions = []
