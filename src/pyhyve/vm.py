@@ -20,8 +20,19 @@ from .devices.pci import PciHostBridge
 from .devices.uart import Uart
 from .kvm import Kvm, KvmError, Vcpu
 from .kvm import ioctls as I
+from .kvm.structs import KvmCpuidEntry2
 from .machine.cpuid import DEFAULT_HIDDEN, build_cpuid, for_vcpu
 from .machine.memory import GuestMemory
+from .machine.state import (
+    VcpuState,
+    VmKvmState,
+    apply_clock,
+    apply_vcpu,
+    apply_vm,
+    capture_vcpu,
+    capture_vm,
+    readable_msrs,
+)
 from .machine.vcpu import VcpuControl, VcpuThread, install_kick_handler
 
 TSS_ADDR = 0xFFFB_D000
@@ -54,6 +65,15 @@ class VmConfig:
         return d
 
 
+@dataclass(frozen=True)
+class MachineState:
+    """Everything needed to continue a paused VM elsewhere, memory aside."""
+
+    vm: VmKvmState
+    vcpus: tuple[VcpuState, ...]
+    devices: dict[str, object]
+
+
 def host_memory_bytes() -> int:
     with open("/proc/meminfo") as f:
         for line in f:
@@ -79,7 +99,8 @@ class VirtualMachine:
     """A running (or runnable) guest."""
 
     def __init__(self, config: VmConfig, console: Console | None = None,
-                 memory: GuestMemory | None = None) -> None:
+                 memory: GuestMemory | None = None,
+                 cpuid: list[KvmCpuidEntry2] | None = None) -> None:
         if config.memory < MIN_MEMORY or config.memory % 4096:
             raise VmError(f"memory must be at least {MIN_MEMORY >> 20}M and page-aligned")
         if not 1 <= config.cpus <= MAX_VCPUS:
@@ -97,13 +118,14 @@ class VirtualMachine:
         self._stopped = threading.Event()
         self._closing = False
         try:
-            self._build(console, memory)
+            self._build(console, memory, cpuid)
         except BaseException:
             self.close()
             raise
 
     # --- construction -------------------------------------------------------------------
-    def _build(self, console: Console | None, memory: GuestMemory | None) -> None:
+    def _build(self, console: Console | None, memory: GuestMemory | None,
+               cpuid: list[KvmCpuidEntry2] | None) -> None:
         install_kick_handler()
         kvm = self.kvm
         for cap, name in ((I.KVM_CAP_IRQCHIP, "IRQCHIP"), (I.KVM_CAP_PIT2, "PIT2"),
@@ -128,7 +150,8 @@ class VirtualMachine:
         self.add_pio_device("i8042", I8042.BASE, 5, I8042(self._guest_reset))
         self.add_pio_device("post", 0x80, 1, PostPort())
         self.add_pio_device("pci", PciHostBridge.BASE, 8, PciHostBridge())
-        self.cpuid = build_cpuid(kvm.supported_cpuid(), self.config.cpuid_hidden)
+        self.cpuid = cpuid if cpuid is not None else build_cpuid(kvm.supported_cpuid(),
+                                                                 self.config.cpuid_hidden)
         self.control = VcpuControl(self.memory.read, self._on_stop)
         self.vcpus: list[Vcpu] = []
         self.threads: list[VcpuThread] = []
@@ -138,6 +161,8 @@ class VirtualMachine:
             v.set_cpuid2(for_vcpu(self.cpuid, i, self.config.cpus))
             self._setup_lapic(v)
             self.threads.append(VcpuThread(v, self.control, self.pio, self.mmio))
+        self.has_xsave = bool(kvm.check_extension(I.KVM_CAP_XSAVE))
+        self.msr_indices = readable_msrs(self.vcpus[0], kvm.msr_index_list())
 
     def add_pio_device(self, name: str, base: int, length: int, dev: Device) -> None:
         self.pio.register(base, length, dev)
@@ -171,6 +196,37 @@ class VirtualMachine:
             vm.close()
             raise
         return vm
+
+    # --- state ---------------------------------------------------------------------------
+    def capture(self) -> MachineState:
+        """All KVM and device state; the VM must be paused (or not yet started)."""
+        if self.state not in ("paused", "created"):
+            raise VmError(f"VM is {self.state}; pause it before capturing its state")
+        devices = {}
+        for name, dev in self.devices.items():
+            with dev.lock:
+                st = dev.save()
+            if st is not None:
+                devices[name] = st
+        return MachineState(capture_vm(self.vm),
+                            tuple(capture_vcpu(v, self.msr_indices, self.has_xsave)
+                                  for v in self.vcpus), devices)
+
+    def apply(self, st: MachineState) -> None:
+        """Load a captured state into this freshly built, not yet started VM."""
+        if self.state != "created":
+            raise VmError("state can only be loaded into a VM that has not run")
+        if len(st.vcpus) != len(self.vcpus):
+            raise VmError(f"state has {len(st.vcpus)} vCPUs, VM has {len(self.vcpus)}")
+        apply_vm(self.vm, st.vm)
+        for v, vs in zip(self.vcpus, st.vcpus, strict=True):
+            apply_vcpu(v, vs)
+        for name, dst in st.devices.items():
+            dev = self.devices.get(name)
+            if dev is None:
+                raise VmError(f"state has device '{name}', which this VM does not have")
+            dev.load_state(dst)  # type: ignore[arg-type]
+        apply_clock(self.vm, st.vm.clock, self.vcpus)
 
     # --- life cycle ------------------------------------------------------------------
     def start(self) -> None:

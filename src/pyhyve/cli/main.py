@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
+import time
+from collections.abc import Callable
 
 from ..boot.common import BootError
 from ..control.server import ControlError
@@ -15,6 +18,7 @@ from ..vm import VirtualMachine, VmConfig, VmError
 from .common import Parser, UsageError, fail, parse_size
 
 PROG = "pyhyve"
+DEFAULT_MEMORY = "512M"
 
 
 def _console_spec(args: object) -> str:
@@ -34,25 +38,40 @@ def build_parser() -> Parser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     r = sub.add_parser("run", help="create and run a VM")
     r.add_argument("name", help="VM name (names its control socket)")
-    r.add_argument("-m", "--memory", default="512M", help="guest RAM, e.g. 512M or 1G")
+    r.add_argument("-m", "--memory", default=DEFAULT_MEMORY, help="guest RAM, e.g. 512M or 1G")
     r.add_argument("-c", "--cpus", type=int, default=1, help="number of vCPUs")
     r.add_argument("-k", "--kernel", help="PVH ELF or bzImage to boot")
     r.add_argument("--initrd", help="initial ramdisk")
     r.add_argument("--cmdline", default="", help="kernel command line")
     r.add_argument("--console", help="stdio (default), file:PATH, unix:PATH or null")
     r.add_argument("-l", dest="lpc", metavar="com1,BACKEND", help="bhyve-style console")
-    r.add_argument("--cpuid-clear", default=",".join(DEFAULT_HIDDEN),
-                   help="CPUID features hidden from the guest (comma list; '' for none)")
+    r.add_argument("--cpuid-clear", default=None,
+                   help="CPUID features hidden from the guest (comma list; '' for none); "
+                   f"default {','.join(DEFAULT_HIDDEN)}")
+    r.add_argument("-r", "--restore", metavar="FILE",
+                   help="continue the guest saved in FILE (+ .kern, .meta)")
+    r.add_argument("--eager", action="store_true",
+                   help="with --restore: copy memory in now instead of mapping FILE lazily")
+    snap = sub.add_parser("snapshot", help="inspect snapshots")
+    ssub = snap.add_subparsers(dest="snapcmd", required=True, parser_class=Parser)
+    info = ssub.add_parser("info", help="print a snapshot's metadata")
+    info.add_argument("file")
+    info.add_argument("--json", action="store_true", help="the metadata as JSON")
+    ver = ssub.add_parser("verify", help="check every checksum of a snapshot")
+    ver.add_argument("file")
     return p
 
 
 def cmd_run(args: object) -> int:
     a = args
+    if a.restore:
+        return cmd_restore(a)
     try:
         config = VmConfig(name=a.name, memory=parse_size(a.memory), cpus=a.cpus,
                           kernel=a.kernel, initrd=a.initrd, cmdline=a.cmdline,
                           console=_console_spec(a),
-                          cpuid_hidden=parse_feature_list(a.cpuid_clear))
+                          cpuid_hidden=parse_feature_list(
+                              a.cpuid_clear if a.cpuid_clear is not None else ",".join(DEFAULT_HIDDEN)))
         if "/" in a.name or not a.name or a.name.startswith("."):
             raise UsageError(f"bad VM name '{a.name}'")
         vm = VirtualMachine.create(config)
@@ -63,7 +82,75 @@ def cmd_run(args: object) -> int:
     return serve(vm)
 
 
-def serve(vm: VirtualMachine) -> int:
+def cmd_restore(a: object) -> int:
+    """pyhyve run NAME -r FILE: config comes from the snapshot; only host-side paths
+    (the console) may be overridden."""
+    from ..cli.progress import bar
+    from ..snapshot.format import SnapshotError
+    from ..snapshot.restore import open_snapshot, restore
+
+    given = [flag for flag, v in (("--kernel", a.kernel), ("--initrd", a.initrd),
+                                  ("--cmdline", a.cmdline), ("--cpuid-clear", a.cpuid_clear))
+             if v]
+    if given:
+        fail(PROG, f"{', '.join(given)} cannot be combined with --restore: the snapshot "
+             "carries the VM's configuration")
+    t0 = time.perf_counter()
+    try:
+        spec = _console_spec(a) if (a.console or a.lpc) else None
+        with bar(f"restore {a.name}") as progress:
+            snap = open_snapshot(a.restore, progress=progress)
+            try:
+                vm = restore(snap, name=a.name, console_spec=spec, lazy=not a.eager,
+                             progress=progress)
+            finally:
+                snap.close()
+        if a.memory != DEFAULT_MEMORY and parse_size(a.memory) != vm.config.memory:
+            vm.close()
+            fail(PROG, f"--memory {a.memory} disagrees with the snapshot's "
+                 f"{vm.config.memory >> 20}M")
+        if a.cpus != 1 and a.cpus != vm.config.cpus:
+            vm.close()
+            fail(PROG, f"--cpus {a.cpus} disagrees with the snapshot's {vm.config.cpus}")
+    except (SnapshotError, UsageError, VmError, ConsoleError) as e:
+        fail(PROG, str(e))
+    except KvmError as e:
+        fail(PROG, f"KVM refused: {e}")
+    data = snap.meta["memory"]["data_pages"] * 4096
+    mode = "eager" if a.eager else "lazy"
+    return serve(vm, lambda: print(
+        f"{PROG}: restored {a.name} from {snap.base} ({mode}): {vm.config.memory >> 20} MiB RAM, "
+        f"{data / (1 << 20):.1f} MiB of data, verify {snap.verify_seconds * 1e3:.1f} ms, "
+        f"to running {(time.perf_counter() - t0) * 1e3:.1f} ms", file=sys.stderr))
+
+
+def cmd_snapshot(a: object) -> int:
+    from ..snapshot.format import SnapshotError
+    from ..snapshot.info import describe
+    from ..snapshot.restore import open_snapshot
+
+    try:
+        if a.snapcmd == "verify":
+            t0 = time.perf_counter()
+            snap = open_snapshot(a.file)
+            snap.close()
+            m = snap.meta
+            print(f"{snap.base}: OK ({len(m['state']['sections'])} state sections, "
+                  f"{m['memory']['data_pages']} data pages, all checksums match, "
+                  f"{(time.perf_counter() - t0) * 1e3:.0f} ms)")
+            return 0
+        snap = open_snapshot(a.file, verify_memory=False)
+        snap.close()
+        if a.json:
+            print(json.dumps(snap.meta, indent=2))
+        else:
+            print(describe(snap.meta))
+        return 0
+    except SnapshotError as e:
+        fail(PROG, str(e))
+
+
+def serve(vm: VirtualMachine, on_running: Callable[[], None] | None = None) -> int:
     """Run `vm` under a control socket until it stops; return the exit status."""
     session = Session(vm)
     try:
@@ -80,6 +167,8 @@ def serve(vm: VirtualMachine) -> int:
     try:
         if vm.state == "created":
             vm.start()
+        if on_running:
+            on_running()
         while not vm.wait(0.5):
             pass
     finally:
@@ -93,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return cmd_run(args)
+    if args.command == "snapshot":
+        return cmd_snapshot(args)
     return 2
 
 

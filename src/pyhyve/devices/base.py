@@ -24,6 +24,7 @@ class Device:
     """A device on a bus. `kind` names it in snapshots; `lock` serialises its state."""
 
     kind: ClassVar[str] = "device"
+    state_class: ClassVar[type[DeviceState] | None] = None  # what save() returns
 
     def __init__(self) -> None:
         self.lock = threading.Lock()

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from .base import Device
+from .base import Device, DeviceState
+
+
+@dataclass(frozen=True)
+class PostState(DeviceState):
+    last: int = 0
 
 
 class I8042(Device):
@@ -34,6 +40,7 @@ class PostPort(Device):
     """Port 0x80: BIOS POST codes and I/O delays. The last code is kept for diagnostics."""
 
     kind = "post"
+    state_class = PostState
 
     def __init__(self) -> None:
         super().__init__()
@@ -44,3 +51,11 @@ class PostPort(Device):
 
     def write(self, offset: int, size: int, value: int) -> None:
         self.last = value & 0xFF
+
+    def save(self) -> PostState:
+        return PostState(self.last)
+
+    def load_state(self, state: DeviceState) -> None:
+        if not isinstance(state, PostState):
+            raise ValueError("post: wrong state type")
+        self.last = state.last & 0xFF

@@ -7,8 +7,15 @@ Bus 0, device 0 is the host bridge itself; the virtio work adds devices with
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
-from .base import Device
+from .base import Device, DeviceState
+
+
+@dataclass(frozen=True)
+class PciHostState(DeviceState):
+    address: int = 0
+    configs: tuple[tuple[int, int, int, bytes], ...] = ()  # (bus, dev, fn, config space)
 
 
 class PciFunction:
@@ -37,6 +44,7 @@ class PciFunction:
 
 class PciHostBridge(Device):
     kind = "pci-host"
+    state_class = PciHostState
     BASE = 0xCF8  # 0xCF8..0xCFF
 
     def __init__(self) -> None:
@@ -77,3 +85,18 @@ class PciHostBridge(Device):
         f, reg = self._target()
         if f is not None:
             f.write(reg + (offset - 4), size, value)
+
+
+    def save(self) -> PciHostState:
+        return PciHostState(self.address, tuple((b, d, f, bytes(fn.config))
+                                                for (b, d, f), fn in sorted(self.functions.items())))
+
+    def load_state(self, state: DeviceState) -> None:
+        if not isinstance(state, PciHostState):
+            raise ValueError("pci-host: wrong state type")
+        for b, d, f, cfg in state.configs:
+            fn = self.functions.get((b, d, f))
+            if fn is None or len(cfg) != 256:
+                raise ValueError(f"pci-host: saved function {b:02x}:{d:02x}.{f} does not exist here")
+            fn.config[:] = cfg
+        self.address = state.address & 0x80FF_FFFC

@@ -42,6 +42,7 @@ class UartState(DeviceState):
 
 class Uart(Device):
     kind = "uart16550"
+    state_class = UartState
     PORT_COM1, IRQ_COM1 = 0x3F8, 4
 
     def __init__(self, console: Console, irq: Callable[[int], None]) -> None:

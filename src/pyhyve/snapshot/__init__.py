@@ -1,0 +1,1 @@
+"""Snapshots: the three files (memory, state, metadata), save, verify and restore."""

@@ -1,0 +1,170 @@
+"""The three files of a snapshot and the rules for trusting them.
+
+    FILE       guest RAM; byte `file_offset + x` of a region is guest-physical
+               `guest_phys_addr + x`; zero pages are holes. Plain-mmap usable.
+    FILE.kern  a 16-byte header, then state sections (vm, vcpuN, dev:NAME, memory-runs).
+    FILE.meta  JSON: what the snapshot is, the VM config, CPUID, host facts, memory regions,
+               every section's offset/length/checksum, the memory checksum, and a checksum
+               of the metadata itself.
+
+Everything read from these files is checked before it is used; a failed check is a
+SnapshotError with one sentence that says what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import xxhash
+
+from ..machine.memory import PAGE, ram_layout
+
+FORMAT = "pyhyve-snapshot"
+FORMAT_VERSION = 1
+KERN_MAGIC = b"PYHYVE-KERN\0"
+KERN_HEADER = KERN_MAGIC + FORMAT_VERSION.to_bytes(4, "little")
+MAX_META_BYTES = 4 << 20
+MAX_SECTIONS = 1024
+MAX_MEMORY = 1 << 40
+MAX_CPUS = 64
+
+
+class SnapshotError(ValueError):
+    """The snapshot cannot be written, read or trusted; the message says why."""
+
+
+def paths(base: str) -> tuple[str, str, str]:
+    return base, base + ".kern", base + ".meta"
+
+
+def checksum(data: bytes | memoryview) -> str:
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+def meta_checksum(meta: dict[str, Any]) -> str:
+    body = {k: v for k, v in meta.items() if k != "meta_checksum"}
+    return checksum(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+
+
+@dataclass(frozen=True)
+class Section:
+    name: str
+    offset: int
+    length: int
+    checksum: str
+
+
+def _need(cond: bool, what: str) -> None:
+    if not cond:
+        raise SnapshotError(f"metadata: {what}")
+
+
+def _int(d: dict, key: str, lo: int = 0, hi: int = 1 << 63) -> int:
+    v = d.get(key)
+    _need(isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi,
+          f"'{key}' is missing or out of range")
+    return v  # type: ignore[return-value]
+
+
+def _str(d: dict, key: str) -> str:
+    v = d.get(key)
+    _need(isinstance(v, str), f"'{key}' is missing or not a string")
+    return v  # type: ignore[return-value]
+
+
+def read_meta(path: str) -> dict[str, Any]:
+    """Parse and validate FILE.meta (structure, bounds, its own checksum)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_META_BYTES + 1)
+    except FileNotFoundError:
+        raise SnapshotError(f"{path} is missing") from None
+    except OSError as e:
+        raise SnapshotError(f"cannot read {path}: {e.strerror}") from None
+    if len(raw) > MAX_META_BYTES:
+        raise SnapshotError(f"{path} is too large to be snapshot metadata")
+    try:
+        meta = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise SnapshotError(f"{path} is not valid JSON (truncated or corrupt)") from None
+    _need(isinstance(meta, dict), "not a JSON object")
+    if meta.get("format") != FORMAT:
+        raise SnapshotError(f"{path} is not a pyhyve snapshot (format {meta.get('format')!r})")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise SnapshotError(f"snapshot format version {version!r} is not supported "
+                            f"(this pyhyve reads version {FORMAT_VERSION})")
+    if meta.get("meta_checksum") != meta_checksum(meta):
+        raise SnapshotError(f"{path}: metadata checksum mismatch (corrupt or edited)")
+    _validate(meta)
+    return meta
+
+
+def _validate(meta: dict[str, Any]) -> None:
+    vm = meta.get("vm")
+    _need(isinstance(vm, dict), "'vm' is missing")
+    size = _int(vm, "memory", PAGE, MAX_MEMORY)
+    _need(size % PAGE == 0, "memory size is not page-aligned")
+    cpus = _int(vm, "cpus", 1, MAX_CPUS)
+    _str(vm, "name")
+    _str(vm, "cmdline")
+    _str(vm, "console")
+    hidden = vm.get("cpuid_hidden")
+    _need(isinstance(hidden, list) and all(isinstance(x, str) for x in hidden), "bad cpuid_hidden")
+    mem = meta.get("memory")
+    _need(isinstance(mem, dict), "'memory' is missing")
+    _need(_int(mem, "size", PAGE, MAX_MEMORY) == size, "memory size disagrees with the VM config")
+    regions = mem.get("regions")
+    _need(isinstance(regions, list), "'memory.regions' is missing")
+    want = [{"guest_phys_addr": r.guest_phys_addr, "size": r.size, "file_offset": r.file_offset}
+            for r in ram_layout(size)]
+    _need(regions == want, "memory regions do not match the memory size")
+    _str(mem, "checksum")
+    _int(mem, "data_pages", 0, size // PAGE)
+    state = meta.get("state")
+    _need(isinstance(state, dict), "'state' is missing")
+    kern_size = _int(state, "size", len(KERN_HEADER), 1 << 40)
+    sections = state.get("sections")
+    _need(isinstance(sections, list) and 0 < len(sections) <= MAX_SECTIONS, "bad section table")
+    names = set()
+    for s in sections:
+        _need(isinstance(s, dict), "bad section entry")
+        name = _str(s, "name")
+        off = _int(s, "offset", len(KERN_HEADER), kern_size)
+        length = _int(s, "length", 0, kern_size)
+        _need(off + length <= kern_size, f"section '{name}' runs past the end of the state file")
+        _str(s, "checksum")
+        _need(name not in names, f"section '{name}' appears twice")
+        names.add(name)
+    for need in ["vm", "memory-runs", *(f"vcpu{i}" for i in range(cpus))]:
+        _need(need in names, f"section '{need}' is missing")
+    _need(not any(n.startswith("vcpu") and n[4:].isdigit() and int(n[4:]) >= cpus for n in names),
+          "more vCPU sections than vCPUs")
+    devices = meta.get("devices")
+    _need(isinstance(devices, list), "'devices' is missing")
+    for d in devices:
+        _need(isinstance(d, dict), "bad device entry")
+        _need(f"dev:{_str(d, 'name')}" in names, f"device '{d.get('name')}' has no section")
+        _str(d, "kind")
+        _int(d, "version", 1, 1 << 16)
+    cpuid = meta.get("cpuid")
+    _need(isinstance(cpuid, list) and len(cpuid) <= 4096, "'cpuid' is missing")
+    host = meta.get("host")
+    _need(isinstance(host, dict), "'host' is missing")
+    _int(host, "tsc_khz", 0, 1 << 32)
+
+
+def sections(meta: dict[str, Any]) -> dict[str, Section]:
+    return {s["name"]: Section(s["name"], s["offset"], s["length"], s["checksum"])
+            for s in meta["state"]["sections"]}
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,32 @@
+"""Human-readable description of a snapshot's metadata (`pyhyve snapshot info`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def describe(meta: dict[str, Any]) -> str:
+    vm, mem, host = meta["vm"], meta["memory"], meta["host"]
+    data = mem["data_pages"] * 4096
+    lines = [
+        f"snapshot      {meta['kind']} of VM '{vm['name']}', {meta['created']}",
+        f"format        {meta['format']} v{meta['format_version']} "
+        f"(pyhyve {meta.get('pyhyve_version', '?')})",
+        f"vm            {vm['memory'] >> 20} MiB RAM, {vm['cpus']} vCPU(s), "
+        f"console {vm['console']}",
+        f"kernel        {vm.get('kernel') or '-'}  cmdline '{vm['cmdline']}'",
+        f"cpuid hidden  {', '.join(vm['cpuid_hidden']) or '-'} ({len(meta['cpuid'])} leaves)",
+        f"host          TSC {host['tsc_khz']} kHz, kernel {host.get('kernel', '?')}",
+        f"memory        {mem['file']}: {data / (1 << 20):.1f} MiB data, {mem['zero_pages']} "
+        f"zero pages as holes, {mem['checksum_algo']} {mem['checksum']}",
+    ]
+    for r in mem["regions"]:
+        lines.append(f"  region      gpa {r['guest_phys_addr']:#x} size {r['size']:#x} "
+                     f"file offset {r['file_offset']:#x}")
+    st = meta["state"]
+    lines.append(f"state         {st['file']}: {st['size']} bytes, {len(st['sections'])} sections")
+    for s in st["sections"]:
+        lines.append(f"  {s['name']:<12}{s['length']:>8} bytes at {s['offset']:<8} {s['checksum']}")
+    for d in meta["devices"]:
+        lines.append(f"device        {d['name']}: {d['kind']} v{d['version']}")
+    return "\n".join(lines)

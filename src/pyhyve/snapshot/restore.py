@@ -1,0 +1,203 @@
+"""Open, verify and restore a snapshot. Nothing runs until every check has passed.
+
+Checks, in order: metadata (structure, own checksum), the memory file's size, the state
+file's header and every section's checksum, the memory run table, the memory checksum
+(hashing only the runs, not the holes), stray data outside the runs, state decoding,
+then the host: memory, CPUID features, TSC frequency.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..devices.console import Console, open_console
+from ..kvm import ioctls as I
+from ..machine.cpuid import cpuid_from_list, for_vcpu, missing_features
+from ..machine.memory import PAGE, GuestMemory
+from ..machine.state import VcpuState, VmKvmState
+from . import codec
+from .format import KERN_HEADER, Section, SnapshotError, checksum, paths, read_meta, sections
+from .memfile import decode_runs, hash_file_runs, load_eager, stray_data
+
+TSC_TOLERANCE_PPM = 250  # KVM's own tolerance before it scales or complains
+
+
+@dataclass
+class Snapshot:
+    base: str
+    meta: dict[str, Any]
+    blobs: dict[str, bytes]
+    runs: list[tuple[int, int]]
+    mem_fd: int
+    verify_seconds: float = 0.0
+
+    def close(self) -> None:
+        if self.mem_fd >= 0:
+            os.close(self.mem_fd)
+            self.mem_fd = -1
+
+
+def _open_read(path: str, what: str) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise SnapshotError(f"{what} {path} is missing") from None
+    except OSError as e:
+        raise SnapshotError(f"cannot read {what} {path}: {e.strerror}") from None
+
+
+def open_snapshot(base: str, verify_memory: bool = True,
+                  progress: Callable[[int], Callable[[int], None]] | None = None) -> Snapshot:
+    t0 = time.perf_counter()
+    mem_path, kern_path, meta_path = paths(os.path.abspath(base))
+    meta = read_meta(meta_path)
+    size = meta["memory"]["size"]
+    fd = _open_read(mem_path, "memory file")
+    try:
+        actual = os.fstat(fd).st_size
+        if actual != size:
+            raise SnapshotError(f"memory file {mem_path} is {actual} bytes, metadata says {size} "
+                                "(truncated or replaced)")
+        kfd = _open_read(kern_path, "state file")
+        try:
+            kern_size = os.fstat(kfd).st_size
+            if kern_size != meta["state"]["size"]:
+                raise SnapshotError(f"state file {kern_path} is {kern_size} bytes, metadata says "
+                                    f"{meta['state']['size']} (truncated or replaced)")
+            kern = os.pread(kfd, kern_size, 0)
+        finally:
+            os.close(kfd)
+        if not kern.startswith(KERN_HEADER[:12]):
+            raise SnapshotError(f"{kern_path} is not a pyhyve state file (bad magic)")
+        if kern[:len(KERN_HEADER)] != KERN_HEADER:
+            raise SnapshotError(f"{kern_path}: unsupported state file version")
+        blobs = {}
+        for name, sec in sections(meta).items():
+            blob = kern[sec.offset:sec.offset + sec.length]
+            if checksum(blob) != sec.checksum:
+                raise SnapshotError(f"state section '{name}' checksum mismatch (corrupt)")
+            blobs[name] = blob
+        try:
+            runs = decode_runs(blobs["memory-runs"], size // PAGE)
+        except ValueError as e:
+            raise SnapshotError(f"memory run table: {e}") from None
+        if sum(n for _, n in runs) != meta["memory"]["data_pages"]:
+            raise SnapshotError("memory run table disagrees with the metadata's page count")
+        snap = Snapshot(os.path.abspath(base), meta, blobs, runs, fd)
+        if verify_memory:
+            verify_memory_file(snap, progress)
+        snap.verify_seconds = time.perf_counter() - t0
+        return snap
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def verify_memory_file(snap: Snapshot, progress: Callable[[int], Callable[[int], None]] | None
+                       = None) -> None:
+    size = snap.meta["memory"]["size"]
+    with mmap.mmap(snap.mem_fd, size, prot=mmap.PROT_READ) as mm:
+        data = sum(n for _, n in snap.runs) * PAGE
+        got = hash_file_runs(mm, snap.runs, progress(data) if progress else None)
+        if got != snap.meta["memory"]["checksum"]:
+            raise SnapshotError(f"memory file {snap.base} checksum mismatch (corrupt)")
+        stray = stray_data(snap.mem_fd, mm, snap.runs, size)
+        if stray is not None:
+            raise SnapshotError(f"memory file {snap.base} has data at {stray:#x} where the "
+                                "snapshot has a zero page (corrupt)")
+
+
+def decode_state(snap: Snapshot, device_classes: dict[str, tuple[str, type]]) -> object:
+    """MachineState from the verified blobs; `device_classes`: name -> (kind, state class)."""
+    from ..vm import MachineState
+
+    try:
+        vm_state = codec.decode(VmKvmState, snap.blobs["vm"])
+        vcpus = tuple(codec.decode(VcpuState, snap.blobs[f"vcpu{i}"])
+                      for i in range(snap.meta["vm"]["cpus"]))
+        devices = {}
+        for d in snap.meta["devices"]:
+            name = d["name"]
+            if name not in device_classes:
+                raise SnapshotError(f"snapshot has a device '{name}' this pyhyve cannot build")
+            kind, cls = device_classes[name]
+            if d["kind"] != kind:
+                raise SnapshotError(f"device '{name}' is a {d['kind']} in the snapshot, a {kind} here")
+            devices[name] = codec.decode(cls, snap.blobs[f"dev:{name}"])
+    except codec.StateError as e:
+        raise SnapshotError(f"state: {e}") from None
+    return MachineState(vm_state, vcpus, devices)
+
+
+def check_host(snap: Snapshot, host_cpuid: list, host_tsc_khz: int, tsc_control: bool) -> bool:
+    """Refuse what this host cannot run; returns True when the TSC must be scaled."""
+    needed = cpuid_from_list(snap.meta["cpuid"])
+    missing = missing_features(needed, host_cpuid)
+    if missing:
+        raise SnapshotError(f"this host lacks CPU features the guest uses: {', '.join(missing)}")
+    saved = snap.meta["host"]["tsc_khz"]
+    if saved and abs(saved - host_tsc_khz) * 1_000_000 > saved * TSC_TOLERANCE_PPM:
+        if not tsc_control:
+            raise SnapshotError(f"TSC frequency differs ({saved} kHz in the snapshot, "
+                                f"{host_tsc_khz} kHz here) and this host cannot scale it")
+        return True
+    return False
+
+
+def restore(snap: Snapshot, name: str | None = None, console: Console | None = None,
+            console_spec: str | None = None, lazy: bool = True,
+            progress: Callable[[int], Callable[[int], None]] | None = None) -> object:
+    """Build a VM from a verified snapshot; returns it paused-at-start (call start())."""
+    from ..machine.cpuid import CpuidError
+    from ..vm import VirtualMachine, VmConfig, VmError
+
+    v = snap.meta["vm"]
+    config = VmConfig(name=name or v["name"], memory=v["memory"], cpus=v["cpus"],
+                      kernel=v.get("kernel"), initrd=v.get("initrd"), cmdline=v["cmdline"],
+                      console=console_spec or v["console"],
+                      cpuid_hidden=tuple(v["cpuid_hidden"]))
+    try:
+        cpuid = cpuid_from_list(snap.meta["cpuid"])
+    except CpuidError as e:
+        raise SnapshotError(f"metadata: {e}") from None
+    memory = (GuestMemory(config.memory, backing_fd=snap.mem_fd, private=True) if lazy
+              else GuestMemory(config.memory, name=f"pyhyve-{config.name}"))
+    con = console or open_console(config.console)
+    try:
+        vm = VirtualMachine(config, con, memory=memory, cpuid=cpuid)
+    except BaseException:
+        memory.close()
+        con.close()
+        raise
+    try:
+        scale = check_host(snap, vm.kvm.supported_cpuid(), vm.vcpus[0].get_tsc_khz(),
+                           bool(vm.kvm.check_extension(I.KVM_CAP_TSC_CONTROL)))
+        if scale:
+            for vc in vm.vcpus:
+                vc.set_tsc_khz(snap.meta["host"]["tsc_khz"])
+        for i, vc in enumerate(vm.vcpus):
+            vc.set_cpuid2(for_vcpu(cpuid, i, config.cpus))
+        state = decode_state(snap, {n: (d.kind, d.state_class) for n, d in vm.devices.items()
+                                    if d.state_class is not None})
+        if not lazy:
+            with mmap.mmap(snap.mem_fd, config.memory, prot=mmap.PROT_READ) as mm:
+                data = sum(n for _, n in snap.runs) * PAGE
+                load_eager(vm.memory, mm, snap.runs, progress(data) if progress else None)
+        vm.apply(state)  # type: ignore[arg-type]
+    except (VmError, ValueError, OSError) as e:
+        vm.close()
+        if isinstance(e, SnapshotError):
+            raise
+        raise SnapshotError(f"cannot restore: {e}") from None
+    except BaseException:
+        vm.close()
+        raise
+    return vm
+
+
+__all__ = ["Section", "Snapshot", "SnapshotError", "open_snapshot", "restore"]
