@@ -14,8 +14,9 @@ import subprocess
 import tempfile
 import time
 
-from common import PYHYVE, ensure_qemu, median, qemu_args, qemu_version, table
 from pyhyve import guestkit
+
+from common import PYHYVE, ensure_qemu, median, qemu_args, qemu_version, table
 
 
 def first_output(argv: list[str], env: dict[str, str], timeout: float = 30.0) -> float:

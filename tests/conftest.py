@@ -119,3 +119,19 @@ def wait_socket(rundir: str, name: str, timeout: float = 20.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"control socket {path} never appeared")
         time.sleep(0.02)
+
+
+def wait_file(path: object, needle: str, timeout: float = 30.0) -> str:
+    """Wait until the text file at `path` contains `needle`; returns its text."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(path, errors="replace") as f:
+                text = f.read()
+        except FileNotFoundError:
+            text = ""
+        if needle in text:
+            return text
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{needle!r} not in {path} after {timeout}s: {text[-300:]!r}")
+        time.sleep(0.02)

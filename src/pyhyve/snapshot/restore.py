@@ -154,13 +154,17 @@ def restore(snap: Snapshot, name: str | None = None, console: Console | None = N
             progress: Callable[[int], Callable[[int], None]] | None = None) -> object:
     """Build a VM from a verified snapshot; returns it paused-at-start (call start())."""
     from ..machine.cpuid import CpuidError
-    from ..vm import VirtualMachine, VmConfig, VmError
+    from ..vm import VirtualMachine, VmConfig, VmError, host_memory_bytes
 
     v = snap.meta["vm"]
     config = VmConfig(name=name or v["name"], memory=v["memory"], cpus=v["cpus"],
                       kernel=v.get("kernel"), initrd=v.get("initrd"), cmdline=v["cmdline"],
                       console=console_spec or v["console"],
                       cpuid_hidden=tuple(v["cpuid_hidden"]))
+    host = host_memory_bytes()
+    if host and config.memory > host:
+        raise SnapshotError(f"the guest needs {config.memory >> 20} MiB of RAM; this host has "
+                            f"{host >> 20} MiB")
     try:
         cpuid = cpuid_from_list(snap.meta["cpuid"])
     except CpuidError as e:

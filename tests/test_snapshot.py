@@ -1,0 +1,216 @@
+"""Suspend, checkpoint and restore: the guest continues exactly where it stopped."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from pyhyve import guestkit
+from pyhyve.machine.state import MSR_IA32_TSC
+from pyhyve.snapshot.format import SnapshotError
+from pyhyve.snapshot.restore import open_snapshot, restore
+from pyhyve.snapshot.save import save
+
+from conftest import CaptureConsole
+
+MB = 1 << 20
+
+
+def restore_file(base: str, lazy: bool = True) -> tuple[object, CaptureConsole]:
+    snap = open_snapshot(base)
+    con = CaptureConsole()
+    try:
+        vm = restore(snap, console=con, lazy=lazy)
+    finally:
+        snap.close()
+    return vm, con
+
+
+@pytest.mark.parametrize("ws", [0, 64, 512])
+def test_ab_suspend_restore_1g(make_vm, tmp_path, ws):
+    vm, con = make_vm("ab", f"ws={ws}M", memory=1024 * MB)
+    body = con.wait_for("\n") + 1
+    con.wait_count(b"B", 3, timeout=60, start=body)
+    base = str(tmp_path / "ab")
+    stats = save(vm, base, "suspend")
+    vm.stop("suspended")
+    assert stats.written_bytes >= ws * MB
+    assert os.stat(base).st_blocks * 512 < (ws + 16) * MB  # sparse: holes, not zeros
+    saved = guestkit.ab_check_file(base)  # the invariant holds on the memory file itself
+    assert saved.ws_size == ws * MB
+    vm2, con2 = restore_file(base)
+    try:
+        vm2.start()
+        con2.wait_count(b"B", 3, timeout=60)
+        vm2.pause()
+        after = guestkit.ab_check(vm2.memory.regions[0].array)
+        assert after.passes >= saved.passes + 2
+    finally:
+        vm2.close()
+
+
+def test_hashchain_two_vcpus_continue_exactly(make_vm, tmp_path):
+    vm, con = make_vm("hashchain", "cpus=2", cpus=2, memory=128 * MB)
+    con.wait_for("H1 20 ")
+    base = str(tmp_path / "hc")
+    save(vm, base, "suspend")
+    vm.stop("suspended")
+    before = guestkit.check_hashchain(con.text)
+    vm2, con2 = restore_file(base)
+    try:
+        vm2.start()
+        con2.wait_for(f"H0 {before[0] + 20} ")
+        con2.wait_for(f"H1 {before[1] + 20} ")
+        vm2.pause()
+        after = guestkit.check_hashchain(con.text + con2.text)  # one unbroken chain per CPU
+        assert after[0] >= before[0] + 19 and after[1] >= before[1] + 19
+    finally:
+        vm2.close()
+
+
+def test_checkpoint_keeps_the_original_running(make_vm, tmp_path):
+    vm, con = make_vm("hashchain", "", memory=64 * MB)
+    con.wait_for("H0 10 ")
+    base = str(tmp_path / "cp")
+    stats = save(vm, base, "checkpoint", keep_paused=True)
+    mark = len(con.buf)  # output up to the checkpoint; the copy must continue from here
+    vm.resume()
+    assert vm.state == "running" and stats.downtime <= stats.seconds
+    at = guestkit.check_hashchain(con.text)[0]
+    con.wait_for(f"H0 {at + 30} ")  # the original goes on
+    vm2, con2 = restore_file(base)
+    try:
+        vm2.start()
+        con2.wait_for(f"H0 {at + 5} ")
+        vm2.pause()
+        guestkit.check_hashchain(con.buf[:mark].decode() + con2.text)
+    finally:
+        vm2.close()
+
+
+def test_checkpoint_of_running_guest_resumes_it(make_vm, tmp_path):
+    vm, con = make_vm("ab", "ws=16M", memory=128 * MB)
+    con.wait_count(b"B", 3)
+    stats = save(vm, str(tmp_path / "c"), "checkpoint")
+    assert vm.state == "running" and stats.downtime < stats.seconds
+    n = con.buf.count(b"B")
+    con.wait_count(b"B", n + 3)
+
+
+def test_lazy_and_eager_restore_behave_identically(make_vm, tmp_path):
+    vm, con = make_vm("hashchain", "cpus=1 steps=400", memory=64 * MB)
+    con.wait_for("H0 50 ")
+    base = str(tmp_path / "le")
+    save(vm, base, "suspend")
+    vm.stop("suspended")
+    outputs = []
+    for lazy in (True, False):
+        v, c = restore_file(base, lazy=lazy)
+        try:
+            v.start()
+            assert v.wait(60)
+            outputs.append(c.text)
+        finally:
+            v.close()
+    assert outputs[0] == outputs[1]
+    assert outputs[0].endswith("hashchain done\r\n")
+    guestkit.check_hashchain(con.text + outputs[0])
+
+
+def test_hundred_suspend_restore_cycles(make_vm, tmp_path):
+    vm, con = make_vm("hashchain", "rounds=64", memory=32 * MB)
+    con.wait_for("H0 2 ")
+    text = ""
+    t0 = time.perf_counter()
+    for i in range(100):
+        base = str(tmp_path / f"cycle{i % 2}")  # a restored VM maps the other file lazily
+        save(vm, base, "suspend")
+        vm.stop("suspended")
+        text += con.text
+        vm.close()
+        vm, con = restore_file(base)
+        vm.start()
+        con.wait_for("\n", timeout=20)  # at least one more line before the next cycle
+    vm.pause()
+    text += con.text
+    vm.close()
+    last = guestkit.check_hashchain(text, rounds=64)[0]
+    assert last >= 100
+    assert time.perf_counter() - t0 < 120
+
+
+def test_restored_vm_can_be_checkpointed_again(make_vm, tmp_path):
+    vm, con = make_vm("ab", "ws=32M", memory=256 * MB)
+    con.wait_count(b"B", 5)
+    save(vm, str(tmp_path / "a"), "suspend")
+    vm.stop("x")
+    vm2, con2 = restore_file(str(tmp_path / "a"))
+    try:
+        vm2.start()
+        con2.wait_count(b"B", 5)
+        save(vm2, str(tmp_path / "b"), "checkpoint")  # from a private (lazy) mapping
+        assert guestkit.ab_check_file(str(tmp_path / "b")).passes > guestkit.ab_check_file(
+            str(tmp_path / "a")).passes
+    finally:
+        vm2.close()
+
+
+def _tsc_writes_honoured() -> bool:
+    """kvm_pvm accepts but ignores host writes to IA32_TSC (docs/platform.md)."""
+    from pyhyve.kvm import Kvm
+    kvm = Kvm()
+    vm = kvm.create_vm()
+    v = vm.create_vcpu(0)
+    try:
+        v.set_msrs({MSR_IA32_TSC: 1000})
+        return v.get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC] < 10**12
+    finally:
+        v.close()
+        vm.close()
+        kvm.close()
+
+
+def test_time_continues_across_suspend(make_vm, tmp_path):
+    vm, con = make_vm("hashchain", "", memory=32 * MB)
+    con.wait_for("H0 3 ")
+    base = str(tmp_path / "t")
+    save(vm, base, "suspend")
+    vm.stop("x")
+    saved_tsc = vm.vcpus[0].get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC]
+    saved_clock = vm.vm.get_clock().clock
+    time.sleep(1.0)
+    vm2, _ = restore_file(base)
+    try:
+        now = vm2.vcpus[0].get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC]
+        khz = vm2.vcpus[0].get_tsc_khz()
+        assert now >= saved_tsc  # never backwards
+        if _tsc_writes_honoured():
+            assert now < saved_tsc + khz * 200  # and the 1 s suspend is not seen
+        else:
+            assert now >= saved_tsc + khz * 900  # kvm_pvm: the host's TSC shows through
+        clock = vm2.vm.get_clock().clock  # kvmclock resumes from the saved value
+        assert saved_clock - 50_000_000 <= clock < saved_clock + 500_000_000
+    finally:
+        vm2.close()
+
+
+def test_failed_save_leaves_vm_running(make_vm, tmp_path):
+    vm, con = make_vm("ab", "ws=16M", memory=128 * MB)
+    con.wait_count(b"B", 3)
+    with pytest.raises(SnapshotError, match="does not exist"):
+        save(vm, str(tmp_path / "no" / "such" / "dir" / "x"), "suspend")
+    assert vm.state == "running"
+    small = tmp_path / "small"
+    small.mkdir()
+    os.system(f"mount -t tmpfs -o size=2m tmpfs {small}")
+    try:
+        with pytest.raises(SnapshotError, match="No space left"):
+            save(vm, str(small / "x"), "suspend")
+        assert vm.state == "running"
+        assert os.listdir(small) == []  # nothing that looks like a snapshot is left
+        n = con.buf.count(b"B")
+        con.wait_count(b"B", n + 3)  # and the guest is still going
+    finally:
+        os.system(f"umount {small}")

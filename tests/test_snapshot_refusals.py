@@ -1,0 +1,233 @@
+"""Every way a snapshot can be wrong is refused with one clear message, before any guest runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pyhyve.machine.cpuid import FEATURES
+from pyhyve.snapshot.format import SnapshotError, meta_checksum
+from pyhyve.snapshot.restore import open_snapshot, restore
+from pyhyve.snapshot.save import save
+
+from conftest import CaptureConsole, cli
+
+MB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory, kit):
+    """One valid snapshot of a 2-vCPU guest, copied fresh for each test."""
+    from pyhyve.vm import VirtualMachine, VmConfig
+
+    d = tmp_path_factory.mktemp("good")
+    con = CaptureConsole()
+    vm = VirtualMachine.create(VmConfig("g", 64 * MB, 2, kernel=kit["hashchain"],
+                                        cmdline="cpus=2"), console=con)
+    vm.start()
+    con.wait_for("H1 5 ")
+    save(vm, str(d / "snap"), "suspend")
+    vm.close()
+    return str(d / "snap")
+
+
+@pytest.fixture
+def snap(good, tmp_path):
+    for suffix in ("", ".kern", ".meta"):
+        shutil.copy(good + suffix, str(tmp_path / "snap") + suffix)
+    return str(tmp_path / "snap")
+
+
+def edit_meta(base: str, change) -> None:
+    with open(base + ".meta") as f:
+        meta = json.load(f)
+    change(meta)
+    meta["meta_checksum"] = meta_checksum(meta)
+    with open(base + ".meta", "w") as f:
+        json.dump(meta, f)
+
+
+def flip(path: str, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def refused(base: str, needle: str) -> None:
+    with pytest.raises(SnapshotError, match=needle):
+        s = open_snapshot(base)
+        try:
+            vm = restore(s, console=CaptureConsole())
+            vm.close()
+        finally:
+            s.close()
+
+
+def first_data_offset(base: str) -> int:
+    with open(base + ".meta") as f:
+        meta = json.load(f)
+    return meta["memory"]["data_pages"] and os.lseek(os.open(base, os.O_RDONLY), 0, os.SEEK_DATA)
+
+
+def test_good_snapshot_restores(snap):
+    s = open_snapshot(snap)
+    vm = restore(s, console=CaptureConsole())
+    s.close()
+    vm.close()
+
+
+@pytest.mark.parametrize("suffix,needle", [("", "memory file .* is missing"),
+                                           (".kern", "state file .* is missing"),
+                                           (".meta", "is missing")])
+def test_missing_files(snap, suffix, needle):
+    os.unlink(snap + suffix)
+    refused(snap, needle)
+
+
+def test_truncated_memory_file(snap):
+    os.truncate(snap, os.path.getsize(snap) - 4096)
+    refused(snap, "truncated or replaced")
+
+
+def test_truncated_state_file(snap):
+    os.truncate(snap + ".kern", os.path.getsize(snap + ".kern") - 10)
+    refused(snap, "truncated or replaced")
+
+
+def test_truncated_meta(snap):
+    os.truncate(snap + ".meta", os.path.getsize(snap + ".meta") // 2)
+    refused(snap, "not valid JSON")
+
+
+def test_wrong_magic(snap):
+    edit_meta(snap, lambda m: m.update(format="qemu-savevm"))
+    refused(snap, "not a pyhyve snapshot")
+
+
+def test_wrong_version(snap):
+    edit_meta(snap, lambda m: m.update(format_version=2))
+    refused(snap, "format version 2 is not supported")
+
+
+def test_state_file_bad_magic(snap):
+    flip(snap + ".kern", 0)
+    refused(snap, "bad magic")
+
+
+def test_state_section_corrupt(snap):
+    flip(snap + ".kern", os.path.getsize(snap + ".kern") - 100)
+    refused(snap, "checksum mismatch")
+
+
+def test_memory_data_corrupt(snap):
+    flip(snap, first_data_offset(snap) + 77)
+    refused(snap, "memory file .* checksum mismatch")
+
+
+def test_data_written_into_a_hole(snap):
+    with open(snap, "r+b") as f:
+        f.seek(os.path.getsize(snap) - 8192)  # far above the guest image: a hole
+        f.write(b"\x01")
+    refused(snap, "has data at .* where the snapshot has a zero page")
+
+
+def test_meta_edited_without_checksum(snap):
+    with open(snap + ".meta") as f:
+        meta = json.load(f)
+    meta["vm"]["cmdline"] = "cpus=1"
+    with open(snap + ".meta", "w") as f:
+        json.dump(meta, f)
+    refused(snap, "metadata checksum mismatch")
+
+
+def test_meta_disagrees_with_files(snap):
+    def bigger(m):
+        m["vm"]["memory"] *= 2
+        m["memory"]["size"] *= 2
+        m["memory"]["regions"][0]["size"] *= 2
+    edit_meta(snap, bigger)
+    refused(snap, "memory file .* bytes, metadata says")
+
+
+def test_meta_missing_vcpu_section(snap):
+    edit_meta(snap, lambda m: m["vm"].update(cpus=3))
+    refused(snap, "section 'vcpu2' is missing")
+
+
+def test_cpuid_feature_missing_on_host(snap):
+    from pyhyve.kvm import Kvm
+    kvm = Kvm()
+    supported = {(e.function, e.index): e for e in kvm.supported_cpuid()}
+    kvm.close()
+    absent = [(n, f) for n, f in FEATURES.items() if (e := supported.get(f[:2])) is not None
+              and not getattr(e, f[2]) >> f[3] & 1]
+    if not absent:
+        pytest.fail("this host supports every named CPUID feature; cannot build the case")
+    name, (leaf, sub, reg, bit) = absent[0]
+
+    def add_feature(m):
+        for row in m["cpuid"]:
+            if row[0] == leaf and (row[1] == sub or not row[2] & 1):
+                row[3 + ["eax", "ebx", "ecx", "edx"].index(reg)] |= 1 << bit
+    edit_meta(snap, add_feature)
+    refused(snap, f"lacks CPU features the guest uses: .*{name}")
+
+
+def test_tsc_frequency_differs(snap):
+    edit_meta(snap, lambda m: m["host"].update(tsc_khz=m["host"]["tsc_khz"] // 2))
+    from pyhyve.kvm import Kvm
+    from pyhyve.kvm import ioctls as I
+    kvm = Kvm()
+    scalable = kvm.check_extension(I.KVM_CAP_TSC_CONTROL)
+    kvm.close()
+    if scalable:  # a host that can scale TSC restores it at the saved rate instead
+        s = open_snapshot(snap)
+        restore(s, console=CaptureConsole()).close()
+        s.close()
+    else:
+        refused(snap, "TSC frequency differs")
+
+
+def test_more_memory_than_host(snap):
+    huge = 1 << 40
+
+    def grow(m):
+        m["vm"]["memory"] = m["memory"]["size"] = huge
+        m["memory"]["regions"] = [{"guest_phys_addr": 0, "size": 0xC0000000, "file_offset": 0},
+                                  {"guest_phys_addr": 1 << 32, "size": huge - 0xC0000000,
+                                   "file_offset": 0xC0000000}]
+        m["memory"]["zero_pages"] = huge // 4096 - m["memory"]["data_pages"]
+    edit_meta(snap, grow)
+    os.truncate(snap, huge)  # sparse: costs nothing on disk
+    refused(snap, "this host has")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(which=st.sampled_from([".kern", ".meta"]), data=st.data())
+def test_random_corruption_is_always_refused(good, tmp_path_factory, which, data):
+    d = tmp_path_factory.mktemp("fuzz")
+    base = str(d / "snap")
+    for suffix in ("", ".kern", ".meta"):
+        shutil.copy(good + suffix, base + suffix)
+    size = os.path.getsize(base + which)
+    for pos in data.draw(st.sets(st.integers(0, size - 1), min_size=1, max_size=4)):
+        flip(base + which, pos)  # distinct positions: two flips of one byte would cancel
+    refused(base, ".")
+
+
+def test_cli_refuses_without_starting_a_guest(snap, rundir):
+    flip(snap + ".kern", os.path.getsize(snap + ".kern") - 100)
+    p = cli("pyhyve", "run", "bad", "-r", snap)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert p.stderr.strip().count("\n") == 0 and "checksum mismatch" in p.stderr
+    assert p.stdout == ""  # no guest ever printed anything
+    assert not os.path.exists(os.path.join(rundir, "bad.sock"))
+    v = cli("pyhyve", "snapshot", "verify", snap)
+    assert v.returncode != 0 and "checksum mismatch" in v.stderr
