@@ -126,20 +126,23 @@ class QemuSide:
         return time.perf_counter() - t0
 
     def run(self) -> dict[str, float | None]:
-        log = os.path.join(self.work, "q.log")
-        p, q = self.start(log, [])
-        try:
-            wait_passes(log, 3)
-            running = self.snapshot(q, os.path.join(self.work, "q-run"))
-            q.cmd("stop")
-            stopped = self.snapshot(q, os.path.join(self.work, "q-stop"))
-        finally:
-            q.close()
-            p.kill()
-            p.wait()
+        results = {}
+        for what in ("running", "stopped"):  # a QEMU that completed a migration is done
+            log = os.path.join(self.work, f"q-{what}.log")
+            p, q = self.start(log, [])
+            try:
+                wait_passes(log, 3)
+                if what == "stopped":
+                    q.cmd("stop")
+                results[what] = self.snapshot(q, os.path.join(self.work, f"q-{what}"))
+            finally:
+                q.close()
+                p.kill()
+                p.wait()
+        running, stopped = results["running"], results["stopped"]
         t0 = time.perf_counter()
         p2, q2 = self.start(os.path.join(self.work, "q2.log"),
-                            ["-incoming", f"exec:cat {os.path.join(self.work, 'q-stop')}"])
+                            ["-incoming", f"exec:cat {os.path.join(self.work, 'q-stopped')}"])
         try:
             # the incoming guest was stopped when saved: QEMU waits in "paused" for `cont`
             while (status := q2.cmd("query-status")["status"]) != "running":  # type: ignore[index]
@@ -151,7 +154,7 @@ class QemuSide:
             q2.close()
             p2.kill()
             p2.wait()
-        for f in ("q-run", "q-stop"):
+        for f in ("q-running", "q-stopped"):
             if os.path.exists(os.path.join(self.work, f)):
                 os.unlink(os.path.join(self.work, f))
         return {"running": running, "stopped": stopped, "restore": restore}

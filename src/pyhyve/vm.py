@@ -212,6 +212,11 @@ class VirtualMachine:
                             tuple(capture_vcpu(v, self.msr_indices, self.has_xsave)
                                   for v in self.vcpus), devices)
 
+    def device_classes(self) -> dict[str, tuple[str, type]]:
+        """name -> (kind, state class) for the devices that keep state."""
+        return {n: (d.kind, d.state_class) for n, d in self.devices.items()
+                if d.state_class is not None}
+
     def apply(self, st: MachineState) -> None:
         """Load a captured state into this freshly built, not yet started VM."""
         if self.state != "created":

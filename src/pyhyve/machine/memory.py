@@ -10,6 +10,7 @@ import contextlib
 import ctypes as C
 import mmap
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -114,6 +115,29 @@ class GuestMemory:
         r = self.region_for(gpa, length)
         off = gpa - r.gpa
         return r.array[off:off + length]
+
+    def pieces(self, off: int, end: int, limit: int) -> Iterator[tuple[int, int]]:
+        """(file offset, length) pieces of [off, end), at most `limit` long, never crossing
+        a region edge (regions are contiguous in the snapshot file, not in guest memory)."""
+        while off < end:
+            n = min(limit, end - off)
+            for r in self.regions:
+                lo, hi = r.layout.file_offset, r.layout.file_offset + r.size
+                if lo <= off < hi:
+                    n = min(n, hi - off)
+                    break
+            else:
+                raise ValueError(f"file offset {off:#x} is not guest RAM")
+            yield off, n
+            off += n
+
+    def file_view(self, off: int, length: int) -> memoryview:
+        """Guest RAM by file offset; the range must lie in one region."""
+        for r in self.regions:
+            base = r.layout.file_offset
+            if base <= off and off + length <= base + r.size:
+                return memoryview(r.mm)[off - base:off - base + length]
+        raise ValueError(f"file range {off:#x}+{length:#x} is not in one RAM region")
 
     def close(self) -> None:
         for r in self.regions:

@@ -111,40 +111,15 @@ def guest_runs(mem: GuestMemory) -> list[tuple[int, int]]:
     return merge(runs)
 
 
-def _file_view(mem: GuestMemory) -> Callable[[int, int], memoryview]:
-    """Bytes of guest RAM by file offset (regions are contiguous in the file)."""
-    views = [(r.layout.file_offset, r.size, memoryview(r.mm)) for r in mem.regions]
-
-    def view(off: int, length: int) -> memoryview:
-        for base, size, mv in views:
-            if base <= off and off + length <= base + size:
-                return mv[off - base:off - base + length]
-        raise ValueError(f"file range {off:#x}+{length:#x} is not in one RAM region")
-    return view
-
-
-def _pieces(mem: GuestMemory, off: int, end: int, limit: int = CHUNK) -> Iterator[tuple[int, int]]:
-    """(offset, length) pieces of [off, end) no longer than `limit`, split at region edges."""
-    while off < end:
-        n = min(limit, end - off)
-        for r in mem.regions:
-            lo, hi = r.layout.file_offset, r.layout.file_offset + r.size
-            if lo <= off < hi:
-                n = min(n, hi - off)
-        yield off, n
-        off += n
-
-
 def write_memory(mem: GuestMemory, fd: int, runs: list[tuple[int, int]],
                  progress: Progress | None = None) -> MemStats:
     """Write the runs to `fd` (already sized to RAM), hashing as we go."""
     h = xxhash.xxh3_128()
-    view = _file_view(mem)
     data_pages = 0
     for page, count in runs:
         h.update(RUN.pack(page, count))
-        for off, n in _pieces(mem, page * PAGE, (page + count) * PAGE):
-            chunk = view(off, n)
+        for off, n in mem.pieces(page * PAGE, (page + count) * PAGE, CHUNK):
+            chunk = mem.file_view(off, n)
             h.update(chunk)
             written = 0
             while written < n:
@@ -231,11 +206,10 @@ def load_eager(mem: GuestMemory, mm: mmap.mmap, runs: list[tuple[int, int]],
                progress: Progress | None = None) -> None:
     """Copy the runs from the mapped file into (fresh, zero) guest RAM."""
     src = memoryview(mm)
-    view = _file_view(mem)
     try:
         for page, count in runs:
-            for off, n in _pieces(mem, page * PAGE, (page + count) * PAGE):
-                view(off, n)[:] = src[off:off + n]
+            for off, n in mem.pieces(page * PAGE, (page + count) * PAGE, CHUNK):
+                mem.file_view(off, n)[:] = src[off:off + n]
                 if progress:
                     progress(n)
     finally:

@@ -112,38 +112,45 @@ def verify_memory_file(snap: Snapshot, progress: Callable[[int], Callable[[int],
                                 "snapshot has a zero page (corrupt)")
 
 
-def decode_state(snap: Snapshot, device_classes: dict[str, tuple[str, type]]) -> object:
-    """MachineState from the verified blobs; `device_classes`: name -> (kind, state class)."""
+def decode_state(blobs: dict[str, bytes], cpus: int, devices_meta: list[dict],
+                 device_classes: dict[str, tuple[str, type]]) -> object:
+    """MachineState from verified section blobs (snapshot file or migration stream).
+    `devices_meta`: [{name, kind, version}]; `device_classes`: name -> (kind, state class)."""
     from ..vm import MachineState
 
     try:
-        vm_state = codec.decode(VmKvmState, snap.blobs["vm"])
-        vcpus = tuple(codec.decode(VcpuState, snap.blobs[f"vcpu{i}"])
-                      for i in range(snap.meta["vm"]["cpus"]))
+        vm_state = codec.decode(VmKvmState, blobs["vm"])
+        vcpus = tuple(codec.decode(VcpuState, blobs[f"vcpu{i}"]) for i in range(cpus))
         devices = {}
-        for d in snap.meta["devices"]:
+        for d in devices_meta:
             name = d["name"]
             if name not in device_classes:
-                raise SnapshotError(f"snapshot has a device '{name}' this pyhyve cannot build")
+                raise SnapshotError(f"the saved VM has a device '{name}' this pyhyve cannot build")
             kind, cls = device_classes[name]
             if d["kind"] != kind:
-                raise SnapshotError(f"device '{name}' is a {d['kind']} in the snapshot, a {kind} here")
-            devices[name] = codec.decode(cls, snap.blobs[f"dev:{name}"])
+                raise SnapshotError(f"device '{name}' is a {d['kind']} in the saved VM, a {kind} here")
+            devices[name] = codec.decode(cls, blobs[f"dev:{name}"])
+    except KeyError as e:
+        raise SnapshotError(f"state section {e} is missing") from None
     except codec.StateError as e:
         raise SnapshotError(f"state: {e}") from None
     return MachineState(vm_state, vcpus, devices)
 
 
-def check_host(snap: Snapshot, host_cpuid: list, host_tsc_khz: int, tsc_control: bool) -> bool:
+def check_host(cpuid_rows: list, saved_tsc_khz: int, host_cpuid: list, host_tsc_khz: int,
+               tsc_control: bool) -> bool:
     """Refuse what this host cannot run; returns True when the TSC must be scaled."""
-    needed = cpuid_from_list(snap.meta["cpuid"])
+    try:
+        needed = cpuid_from_list(cpuid_rows)
+    except ValueError as e:
+        raise SnapshotError(f"CPUID table: {e}") from None
     missing = missing_features(needed, host_cpuid)
     if missing:
         raise SnapshotError(f"this host lacks CPU features the guest uses: {', '.join(missing)}")
-    saved = snap.meta["host"]["tsc_khz"]
+    saved = saved_tsc_khz
     if saved and abs(saved - host_tsc_khz) * 1_000_000 > saved * TSC_TOLERANCE_PPM:
         if not tsc_control:
-            raise SnapshotError(f"TSC frequency differs ({saved} kHz in the snapshot, "
+            raise SnapshotError(f"TSC frequency differs ({saved} kHz on the source, "
                                 f"{host_tsc_khz} kHz here) and this host cannot scale it")
         return True
     return False
@@ -179,15 +186,16 @@ def restore(snap: Snapshot, name: str | None = None, console: Console | None = N
         con.close()
         raise
     try:
-        scale = check_host(snap, vm.kvm.supported_cpuid(), vm.vcpus[0].get_tsc_khz(),
+        scale = check_host(snap.meta["cpuid"], snap.meta["host"]["tsc_khz"],
+                           vm.kvm.supported_cpuid(), vm.vcpus[0].get_tsc_khz(),
                            bool(vm.kvm.check_extension(I.KVM_CAP_TSC_CONTROL)))
         if scale:
             for vc in vm.vcpus:
                 vc.set_tsc_khz(snap.meta["host"]["tsc_khz"])
         for i, vc in enumerate(vm.vcpus):
             vc.set_cpuid2(for_vcpu(cpuid, i, config.cpus))
-        state = decode_state(snap, {n: (d.kind, d.state_class) for n, d in vm.devices.items()
-                                    if d.state_class is not None})
+        state = decode_state(snap.blobs, config.cpus, snap.meta["devices"],
+                             vm.device_classes())
         if not lazy:
             with mmap.mmap(snap.mem_fd, config.memory, prot=mmap.PROT_READ) as mm:
                 data = sum(n for _, n in snap.runs) * PAGE
