@@ -117,6 +117,7 @@ class VirtualMachine:
         self.reset_requested = False
         self._stopped = threading.Event()
         self._closing = False
+        self._ticker: threading.Thread | None = None
         try:
             self._build(console, memory, cpuid)
         except BaseException:
@@ -271,6 +272,27 @@ class VirtualMachine:
             ctl.pause_requested = False
             self.state = "running"
             ctl.cond.notify_all()
+
+    def set_throttle(self, fraction: float) -> None:
+        """Slow the guest down (0 = full speed, 0.99 = 1% of the time), for auto-converge."""
+        fraction = max(0.0, min(0.99, fraction))
+        ctl = self.control
+        with ctl.cond:
+            ctl.throttle = fraction
+            ctl.cond.notify_all()
+        if fraction > 0 and self._ticker is None:
+            self._ticker = threading.Thread(target=self._throttle_ticker, name="throttle",
+                                            daemon=True)
+            self._ticker.start()
+
+    def _throttle_ticker(self) -> None:
+        """Every slice, kick the vCPUs out of the guest so each sits out its share."""
+        ctl = self.control
+        while not self.stopped:
+            time.sleep(ctl.THROTTLE_SLICE)
+            if ctl.throttle > 0 and self.state == "running":
+                for t in self.threads:
+                    t.kick()
 
     def stop(self, reason: str = "destroyed", code: int = 0) -> None:
         self.control.stop(reason, code)

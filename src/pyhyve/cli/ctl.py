@@ -7,7 +7,7 @@ import os
 import sys
 
 from ..control.client import ClientError, ControlClient
-from .common import Parser, fail
+from .common import Parser, UsageError, fail, parse_size
 
 PROG = "pyhyvectl"
 
@@ -22,23 +22,68 @@ def build_parser() -> Parser:
     acts.add_argument("--destroy", action="store_true", help="stop the VM and its process")
     acts.add_argument("--suspend", metavar="FILE", help="save to FILE (+.kern, .meta); the VM exits")
     acts.add_argument("--checkpoint", metavar="FILE", help="save to FILE; the VM keeps running")
+    acts.add_argument("--migrate", metavar="HOST:PORT",
+                      help="warm migration: pause, send everything, the guest continues there")
+    acts.add_argument("--migrate-live", metavar="HOST:PORT",
+                      help="live migration (pre-copy with dirty-page tracking)")
+    acts.add_argument("--migrate-status", action="store_true", help="progress of a migration")
+    acts.add_argument("--migrate-cancel", action="store_true",
+                      help="cancel a migration; the guest keeps running here")
+    m = p.add_argument_group("migration options")
+    m.add_argument("--downtime-ms", type=float, help="downtime target (default 20)")
+    m.add_argument("--bandwidth", metavar="SIZE", help="cap per second, e.g. 100M (default: none)")
+    m.add_argument("--compress", choices=("none", "zstd", "lz4"), help="page compression")
+    m.add_argument("--no-auto-converge", action="store_true",
+                   help="never slow the guest down to converge")
+    m.add_argument("--key-file", help="migration key file (default: $PYHYVE_MIGRATION_KEY)")
+    m.add_argument("--tls-dir", help="use mutual TLS with DIR/cert.pem and DIR/key.pem")
+    m.add_argument("--insecure", action="store_true",
+                   help="allow a destination that does not authenticate")
     p.add_argument("--json", action="store_true", help="print the reply as JSON")
     return p
 
 
+def migrate_args(args: object, cmd: str) -> dict:
+    from ..migration.security import SecurityError, load_key
+
+    try:
+        key = load_key(args.key_file)
+    except SecurityError as e:
+        fail(PROG, str(e))
+    out: dict = {"target": getattr(args, cmd), "live": cmd == "migrate_live",
+                 "key": key.hex() if key else None, "downtime_ms": args.downtime_ms,
+                 "compress": args.compress, "auto_converge": not args.no_auto_converge,
+                 "tls_dir": os.path.abspath(args.tls_dir) if args.tls_dir else None,
+                 "insecure": args.insecure}
+    if args.bandwidth:
+        try:
+            out["bandwidth"] = parse_size(args.bandwidth.removesuffix("/s"))
+        except UsageError as e:
+            fail(PROG, str(e))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cmd = next(c for c in ("status", "pause", "resume", "destroy", "suspend", "checkpoint")
+    cmd = next(c for c in ("status", "pause", "resume", "destroy", "suspend", "checkpoint",
+                           "migrate", "migrate_live", "migrate_status", "migrate_cancel")
                if getattr(args, c))
-    extra = {}
+    extra: dict = {}
     if cmd in ("suspend", "checkpoint"):
         extra["path"] = os.path.abspath(getattr(args, cmd))  # the VMM has its own cwd
+    if cmd in ("migrate", "migrate_live"):
+        extra = migrate_args(args, cmd)
+        cmd = "migrate"
+    cmd = cmd.replace("_", "-")
     try:
         with ControlClient(args.vm, timeout=None if extra else 30.0) as c:
             reply = c.call(cmd, **extra)
     except ClientError as e:
         fail(PROG, str(e))
     reply.pop("ok", None)
+    if cmd == "migrate" and reply.get("state") != "completed":
+        fail(PROG, f"migration {reply.get('state')}: {reply.get('error')} "
+             "(the guest keeps running here)")
     if args.json:
         print(json.dumps(reply, indent=2))
     elif "line" in reply:

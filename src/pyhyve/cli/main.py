@@ -52,6 +52,14 @@ def build_parser() -> Parser:
                    help="continue the guest saved in FILE (+ .kern, .meta)")
     r.add_argument("--eager", action="store_true",
                    help="with --restore: copy memory in now instead of mapping FILE lazily")
+    r.add_argument("-R", "--receive", metavar="HOST:PORT",
+                   help="wait for one incoming migration on HOST:PORT, then run that guest")
+    r.add_argument("--key-file", help="migration key file (default: $PYHYVE_MIGRATION_KEY)")
+    r.add_argument("--tls-dir", help="migrate over mutual TLS with DIR/cert.pem, DIR/key.pem")
+    r.add_argument("--insecure", action="store_true",
+                   help="with --receive: accept a migration without a key (unauthenticated)")
+    certs = sub.add_parser("migration-certs", help="create a TLS certificate for migrations")
+    certs.add_argument("dir", help="directory for cert.pem and key.pem (copy it to each host)")
     snap = sub.add_parser("snapshot", help="inspect snapshots")
     ssub = snap.add_subparsers(dest="snapcmd", required=True, parser_class=Parser)
     info = ssub.add_parser("info", help="print a snapshot's metadata")
@@ -64,8 +72,12 @@ def build_parser() -> Parser:
 
 def cmd_run(args: object) -> int:
     a = args
+    if a.restore and a.receive:
+        fail(PROG, "--restore and --receive cannot be combined")
     if a.restore:
         return cmd_restore(a)
+    if a.receive:
+        return cmd_receive(a)
     try:
         config = VmConfig(name=a.name, memory=parse_size(a.memory), cpus=a.cpus,
                           kernel=a.kernel, initrd=a.initrd, cmdline=a.cmdline,
@@ -122,6 +134,61 @@ def cmd_restore(a: object) -> int:
         f"{PROG}: restored {a.name} from {snap.base} ({mode}): {vm.config.memory >> 20} MiB RAM, "
         f"{data / (1 << 20):.1f} MiB of data, verify {snap.verify_seconds * 1e3:.1f} ms, "
         f"to running {(time.perf_counter() - t0) * 1e3:.1f} ms", file=sys.stderr))
+
+
+def cmd_receive(a: object) -> int:
+    """pyhyve run NAME -R HOST,PORT: the destination of a migration (bhyve's -R)."""
+    from ..migration import DEFAULT_PORT
+    from ..migration.dest import ReceiveError, ReceiveOptions, Receiver
+    from ..migration.protocol import PeerError, ProtocolError
+    from ..migration.security import SecurityError, load_key
+    from ..migration.source import MigrationError, parse_target
+    from ..snapshot.format import SnapshotError
+
+    given = [flag for flag, v in (("--kernel", a.kernel), ("--initrd", a.initrd),
+                                  ("--cmdline", a.cmdline), ("--cpuid-clear", a.cpuid_clear))
+             if v]
+    if given:
+        fail(PROG, f"{', '.join(given)} cannot be combined with --receive: the source sends "
+             "the VM's configuration")
+    try:
+        host, port = parse_target(a.receive, DEFAULT_PORT)
+        key = load_key(a.key_file)
+        if key is None and not a.insecure:
+            raise SecurityError("refusing to listen without a migration key: set "
+                                "PYHYVE_MIGRATION_KEY or --key-file (or pass --insecure)")
+        spec = _console_spec(a)
+        receiver = Receiver(a.name, host, port, key,
+                            ReceiveOptions(console=spec, tls_dir=a.tls_dir))
+    except (MigrationError, SecurityError, UsageError) as e:
+        fail(PROG, str(e))
+    except OSError as e:
+        fail(PROG, f"cannot listen on {a.receive}: {e.strerror or e}")
+    print(f"{PROG}: {a.name}: waiting for a migration on {host}:{receiver.port}",
+          file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    try:
+        vm = receiver.receive()
+    except KeyboardInterrupt:
+        fail(PROG, f"{a.name}: interrupted while waiting for a migration", 130)
+    except (ReceiveError, SecurityError, ProtocolError, PeerError, SnapshotError, VmError,
+            KvmError, OSError, ValueError) as e:
+        fail(PROG, f"{a.name}: migration failed: {e}")
+    return serve(vm, lambda: print(
+        f"{PROG}: {a.name}: migration received: {receiver.pages} pages in {receiver.rounds} "
+        f"rounds, {(time.perf_counter() - receiver.t_first) * 1e3:.1f} ms from accept to "
+        f"running ({(time.perf_counter() - t0):.1f} s waited in all)", file=sys.stderr, flush=True))
+
+
+def cmd_certs(a: object) -> int:
+    from ..migration.security import SecurityError, make_certs
+
+    try:
+        cert, key = make_certs(a.dir)
+    except SecurityError as e:
+        fail(PROG, str(e))
+    print(f"created {cert} and {key}; copy the directory to every host that migrates")
+    return 0
 
 
 def cmd_snapshot(a: object) -> int:
@@ -184,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(args)
     if args.command == "snapshot":
         return cmd_snapshot(args)
+    if args.command == "migration-certs":
+        return cmd_certs(args)
     return 2
 
 

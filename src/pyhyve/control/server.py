@@ -63,6 +63,8 @@ class ControlServer:
         os.chmod(self.path, 0o600)
         self.sock.listen(8)
         self.closed = False
+        self.inflight = 0
+        self.cond = threading.Condition()
         self.thread = threading.Thread(target=self._accept, name="control", daemon=True)
         self.thread.start()
 
@@ -88,11 +90,18 @@ class ControlServer:
                     return
                 if msg is None:
                     return
-                reply = self.dispatch(msg)
+                with self.cond:
+                    self.inflight += 1
                 try:
-                    send(conn, reply)
-                except OSError:
-                    return
+                    reply = self.dispatch(msg)
+                    try:
+                        send(conn, reply)
+                    except OSError:
+                        return
+                finally:
+                    with self.cond:
+                        self.inflight -= 1
+                        self.cond.notify_all()
 
     def dispatch(self, msg: dict) -> dict:
         cmd = msg.get("cmd")
@@ -105,8 +114,11 @@ class ControlServer:
             return {"ok": False, "error": str(e) or type(e).__name__}
         return {"ok": True, **out}
 
-    def close(self) -> None:
+    def close(self, drain: float = 10.0) -> None:
+        """Stop accepting; let requests in flight (a suspend, a migration) send their reply."""
         self.closed = True
+        with self.cond:
+            self.cond.wait_for(lambda: self.inflight == 0, drain)
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()

@@ -7,10 +7,15 @@ the control thread and must leave the VM running or stopped, never half-paused.
 from __future__ import annotations
 
 import threading
+from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 from ..snapshot.format import SnapshotError
 from ..vm import VirtualMachine, VmError
 from .server import ControlServer, Handler
+
+if TYPE_CHECKING:
+    from ..migration.source import Migration
 
 
 class Session:
@@ -20,7 +25,10 @@ class Session:
         self.handlers: dict[str, Handler] = {
             "status": self.status, "pause": self.pause, "resume": self.resume,
             "destroy": self.destroy, "suspend": self.suspend, "checkpoint": self.checkpoint,
+            "migrate": self.migrate, "migrate-status": self.migrate_status,
+            "migrate-cancel": self.migrate_cancel,
         }
+        self.migration: Migration | None = None
         self.server: ControlServer | None = None
 
     def listen(self) -> None:
@@ -65,6 +73,58 @@ class Session:
     def checkpoint(self, msg: dict) -> dict:
         """Save; the guest keeps running."""
         return self._save(msg, "checkpoint")
+
+    def migrate(self, msg: dict) -> dict:
+        """Run a migration to msg["target"]; the reply comes when it has ended."""
+        from ..migration import DEFAULT_PORT
+        from ..migration.source import Migration, MigrationError, Options, parse_target
+
+        target = msg.get("target")
+        if not isinstance(target, str):
+            raise MigrationError("no destination given")
+        host, port = parse_target(target, DEFAULT_PORT)
+        key_hex = msg.get("key")
+        try:
+            key = bytes.fromhex(key_hex) if isinstance(key_hex, str) and key_hex else None
+        except ValueError:
+            raise MigrationError("malformed key") from None
+        opts = Options()
+        for name, typ in (("live", bool), ("downtime_ms", (int, float)),
+                          ("bandwidth", (int, float)), ("compress", str),
+                          ("auto_converge", bool), ("tls_dir", str), ("insecure", bool)):
+            if name in msg and msg[name] is not None:
+                if not isinstance(msg[name], typ):
+                    raise MigrationError(f"bad option {name}")
+                setattr(opts, name, msg[name])
+        if opts.compress not in ("none", "zstd", "lz4"):
+            raise MigrationError(f"unknown compression '{opts.compress}' (none, zstd, lz4)")
+        if opts.downtime_ms <= 0:
+            raise MigrationError("the downtime target must be positive")
+        with self.lock:
+            if self.migration is not None and not self.migration.done.is_set():
+                raise MigrationError("a migration is already running")
+            if self.vm.state != "running":
+                raise VmError(f"VM is {self.vm.state}, not running")
+            mig = self.migration = Migration(self.vm, host, port, key, opts)
+        stats = mig.run()
+        out = asdict(stats)
+        out["line"] = stats.line()
+        return out
+
+    def migrate_status(self, _msg: dict) -> dict:
+        if self.migration is None:
+            return {"state": "none"}
+        out = asdict(self.migration.stats)
+        out["line"] = self.migration.stats.line()
+        return out
+
+    def migrate_cancel(self, _msg: dict) -> dict:
+        mig = self.migration
+        if mig is None or mig.done.is_set():
+            raise VmError("no migration is running")
+        mig.cancel()
+        mig.done.wait(30)
+        return {"state": mig.stats.state}
 
     def destroy(self, _msg: dict) -> dict:
         self.vm.stop("destroyed by pyhyvectl", 0)

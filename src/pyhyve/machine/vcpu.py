@@ -69,6 +69,11 @@ class VcpuThread:
                 if not ctl.park():
                     return
                 continue
+            if run.immediate_exit:  # kicked for throttling (or a pause that was withdrawn)
+                run.immediate_exit = 0
+                if ctl.throttle > 0:
+                    ctl.throttle_sleep()
+                continue
             ret = run_ioctl(fd)
             if ret < 0:
                 if ret in (-errno.EINTR, -errno.EAGAIN):
@@ -172,6 +177,16 @@ class VcpuControl:
         self.stopping = False
         self.parked = 0
         self.alive = 0
+        self.throttle = 0.0  # fraction of time vCPUs sit out (auto-converge)
+
+    THROTTLE_SLICE = 0.010  # seconds of running between throttle sleeps
+
+    def throttle_sleep(self) -> None:
+        """Sit out throttle/(1-throttle) slices; a pause or stop ends the sleep early."""
+        p = min(self.throttle, 0.99)
+        with self.cond:
+            if not (self.pause_requested or self.stopping):
+                self.cond.wait(self.THROTTLE_SLICE * p / (1 - p))
 
     def park(self) -> bool:
         """Called by a vCPU thread; returns False when the thread should exit."""

@@ -1,0 +1,223 @@
+"""The destination side: listen, authenticate, check compatibility, receive memory and
+state into an unstarted VM, start it, and tell the source. Until RUNNING is sent the
+destination owns nothing the source needs: any failure frees the VM and exits with the
+reason, and the source resumes its guest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import sys
+import time
+from dataclasses import dataclass
+
+import lz4.block
+import zstandard
+
+from ..devices.console import Console, open_console
+from ..kvm import ioctls as I
+from ..machine.cpuid import CpuidError, cpuid_from_list
+from ..machine.memory import PAGE, ram_layout
+from ..snapshot.format import MAX_CPUS, MAX_MEMORY, SnapshotError
+from ..snapshot.restore import check_host, decode_state
+from ..vm import VirtualMachine, VmConfig, VmError, host_memory_bytes
+from .protocol import MAX_PAGES_PER_FRAME, MEM_HEADER, PROTOCOL_VERSION, Channel, Enc, Frame, ProtocolError, T
+from .security import accept_peer, tls_context
+
+MAX_STATE_SECTIONS = 4 * MAX_CPUS + 64
+
+
+class ReceiveError(RuntimeError):
+    pass
+
+
+@dataclass
+class ReceiveOptions:
+    console: str = "stdio"
+    tls_dir: str | None = None
+    io_timeout: float = 60.0
+    accept_timeout: float | None = None
+
+
+def _need(cond: bool, what: str) -> None:
+    if not cond:
+        raise ProtocolError(f"bad HELLO: {what}")
+
+
+def config_from_hello(hello: dict, name: str, console: str) -> VmConfig:
+    """Validate the source's description of the VM; nothing in it is trusted unchecked."""
+    _need(hello.get("protocol") == PROTOCOL_VERSION,
+          f"protocol version {hello.get('protocol')!r}, this pyhyve speaks {PROTOCOL_VERSION}")
+    vm = hello.get("vm")
+    _need(isinstance(vm, dict), "no VM config")
+    mem, cpus = vm.get("memory"), vm.get("cpus")
+    _need(isinstance(mem, int) and 0 < mem <= MAX_MEMORY and mem % PAGE == 0, "memory size")
+    _need(isinstance(cpus, int) and 1 <= cpus <= MAX_CPUS, "vCPU count")
+    for k in ("cmdline", "name"):
+        _need(isinstance(vm.get(k), str), k)
+    hidden = vm.get("cpuid_hidden")
+    _need(isinstance(hidden, list) and all(isinstance(h, str) for h in hidden), "cpuid_hidden")
+    m = hello.get("memory")
+    want = [{"guest_phys_addr": r.guest_phys_addr, "size": r.size, "file_offset": r.file_offset}
+            for r in ram_layout(mem)]
+    _need(isinstance(m, dict) and m.get("size") == mem and m.get("regions") == want,
+          "memory layout")
+    _need(hello.get("compress") in ("none", "zstd", "lz4"), "compression")
+    _need(isinstance(hello.get("cpuid"), list) and len(hello["cpuid"]) <= 4096, "cpuid")
+    host = hello.get("host")
+    _need(isinstance(host, dict) and isinstance(host.get("tsc_khz"), int), "host facts")
+    return VmConfig(name=name, memory=mem, cpus=cpus, kernel=vm.get("kernel") if isinstance(
+        vm.get("kernel"), str) else None, cmdline=vm["cmdline"], console=console,
+        cpuid_hidden=tuple(hidden))
+
+
+class Receiver:
+    def __init__(self, name: str, host: str, port: int, key: bytes | None,
+                 opts: ReceiveOptions, console: Console | None = None) -> None:
+        self.name, self.host, self.port, self.key, self.opts = name, host, port, key, opts
+        self.console = console
+        self.vm: VirtualMachine | None = None
+        self.ch: Channel | None = None
+        self.listener = socket.create_server((host, port), reuse_port=False)
+        self.port = self.listener.getsockname()[1]
+        self.pages = 0
+        self.rounds = 0
+        self.t_first = 0.0
+
+    def close(self) -> None:
+        self.listener.close()
+        if self.ch:
+            self.ch.close()
+
+    def receive(self) -> VirtualMachine:
+        """Accept one migration; returns the running VM (or raises, having freed all)."""
+        try:
+            return self._receive()
+        except BaseException as e:
+            if self.ch is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    self.ch.send_json(T.ERROR, {"reason": f"destination: {e}"})
+            if self.vm is not None:
+                self.vm.close()
+                self.vm = None
+            raise
+        finally:
+            self.close()
+
+    def _receive(self) -> VirtualMachine:
+        self.listener.settimeout(self.opts.accept_timeout)
+        try:
+            sock, peer = self.listener.accept()
+        except TimeoutError:
+            raise ReceiveError("no migration arrived in time") from None
+        self.listener.close()
+        sock.settimeout(self.opts.io_timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.opts.tls_dir:
+            try:
+                sock = tls_context(self.opts.tls_dir, server=True).wrap_socket(sock, server_side=True)
+            except OSError as e:
+                sock.close()
+                raise ReceiveError(f"TLS handshake with {peer[0]} failed: {e}") from None
+        self.ch = ch = Channel(sock, b"D", b"S")
+        accept_peer(ch, self.key, bool(self.opts.tls_dir))
+        hello = ch.recv(T.HELLO).json()
+        try:
+            config = config_from_hello(hello, self.name, self.opts.console)
+            host = host_memory_bytes()
+            if host and config.memory > host:
+                raise ReceiveError(f"the guest needs {config.memory >> 20} MiB; this host has "
+                                   f"{host >> 20} MiB")
+            cpuid = cpuid_from_list(hello["cpuid"])
+            con = self.console or open_console(config.console)
+            self.vm = vm = VirtualMachine(config, con, cpuid=cpuid)
+            check_host(hello["cpuid"], hello["host"]["tsc_khz"], vm.kvm.supported_cpuid(),
+                       vm.vcpus[0].get_tsc_khz(),
+                       bool(vm.kvm.check_extension(I.KVM_CAP_TSC_CONTROL)))
+        except (ProtocolError, ReceiveError, SnapshotError, VmError, CpuidError) as e:
+            ch.send_json(T.REFUSE, {"reason": str(e)})
+            raise ReceiveError(f"refused the migration: {e}") from None
+        ch.send_json(T.ACCEPT, {})
+        self.t_first = time.perf_counter()
+        blobs: dict[str, bytes] = {}
+        decompress = zstandard.ZstdDecompressor()
+        total_pages = vm.memory.size // PAGE
+        while True:
+            f = ch.recv(T.MEM, T.ROUND, T.STATE, T.COMPLETE)
+            if f.type == T.MEM:
+                self._memory(f, total_pages, decompress)
+            elif f.type == T.ROUND:
+                self.rounds += 1
+            elif f.type == T.STATE:
+                name, blob = self._state(f)
+                if name in blobs or len(blobs) >= MAX_STATE_SECTIONS:
+                    raise ProtocolError(f"unexpected state section '{name}'")
+                blobs[name] = blob
+            else:
+                devices = f.json().get("devices")
+                if not isinstance(devices, list) or not all(
+                        isinstance(d, dict) and isinstance(d.get("name"), str)
+                        and isinstance(d.get("kind"), str) for d in devices):
+                    raise ProtocolError("malformed COMPLETE frame")
+                state = decode_state(blobs, config.cpus, devices, vm.device_classes())
+                vm.apply(state)  # type: ignore[arg-type]
+                vm.start()
+                ch.send_json(T.RUNNING, {})
+                return vm
+
+    def _memory(self, f: Frame, total_pages: int, zd: zstandard.ZstdDecompressor) -> None:
+        if len(f.payload) < MEM_HEADER.size:
+            raise ProtocolError("short MEM frame")
+        first, count, enc = MEM_HEADER.unpack_from(f.payload)
+        body = memoryview(f.payload)[MEM_HEADER.size:]
+        if not 0 < count <= MAX_PAGES_PER_FRAME or first + count > total_pages:
+            raise ProtocolError("MEM frame outside guest memory")
+        size = count * PAGE
+        if enc == Enc.RAW:
+            data = body
+        elif enc == Enc.ZSTD:
+            try:
+                data = memoryview(zd.decompress(body, max_output_size=size))
+            except zstandard.ZstdError:
+                raise ProtocolError("corrupt zstd data in MEM frame") from None
+        elif enc == Enc.LZ4:
+            try:
+                data = memoryview(lz4.block.decompress(body, uncompressed_size=size))
+            except (lz4.block.LZ4BlockError, ValueError):
+                raise ProtocolError("corrupt lz4 data in MEM frame") from None
+        elif enc == Enc.ZERO:
+            if len(body):
+                raise ProtocolError("ZERO MEM frame carries data")
+            data = None
+        else:
+            raise ProtocolError(f"unknown MEM encoding {enc}")
+        if data is not None and len(data) != size:
+            raise ProtocolError("MEM frame length does not match its page count")
+        mem = self.vm.memory  # type: ignore[union-attr]
+        start = first * PAGE
+        for off, n in mem.pieces(start, start + size, size):
+            dst = mem.file_view(off, n)
+            if data is None:
+                dst[:] = bytes(n)
+            else:
+                dst[:] = data[off - start:off - start + n]
+        self.pages += count
+
+    @staticmethod
+    def _state(f: Frame) -> tuple[str, bytes]:
+        p = f.payload
+        if len(p) < 2:
+            raise ProtocolError("short STATE frame")
+        n = int.from_bytes(p[:2], "little")
+        if n == 0 or 2 + n > len(p):
+            raise ProtocolError("malformed STATE frame")
+        try:
+            name = p[2:2 + n].decode()
+        except UnicodeDecodeError:
+            raise ProtocolError("malformed STATE frame name") from None
+        return name, p[2 + n:]
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

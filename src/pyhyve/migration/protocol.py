@@ -1,0 +1,158 @@
+"""Framing of the migration stream (see docs/migration-protocol.md).
+
+A frame is a 16-byte header (magic "PHMG", type u16, flags u16, payload length u64, all
+little-endian), the payload, and, once the peers have authenticated without TLS, a 32-byte
+HMAC-SHA256 over (direction, sequence number, header, payload) under the session key.
+Lengths are checked against a per-type limit before anything is allocated, so hostile
+bytes cost at most one bounded buffer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import socket
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+MAGIC = b"PHMG"
+HEADER = struct.Struct("<4sHHQ")
+MAC_LEN = 32
+PROTOCOL_VERSION = 1
+PAGE = 4096
+MAX_PAGES_PER_FRAME = 2048                 # 8 MiB of guest memory
+MEM_HEADER = struct.Struct("<QII")         # first file page, page count, encoding
+
+
+class T(IntEnum):
+    CHALLENGE = 1   # dst -> src: {"auth": "key"|"none", "nonce": hex}
+    AUTH = 2        # src -> dst: {"nonce": hex, "proof": hex}
+    AUTH_OK = 3     # dst -> src: {"proof": hex}
+    HELLO = 4       # src -> dst: protocol version, VM config, CPUID, host facts, options
+    ACCEPT = 5      # dst -> src: {}
+    REFUSE = 6      # either way: {"reason": str}
+    MEM = 7         # src -> dst: MEM_HEADER + data (raw, zstd or lz4) or nothing (zero)
+    ROUND = 8       # src -> dst: {"round": n, "pages": n}
+    STATE = 9       # src -> dst: u16 name length, name, encoded state section
+    COMPLETE = 10   # src -> dst: {"devices": [...], "stats": {...}}
+    RUNNING = 11    # dst -> src: {}: the guest runs on the destination
+    ERROR = 12      # either way: {"reason": str}
+
+
+class Enc(IntEnum):
+    RAW = 0
+    ZSTD = 1
+    LZ4 = 2
+    ZERO = 3
+
+
+LIMITS = {T.CHALLENGE: 4096, T.AUTH: 4096, T.AUTH_OK: 4096, T.HELLO: 1 << 20,
+          T.ACCEPT: 4096, T.REFUSE: 65536, T.MEM: MEM_HEADER.size + MAX_PAGES_PER_FRAME * PAGE,
+          T.ROUND: 4096, T.STATE: 16 << 20, T.COMPLETE: 1 << 20, T.RUNNING: 4096,
+          T.ERROR: 65536}
+
+
+class ProtocolError(ConnectionError):
+    """The peer sent something that is not a valid frame here, or went away."""
+
+
+class PeerError(ConnectionError):
+    """The peer reported a failure (REFUSE or ERROR) with a reason."""
+
+
+@dataclass
+class Frame:
+    type: T
+    payload: bytes
+
+    def json(self) -> dict:
+        try:
+            obj = json.loads(self.payload)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ProtocolError(f"{self.type.name} frame is not JSON") from None
+        if not isinstance(obj, dict):
+            raise ProtocolError(f"{self.type.name} frame is not a JSON object")
+        return obj
+
+
+class Channel:
+    """One side of a migration connection."""
+
+    def __init__(self, sock: socket.socket, outgoing: bytes, incoming: bytes) -> None:
+        self.sock = sock
+        self.key: bytes | None = None
+        self.out_dir, self.in_dir = outgoing, incoming
+        self.out_seq = self.in_seq = 0
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def enable_mac(self, key: bytes) -> None:
+        self.key = key
+
+    def _mac(self, direction: bytes, seq: int, header: bytes, parts: list) -> bytes:
+        m = hmac.new(self.key, direction + seq.to_bytes(8, "little") + header, "sha256")  # type: ignore[arg-type]
+        for p in parts:
+            m.update(p)
+        return m.digest()
+
+    def send(self, ftype: T, *parts: bytes | memoryview) -> None:
+        length = sum(len(p) for p in parts)
+        if length > LIMITS[ftype]:
+            raise ValueError(f"{ftype.name} frame of {length} bytes is over its limit")
+        header = HEADER.pack(MAGIC, ftype, 0, length)
+        bufs = [header, *parts]
+        if self.key is not None:
+            bufs.append(self._mac(self.out_dir, self.out_seq, header, list(parts)))
+        self.out_seq += 1
+        for b in bufs:
+            self.sock.sendall(b)
+        self.bytes_sent += length + HEADER.size
+
+    def send_json(self, ftype: T, obj: dict) -> None:
+        self.send(ftype, json.dumps(obj, separators=(",", ":")).encode())
+
+    def _read_exact(self, n: int) -> bytearray:
+        buf = bytearray(n)
+        view, got = memoryview(buf), 0
+        while got < n:
+            try:
+                k = self.sock.recv_into(view[got:])
+            except TimeoutError:
+                raise ProtocolError("timed out waiting for the peer") from None
+            except OSError as e:
+                raise ProtocolError(f"connection lost: {e.strerror or e}") from None
+            if k == 0:
+                raise ProtocolError("the peer closed the connection")
+            got += k
+        return buf
+
+    def recv(self, *expected: T) -> Frame:
+        header = bytes(self._read_exact(HEADER.size))
+        magic, ftype, flags, length = HEADER.unpack(header)
+        if magic != MAGIC:
+            raise ProtocolError("bad frame magic: not a pyhyve migration stream")
+        try:
+            kind = T(ftype)
+        except ValueError:
+            raise ProtocolError(f"unknown frame type {ftype}") from None
+        if flags != 0 or length > LIMITS[kind]:
+            raise ProtocolError(f"{kind.name} frame of {length} bytes is over its limit")
+        payload = bytes(self._read_exact(length)) if length else b""
+        if self.key is not None:
+            mac = bytes(self._read_exact(MAC_LEN))
+            if not hmac.compare_digest(mac, self._mac(self.in_dir, self.in_seq, header, [payload])):
+                raise ProtocolError("frame authentication failed (tampered or wrong key)")
+        self.in_seq += 1
+        self.bytes_received += length + HEADER.size
+        if kind in (T.REFUSE, T.ERROR) and kind not in expected:
+            reason = Frame(kind, payload).json().get("reason", "no reason given")
+            raise PeerError(str(reason))
+        if expected and kind not in expected:
+            raise ProtocolError(f"expected {'/'.join(e.name for e in expected)}, got {kind.name}")
+        return Frame(kind, payload)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()

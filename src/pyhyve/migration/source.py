@@ -1,0 +1,309 @@
+"""The source side: pre-copy (live) or stop-and-copy (warm) migration of a running VM.
+
+Live: dirty logging on, every non-zero page sent once, then rounds of the pages written
+meanwhile until what is left fits the downtime target at the measured bandwidth; the guest
+is slowed (auto-converge) when it writes faster than we send. Then pause, send the last
+dirty pages and the vCPU/VM/device state, and wait for the destination to report the guest
+running. Only then is the source VM stopped. Any failure or cancel before that resumes the
+source guest as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..machine.dirty import DirtyLog, runs_of
+from ..machine.memory import PAGE
+from ..snapshot.memfile import guest_runs
+from ..snapshot.save import host_facts, state_sections
+from .protocol import MAX_PAGES_PER_FRAME, MEM_HEADER, PROTOCOL_VERSION, Channel, Enc, T
+from .security import authenticate, tls_context
+
+if TYPE_CHECKING:
+    from ..vm import VirtualMachine
+
+MAX_ROUNDS = 30
+THROTTLE_MAX = 0.99
+
+
+class MigrationError(RuntimeError):
+    pass
+
+
+class Cancelled(MigrationError):
+    pass
+
+
+@dataclass
+class Options:
+    live: bool = True
+    downtime_ms: float = 20.0
+    bandwidth: float = 0.0           # bytes/s cap; 0 = unlimited
+    compress: str = "none"           # none | zstd | lz4
+    auto_converge: bool = True
+    tls_dir: str | None = None
+    insecure: bool = False
+    connect_timeout: float = 10.0
+    io_timeout: float = 60.0
+
+
+@dataclass
+class Stats:
+    state: str = "setup"
+    rounds: int = 0
+    pages_per_round: list[int] = field(default_factory=list)
+    zero_pages: int = 0
+    bytes_sent: int = 0
+    throttle: float = 0.0
+    total_s: float = 0.0
+    downtime_s: float = 0.0
+    error: str = ""
+
+    def line(self) -> str:
+        return (f"{self.state}: total {self.total_s * 1e3:.1f} ms, downtime "
+                f"{self.downtime_s * 1e3:.1f} ms, {self.bytes_sent / (1 << 20):.1f} MiB sent, "
+                f"{self.rounds} rounds, pages per round {self.pages_per_round}, "
+                f"{self.zero_pages} zero pages skipped, max throttle {self.throttle:.0%}")
+
+
+def parse_target(target: str, default_port: int) -> tuple[str, int]:
+    """HOST:PORT, [V6]:PORT, or bhyve's HOST,PORT."""
+    t = target.strip()
+    if t.startswith("["):
+        host, _, rest = t[1:].partition("]")
+        port = rest.lstrip(":,") or str(default_port)
+    elif "," in t:
+        host, _, port = t.rpartition(",")
+    elif t.count(":") == 1:
+        host, _, port = t.partition(":")
+    else:
+        host, port = t, str(default_port)
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise MigrationError(f"bad address '{target}': use HOST:PORT")
+    return host, int(port)
+
+
+class Migration:
+    """Runs in its own thread; `stats` may be read at any time, `cancel()` from anywhere."""
+
+    def __init__(self, vm: VirtualMachine, host: str, port: int, key: bytes | None,
+                 opts: Options) -> None:
+        self.vm, self.host, self.port, self.key, self.opts = vm, host, port, key, opts
+        self.stats = Stats()
+        self._cancel = threading.Event()
+        self.done = threading.Event()
+        self.ch: Channel | None = None
+        self.dirty: DirtyLog | None = None
+        self._paused_by_us = False
+        self._sent_pages = 0
+        self._t_start = 0.0
+        self._budget_t = 0.0
+        self._budget_bytes = 0
+
+    # --- control ---------------------------------------------------------------------
+    def cancel(self) -> None:
+        self._cancel.set()
+        if self.ch is not None:
+            with contextlib.suppress(OSError):
+                self.ch.sock.shutdown(socket.SHUT_RDWR)
+
+    def _check_cancel(self) -> None:
+        if self._cancel.is_set():
+            raise Cancelled("migration cancelled")
+
+    def run(self) -> Stats:
+        self._t_start = time.perf_counter()
+        try:
+            self._run()
+            self.stats.state = "completed"
+        except BaseException as e:  # every failure: the source guest must keep running
+            self.stats.state = "cancelled" if isinstance(e, Cancelled) or self._cancel.is_set() \
+                else "failed"
+            self.stats.error = str(e) or type(e).__name__
+            self._recover()
+        finally:
+            self.stats.total_s = time.perf_counter() - self._t_start
+            if self.ch:
+                self.ch.close()
+            self.done.set()
+        return self.stats
+
+    def _recover(self) -> None:
+        self.vm.set_throttle(0)
+        if self.dirty:
+            with contextlib.suppress(OSError):
+                self.dirty.stop()
+        if self._paused_by_us and self.vm.state == "paused":
+            self.vm.resume()
+        self._paused_by_us = False
+
+    # --- the migration -------------------------------------------------------------------
+    def _connect(self) -> Channel:
+        try:
+            sock = socket.create_connection((self.host, self.port), self.opts.connect_timeout)
+        except OSError as e:
+            raise MigrationError(f"cannot connect to {self.host}:{self.port}: "
+                                 f"{e.strerror or e}") from None
+        sock.settimeout(self.opts.io_timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.opts.tls_dir:
+            try:
+                sock = tls_context(self.opts.tls_dir, server=False).wrap_socket(sock)
+            except OSError as e:
+                sock.close()
+                raise MigrationError(f"TLS handshake with {self.host}:{self.port} failed: {e}") from None
+        return Channel(sock, b"S", b"D")
+
+    def _hello(self) -> dict:
+        vm = self.vm
+        from ..machine.cpuid import cpuid_to_list
+        return {"protocol": PROTOCOL_VERSION, "live": self.opts.live,
+                "compress": self.opts.compress, "vm": vm.config.to_dict(),
+                "cpuid": cpuid_to_list(vm.cpuid), "host": host_facts(vm),
+                "memory": {"size": vm.memory.size,
+                           "regions": [{"guest_phys_addr": r.gpa, "size": r.size,
+                                        "file_offset": r.layout.file_offset}
+                                       for r in vm.memory.regions]}}
+
+    def _run(self) -> None:
+        vm, opts, st = self.vm, self.opts, self.stats
+        if vm.state != "running":
+            raise MigrationError(f"VM is {vm.state}, not running")
+        self.ch = ch = self._connect()
+        authenticate(ch, self.key, bool(opts.tls_dir), opts.insecure)
+        ch.send_json(T.HELLO, self._hello())
+        ch.recv(T.ACCEPT)  # a REFUSE raises PeerError with the destination's reason
+        self._check_cancel()
+        st.state = "active"
+        if opts.live:
+            self.dirty = DirtyLog(vm.vm, vm.memory)
+            self.dirty.start()
+            self._send_runs(guest_runs(vm.memory), round_no=0)
+            self._precopy()
+        else:
+            self._pause()
+            self._send_runs(guest_runs(vm.memory), round_no=0)
+        self._finish()
+
+    def _pause(self) -> None:
+        self.vm.pause()
+        self._paused_by_us = True
+        self._t_pause = time.perf_counter()
+
+    def _precopy(self) -> None:
+        opts, st = self.opts, self.stats
+        target = opts.downtime_ms / 1e3
+        bw = None
+        for round_no in range(1, MAX_ROUNDS + 1):
+            self._check_cancel()
+            t0, sent0 = time.perf_counter(), self.ch.bytes_sent  # type: ignore[union-attr]
+            mask = self.dirty.fetch()  # type: ignore[union-attr]
+            pages = int(mask.sum())
+            est = pages * PAGE / bw if bw else float("inf")
+            if est <= target or (round_no == MAX_ROUNDS):
+                self._pause()
+                final = mask | self.dirty.fetch()  # type: ignore[union-attr]
+                self._send_runs(runs_of(final), round_no)
+                return
+            self._send_runs(runs_of(mask), round_no)
+            dt = time.perf_counter() - t0
+            sent = self.ch.bytes_sent - sent0  # type: ignore[union-attr]
+            if dt > 0 and sent > 0:
+                rate = sent / dt
+                bw = rate if bw is None else 0.5 * bw + 0.5 * rate
+            if opts.auto_converge and bw:
+                # what the guest dirtied while we sent that round vs what fits the target
+                need = target * bw
+                if pages * PAGE > need:
+                    free = (1 - self.vm.control.throttle) * max(0.01, min(0.5, need / (pages * PAGE)))
+                    self.vm.set_throttle(min(THROTTLE_MAX, 1 - free))
+                    st.throttle = max(st.throttle, self.vm.control.throttle)
+
+    def _finish(self) -> None:
+        vm, ch, st = self.vm, self.ch, self.stats
+        assert ch is not None
+        state = vm.capture()
+        for name, blob in state_sections(state, []):
+            if name == "memory-runs":
+                continue
+            raw = name.encode()
+            ch.send(T.STATE, len(raw).to_bytes(2, "little"), raw, blob)
+        ch.send_json(T.COMPLETE, {"devices": [{"name": n, "kind": vm.devices[n].kind,
+                                               "version": d.VERSION}
+                                              for n, d in sorted(state.devices.items())]})
+        st.state = "completing"
+        ch.recv(T.RUNNING)  # the point of no return: the guest now runs over there
+        st.downtime_s = time.perf_counter() - self._t_pause
+        st.bytes_sent = ch.bytes_sent
+        self.vm.set_throttle(0)
+        self._paused_by_us = False
+        vm.stop(f"migrated to {self.host}:{self.port}", 0)
+
+    # --- memory ----------------------------------------------------------------------------
+    def _send_runs(self, runs: list[tuple[int, int]], round_no: int) -> None:
+        ch, mem, st = self.ch, self.vm.memory, self.stats
+        assert ch is not None
+        sent = 0
+        compress = self._compressor()
+        for page, count in runs:
+            for off, n in mem.pieces(page * PAGE, (page + count) * PAGE, MAX_PAGES_PER_FRAME * PAGE):
+                self._check_cancel()
+                data = mem.file_view(off, n)
+                nz = np.frombuffer(data, dtype=np.uint64).reshape(-1, PAGE // 8).any(axis=1)
+                first = off // PAGE
+                for s, k in runs_of(nz) if not nz.all() else [(0, len(nz))]:
+                    chunk = data[s * PAGE:(s + k) * PAGE]
+                    if self.ch.key is not None and self.vm.state == "running":
+                        chunk = bytes(chunk)  # the guest writes on: MAC what is sent
+                    enc, body = compress(chunk)
+                    ch.send(T.MEM, MEM_HEADER.pack(first + s, k, enc), body)
+                    sent += k
+                    self._limit(len(body))
+                zeros = runs_of(~nz)
+                for s, k in zeros:
+                    if round_no > 0:  # a page that became zero must be zeroed over there
+                        ch.send(T.MEM, MEM_HEADER.pack(first + s, k, Enc.ZERO))
+                    st.zero_pages += k
+        ch.send_json(T.ROUND, {"round": round_no, "pages": sent})
+        st.rounds = round_no + 1
+        st.pages_per_round.append(sent)
+        st.bytes_sent = ch.bytes_sent
+
+    def _compressor(self):  # type: ignore[no-untyped-def]
+        kind = self.opts.compress
+        if kind == "zstd":
+            import zstandard
+            z = zstandard.ZstdCompressor(level=1)
+
+            def zstd(chunk: memoryview) -> tuple[int, bytes | memoryview]:
+                c = z.compress(chunk)
+                return (Enc.ZSTD, c) if len(c) < len(chunk) else (Enc.RAW, chunk)
+            return zstd
+        if kind == "lz4":
+            import lz4.block
+
+            def lz4c(chunk: memoryview) -> tuple[int, bytes | memoryview]:
+                c = lz4.block.compress(chunk, store_size=False)
+                return (Enc.LZ4, c) if len(c) < len(chunk) else (Enc.RAW, chunk)
+            return lz4c
+        return lambda chunk: (Enc.RAW, chunk)
+
+    def _limit(self, nbytes: int) -> None:
+        """Bandwidth cap: sleep so the average rate stays under opts.bandwidth."""
+        cap = self.opts.bandwidth
+        if cap <= 0:
+            return
+        now = time.perf_counter()
+        if not self._budget_t:
+            self._budget_t = now
+        self._budget_bytes += nbytes
+        ahead = self._budget_bytes / cap - (now - self._budget_t)
+        if ahead > 0:
+            time.sleep(ahead)
