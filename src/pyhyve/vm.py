@@ -249,6 +249,7 @@ class VirtualMachine:
             if self.state != "running":
                 raise VmError(f"VM is {self.state}, not running")
             ctl.pause_requested = True
+            ctl.cond.notify_all()  # wakes vCPUs sitting out a throttle slice
         for t in self.threads:
             t.kick()
         deadline = time.monotonic() + timeout

@@ -30,9 +30,10 @@ def build_parser() -> Parser:
     acts.add_argument("--migrate-cancel", action="store_true",
                       help="cancel a migration; the guest keeps running here")
     m = p.add_argument_group("migration options")
-    m.add_argument("--downtime-ms", type=float, help="downtime target (default 20)")
+    m.add_argument("--downtime-ms", type=float, help="downtime target (default 5)")
     m.add_argument("--bandwidth", metavar="SIZE", help="cap per second, e.g. 100M (default: none)")
-    m.add_argument("--compress", choices=("none", "zstd", "lz4"), help="page compression")
+    m.add_argument("--compress", choices=("auto", "none", "zstd", "lz4"),
+                   help="page compression (default auto: zstd where a sample compresses 2:1)")
     m.add_argument("--no-auto-converge", action="store_true",
                    help="never slow the guest down to converge")
     m.add_argument("--key-file", help="migration key file (default: $PYHYVE_MIGRATION_KEY)")

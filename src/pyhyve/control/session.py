@@ -18,6 +18,13 @@ if TYPE_CHECKING:
     from ..migration.source import Migration
 
 
+def _warm_imports() -> None:
+    import importlib
+
+    for name in ("numpy", "zstandard", "pyhyve.snapshot.save", "pyhyve.migration.source"):
+        importlib.import_module(name)
+
+
 class Session:
     def __init__(self, vm: VirtualMachine) -> None:
         self.vm = vm
@@ -33,8 +40,9 @@ class Session:
 
     def listen(self) -> None:
         self.server = ControlServer(self.vm.config.name, self.handlers)
-        # numpy costs ~90 ms to import; pay it now, not inside the first save's downtime
-        threading.Thread(target=lambda: __import__("numpy"), daemon=True).start()
+        # numpy and the migration code cost ~120 ms to import: pay it now, in the background,
+        # not inside the first save's downtime or a migration's setup
+        threading.Thread(target=_warm_imports, daemon=True).start()
 
     def status(self, _msg: dict) -> dict:
         return self.vm.status()
@@ -96,8 +104,8 @@ class Session:
                 if not isinstance(msg[name], typ):
                     raise MigrationError(f"bad option {name}")
                 setattr(opts, name, msg[name])
-        if opts.compress not in ("none", "zstd", "lz4"):
-            raise MigrationError(f"unknown compression '{opts.compress}' (none, zstd, lz4)")
+        if opts.compress not in ("auto", "none", "zstd", "lz4"):
+            raise MigrationError(f"unknown compression '{opts.compress}' (auto, none, zstd, lz4)")
         if opts.downtime_ms <= 0:
             raise MigrationError("the downtime target must be positive")
         with self.lock:

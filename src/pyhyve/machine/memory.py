@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 PAGE = 4096
+_libc = C.CDLL(None, use_errno=True)
 MMIO_HOLE_START = 0xC000_0000  # 3 GiB: PCI/LAPIC/IOAPIC window below 4 GiB
 MMIO_HOLE_END = 0x1_0000_0000
 
@@ -130,6 +131,18 @@ class GuestMemory:
                 raise ValueError(f"file offset {off:#x} is not guest RAM")
             yield off, n
             off += n
+
+    MADV_POPULATE_WRITE = 23  # Linux 5.14+
+
+    def populate(self, off: int, length: int) -> None:
+        """Fault in [off, off+length) (file offsets) for writing, without touching data.
+        Through ctypes, which drops the GIL (mmap.madvise holds it for the whole call)."""
+        for r in self.regions:
+            base = r.layout.file_offset
+            if base <= off and off + length <= base + r.size:
+                _libc.madvise(C.c_void_p(r.host_addr + off - base), C.c_size_t(length),
+                              self.MADV_POPULATE_WRITE)
+                return
 
     def file_view(self, off: int, length: int) -> memoryview:
         """Guest RAM by file offset; the range must lie in one region."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -63,7 +64,7 @@ def config_from_hello(hello: dict, name: str, console: str) -> VmConfig:
             for r in ram_layout(mem)]
     _need(isinstance(m, dict) and m.get("size") == mem and m.get("regions") == want,
           "memory layout")
-    _need(hello.get("compress") in ("none", "zstd", "lz4"), "compression")
+    _need(hello.get("compress") in ("auto", "none", "zstd", "lz4"), "compression")
     _need(isinstance(hello.get("cpuid"), list) and len(hello["cpuid"]) <= 4096, "cpuid")
     host = hello.get("host")
     _need(isinstance(host, dict) and isinstance(host.get("tsc_khz"), int), "host facts")
@@ -83,6 +84,7 @@ class Receiver:
         self.port = self.listener.getsockname()[1]
         self.pages = 0
         self.rounds = 0
+        self.done = False
         self.t_first = 0.0
 
     def close(self) -> None:
@@ -103,6 +105,7 @@ class Receiver:
                 self.vm = None
             raise
         finally:
+            self.done = True
             self.close()
 
     def _receive(self) -> VirtualMachine:
@@ -138,17 +141,21 @@ class Receiver:
         except (ProtocolError, ReceiveError, SnapshotError, VmError, CpuidError) as e:
             ch.send_json(T.REFUSE, {"reason": str(e)})
             raise ReceiveError(f"refused the migration: {e}") from None
+        total_pages = vm.memory.size // PAGE
+        ch.mem_sink = lambda first, count, enc, n: self._sink(first, count, enc, n, total_pages)
         ch.send_json(T.ACCEPT, {})
         self.t_first = time.perf_counter()
         blobs: dict[str, bytes] = {}
         decompress = zstandard.ZstdDecompressor()
-        total_pages = vm.memory.size // PAGE
         while True:
-            f = ch.recv(T.MEM, T.ROUND, T.STATE, T.COMPLETE)
+            f = ch.recv(T.MEM, T.ROUND, T.STATE, T.COMPLETE, T.RUNS)
             if f.type == T.MEM:
                 self._memory(f, total_pages, decompress)
+            elif f.type == T.RUNS:
+                self._prefault(bytes(f.payload), total_pages)
             elif f.type == T.ROUND:
                 self.rounds += 1
+                ch.send(T.ROUND, bytes(f.payload))  # caught up to here: the source may stop
             elif f.type == T.STATE:
                 name, blob = self._state(f)
                 if name in blobs or len(blobs) >= MAX_STATE_SECTIONS:
@@ -166,10 +173,41 @@ class Receiver:
                 ch.send_json(T.RUNNING, {})
                 return vm
 
+    def _prefault(self, raw: bytes, total_pages: int) -> None:
+        """Fault in the announced pages on another thread, ahead of their data."""
+        from ..snapshot.memfile import decode_runs
+        try:
+            runs = decode_runs(raw, total_pages)
+        except ValueError:
+            raise ProtocolError("malformed RUNS frame") from None
+        mem = self.vm.memory  # type: ignore[union-attr]
+
+        def work() -> None:
+            for page, count in runs:
+                for off, n in mem.pieces(page * PAGE, (page + count) * PAGE, 2 << 20):
+                    if self.done:
+                        return
+                    mem.populate(off, n)
+        threading.Thread(target=work, name="prefault", daemon=True).start()
+
+    def _sink(self, first: int, count: int, enc: int, n: int, total_pages: int) -> memoryview | None:
+        """Raw pages go straight from the socket into guest memory (the MAC is checked
+        after; a bad one aborts the migration before the guest could run)."""
+        if enc != Enc.RAW or not 0 < count <= MAX_PAGES_PER_FRAME or n != count * PAGE \
+                or first + count > total_pages:
+            return None  # the ordinary path validates and reports it
+        try:
+            return self.vm.memory.file_view(first * PAGE, n)  # type: ignore[union-attr]
+        except ValueError:
+            return None  # crosses a region edge
+
     def _memory(self, f: Frame, total_pages: int, zd: zstandard.ZstdDecompressor) -> None:
         if len(f.payload) < MEM_HEADER.size:
             raise ProtocolError("short MEM frame")
         first, count, enc = MEM_HEADER.unpack_from(f.payload)
+        if f.direct:
+            self.pages += count
+            return
         body = memoryview(f.payload)[MEM_HEADER.size:]
         if not 0 < count <= MAX_PAGES_PER_FRAME or first + count > total_pages:
             raise ProtocolError("MEM frame outside guest memory")
@@ -206,7 +244,7 @@ class Receiver:
 
     @staticmethod
     def _state(f: Frame) -> tuple[str, bytes]:
-        p = f.payload
+        p = bytes(f.payload)
         if len(p) < 2:
             raise ProtocolError("short STATE frame")
         n = int.from_bytes(p[:2], "little")

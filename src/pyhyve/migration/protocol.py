@@ -2,7 +2,8 @@
 
 A frame is a 16-byte header (magic "PHMG", type u16, flags u16, payload length u64, all
 little-endian), the payload, and, once the peers have authenticated without TLS, a 32-byte
-HMAC-SHA256 over (direction, sequence number, header, payload) under the session key.
+MAC: BLAKE3 in keyed mode (a PRF; ~8 GB/s here against ~2 GB/s for HMAC-SHA256) over
+(direction, sequence number, header, payload) under the session key.
 Lengths are checked against a per-type limit before anything is allocated, so hostile
 bytes cost at most one bounded buffer.
 """
@@ -14,8 +15,11 @@ import hmac
 import json
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
+
+import blake3
 
 MAGIC = b"PHMG"
 HEADER = struct.Struct("<4sHHQ")
@@ -39,6 +43,7 @@ class T(IntEnum):
     COMPLETE = 10   # src -> dst: {"devices": [...], "stats": {...}}
     RUNNING = 11    # dst -> src: {}: the guest runs on the destination
     ERROR = 12      # either way: {"reason": str}
+    RUNS = 13       # src -> dst: the (page, count) runs round 0 will send, for prefaulting
 
 
 class Enc(IntEnum):
@@ -51,7 +56,7 @@ class Enc(IntEnum):
 LIMITS = {T.CHALLENGE: 4096, T.AUTH: 4096, T.AUTH_OK: 4096, T.HELLO: 1 << 20,
           T.ACCEPT: 4096, T.REFUSE: 65536, T.MEM: MEM_HEADER.size + MAX_PAGES_PER_FRAME * PAGE,
           T.ROUND: 4096, T.STATE: 16 << 20, T.COMPLETE: 1 << 20, T.RUNNING: 4096,
-          T.ERROR: 65536}
+          T.ERROR: 65536, T.RUNS: 16 << 20}
 
 
 class ProtocolError(ConnectionError):
@@ -65,11 +70,12 @@ class PeerError(ConnectionError):
 @dataclass
 class Frame:
     type: T
-    payload: bytes
+    payload: bytes | memoryview
+    direct: bool = False  # MEM data already written into guest memory
 
     def json(self) -> dict:
         try:
-            obj = json.loads(self.payload)
+            obj = json.loads(bytes(self.payload))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ProtocolError(f"{self.type.name} frame is not JSON") from None
         if not isinstance(obj, dict):
@@ -87,12 +93,16 @@ class Channel:
         self.out_seq = self.in_seq = 0
         self.bytes_sent = 0
         self.bytes_received = 0
+        self._buf = bytearray(LIMITS[T.MEM])  # reused for large frames
+        # MEM frames: given (first page, count, encoding, data length), may return a
+        # writable view (guest memory) to receive the data into directly, skipping a copy.
+        self.mem_sink: Callable[[int, int, int, int], memoryview | None] | None = None
 
     def enable_mac(self, key: bytes) -> None:
         self.key = key
 
     def _mac(self, direction: bytes, seq: int, header: bytes, parts: list) -> bytes:
-        m = hmac.new(self.key, direction + seq.to_bytes(8, "little") + header, "sha256")  # type: ignore[arg-type]
+        m = blake3.blake3(direction + seq.to_bytes(8, "little") + header, key=self.key)
         for p in parts:
             m.update(p)
         return m.digest()
@@ -113,9 +123,8 @@ class Channel:
     def send_json(self, ftype: T, obj: dict) -> None:
         self.send(ftype, json.dumps(obj, separators=(",", ":")).encode())
 
-    def _read_exact(self, n: int) -> bytearray:
-        buf = bytearray(n)
-        view, got = memoryview(buf), 0
+    def _read_exact(self, n: int, into: bytearray | memoryview | None = None) -> memoryview:
+        view, got = memoryview(into if into is not None else bytearray(n))[:n], 0
         while got < n:
             try:
                 k = self.sock.recv_into(view[got:])
@@ -126,9 +135,12 @@ class Channel:
             if k == 0:
                 raise ProtocolError("the peer closed the connection")
             got += k
-        return buf
+        return view
 
     def recv(self, *expected: T) -> Frame:
+        """The next frame. A MEM frame's payload is a view of a reused buffer, valid until
+        the next recv(); when mem_sink placed its data in guest memory already, the payload
+        is only the 16-byte record header and `direct` is set. Others are bytes."""
         header = bytes(self._read_exact(HEADER.size))
         magic, ftype, flags, length = HEADER.unpack(header)
         if magic != MAGIC:
@@ -139,10 +151,27 @@ class Channel:
             raise ProtocolError(f"unknown frame type {ftype}") from None
         if flags != 0 or length > LIMITS[kind]:
             raise ProtocolError(f"{kind.name} frame of {length} bytes is over its limit")
-        payload = bytes(self._read_exact(length)) if length else b""
+        direct = False
+        if kind == T.MEM and length >= MEM_HEADER.size:
+            head = self._read_exact(MEM_HEADER.size, self._buf)
+            first, count, enc = MEM_HEADER.unpack_from(head)
+            rest = length - MEM_HEADER.size
+            dest = self.mem_sink(first, count, enc, rest) if self.mem_sink else None
+            if dest is not None and len(dest) == rest:
+                self._read_exact(rest, dest)  # type: ignore[arg-type]
+                payload: bytes | memoryview = head
+                parts = [head, dest]
+                direct = True
+            else:
+                self._read_exact(rest, memoryview(self._buf)[MEM_HEADER.size:])  # type: ignore[arg-type]
+                payload = memoryview(self._buf)[:length]
+                parts = [payload]
+        else:
+            payload = bytes(self._read_exact(length)) if length else b""
+            parts = [payload]
         if self.key is not None:
             mac = bytes(self._read_exact(MAC_LEN))
-            if not hmac.compare_digest(mac, self._mac(self.in_dir, self.in_seq, header, [payload])):
+            if not hmac.compare_digest(mac, self._mac(self.in_dir, self.in_seq, header, parts)):
                 raise ProtocolError("frame authentication failed (tampered or wrong key)")
         self.in_seq += 1
         self.bytes_received += length + HEADER.size
@@ -151,7 +180,7 @@ class Channel:
             raise PeerError(str(reason))
         if expected and kind not in expected:
             raise ProtocolError(f"expected {'/'.join(e.name for e in expected)}, got {kind.name}")
-        return Frame(kind, payload)
+        return Frame(kind, payload, direct)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

@@ -44,9 +44,9 @@ class Cancelled(MigrationError):
 @dataclass
 class Options:
     live: bool = True
-    downtime_ms: float = 20.0
+    downtime_ms: float = 5.0
     bandwidth: float = 0.0           # bytes/s cap; 0 = unlimited
-    compress: str = "none"           # none | zstd | lz4
+    compress: str = "auto"           # auto | none | zstd | lz4
     auto_converge: bool = True
     tls_dir: str | None = None
     insecure: bool = False
@@ -59,17 +59,21 @@ class Stats:
     state: str = "setup"
     rounds: int = 0
     pages_per_round: list[int] = field(default_factory=list)
+    ms_per_round: list[float] = field(default_factory=list)
     zero_pages: int = 0
     bytes_sent: int = 0
     throttle: float = 0.0
     total_s: float = 0.0
     downtime_s: float = 0.0
     error: str = ""
+    phases_ms: dict[str, float] = field(default_factory=dict)  # where the downtime went
 
     def line(self) -> str:
+        phases = ", ".join(f"{k} {v:.1f}" for k, v in self.phases_ms.items())
         return (f"{self.state}: total {self.total_s * 1e3:.1f} ms, downtime "
-                f"{self.downtime_s * 1e3:.1f} ms, {self.bytes_sent / (1 << 20):.1f} MiB sent, "
-                f"{self.rounds} rounds, pages per round {self.pages_per_round}, "
+                f"{self.downtime_s * 1e3:.1f} ms ({phases}), {self.bytes_sent / (1 << 20):.1f} "
+                f"MiB sent, {self.rounds} rounds, pages per round {self.pages_per_round} "
+                f"in ms {self.ms_per_round}, "
                 f"{self.zero_pages} zero pages skipped, max throttle {self.throttle:.0%}")
 
 
@@ -103,6 +107,7 @@ class Migration:
         self.dirty: DirtyLog | None = None
         self._paused_by_us = False
         self._sent_pages = 0
+        self._acked = -1
         self._t_start = 0.0
         self._budget_t = 0.0
         self._budget_bytes = 0
@@ -180,22 +185,48 @@ class Migration:
         authenticate(ch, self.key, bool(opts.tls_dir), opts.insecure)
         ch.send_json(T.HELLO, self._hello())
         ch.recv(T.ACCEPT)  # a REFUSE raises PeerError with the destination's reason
+        st.phases_ms["setup"] = (time.perf_counter() - self._t_start) * 1e3
         self._check_cancel()
         st.state = "active"
         if opts.live:
             self.dirty = DirtyLog(vm.vm, vm.memory)
             self.dirty.start()
-            self._send_runs(guest_runs(vm.memory), round_no=0)
+            if opts.auto_converge:
+                self._probe_dirty_rate()
+            self._send_runs(self._announce(guest_runs(vm.memory)), round_no=0)
             self._precopy()
         else:
             self._pause()
-            self._send_runs(guest_runs(vm.memory), round_no=0)
+            self._send_runs(self._announce(guest_runs(vm.memory)), round_no=0)
         self._finish()
 
     def _pause(self) -> None:
+        self._t_pause = time.perf_counter()
         self.vm.pause()
         self._paused_by_us = True
-        self._t_pause = time.perf_counter()
+        self.stats.phases_ms["pause"] = (time.perf_counter() - self._t_pause) * 1e3
+
+    def _announce(self, runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Tell the destination which pages are coming, so it can fault them in ahead of
+        the data (first touch of fresh memory is the slowest step of receiving)."""
+        from ..snapshot.memfile import encode_runs
+        raw = encode_runs(runs)
+        if len(raw) <= 16 << 20:
+            self.ch.send(T.RUNS, raw)  # type: ignore[union-attr]
+        return runs
+
+    ASSUMED_BANDWIDTH = 1e9   # bytes/s before the first round measures it
+    PROBE_S = 0.005
+
+    def _probe_dirty_rate(self) -> None:
+        """Watch the guest for a few ms. One that writes memory much faster than we can
+        send it would make every round resend everything: slow it from the start."""
+        time.sleep(self.PROBE_S)
+        rate = int(self.dirty.fetch().sum()) * PAGE / self.PROBE_S  # type: ignore[union-attr]
+        self.stats.phases_ms["probe dirty MB/s"] = rate / 1e6
+        if rate > 2 * self.ASSUMED_BANDWIDTH:
+            self.vm.set_throttle(min(THROTTLE_MAX, 1 - self.ASSUMED_BANDWIDTH / rate / 2))
+            self.stats.throttle = self.vm.control.throttle
 
     def _precopy(self) -> None:
         opts, st = self.opts, self.stats
@@ -207,7 +238,14 @@ class Migration:
             mask = self.dirty.fetch()  # type: ignore[union-attr]
             pages = int(mask.sum())
             est = pages * PAGE / bw if bw else float("inf")
-            if est <= target or (round_no == MAX_ROUNDS):
+            if est <= target:
+                # let the destination drain what is in flight first, so the downtime is
+                # the last pages and the state, not a backlog
+                self._wait_acks(round_no - 1)
+                mask |= self.dirty.fetch()  # type: ignore[union-attr]
+                pages = int(mask.sum())
+                est = pages * PAGE / bw if bw else float("inf")
+            if est <= target or round_no == MAX_ROUNDS:
                 self._pause()
                 final = mask | self.dirty.fetch()  # type: ignore[union-attr]
                 self._send_runs(runs_of(final), round_no)
@@ -226,9 +264,16 @@ class Migration:
                     self.vm.set_throttle(min(THROTTLE_MAX, 1 - free))
                     st.throttle = max(st.throttle, self.vm.control.throttle)
 
+    def _wait_acks(self, round_no: int) -> None:
+        """Read the destination's ROUND acknowledgements up to `round_no`."""
+        while self._acked < round_no:
+            self._acked = int(self.ch.recv(T.ROUND).json().get("round", -1))  # type: ignore[union-attr]
+
     def _finish(self) -> None:
         vm, ch, st = self.vm, self.ch, self.stats
         assert ch is not None
+        t = time.perf_counter()
+        st.phases_ms["pause+last pages"] = (t - self._t_pause) * 1e3
         state = vm.capture()
         for name, blob in state_sections(state, []):
             if name == "memory-runs":
@@ -239,7 +284,12 @@ class Migration:
                                                "version": d.VERSION}
                                               for n, d in sorted(state.devices.items())]})
         st.state = "completing"
-        ch.recv(T.RUNNING)  # the point of no return: the guest now runs over there
+        t2 = time.perf_counter()
+        st.phases_ms["capture+send state"] = (t2 - t) * 1e3
+        while ch.recv(T.RUNNING, T.ROUND).type == T.ROUND:  # late acknowledgements
+            pass
+        # the point of no return: the guest now runs over there
+        st.phases_ms["destination load+start"] = (time.perf_counter() - t2) * 1e3
         st.downtime_s = time.perf_counter() - self._t_pause
         st.bytes_sent = ch.bytes_sent
         self.vm.set_throttle(0)
@@ -251,6 +301,7 @@ class Migration:
         ch, mem, st = self.ch, self.vm.memory, self.stats
         assert ch is not None
         sent = 0
+        t0 = time.perf_counter()
         compress = self._compressor()
         for page, count in runs:
             for off, n in mem.pieces(page * PAGE, (page + count) * PAGE, MAX_PAGES_PER_FRAME * PAGE):
@@ -260,9 +311,9 @@ class Migration:
                 first = off // PAGE
                 for s, k in runs_of(nz) if not nz.all() else [(0, len(nz))]:
                     chunk = data[s * PAGE:(s + k) * PAGE]
-                    if self.ch.key is not None and self.vm.state == "running":
-                        chunk = bytes(chunk)  # the guest writes on: MAC what is sent
                     enc, body = compress(chunk)
+                    if enc == Enc.RAW and ch.key is not None and self.vm.state == "running":
+                        body = bytes(body)  # the guest writes on: MAC exactly what is sent
                     ch.send(T.MEM, MEM_HEADER.pack(first + s, k, enc), body)
                     sent += k
                     self._limit(len(body))
@@ -274,10 +325,30 @@ class Migration:
         ch.send_json(T.ROUND, {"round": round_no, "pages": sent})
         st.rounds = round_no + 1
         st.pages_per_round.append(sent)
+        st.ms_per_round.append(round((time.perf_counter() - t0) * 1e3, 1))
         st.bytes_sent = ch.bytes_sent
+
+    SAMPLE_PAGES = 4
 
     def _compressor(self):  # type: ignore[no-untyped-def]
         kind = self.opts.compress
+        if kind == "auto":
+            import zstandard
+            z = zstandard.ZstdCompressor(level=1)
+
+            def auto(chunk: memoryview) -> tuple[int, bytes | memoryview]:
+                """zstd-1 where a 4-page sample halves or better; raw elsewhere, so data
+                that does not compress costs a sample, not a pass."""
+                n = len(chunk) // PAGE
+                if n >= 2 * self.SAMPLE_PAGES:
+                    step = n // self.SAMPLE_PAGES
+                    sample = b"".join(chunk[i * step * PAGE:(i * step + 1) * PAGE]
+                                      for i in range(self.SAMPLE_PAGES))
+                    if len(z.compress(sample)) * 2 > len(sample):
+                        return Enc.RAW, chunk
+                c = z.compress(chunk)
+                return (Enc.ZSTD, c) if len(c) < len(chunk) else (Enc.RAW, chunk)
+            return auto
         if kind == "zstd":
             import zstandard
             z = zstandard.ZstdCompressor(level=1)
