@@ -54,6 +54,7 @@ def test_ab_suspend_restore_1g(make_vm, tmp_path, ws):
 def test_hashchain_two_vcpus_continue_exactly(make_vm, tmp_path):
     vm, con = make_vm("hashchain", "cpus=2", cpus=2, memory=128 * MB)
     con.wait_for("H1 20 ")
+    con.wait_for("H0 20 ")
     base = str(tmp_path / "hc")
     save(vm, base, "suspend")
     vm.stop("suspended")

@@ -120,11 +120,10 @@ class Session:
         return out
 
     def migrate_status(self, _msg: dict) -> dict:
-        if self.migration is None:
-            return {"state": "none"}
-        out = asdict(self.migration.stats)
-        out["line"] = self.migration.stats.line()
-        return out
+        mig = self.migration
+        if mig is None:
+            return {"state": "none", "line": "no migration has run"}
+        return {**asdict(mig.stats), "line": mig.status_line()}
 
     def migrate_cancel(self, _msg: dict) -> dict:
         mig = self.migration

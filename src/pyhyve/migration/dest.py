@@ -85,6 +85,7 @@ class Receiver:
         self.pages = 0
         self.rounds = 0
         self.done = False
+        self._prefaulter: threading.Thread | None = None
         self.t_first = 0.0
 
     def close(self) -> None:
@@ -97,6 +98,7 @@ class Receiver:
         try:
             return self._receive()
         except BaseException as e:
+            self._stop_prefault()
             if self.ch is not None:
                 with contextlib.suppress(OSError, ValueError):
                     self.ch.send_json(T.ERROR, {"reason": f"destination: {e}"})
@@ -105,7 +107,7 @@ class Receiver:
                 self.vm = None
             raise
         finally:
-            self.done = True
+            self._stop_prefault()
             self.close()
 
     def _receive(self) -> VirtualMachine:
@@ -169,6 +171,7 @@ class Receiver:
                     raise ProtocolError("malformed COMPLETE frame")
                 state = decode_state(blobs, config.cpus, devices, vm.device_classes())
                 vm.apply(state)  # type: ignore[arg-type]
+                self._stop_prefault()
                 vm.start()
                 ch.send_json(T.RUNNING, {})
                 return vm
@@ -188,7 +191,15 @@ class Receiver:
                     if self.done:
                         return
                     mem.populate(off, n)
-        threading.Thread(target=work, name="prefault", daemon=True).start()
+        self._prefaulter = threading.Thread(target=work, name="prefault", daemon=True)
+        self._prefaulter.start()
+
+    def _stop_prefault(self) -> None:
+        """The prefault thread must be gone before guest memory can be unmapped."""
+        self.done = True
+        if self._prefaulter is not None:
+            self._prefaulter.join()
+            self._prefaulter = None
 
     def _sink(self, first: int, count: int, enc: int, n: int, total_pages: int) -> memoryview | None:
         """Raw pages go straight from the socket into guest memory (the MAC is checked

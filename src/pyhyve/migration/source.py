@@ -119,6 +119,12 @@ class Migration:
             with contextlib.suppress(OSError):
                 self.ch.sock.shutdown(socket.SHUT_RDWR)
 
+    def status_line(self) -> str:
+        """The stats line, with the elapsed time while the migration runs."""
+        if not self.done.is_set() and self._t_start:
+            self.stats.total_s = time.perf_counter() - self._t_start
+        return self.stats.line()
+
     def _check_cancel(self) -> None:
         if self._cancel.is_set():
             raise Cancelled("migration cancelled")

@@ -1,0 +1,88 @@
+"""In-process migration harness shared by the migration tests."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+
+from pyhyve.migration.dest import ReceiveOptions, Receiver
+from pyhyve.migration.source import Migration, Options, Stats
+
+from conftest import CaptureConsole
+
+KEY = b"k" * 32
+OTHER_KEY = b"x" * 32
+
+
+class Destination:
+    """A Receiver on an ephemeral loopback port, receiving in a thread."""
+
+    def __init__(self, key: bytes | None = KEY, name: str = "dst", **opts: object) -> None:
+        self.console = CaptureConsole()
+        self.receiver = Receiver(name, "127.0.0.1", 0, key,
+                                 ReceiveOptions(console="null", io_timeout=10, **opts),
+                                 console=self.console)
+        self.port = self.receiver.port
+        self.vm = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.vm = self.receiver.receive()
+        except BaseException as e:
+            self.error = e
+
+    def join(self, timeout: float = 30) -> None:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "destination did not finish"
+
+
+def migrate(vm, dest: Destination, key: bytes | None = KEY, port: int | None = None,
+            **opts: object) -> Stats:
+    opts.setdefault("io_timeout", 10.0)
+    m = Migration(vm, "127.0.0.1", port or dest.port, key, Options(**opts))
+    stats = m.run()
+    dest.join()
+    return stats
+
+
+class CuttingProxy:
+    """Forwards one TCP connection to `port`, cutting both directions after `limit` bytes
+    have gone from the source to the destination."""
+
+    def __init__(self, port: int, limit: int) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.target, self.limit = port, limit
+        self.forwarded = 0
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        a, _ = self.server.accept()
+        b = socket.create_connection(("127.0.0.1", self.target))
+
+        def back() -> None:
+            try:
+                while data := b.recv(65536):
+                    a.sendall(data)
+            except OSError:
+                pass
+
+        threading.Thread(target=back, daemon=True).start()
+        try:
+            while data := a.recv(65536):
+                room = self.limit - self.forwarded
+                b.sendall(data[:room])
+                self.forwarded += min(len(data), room)
+                if self.forwarded >= self.limit:
+                    break
+        except OSError:
+            pass
+        for s in (a, b):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+        self.server.close()

@@ -1,0 +1,172 @@
+"""Migration between two hosts: network namespaces joined by a veth pair, each running its
+own pyhyve process, driven by the command line exactly as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import pytest
+
+from pyhyve import guestkit
+
+from conftest import BIN, cli, wait_file, wait_socket
+
+KEY_TEXT = "correct horse battery staple 42"
+
+
+def sh(*args: str) -> None:
+    subprocess.run(args, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    """Two namespaces, 10.251.<n>.1 and .2, made for this run and removed after it."""
+    n = os.getpid() % 200 + 20
+    a, b = f"pyhA{os.getpid()}", f"pyhB{os.getpid()}"
+    va, vb = f"pva{os.getpid() % 100000}", f"pvb{os.getpid() % 100000}"
+    sh("ip", "netns", "add", a)
+    sh("ip", "netns", "add", b)
+    try:
+        sh("ip", "link", "add", va, "type", "veth", "peer", "name", vb)
+        sh("ip", "link", "set", va, "netns", a)
+        sh("ip", "link", "set", vb, "netns", b)
+        sh("ip", "-n", a, "addr", "add", f"10.251.{n}.1/24", "dev", va)
+        sh("ip", "-n", b, "addr", "add", f"10.251.{n}.2/24", "dev", vb)
+        for ns, dev in ((a, va), (b, vb)):
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        yield {"a": (a, f"10.251.{n}.1"), "b": (b, f"10.251.{n}.2")}
+    finally:
+        subprocess.run(["ip", "netns", "del", a], capture_output=True)
+        subprocess.run(["ip", "netns", "del", b], capture_output=True)
+
+
+@pytest.fixture
+def keyfile(tmp_path):
+    p = tmp_path / "migration.key"
+    p.write_text(KEY_TEXT)
+    p.chmod(0o600)
+    return str(p)
+
+
+def in_ns(ns: str, *args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen(["ip", "netns", "exec", ns, os.path.join(BIN, args[0]), *args[1:]],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def run_pair(hosts, kit, tmp_path, rundir, guest_args, extra_dst=(), extra_src=()):
+    (ns_a, _ip_a), (ns_b, ip_b) = hosts["a"], hosts["b"]
+    src_log, dst_log = tmp_path / "src.log", tmp_path / "dst.log"
+    src = in_ns(ns_a, "pyhyve", "run", "src", "-k", kit[guest_args[0]], "--cmdline",
+                guest_args[1], "-m", guest_args[2], "-c", guest_args[3],
+                "--console", f"file:{src_log}")
+    dst = in_ns(ns_b, "pyhyve", "run", "dst", "-R", f"{ip_b},7797", "--console",
+                f"file:{dst_log}", *extra_dst)
+    wait_socket(rundir, "src")
+    wait_file(src_log, "\n")
+    return src, dst, src_log, dst_log, ip_b
+
+
+@pytest.mark.parametrize("mode", ["--migrate", "--migrate-live"])
+def test_ab_between_namespaces(hosts, kit, tmp_path, rundir, keyfile, mode):
+    src, dst, src_log, dst_log, ip_b = run_pair(
+        hosts, kit, tmp_path, rundir, ("ab", "ws=64M", "1G", "1"), ("--key-file", keyfile))
+    try:
+        wait_file(src_log, "BBB")
+        p = cli("pyhyvectl", "--vm", "src", mode, f"{ip_b}:7797", "--key-file", keyfile)
+        assert p.returncode == 0, p.stderr
+        assert "completed: total" in p.stdout and "downtime" in p.stdout
+        assert src.wait(20) == 0 and "migrated to" in src.stderr.read()
+        wait_socket(rundir, "dst")
+        wait_file(dst_log, "BBB")  # the destination guest makes passes
+        snap = str(tmp_path / "dst-snap")
+        s = cli("pyhyvectl", "--vm", "dst", "--suspend", snap)
+        assert s.returncode == 0, s.stderr
+        assert dst.wait(20) == 0
+        res = guestkit.ab_check_file(snap)
+        assert res.ws_size == 64 << 20 and res.passes > 0
+    finally:
+        for p in (src, dst):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_hashchain_over_tls(hosts, kit, tmp_path, rundir, keyfile):
+    certs = str(tmp_path / "certs")
+    c = cli("pyhyve", "migration-certs", certs)
+    assert c.returncode == 0, c.stderr
+    src, dst, src_log, dst_log, ip_b = run_pair(
+        hosts, kit, tmp_path, rundir, ("hashchain", "cpus=2", "128M", "2"),
+        ("--key-file", keyfile, "--tls-dir", certs))
+    try:
+        wait_file(src_log, "H1 10 ")
+        p = cli("pyhyvectl", "--vm", "src", "--migrate-live", f"{ip_b}:7797", "--key-file",
+                keyfile, "--tls-dir", certs)
+        assert p.returncode == 0, p.stderr
+        assert src.wait(20) == 0
+        before = guestkit.check_hashchain(src_log.read_text())
+        wait_file(dst_log, f"H1 {before[1] + 10} ")
+        cli("pyhyvectl", "--vm", "dst", "--pause")
+        guestkit.check_hashchain(src_log.read_text() + dst_log.read_text())
+        cli("pyhyvectl", "--vm", "dst", "--destroy")
+        assert dst.wait(20) == 0
+    finally:
+        for p in (src, dst):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_status_and_cancel_from_the_command_line(hosts, kit, tmp_path, rundir, keyfile):
+    src, dst, src_log, _dst_log, ip_b = run_pair(
+        hosts, kit, tmp_path, rundir, ("ab", "ws=64M", "256M", "1"), ("--key-file", keyfile))
+    try:
+        wait_file(src_log, "BBB")
+        mig = subprocess.Popen([os.path.join(BIN, "pyhyvectl"), "--vm", "src", "--migrate-live",
+                                f"{ip_b}:7797", "--key-file", keyfile, "--bandwidth", "4M",
+                                "--compress", "none", "--no-auto-converge"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(200):
+            st = cli("pyhyvectl", "--vm", "src", "--migrate-status")
+            if "src: active:" in st.stdout and "rounds" in st.stdout:
+                break
+        assert "src: active:" in st.stdout
+        assert cli("pyhyvectl", "--vm", "src", "--migrate-cancel").returncode == 0
+        _out, err = mig.communicate(timeout=30)
+        assert mig.returncode == 1 and "cancelled" in err and "keeps running here" in err
+        assert "state: running" in cli("pyhyvectl", "--vm", "src", "--status").stdout
+        assert dst.wait(20) != 0 and "migration failed" in dst.stderr.read()
+        n = src_log.read_text().count("B")
+        time.sleep(0.3)
+        assert src_log.read_text().count("B") > n  # the source guest goes on
+    finally:
+        cli("pyhyvectl", "--vm", "src", "--destroy")
+        for p in (src, dst):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_destination_refuses_to_listen_without_a_key(rundir, monkeypatch):
+    monkeypatch.delenv("PYHYVE_MIGRATION_KEY", raising=False)
+    p = cli("pyhyve", "run", "d", "-R", "127.0.0.1,7797")
+    assert p.returncode == 1 and "without a migration key" in p.stderr
+    p = cli("pyhyve", "run", "d", "-R", "127.0.0.1:7797", "-k", "x")
+    assert p.returncode == 1 and "cannot be combined with --receive" in p.stderr
+
+
+def test_migrate_to_nowhere_keeps_the_guest(kit, rundir, keyfile):
+    proc = subprocess.Popen([os.path.join(BIN, "pyhyve"), "run", "lone", "-m", "64M", "-k",
+                             kit["ab"], "--cmdline", "ws=1M", "--console", "null"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_socket(rundir, "lone")
+        p = cli("pyhyvectl", "--vm", "lone", "--migrate-live", "127.0.0.1:1", "--key-file", keyfile)
+        assert p.returncode == 1 and "cannot connect" in p.stderr
+        assert "state: running" in cli("pyhyvectl", "--vm", "lone", "--status").stdout
+    finally:
+        cli("pyhyvectl", "--vm", "lone", "--destroy")
+        proc.wait(20)
