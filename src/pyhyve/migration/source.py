@@ -135,9 +135,13 @@ class Migration:
             self._run()
             self.stats.state = "completed"
         except BaseException as e:  # every failure: the source guest must keep running
+            late = self.stats.state == "completing"
             self.stats.state = "cancelled" if isinstance(e, Cancelled) or self._cancel.is_set() \
                 else "failed"
             self.stats.error = str(e) or type(e).__name__
+            if late:
+                self.stats.error += (" (lost after the state was sent: the destination may "
+                                     "have started the guest as well; fence one of them)")
             self._recover()
         finally:
             self.stats.total_s = time.perf_counter() - self._t_start
