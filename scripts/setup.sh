@@ -5,12 +5,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# tool -> Debian package: the guest kit's compiler, the tests' network namespaces (ip) and
+# the migration certificate helper (openssl)
 need=()
-for tool in gcc make ld; do command -v "$tool" >/dev/null 2>&1 || need+=("$tool"); done
+for pair in gcc:gcc make:make ld:binutils objcopy:binutils ip:iproute2 openssl:openssl; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair##*:}")
+done
 if [ ${#need[@]} -gt 0 ]; then
-  echo "setup: installing build tools (missing: ${need[*]})" >&2
+  echo "setup: installing ${need[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq && apt-get install -y -qq gcc make binutils >/dev/null
+  apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
 PY=${PYTHON:-python3.11}

@@ -4,6 +4,7 @@ own pyhyve process, driven by the command line exactly as a user would."""
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import time
 
@@ -64,15 +65,19 @@ def run_pair(hosts, kit, tmp_path, rundir, guest_args, extra_dst=(), extra_src=(
                 "--console", f"file:{src_log}")
     dst = in_ns(ns_b, "pyhyve", "run", "dst", "-R", f"{ip_b},7797", "--console",
                 f"file:{dst_log}", *extra_dst)
+    ready, _, _ = select.select([dst.stderr], [], [], 20)
+    line = dst.stderr.readline() if ready else ""
+    assert "waiting for a migration" in line, line  # the destination listens
     wait_socket(rundir, "src")
     wait_file(src_log, "\n")
     return src, dst, src_log, dst_log, ip_b
 
 
 @pytest.mark.parametrize("mode", ["--migrate", "--migrate-live"])
-def test_ab_between_namespaces(hosts, kit, tmp_path, rundir, keyfile, mode):
+@pytest.mark.parametrize("ws", [0, 64, 512])
+def test_ab_between_namespaces(hosts, kit, tmp_path, rundir, keyfile, mode, ws):
     src, dst, src_log, dst_log, ip_b = run_pair(
-        hosts, kit, tmp_path, rundir, ("ab", "ws=64M", "1G", "1"), ("--key-file", keyfile))
+        hosts, kit, tmp_path, rundir, ("ab", f"ws={ws}M", "1G", "1"), ("--key-file", keyfile))
     try:
         wait_file(src_log, "BBB")
         p = cli("pyhyvectl", "--vm", "src", mode, f"{ip_b}:7797", "--key-file", keyfile)
@@ -86,7 +91,7 @@ def test_ab_between_namespaces(hosts, kit, tmp_path, rundir, keyfile, mode):
         assert s.returncode == 0, s.stderr
         assert dst.wait(20) == 0
         res = guestkit.ab_check_file(snap)
-        assert res.ws_size == 64 << 20 and res.passes > 0
+        assert res.ws_size == ws << 20 and res.passes > 0
     finally:
         for p in (src, dst):
             if p.poll() is None:

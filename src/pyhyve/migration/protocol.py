@@ -93,7 +93,8 @@ class Channel:
         self.out_seq = self.in_seq = 0
         self.bytes_sent = 0
         self.bytes_received = 0
-        self._buf = bytearray(LIMITS[T.MEM])  # reused for large frames
+        self._head = bytearray(MEM_HEADER.size)
+        self._big: bytearray | None = None  # reused for MEM frames not received in place
         # MEM frames: given (first page, count, encoding, data length), may return a
         # writable view (guest memory) to receive the data into directly, skipping a copy.
         self.mem_sink: Callable[[int, int, int, int], memoryview | None] | None = None
@@ -153,7 +154,7 @@ class Channel:
             raise ProtocolError(f"{kind.name} frame of {length} bytes is over its limit")
         direct = False
         if kind == T.MEM and length >= MEM_HEADER.size:
-            head = self._read_exact(MEM_HEADER.size, self._buf)
+            head = self._read_exact(MEM_HEADER.size, self._head)
             first, count, enc = MEM_HEADER.unpack_from(head)
             rest = length - MEM_HEADER.size
             dest = self.mem_sink(first, count, enc, rest) if self.mem_sink else None
@@ -163,8 +164,11 @@ class Channel:
                 parts = [head, dest]
                 direct = True
             else:
-                self._read_exact(rest, memoryview(self._buf)[MEM_HEADER.size:])  # type: ignore[arg-type]
-                payload = memoryview(self._buf)[:length]
+                if self._big is None:  # 8 MiB: only touched when a frame needs it
+                    self._big = bytearray(LIMITS[T.MEM])
+                self._big[:MEM_HEADER.size] = head
+                self._read_exact(rest, memoryview(self._big)[MEM_HEADER.size:])  # type: ignore[arg-type]
+                payload = memoryview(self._big)[:length]
                 parts = [payload]
         else:
             payload = bytes(self._read_exact(length)) if length else b""

@@ -192,10 +192,13 @@ class Migration:
         if vm.state != "running":
             raise MigrationError(f"VM is {vm.state}, not running")
         self.ch = ch = self._connect()
+        t = time.perf_counter()
+        st.phases_ms["connect"] = (t - self._t_start) * 1e3
         authenticate(ch, self.key, bool(opts.tls_dir), opts.insecure)
+        st.phases_ms["auth"] = (time.perf_counter() - t) * 1e3
         ch.send_json(T.HELLO, self._hello())
         ch.recv(T.ACCEPT)  # a REFUSE raises PeerError with the destination's reason
-        st.phases_ms["setup"] = (time.perf_counter() - self._t_start) * 1e3
+        st.phases_ms["setup"] = (time.perf_counter() - self._t_start) * 1e3  # incl. the above
         self._check_cancel()
         st.state = "active"
         if opts.live:
