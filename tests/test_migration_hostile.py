@@ -51,31 +51,19 @@ def test_garbage_instead_of_frames():
     s.close()
 
 
-def test_truncated_frame():
+@pytest.mark.parametrize("data,needle", [
+    (frame(T.AUTH, b'{"nonce": "00"}', length=4000), "closed the connection"),  # truncated
+    (frame(T.AUTH, b"", length=1 << 62), "over its limit"),  # 4 EiB: refused, not allocated
+    (frame(T.HELLO, b"{}"), "expected AUTH, got HELLO"),  # skipping authentication
+], ids=["truncated", "oversized", "unauthenticated"])
+def test_bad_first_frames(data, needle):
     dest = Destination()
     s = raw_peer(dest)
     s.recv(4096)  # CHALLENGE
-    s.sendall(frame(T.AUTH, b'{"nonce": "00"}', length=4000))
-    s.shutdown(socket.SHUT_WR)
-    expect_refusal(dest, "closed the connection")
-    s.close()
-
-
-def test_oversized_frame_is_refused_before_allocation():
-    dest = Destination()
-    s = raw_peer(dest)
-    s.recv(4096)
-    s.sendall(frame(T.AUTH, b"", length=1 << 62))  # would be 4 EiB
-    expect_refusal(dest, "over its limit")
-    s.close()
-
-
-def test_unauthenticated_hello_is_refused():
-    dest = Destination()
-    s = raw_peer(dest)
-    s.recv(4096)
-    s.sendall(frame(T.HELLO, b"{}"))
-    expect_refusal(dest, "expected AUTH, got HELLO")
+    s.sendall(data)
+    with contextlib.suppress(OSError):
+        s.shutdown(socket.SHUT_WR)
+    expect_refusal(dest, needle)
     s.close()
 
 

@@ -94,6 +94,15 @@ def cmd_run(args: object) -> int:
     return serve(vm)
 
 
+def _no_config_flags(a: object, mode: str, why: str) -> None:
+    """Guest configuration comes from the snapshot or the source, never the command line."""
+    given = [flag for flag, v in (("--kernel", a.kernel), ("--initrd", a.initrd),
+                                  ("--cmdline", a.cmdline), ("--cpuid-clear", a.cpuid_clear))
+             if v]
+    if given:
+        fail(PROG, f"{', '.join(given)} cannot be combined with {mode}: {why}")
+
+
 def cmd_restore(a: object) -> int:
     """pyhyve run NAME -r FILE: config comes from the snapshot; only host-side paths
     (the console) may be overridden."""
@@ -101,12 +110,7 @@ def cmd_restore(a: object) -> int:
     from ..snapshot.format import SnapshotError
     from ..snapshot.restore import open_snapshot, restore
 
-    given = [flag for flag, v in (("--kernel", a.kernel), ("--initrd", a.initrd),
-                                  ("--cmdline", a.cmdline), ("--cpuid-clear", a.cpuid_clear))
-             if v]
-    if given:
-        fail(PROG, f"{', '.join(given)} cannot be combined with --restore: the snapshot "
-             "carries the VM's configuration")
+    _no_config_flags(a, "--restore", "the snapshot carries the VM's configuration")
     t0 = time.perf_counter()
     try:
         spec = _console_spec(a) if (a.console or a.lpc) else None
@@ -145,12 +149,7 @@ def cmd_receive(a: object) -> int:
     from ..migration.source import MigrationError, parse_target
     from ..snapshot.format import SnapshotError
 
-    given = [flag for flag, v in (("--kernel", a.kernel), ("--initrd", a.initrd),
-                                  ("--cmdline", a.cmdline), ("--cpuid-clear", a.cpuid_clear))
-             if v]
-    if given:
-        fail(PROG, f"{', '.join(given)} cannot be combined with --receive: the source sends "
-             "the VM's configuration")
+    _no_config_flags(a, "--receive", "the source sends the VM's configuration")
     try:
         host, port = parse_target(a.receive, DEFAULT_PORT)
         key = load_key(a.key_file)
