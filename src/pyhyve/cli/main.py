@@ -175,8 +175,9 @@ def cmd_receive(a: object) -> int:
         fail(PROG, f"{a.name}: migration failed: {e}")
     return serve(vm, lambda: print(
         f"{PROG}: {a.name}: migration received: {receiver.pages} pages in {receiver.rounds} "
-        f"rounds, {(time.perf_counter() - receiver.t_first) * 1e3:.1f} ms from accept to "
-        f"running ({(time.perf_counter() - t0):.1f} s waited in all)", file=sys.stderr, flush=True))
+        f"rounds, {receiver.bytes_received / (1 << 20):.1f} MiB, "
+        f"{(time.perf_counter() - receiver.t_first) * 1e3:.1f} ms from accept to running "
+        f"({(time.perf_counter() - t0):.1f} s waited in all)", file=sys.stderr, flush=True))
 
 
 def cmd_certs(a: object) -> int:

@@ -88,6 +88,10 @@ class Receiver:
         self._prefaulter: threading.Thread | None = None
         self.t_first = 0.0
 
+    @property
+    def bytes_received(self) -> int:
+        return self.ch.bytes_received if self.ch else 0
+
     def close(self) -> None:
         self.listener.close()
         if self.ch:

@@ -221,8 +221,10 @@ class Migration:
 
     def _announce(self, runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """Tell the destination which pages are coming, so it can fault them in ahead of
-        the data (first touch of fresh memory is the slowest step of receiving)."""
+        the data (first touch of fresh memory is the slowest step of receiving). Every page
+        outside the runs is a zero page that is never sent."""
         from ..snapshot.memfile import encode_runs
+        self.stats.zero_pages += self.vm.memory.size // PAGE - sum(n for _, n in runs)
         raw = encode_runs(runs)
         if len(raw) <= 16 << 20:
             self.ch.send(T.RUNS, raw)  # type: ignore[union-attr]

@@ -1,0 +1,89 @@
+"""Many consecutive suspend/restore cycles of one guest, checked end to end.
+
+Run: .venv/bin/python bench/cycles.py [--cycles 1000] [--memory 256M]
+The hash-chain guest runs, is suspended to a file, restored (lazily, from that file) and
+runs again, over and over; at the end its console output must be one unbroken chain.
+Reports cycles/s and the median suspend and restore times. (No QEMU column: QEMU has no
+in-process equivalent; bench/snapshot.py has the side-by-side numbers.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+
+from pyhyve import guestkit
+from pyhyve.devices.console import Console
+from pyhyve.snapshot.restore import open_snapshot, restore
+from pyhyve.snapshot.save import save
+from pyhyve.vm import VirtualMachine, VmConfig
+
+
+class Capture(Console):
+    def __init__(self) -> None:
+        super().__init__()
+        self.buf = bytearray()
+        self.cond = threading.Condition()
+
+    def write(self, data: bytes) -> None:
+        with self.cond:
+            self.buf += data
+            self.cond.notify_all()
+
+    def wait_lines(self, n: int, timeout: float = 20.0) -> None:
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.buf.count(b"\n") >= n, timeout):
+                raise RuntimeError("guest made no progress")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cycles", type=int, default=1000)
+    ap.add_argument("--memory", default="256M")
+    args = ap.parse_args()
+    from pyhyve.cli.common import parse_size
+    kernel = guestkit.build()["hashchain"]
+    work = tempfile.mkdtemp()
+    con = Capture()
+    vm = VirtualMachine.create(VmConfig("cycles", parse_size(args.memory), 1, kernel=kernel,
+                                        cmdline="rounds=64"), console=con)
+    vm.start()
+    con.wait_lines(3)
+    text, saves, restores = "", [], []
+    t0 = time.perf_counter()
+    for i in range(args.cycles):
+        base = os.path.join(work, f"c{i % 2}")
+        t = time.perf_counter()
+        save(vm, base, "suspend")
+        saves.append(time.perf_counter() - t)
+        vm.stop("suspended")
+        text += con.buf.decode()
+        vm.close()
+        t = time.perf_counter()
+        snap = open_snapshot(base)
+        con = Capture()
+        vm = restore(snap, console=con)
+        snap.close()
+        vm.start()
+        restores.append(time.perf_counter() - t)
+        con.wait_lines(1)
+    vm.pause()
+    text += con.buf.decode()
+    vm.close()
+    elapsed = time.perf_counter() - t0
+    last = guestkit.check_hashchain(text, rounds=64)[0]
+    print(f"{args.cycles} suspend/restore cycles of a {args.memory} hash-chain guest in "
+          f"{elapsed:.1f} s ({args.cycles / elapsed:.1f} cycles/s); chain unbroken to step {last}")
+    p99 = sorted(restores)[int(len(restores) * 0.99)]
+    print(f"suspend median {statistics.median(saves) * 1e3:.1f} ms, restore to running median "
+          f"{statistics.median(restores) * 1e3:.1f} ms (p99 {p99 * 1e3:.1f} ms)")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
