@@ -159,7 +159,7 @@ def cmd_receive(a: object) -> int:
         spec = _console_spec(a)
         receiver = Receiver(a.name, host, port, key,
                             ReceiveOptions(console=spec, tls_dir=a.tls_dir))
-    except (MigrationError, SecurityError, UsageError) as e:
+    except (MigrationError, SecurityError, UsageError, VmError) as e:
         fail(PROG, str(e))
     except OSError as e:
         fail(PROG, f"cannot listen on {a.receive}: {e.strerror or e}")

@@ -22,7 +22,7 @@ from ..machine.cpuid import CpuidError, cpuid_from_list
 from ..machine.memory import PAGE, ram_layout
 from ..snapshot.format import MAX_CPUS, MAX_MEMORY, SnapshotError
 from ..snapshot.restore import check_host, decode_state
-from ..vm import VirtualMachine, VmConfig, VmError, host_memory_bytes
+from ..vm import VirtualMachine, VmConfig, host_memory_bytes
 from .protocol import MAX_PAGES_PER_FRAME, MEM_HEADER, PROTOCOL_VERSION, Channel, Enc, Frame, ProtocolError, T
 from .security import accept_peer, tls_context
 
@@ -73,6 +73,26 @@ def config_from_hello(hello: dict, name: str, console: str) -> VmConfig:
         cpuid_hidden=tuple(hidden))
 
 
+def probe_host() -> tuple[list, int, bool]:
+    """What compatibility checks need of this host: KVM's CPUID, TSC kHz, TSC scaling."""
+    from ..vm import open_kvm
+
+    kvm = open_kvm()
+    try:
+        vm = kvm.create_vm()
+        try:
+            vcpu = vm.create_vcpu(0)
+            try:
+                return (kvm.supported_cpuid(), vcpu.get_tsc_khz(),
+                        bool(kvm.check_extension(I.KVM_CAP_TSC_CONTROL)))
+            finally:
+                vcpu.close()
+        finally:
+            vm.close()
+    finally:
+        kvm.close()
+
+
 class Receiver:
     def __init__(self, name: str, host: str, port: int, key: bytes | None,
                  opts: ReceiveOptions, console: Console | None = None) -> None:
@@ -80,6 +100,7 @@ class Receiver:
         self.console = console
         self.vm: VirtualMachine | None = None
         self.ch: Channel | None = None
+        self.host = probe_host()  # before listening: no work of this kind once a peer waits
         self.listener = socket.create_server((host, port), reuse_port=False)
         self.port = self.listener.getsockname()[1]
         self.pages = 0
@@ -132,25 +153,30 @@ class Receiver:
         self.ch = ch = Channel(sock, b"D", b"S")
         accept_peer(ch, self.key, bool(self.opts.tls_dir))
         hello = ch.recv(T.HELLO).json()
-        try:
+        try:  # every check before ACCEPT: nothing of the guest moves unless it can run here
             config = config_from_hello(hello, self.name, self.opts.console)
             host = host_memory_bytes()
             if host and config.memory > host:
                 raise ReceiveError(f"the guest needs {config.memory >> 20} MiB; this host has "
                                    f"{host >> 20} MiB")
             cpuid = cpuid_from_list(hello["cpuid"])
-            con = self.console or open_console(config.console)
-            self.vm = vm = VirtualMachine(config, con, cpuid=cpuid)
-            check_host(hello["cpuid"], hello["host"]["tsc_khz"], vm.kvm.supported_cpuid(),
-                       vm.vcpus[0].get_tsc_khz(),
-                       bool(vm.kvm.check_extension(I.KVM_CAP_TSC_CONTROL)))
-        except (ProtocolError, ReceiveError, SnapshotError, VmError, CpuidError) as e:
+            supported, tsc_khz, tsc_control = self.host
+            scale = check_host(hello["cpuid"], hello["host"]["tsc_khz"], supported, tsc_khz,
+                               tsc_control)
+        except (ProtocolError, ReceiveError, SnapshotError, CpuidError) as e:
             ch.send_json(T.REFUSE, {"reason": str(e)})
             raise ReceiveError(f"refused the migration: {e}") from None
-        total_pages = vm.memory.size // PAGE
-        ch.mem_sink = lambda first, count, enc, n: self._sink(first, count, enc, n, total_pages)
+        # ACCEPT first, then build the VM while the source starts sending (its frames wait
+        # in the socket); a failure from here on is an ERROR, and the source resumes.
         ch.send_json(T.ACCEPT, {})
         self.t_first = time.perf_counter()
+        con = self.console or open_console(config.console)
+        self.vm = vm = VirtualMachine(config, con, cpuid=cpuid)
+        if scale:
+            for v in vm.vcpus:
+                v.set_tsc_khz(hello["host"]["tsc_khz"])
+        total_pages = vm.memory.size // PAGE
+        ch.mem_sink = lambda first, count, enc, n: self._sink(first, count, enc, n, total_pages)
         blobs: dict[str, bytes] = {}
         decompress = zstandard.ZstdDecompressor()
         while True:
