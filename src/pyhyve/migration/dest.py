@@ -7,6 +7,7 @@ reason, and the source resumes its guest.
 from __future__ import annotations
 
 import contextlib
+import gc
 import socket
 import sys
 import threading
@@ -132,6 +133,7 @@ class Receiver:
                 self.vm = None
             raise
         finally:
+            gc.enable()
             self._stop_prefault()
             self.close()
 
@@ -189,6 +191,7 @@ class Receiver:
                 self.rounds += 1
                 ch.send(T.ROUND, bytes(f.payload))  # caught up to here: the source may stop
             elif f.type == T.STATE:
+                gc.disable()  # the source is paused from here on: no collector pauses
                 name, blob = self._state(f)
                 if name in blobs or len(blobs) >= MAX_STATE_SECTIONS:
                     raise ProtocolError(f"unexpected state section '{name}'")

@@ -11,6 +11,7 @@ source guest as it was.
 from __future__ import annotations
 
 import contextlib
+import gc
 import socket
 import threading
 import time
@@ -144,6 +145,7 @@ class Migration:
                                      "have started the guest as well; fence one of them)")
             self._recover()
         finally:
+            gc.enable()
             self.stats.total_s = time.perf_counter() - self._t_start
             if self.ch:
                 self.ch.close()
@@ -214,6 +216,7 @@ class Migration:
         self._finish()
 
     def _pause(self) -> None:
+        gc.disable()  # no collector pause inside the downtime; run() turns it back on
         self._t_pause = time.perf_counter()
         self.vm.pause()
         self._paused_by_us = True
