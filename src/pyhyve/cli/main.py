@@ -115,7 +115,7 @@ def cmd_restore(a: object) -> int:
     try:
         spec = _console_spec(a) if (a.console or a.lpc) else None
         with bar(f"restore {a.name}") as progress:
-            snap = open_snapshot(a.restore, progress=progress)
+            snap = open_snapshot(a.restore, verify_memory=False)  # restore() verifies it
             try:
                 vm = restore(snap, name=a.name, console_spec=spec, lazy=not a.eager,
                              progress=progress)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ class Snapshot:
     runs: list[tuple[int, int]]
     mem_fd: int
     verify_seconds: float = 0.0
+    memory_verified: bool = False
 
     def close(self) -> None:
         if self.mem_fd >= 0:
@@ -110,6 +112,7 @@ def verify_memory_file(snap: Snapshot, progress: Callable[[int], Callable[[int],
         if stray is not None:
             raise SnapshotError(f"memory file {snap.base} has data at {stray:#x} where the "
                                 "snapshot has a zero page (corrupt)")
+    snap.memory_verified = True
 
 
 def decode_state(blobs: dict[str, bytes], cpus: int, devices_meta: list[dict],
@@ -159,7 +162,35 @@ def check_host(cpuid_rows: list, saved_tsc_khz: int, host_cpuid: list, host_tsc_
 def restore(snap: Snapshot, name: str | None = None, console: Console | None = None,
             console_spec: str | None = None, lazy: bool = True,
             progress: Callable[[int], Callable[[int], None]] | None = None) -> object:
-    """Build a VM from a verified snapshot; returns it paused-at-start (call start())."""
+    """Build a VM from a snapshot; returns it ready to start(). If the memory file has not
+    been verified yet, it is verified here on another thread while the VM is built (the
+    kernel work of building overlaps the hashing), and nothing is returned unless it passed."""
+
+    verifier = None
+    verify_error: list[BaseException] = []
+    if not snap.memory_verified:
+        def verify() -> None:
+            t0 = time.perf_counter()
+            try:
+                verify_memory_file(snap, progress)
+            except BaseException as e:
+                verify_error.append(e)
+            snap.verify_seconds += time.perf_counter() - t0
+        verifier = threading.Thread(target=verify, name="verify", daemon=True)
+        verifier.start()
+    try:
+        vm = _build(snap, name, console, console_spec, lazy, progress)
+    finally:
+        if verifier is not None:
+            verifier.join()
+    if verify_error:
+        vm.close()  # type: ignore[attr-defined]
+        raise verify_error[0]
+    return vm
+
+
+def _build(snap: Snapshot, name: str | None, console: Console | None, console_spec: str | None,
+           lazy: bool, progress: Callable[[int], Callable[[int], None]] | None) -> object:
     from ..machine.cpuid import CpuidError
     from ..vm import VirtualMachine, VmConfig, VmError, host_memory_bytes
 
