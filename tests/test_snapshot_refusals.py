@@ -231,3 +231,21 @@ def test_cli_refuses_without_starting_a_guest(snap, rundir):
     assert not os.path.exists(os.path.join(rundir, "bad.sock"))
     v = cli("pyhyve", "snapshot", "verify", snap)
     assert v.returncode != 0 and "checksum mismatch" in v.stderr
+
+
+@pytest.mark.parametrize("where", ["data", "hole"])
+def test_restore_verifies_memory_it_was_not_told_about(snap, where):
+    """restore() on a snapshot opened without memory verification checks it itself (on a
+    thread, while the VM is built) and returns no VM when it fails."""
+    if where == "data":
+        flip(snap, first_data_offset(snap) + 5)
+    else:
+        with open(snap, "r+b") as f:
+            f.seek(os.path.getsize(snap) - 4096)
+            f.write(b"\x07")
+    s = open_snapshot(snap, verify_memory=False)
+    try:
+        with pytest.raises(SnapshotError, match="checksum mismatch|has data at"):
+            restore(s, console=CaptureConsole())
+    finally:
+        s.close()
