@@ -139,6 +139,9 @@ def test_status_and_cancel_from_the_command_line(hosts, kit, tmp_path, rundir, k
             if "src: active:" in st.stdout and "rounds" in st.stdout:
                 break
         assert "src: active:" in st.stdout
+        for busy in (["--pause"], ["--resume"], ["--checkpoint", str(tmp_path / "no")]):
+            r = cli("pyhyvectl", "--vm", "src", *busy)
+            assert r.returncode == 1 and "migration is in progress" in r.stderr
         assert cli("pyhyvectl", "--vm", "src", "--migrate-cancel").returncode == 0
         _out, err = mig.communicate(timeout=30)
         assert mig.returncode == 1 and "cancelled" in err and "keeps running here" in err

@@ -245,7 +245,7 @@ def test_restore_verifies_memory_it_was_not_told_about(snap, where):
             f.write(b"\x07")
     s = open_snapshot(snap, verify_memory=False)
     try:
-        with pytest.raises(SnapshotError, match="checksum mismatch|has data at"):
+        with pytest.raises(SnapshotError, match=r"checksum mismatch|has data at"):
             restore(s, console=CaptureConsole())
     finally:
         s.close()

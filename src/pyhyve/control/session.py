@@ -40,20 +40,30 @@ class Session:
 
     def listen(self) -> None:
         self.server = ControlServer(self.vm.config.name, self.handlers)
-        # numpy and the migration code cost ~120 ms to import: pay it now, in the background,
-        # not inside the first save's downtime or a migration's setup
-        threading.Thread(target=_warm_imports, daemon=True).start()
+        # numpy and the migration code cost ~120 ms to import: pay it in the background, not
+        # inside the first save's downtime or a migration's setup; but a second after start,
+        # not during boot, where holding the GIL would delay the guest's first exits
+        t = threading.Timer(1.0, _warm_imports)
+        t.daemon = True
+        t.start()
 
     def status(self, _msg: dict) -> dict:
         return self.vm.status()
 
+    def _no_migration(self) -> None:
+        """A migration owns the VM's run state until it ends: no pause, resume or save."""
+        if self.migration is not None and not self.migration.done.is_set():
+            raise VmError("a migration is in progress (use --migrate-cancel first)")
+
     def pause(self, _msg: dict) -> dict:
         with self.lock:
+            self._no_migration()
             self.vm.pause()
         return {"state": self.vm.state}
 
     def resume(self, _msg: dict) -> dict:
         with self.lock:
+            self._no_migration()
             self.vm.resume()
         return {"state": self.vm.state}
 
@@ -65,6 +75,7 @@ class Session:
         if not isinstance(path, str) or not path:
             raise SnapshotError("no snapshot path given")
         with self.lock:
+            self._no_migration()
             if self.vm.state not in ("running", "paused"):
                 raise VmError(f"VM is {self.vm.state}")
             with bar(f"{kind} {self.vm.config.name}") as progress:
