@@ -19,6 +19,7 @@ from .common import Parser, UsageError, fail, parse_size
 
 PROG = "pyhyve"
 DEFAULT_MEMORY = "512M"
+GIL_SWITCH_S = 0.0002
 
 
 def _console_spec(args: object) -> str:
@@ -219,6 +220,9 @@ def cmd_snapshot(a: object) -> int:
 
 def serve(vm: VirtualMachine, on_running: Callable[[], None] | None = None) -> int:
     """Run `vm` under a control socket until it stops; return the exit status."""
+    # A vCPU thread needs the GIL to handle each exit; while another thread runs Python
+    # (an import, a migration) it would wait up to the 5 ms default switch interval.
+    sys.setswitchinterval(GIL_SWITCH_S)
     session = Session(vm)
     try:
         session.listen()

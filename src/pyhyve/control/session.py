@@ -40,12 +40,10 @@ class Session:
 
     def listen(self) -> None:
         self.server = ControlServer(self.vm.config.name, self.handlers)
-        # numpy and the migration code cost ~120 ms to import: pay it in the background, not
-        # inside the first save's downtime or a migration's setup; but a second after start,
-        # not during boot, where holding the GIL would delay the guest's first exits
-        t = threading.Timer(1.0, _warm_imports)
-        t.daemon = True
-        t.start()
+        # numpy and the migration code cost ~120 ms to import: pay it now in the background,
+        # not inside the first save's downtime or a migration's setup (the short GIL switch
+        # interval set in serve() keeps the vCPUs' exits from waiting on it)
+        threading.Thread(target=_warm_imports, daemon=True).start()
 
     def status(self, _msg: dict) -> dict:
         return self.vm.status()
