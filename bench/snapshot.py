@@ -44,10 +44,10 @@ def wait_passes(log: str, count: int, timeout: float = 60.0) -> None:
 
 
 def warm_memory() -> None:
-    """Touch and free 2 GiB once: on these hosts the first touch of machine memory is slow
+    """Touch and free 6 GiB once: on these hosts the first touch of machine memory is slow
     (~0.4 GB/s), whoever pays it; this keeps that cost out of both sides' numbers."""
     import numpy as np
-    a = np.ones(2 << 30, dtype=np.uint8)
+    a = np.ones(6 << 30, dtype=np.uint8)
     del a
 
 
