@@ -14,31 +14,19 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 
 from pyhyve import guestkit
-from pyhyve.devices.console import Console
+from pyhyve.devices.console import MemoryConsole
 from pyhyve.snapshot.restore import open_snapshot, restore
 from pyhyve.snapshot.save import save
 from pyhyve.vm import VirtualMachine, VmConfig
 
 
-class Capture(Console):
-    def __init__(self) -> None:
-        super().__init__()
-        self.buf = bytearray()
-        self.cond = threading.Condition()
-
-    def write(self, data: bytes) -> None:
-        with self.cond:
-            self.buf += data
-            self.cond.notify_all()
-
+class Capture(MemoryConsole):
     def wait_lines(self, n: int, timeout: float = 20.0) -> None:
-        with self.cond:
-            if not self.cond.wait_for(lambda: self.buf.count(b"\n") >= n, timeout):
-                raise RuntimeError("guest made no progress")
+        if not self.wait(lambda buf: buf.count(b"\n") >= n, timeout):
+            raise RuntimeError("guest made no progress")
 
 
 def main() -> None:

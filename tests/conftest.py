@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from pyhyve import guestkit
-from pyhyve.devices.console import Console
+from pyhyve.devices.console import MemoryConsole
 from pyhyve.vm import VirtualMachine, VmConfig
 
 REPO = guestkit.REPO
@@ -25,23 +24,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         raise pytest.UsageError("/dev/kvm is missing: pyhyve's tests need KVM")
 
 
-class CaptureConsole(Console):
-    """Collects guest output and lets a test wait for a pattern in it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.buf = bytearray()
-        self.cond = threading.Condition()
-
-    def write(self, data: bytes) -> None:
-        with self.cond:
-            self.buf += data
-            self.cond.notify_all()
-
-    @property
-    def text(self) -> str:
-        with self.cond:
-            return self.buf.decode(errors="replace")
+class CaptureConsole(MemoryConsole):
+    """Guest output in memory, and waits that fail a test with what was printed."""
 
     def wait_for(self, needle: str | bytes, timeout: float = 20.0, start: int = 0) -> int:
         raw = needle.encode() if isinstance(needle, str) else needle

@@ -33,6 +33,33 @@ class Console:
         pass
 
 
+class MemoryConsole(Console):
+    """Output kept in memory, for embedding pyhyve (tests, benchmarks, tools) and waiting
+    on what the guest printed."""
+
+    spec = "memory"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.buf = bytearray()
+        self.cond = threading.Condition()
+
+    def write(self, data: bytes) -> None:
+        with self.cond:
+            self.buf += data
+            self.cond.notify_all()
+
+    @property
+    def text(self) -> str:
+        with self.cond:
+            return self.buf.decode(errors="replace")
+
+    def wait(self, ready: Callable[[bytearray], bool], timeout: float) -> bool:
+        """Block until ready(output so far) holds; False on timeout."""
+        with self.cond:
+            return self.cond.wait_for(lambda: ready(self.buf), timeout)
+
+
 class StdioConsole(Console):
     """Output to stdout; input from stdin when stdin is a terminal or a pipe."""
 
