@@ -137,7 +137,8 @@ def cmd_restore(a: object) -> int:
     mode = "eager" if a.eager else "lazy"
     return serve(vm, lambda: print(
         f"{PROG}: restored {a.name} from {snap.base} ({mode}): {vm.config.memory >> 20} MiB RAM, "
-        f"{data / (1 << 20):.1f} MiB of data, verify {snap.verify_seconds * 1e3:.1f} ms, "
+        f"{data / (1 << 20):.1f} MiB of data read, {snap.meta['memory']['zero_pages']} zero "
+        f"pages never read, verify {snap.verify_seconds * 1e3:.1f} ms, "
         f"to running {(time.perf_counter() - t0) * 1e3:.1f} ms", file=sys.stderr))
 
 
