@@ -117,8 +117,13 @@ class Channel:
         if self.key is not None:
             bufs.append(self._mac(self.out_dir, self.out_seq, header, list(parts)))
         self.out_seq += 1
-        for b in bufs:
-            self.sock.sendall(b)
+        try:
+            for b in bufs:
+                self.sock.sendall(b)
+        except TimeoutError:
+            raise ProtocolError("timed out sending to the peer") from None
+        except OSError as e:
+            raise ProtocolError(f"connection lost: {e.strerror or e}") from None
         self.bytes_sent += length + HEADER.size
 
     def send_json(self, ftype: T, obj: dict) -> None:

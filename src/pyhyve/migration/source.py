@@ -109,6 +109,7 @@ class Migration:
         self._paused_by_us = False
         self._sent_pages = 0
         self._acked = -1
+        self._rate = 0.0  # guest memory moved per second, from rounds of some size
         self._t_start = 0.0
         self._budget_t = 0.0
         self._budget_bytes = 0
@@ -246,41 +247,42 @@ class Migration:
             self.vm.set_throttle(min(THROTTLE_MAX, 1 - self.ASSUMED_BANDWIDTH / rate / 2))
             self.stats.throttle = self.vm.control.throttle
 
+    SMALL_SET = 64        # pages: a final set this small fits any downtime target
+    RATE_MIN_PAGES = 256  # rounds that moved fewer pages say more about latency than rate
+
     def _precopy(self) -> None:
         opts, st = self.opts, self.stats
         target = opts.downtime_ms / 1e3
-        bw = None
         for round_no in range(1, MAX_ROUNDS + 1):
             self._check_cancel()
-            t0, sent0 = time.perf_counter(), self.ch.bytes_sent  # type: ignore[union-attr]
             mask = self.dirty.fetch()  # type: ignore[union-attr]
             pages = int(mask.sum())
-            est = pages * PAGE / bw if bw else float("inf")
-            if est <= target:
+            if self._fits(pages, target):
                 # let the destination drain what is in flight first, so the downtime is
                 # the last pages and the state, not a backlog
                 self._wait_acks(round_no - 1)
                 mask |= self.dirty.fetch()  # type: ignore[union-attr]
                 pages = int(mask.sum())
-                est = pages * PAGE / bw if bw else float("inf")
-            if est <= target or round_no == MAX_ROUNDS:
+            if self._fits(pages, target) or round_no == MAX_ROUNDS:
                 self._pause()
                 final = mask | self.dirty.fetch()  # type: ignore[union-attr]
                 self._send_runs(runs_of(final), round_no)
                 return
             self._send_runs(runs_of(mask), round_no)
-            dt = time.perf_counter() - t0
-            sent = self.ch.bytes_sent - sent0  # type: ignore[union-attr]
-            if dt > 0 and sent > 0:
-                rate = sent / dt
-                bw = rate if bw is None else 0.5 * bw + 0.5 * rate
+            bw = self._rate
             if opts.auto_converge and bw:
-                # what the guest dirtied while we sent that round vs what fits the target
+                # what the guest dirtied while we sent the last round vs what fits the target
                 need = target * bw
                 if pages * PAGE > need:
                     free = (1 - self.vm.control.throttle) * max(0.01, min(0.5, need / (pages * PAGE)))
                     self.vm.set_throttle(min(THROTTLE_MAX, 1 - free))
                     st.throttle = max(st.throttle, self.vm.control.throttle)
+
+    def _fits(self, pages: int, target: float) -> bool:
+        """Would sending `pages` now stay within the downtime target?"""
+        if pages <= self.SMALL_SET:
+            return True
+        return bool(self._rate) and pages * PAGE / self._rate <= target
 
     def _wait_acks(self, round_no: int) -> None:
         """Read the destination's ROUND acknowledgements up to `round_no`."""
@@ -342,8 +344,12 @@ class Migration:
                     st.zero_pages += k
         ch.send_json(T.ROUND, {"round": round_no, "pages": sent})
         st.rounds = round_no + 1
+        dt = time.perf_counter() - t0
         st.pages_per_round.append(sent)
-        st.ms_per_round.append(round((time.perf_counter() - t0) * 1e3, 1))
+        st.ms_per_round.append(round(dt * 1e3, 1))
+        if sent >= self.RATE_MIN_PAGES and dt > 0:  # guest bytes per second, compressed or not
+            rate = sent * PAGE / dt
+            self._rate = rate if not self._rate else 0.5 * self._rate + 0.5 * rate
         st.bytes_sent = ch.bytes_sent
 
     SAMPLE_PAGES = 4
