@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import cli, spawn, wait_socket
+from conftest import BIN, cli, spawn, wait_socket
 
 FOREIGN_PVH = r"""
 /* A PVH guest that is not part of the kit: 32-bit, prints at entry, then resets. */
@@ -161,3 +161,16 @@ def test_usage_errors(rundir):
     one_line_error(cli("pyhyve", "run"), "required")
     one_line_error(cli("pyhyvectl", "--vm", "nope", "--status"), "no running VM named 'nope'")
     one_line_error(cli("pyhyvectl", "--vm", "x"), "required")
+
+
+def test_output_into_a_closed_pipe_is_quiet(kit, rundir):
+    proc = spawn("pyhyve", "run", "pipe", "-m", "64M", "-k", kit["ab"], "--cmdline", "ws=1M",
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_socket(rundir, "pipe")
+        p = subprocess.run(f"{os.path.join(BIN, 'pyhyvectl')} --vm pipe --status | head -1",
+                           shell=True, capture_output=True, text=True, timeout=30)
+        assert p.stdout.startswith("name: pipe") and "Traceback" not in p.stderr
+    finally:
+        cli("pyhyvectl", "--vm", "pipe", "--destroy")
+        proc.wait(20)

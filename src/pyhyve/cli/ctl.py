@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 
 from ..control.client import ClientError, ControlClient
@@ -65,6 +66,7 @@ def migrate_args(args: object, cmd: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `pyhyvectl --status | head` ends quietly
     args = build_parser().parse_args(argv)
     cmd = next(c for c in ("status", "pause", "resume", "destroy", "suspend", "checkpoint",
                            "migrate", "migrate_live", "migrate_status", "migrate_cancel")

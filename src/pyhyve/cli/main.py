@@ -255,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         return cmd_run(args)
     if args.command == "snapshot":
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `snapshot info | head` ends quietly
         return cmd_snapshot(args)
     if args.command == "migration-certs":
         return cmd_certs(args)
