@@ -18,6 +18,13 @@ from conftest import CaptureConsole
 MB = 1 << 20
 
 
+def suspend(vm, base: str):
+    """Save `vm` as a suspend does, and end it; returns the save's stats."""
+    stats = save(vm, base, "suspend")
+    vm.stop("suspended")
+    return stats
+
+
 def restore_file(base: str, lazy: bool = True) -> tuple[object, CaptureConsole]:
     snap = open_snapshot(base)
     con = CaptureConsole()
@@ -34,8 +41,7 @@ def test_ab_suspend_restore_1g(make_vm, tmp_path, ws):
     body = con.wait_for("\n") + 1
     con.wait_count(b"B", 3, timeout=60, start=body)
     base = str(tmp_path / "ab")
-    stats = save(vm, base, "suspend")
-    vm.stop("suspended")
+    stats = suspend(vm, base)
     assert stats.written_bytes >= ws * MB
     assert os.stat(base).st_blocks * 512 < (ws + 16) * MB  # sparse: holes, not zeros
     saved = guestkit.ab_check_file(base)  # the invariant holds on the memory file itself
@@ -56,8 +62,7 @@ def test_hashchain_two_vcpus_continue_exactly(make_vm, tmp_path):
     con.wait_for("H1 20 ")
     con.wait_for("H0 20 ")
     base = str(tmp_path / "hc")
-    save(vm, base, "suspend")
-    vm.stop("suspended")
+    suspend(vm, base)
     before = guestkit.check_hashchain(con.text)
     vm2, con2 = restore_file(base)
     try:
@@ -104,8 +109,7 @@ def test_lazy_and_eager_restore_behave_identically(make_vm, tmp_path):
     vm, con = make_vm("hashchain", "cpus=1 steps=400", memory=64 * MB)
     con.wait_for("H0 50 ")
     base = str(tmp_path / "le")
-    save(vm, base, "suspend")
-    vm.stop("suspended")
+    suspend(vm, base)
     outputs = []
     for lazy in (True, False):
         v, c = restore_file(base, lazy=lazy)
@@ -177,8 +181,7 @@ def test_time_continues_across_suspend(make_vm, tmp_path):
     vm, con = make_vm("hashchain", "", memory=32 * MB)
     con.wait_for("H0 3 ")
     base = str(tmp_path / "t")
-    save(vm, base, "suspend")
-    vm.stop("x")
+    suspend(vm, base)
     saved_tsc = vm.vcpus[0].get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC]
     saved_clock = vm.vm.get_clock().clock
     time.sleep(1.0)

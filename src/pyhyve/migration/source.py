@@ -329,7 +329,11 @@ class Migration:
                 data = mem.file_view(off, n)
                 nz = np.frombuffer(data, dtype=np.uint64).reshape(-1, PAGE // 8).any(axis=1)
                 first = off // PAGE
-                for s, k in runs_of(nz) if not nz.all() else [(0, len(nz))]:
+                if nz.all():  # the common case: one frame, no zero-run bookkeeping
+                    data_runs, zero_runs = [(0, len(nz))], []
+                else:
+                    data_runs, zero_runs = runs_of(nz), runs_of(~nz)
+                for s, k in data_runs:
                     chunk = data[s * PAGE:(s + k) * PAGE]
                     enc, body = compress(chunk)
                     if enc == Enc.RAW and ch.key is not None and self.vm.state == "running":
@@ -337,8 +341,7 @@ class Migration:
                     ch.send(T.MEM, MEM_HEADER.pack(first + s, k, enc), body)
                     sent += k
                     self._limit(len(body))
-                zeros = runs_of(~nz)
-                for s, k in zeros:
+                for s, k in zero_runs:
                     if round_no > 0:  # a page that became zero must be zeroed over there
                         ch.send(T.MEM, MEM_HEADER.pack(first + s, k, Enc.ZERO))
                     st.zero_pages += k
