@@ -27,8 +27,9 @@ def test_suspend_then_restore_from_the_command_line(kit, rundir, tmp_path):
     assert sus.returncode == 0 and "suspend to" in sus.stdout, sus.stderr
     assert proc.wait(20) == 0
     assert "suspended to" in proc.stderr.read()
-    for f in ("snap", "snap.kern", "snap.meta", "cp", "cp.kern", "cp.meta"):
+    for f in ("snap.g1", "snap.g1.kern", "snap.meta", "cp.g1", "cp.g1.kern", "cp.meta"):
         assert (tmp_path / f).exists()
+    assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]  # no temporaries left
     info = cli("pyhyve", "snapshot", "info", "snap")
     assert info.returncode == 0 and "suspend of VM 'vm1'" in info.stdout
     assert "vcpu1" in info.stdout and "uart16550" in info.stdout

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pyhyve.machine.cpuid import FEATURES
+from pyhyve.snapshot.files import current_files
 from pyhyve.snapshot.format import SnapshotError, meta_checksum
 from pyhyve.snapshot.restore import open_snapshot, restore
 from pyhyve.snapshot.save import save
@@ -36,19 +37,30 @@ def good(tmp_path_factory, kit):
     return str(d / "snap")
 
 
+def P(base: str, suffix: str) -> str:
+    """The current file of a snapshot: "" memory, ".kern" state, ".meta" metadata."""
+    f = current_files(base)
+    return {"": f.memory, ".kern": f.state, ".meta": f.meta}[suffix]
+
+
+def copy_snapshot(src: str, dst: str) -> str:
+    for suffix in ("", ".kern", ".meta"):
+        path = P(src, suffix)
+        shutil.copy(path, dst + path[len(src):])
+    return dst
+
+
 @pytest.fixture
 def snap(good, tmp_path):
-    for suffix in ("", ".kern", ".meta"):
-        shutil.copy(good + suffix, str(tmp_path / "snap") + suffix)
-    return str(tmp_path / "snap")
+    return copy_snapshot(good, str(tmp_path / "snap"))
 
 
 def edit_meta(base: str, change) -> None:
-    with open(base + ".meta") as f:
+    with open(P(base, ".meta")) as f:
         meta = json.load(f)
     change(meta)
     meta["meta_checksum"] = meta_checksum(meta)
-    with open(base + ".meta", "w") as f:
+    with open(P(base, ".meta"), "w") as f:
         json.dump(meta, f)
 
 
@@ -71,9 +83,9 @@ def refused(base: str, needle: str) -> None:
 
 
 def first_data_offset(base: str) -> int:
-    with open(base + ".meta") as f:
+    with open(P(base, ".meta")) as f:
         meta = json.load(f)
-    return meta["memory"]["data_pages"] and os.lseek(os.open(base, os.O_RDONLY), 0, os.SEEK_DATA)
+    return meta["memory"]["data_pages"] and os.lseek(os.open(P(base, ""), os.O_RDONLY), 0, os.SEEK_DATA)
 
 
 def test_good_snapshot_restores(snap):
@@ -87,23 +99,23 @@ def test_good_snapshot_restores(snap):
                                            (".kern", "state file .* is missing"),
                                            (".meta", "is missing")])
 def test_missing_files(snap, suffix, needle):
-    os.unlink(snap + suffix)
+    os.unlink(P(snap, suffix))
     refused(snap, needle)
 
 
 def test_truncated_memory_file(snap):
-    os.truncate(snap, os.path.getsize(snap) - 4096)
+    os.truncate(P(snap, ""), os.path.getsize(P(snap, "")) - 4096)
     refused(snap, "truncated or replaced")
 
 
 def test_truncated_state_file(snap):
-    os.truncate(snap + ".kern", os.path.getsize(snap + ".kern") - 10)
+    os.truncate(P(snap, ".kern"), os.path.getsize(P(snap, ".kern")) - 10)
     refused(snap, "truncated or replaced")
 
 
 def test_truncated_meta(snap):
-    os.truncate(snap + ".meta", os.path.getsize(snap + ".meta") // 2)
-    refused(snap, "not valid JSON")
+    os.truncate(P(snap, ".meta"), os.path.getsize(P(snap, ".meta")) // 2)
+    refused(snap, "not valid metadata")
 
 
 def test_wrong_magic(snap):
@@ -112,37 +124,37 @@ def test_wrong_magic(snap):
 
 
 def test_wrong_version(snap):
-    edit_meta(snap, lambda m: m.update(format_version=2))
-    refused(snap, "format version 2 is not supported")
+    edit_meta(snap, lambda m: m.update(format_version=99))
+    refused(snap, "format version 99 is not supported")
 
 
 def test_state_file_bad_magic(snap):
-    flip(snap + ".kern", 0)
+    flip(P(snap, ".kern"), 0)
     refused(snap, "bad magic")
 
 
 def test_state_section_corrupt(snap):
-    flip(snap + ".kern", os.path.getsize(snap + ".kern") - 100)
+    flip(P(snap, ".kern"), os.path.getsize(P(snap, ".kern")) - 100)
     refused(snap, "checksum mismatch")
 
 
 def test_memory_data_corrupt(snap):
-    flip(snap, first_data_offset(snap) + 77)
+    flip(P(snap, ""), first_data_offset(snap) + 77)
     refused(snap, "memory file .* checksum mismatch")
 
 
 def test_data_written_into_a_hole(snap):
-    with open(snap, "r+b") as f:
-        f.seek(os.path.getsize(snap) - 8192)  # far above the guest image: a hole
+    with open(P(snap, ""), "r+b") as f:
+        f.seek(os.path.getsize(P(snap, "")) - 8192)  # far above the guest image: a hole
         f.write(b"\x01")
     refused(snap, "has data at .* where the snapshot has a zero page")
 
 
 def test_meta_edited_without_checksum(snap):
-    with open(snap + ".meta") as f:
+    with open(P(snap, ".meta")) as f:
         meta = json.load(f)
     meta["vm"]["cmdline"] = "cpus=1"
-    with open(snap + ".meta", "w") as f:
+    with open(P(snap, ".meta"), "w") as f:
         json.dump(meta, f)
     refused(snap, "metadata checksum mismatch")
 
@@ -205,7 +217,7 @@ def test_more_memory_than_host(snap):
                                    "file_offset": 0xC0000000}]
         m["memory"]["zero_pages"] = huge // 4096 - m["memory"]["data_pages"]
     edit_meta(snap, grow)
-    os.truncate(snap, huge)  # sparse: costs nothing on disk
+    os.truncate(P(snap, ""), huge)  # sparse: costs nothing on disk
     refused(snap, "this host has")
 
 
@@ -213,17 +225,15 @@ def test_more_memory_than_host(snap):
 @given(which=st.sampled_from([".kern", ".meta"]), data=st.data())
 def test_random_corruption_is_always_refused(good, tmp_path_factory, which, data):
     d = tmp_path_factory.mktemp("fuzz")
-    base = str(d / "snap")
-    for suffix in ("", ".kern", ".meta"):
-        shutil.copy(good + suffix, base + suffix)
-    size = os.path.getsize(base + which)
+    base = copy_snapshot(good, str(d / "snap"))
+    size = os.path.getsize(P(base, which))
     for pos in data.draw(st.sets(st.integers(0, size - 1), min_size=1, max_size=4)):
-        flip(base + which, pos)  # distinct positions: two flips of one byte would cancel
+        flip(P(base, which), pos)  # distinct positions: two flips of one byte would cancel
     refused(base, ".")
 
 
 def test_cli_refuses_without_starting_a_guest(snap, rundir):
-    flip(snap + ".kern", os.path.getsize(snap + ".kern") - 100)
+    flip(P(snap, ".kern"), os.path.getsize(P(snap, ".kern")) - 100)
     p = cli("pyhyve", "run", "bad", "-r", snap)
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert p.stderr.strip().count("\n") == 0 and "checksum mismatch" in p.stderr
@@ -238,10 +248,10 @@ def test_restore_verifies_memory_it_was_not_told_about(snap, where):
     """restore() on a snapshot opened without memory verification checks it itself (on a
     thread, while the VM is built) and returns no VM when it fails."""
     if where == "data":
-        flip(snap, first_data_offset(snap) + 5)
+        flip(P(snap, ""), first_data_offset(snap) + 5)
     else:
-        with open(snap, "r+b") as f:
-            f.seek(os.path.getsize(snap) - 4096)
+        with open(P(snap, ""), "r+b") as f:
+            f.seek(os.path.getsize(P(snap, "")) - 4096)
             f.write(b"\x07")
     s = open_snapshot(snap, verify_memory=False)
     try:

@@ -88,6 +88,11 @@ def ab_check(ram: np.ndarray) -> AbResult:
 
 
 def ab_check_file(path: str, offset: int = 0, length: int | None = None) -> AbResult:
+    """The invariant on a RAM image: a plain file, or a snapshot (any of its names)."""
+    from .snapshot.files import current_files, meta_path, resolve_base
+
+    if os.path.exists(meta_path(resolve_base(path))):
+        path = current_files(path).memory
     ram = np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=length)
     return ab_check(ram)
 

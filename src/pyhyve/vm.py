@@ -6,9 +6,11 @@ gives an unbooted machine whose state a snapshot or a migration stream then fill
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 from .boot.common import BootError, load_kernel
@@ -118,6 +120,8 @@ class VirtualMachine:
         self._stopped = threading.Event()
         self._closing = False
         self._ticker: threading.Thread | None = None
+        self.snapshot_file: str | None = None  # the file a lazily restored guest reads
+        self._transition = threading.RLock()  # one internal pause scope at a time
         try:
             self._build(console, memory, cpuid)
         except BaseException:
@@ -162,8 +166,17 @@ class VirtualMachine:
             v.set_cpuid2(for_vcpu(self.cpuid, i, self.config.cpus))
             self._setup_lapic(v)
             self.threads.append(VcpuThread(v, self.control, self.pio, self.mmio))
+        # read once, before any vCPU runs: KVM_GET_TSC_KHZ on a vCPU fd waits for that
+        # vCPU's next exit when it is inside KVM_RUN (seconds for a busy guest)
+        self.tsc_khz = self.vcpus[0].get_tsc_khz()
         self.has_xsave = bool(kvm.check_extension(I.KVM_CAP_XSAVE))
         self.msr_indices = readable_msrs(self.vcpus[0], kvm.msr_index_list())
+
+    def set_tsc_khz(self, khz: int) -> None:
+        """Run the guest's TSC at `khz` (a restored or received guest keeps its own)."""
+        for v in self.vcpus:
+            v.set_tsc_khz(khz)
+        self.tsc_khz = khz
 
     def add_pio_device(self, name: str, base: int, length: int, dev: Device) -> None:
         self.pio.register(base, length, dev)
@@ -265,6 +278,20 @@ class VirtualMachine:
                 raise VmError(f"VM stopped while pausing: {self.stop_reason}")
             self.state = "paused"
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """A scope in which no vCPU runs guest code: paused here if running, resumed after
+        (a VM already paused or not yet started stays as it is)."""
+        with self._transition:
+            was_running = self.state == "running"
+            if was_running:
+                self.pause()
+            try:
+                yield
+            finally:
+                if was_running and self.state == "paused":
+                    self.resume()
+
     def resume(self) -> None:
         ctl = self.control
         with ctl.cond:
@@ -347,7 +374,17 @@ class VirtualMachine:
         return {"name": self.config.name, "state": self.state, "pid": os.getpid(),
                 "memory": self.config.memory, "cpus": self.config.cpus,
                 "exits": sum(t.exits for t in self.threads),
-                "stop_reason": self.stop_reason}
+                "stop_reason": self.stop_reason, **self.snapshot_dependency()}
+
+    def snapshot_dependency(self) -> dict:
+        """Whether the guest still reads pages from its snapshot's memory file."""
+        guard = getattr(self.memory, "guard", None)
+        if self.snapshot_file is None or guard is None:
+            return {"depends_on_snapshot": False}
+        out = {"depends_on_snapshot": guard.depends, "snapshot_file": self.snapshot_file}
+        if guard.released_because:
+            out["snapshot_note"] = guard.released_because
+        return out
 
 
 __all__ = ["KvmError", "VirtualMachine", "VmConfig", "VmError"]

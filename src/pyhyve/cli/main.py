@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -105,8 +106,8 @@ def _no_config_flags(a: object, mode: str, why: str) -> None:
 
 
 def cmd_restore(a: object) -> int:
-    """pyhyve run NAME -r FILE: config comes from the snapshot; only host-side paths
-    (the console) may be overridden."""
+    """pyhyve run NAME -r FILE: the guest's config comes from the snapshot; host
+    resources (the console) come only from the command line, never from the file."""
     from ..cli.progress import bar
     from ..snapshot.format import SnapshotError
     from ..snapshot.restore import open_snapshot, restore
@@ -114,7 +115,7 @@ def cmd_restore(a: object) -> int:
     _no_config_flags(a, "--restore", "the snapshot carries the VM's configuration")
     t0 = time.perf_counter()
     try:
-        spec = _console_spec(a) if (a.console or a.lpc) else None
+        spec = _console_spec(a)  # never the snapshot's: a file must not choose host paths
         with bar(f"restore {a.name}") as progress:
             snap = open_snapshot(a.restore, verify_memory=False)  # restore() verifies it
             try:
@@ -194,29 +195,65 @@ def cmd_certs(a: object) -> int:
 
 
 def cmd_snapshot(a: object) -> int:
+    from ..snapshot.files import clean, resolve_base
     from ..snapshot.format import SnapshotError
     from ..snapshot.info import describe
     from ..snapshot.restore import open_snapshot
 
+    base = resolve_base(a.file)
     try:
         if a.snapcmd == "verify":
             t0 = time.perf_counter()
-            snap = open_snapshot(a.file)
+            try:
+                snap = open_snapshot(base)
+            except SnapshotError:
+                removed = clean(base, keep=None)  # at least the dead saves' temporaries
+                if removed:
+                    print(f"{base}: removed {len(removed)} stale file(s) of interrupted saves: "
+                          f"{', '.join(os.path.basename(p) for p in removed)}", file=sys.stderr)
+                raise
             snap.close()
             m = snap.meta
+            removed = clean(base, keep=m.get("generation", 0))
+            gone = (f"; removed {len(removed)} stale file(s) of interrupted or replaced saves: "
+                    f"{', '.join(os.path.basename(p) for p in removed)}" if removed else "")
             print(f"{snap.base}: OK ({len(m['state']['sections'])} state sections, "
                   f"{m['memory']['data_pages']} data pages, all checksums match, "
-                  f"{(time.perf_counter() - t0) * 1e3:.0f} ms)")
+                  f"{(time.perf_counter() - t0) * 1e3:.0f} ms){gone}")
             return 0
-        snap = open_snapshot(a.file, verify_memory=False)
-        snap.close()
-        if a.json:
-            print(json.dumps(snap.meta, indent=2))
-        else:
-            print(describe(snap.meta))
-        return 0
+        return info(base, a.json, describe)
     except SnapshotError as e:
         fail(PROG, str(e))
+
+
+def info(base: str, as_json: bool, describe: Callable[[dict], str]) -> int:
+    """Print what is readable; mark corrupt state sections instead of printing nothing."""
+    from ..snapshot.files import generation_files, meta_path
+    from ..snapshot.format import SnapshotError, checksum, read_meta, sections
+
+    meta = read_meta(meta_path(base))
+    if as_json:
+        print(json.dumps(meta, indent=2))
+        return 0
+    files = generation_files(base, meta.get("generation", 0))
+    bad = []
+    try:
+        with open(files.state, "rb") as f:
+            kern = f.read(meta["state"]["size"] + 1)
+    except OSError as e:
+        kern = b""
+        bad.append(f"state file {files.state}: {e.strerror}")
+    marks = {}
+    for name, sec in sections(meta).items():
+        ok = len(kern) >= sec.offset + sec.length and \
+            checksum(kern[sec.offset:sec.offset + sec.length]) == sec.checksum
+        marks[name] = "" if ok else "  CORRUPT"
+        if not ok and kern:
+            bad.append(f"state section '{name}' is corrupt")
+    print(describe(meta, marks))
+    if bad:
+        raise SnapshotError("; ".join(bad[:3]) + (" ..." if len(bad) > 3 else ""))
+    return 0
 
 
 def serve(vm: VirtualMachine, on_running: Callable[[], None] | None = None) -> int:

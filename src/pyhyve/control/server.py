@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import socket
-import stat
 import threading
 from collections.abc import Callable
 
+from .. import unixsock
 from . import socket_path
 from .protocol import ProtocolError, recv, send
 
@@ -18,28 +17,6 @@ Handler = Callable[[dict], dict]
 
 class ControlError(RuntimeError):
     pass
-
-
-def _claim(path: str) -> None:
-    """Refuse when a live VMM owns `path`; remove a stale socket left by a dead one."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ControlError(f"{path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError as e:
-        if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            return
-        raise ControlError(f"cannot check {path}: {e.strerror}") from None
-    finally:
-        probe.close()
-    raise ControlError(f"a VM with this name is already running (socket {path})")
 
 
 class ControlServer:
@@ -51,17 +28,12 @@ class ControlServer:
             os.makedirs(directory, mode=0o700, exist_ok=True)
         except OSError as e:
             raise ControlError(f"cannot create run directory {directory}: {e.strerror}") from None
-        _claim(self.path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)  # the socket is born 0600: no window where others may connect
         try:
-            self.sock.bind(self.path)
-        except OSError as e:
-            raise ControlError(f"cannot bind control socket {self.path}: {e.strerror}") from None
-        finally:
-            os.umask(old)
-        os.chmod(self.path, 0o600)
-        self.sock.listen(8)
+            self.sock, self.ident = unixsock.listen(
+                self.path, 128, "control socket",
+                "is the control socket of a running VM: a VM with this name is already running")
+        except unixsock.SocketPathError as e:
+            raise ControlError(str(e)) from None
         self.closed = False
         self.inflight = 0
         self.cond = threading.Condition()
@@ -122,5 +94,4 @@ class ControlServer:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        unixsock.release(self.path, self.ident)

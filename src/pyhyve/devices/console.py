@@ -10,6 +10,8 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
+from .. import unixsock
+
 
 class ConsoleError(ValueError):
     pass
@@ -129,15 +131,10 @@ class UnixConsole(Console):
         super().__init__()
         self.spec = f"unix:{path}"
         self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
         try:
-            self.sock.bind(path)
-        except OSError as e:
-            raise ConsoleError(f"cannot listen on console socket {path}: {e.strerror}") from None
-        os.chmod(path, 0o600)
-        self.sock.listen(1)
+            self.sock, self.ident = unixsock.listen(path, 1, "console socket")
+        except unixsock.SocketPathError as e:
+            raise ConsoleError(str(e)) from None
         self.client: socket.socket | None = None
         self.pending: deque[bytes] = deque()
         self.pending_len = 0
@@ -187,12 +184,13 @@ class UnixConsole(Console):
                 self.pending_len -= len(self.pending.popleft())
 
     def close(self) -> None:
+        if self.closed:
+            return
         self.closed = True
+        unixsock.release(self.path, self.ident)
         self.sock.close()
         if self.client:
             self.client.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
 
 
 def open_console(spec: str) -> Console:

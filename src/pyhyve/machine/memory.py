@@ -10,7 +10,8 @@ import contextlib
 import ctypes as C
 import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -22,6 +23,14 @@ PAGE = 4096
 _libc = C.CDLL(None, use_errno=True)
 MMIO_HOLE_START = 0xC000_0000  # 3 GiB: PCI/LAPIC/IOAPIC window below 4 GiB
 MMIO_HOLE_END = 0x1_0000_0000
+MAP_FIXED, MAP_NORESERVE, MADV_HUGEPAGE = 0x10, 0x4000, 14
+MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
+MAP_FAILED = C.c_void_p(-1).value
+_libc.mmap.restype = C.c_void_p
+_libc.mmap.argtypes = [C.c_void_p, C.c_size_t, C.c_int, C.c_int, C.c_int, C.c_long]
+_libc.mremap.restype = C.c_void_p
+_libc.mremap.argtypes = [C.c_void_p, C.c_size_t, C.c_size_t, C.c_int, C.c_void_p]
+_libc.munmap.argtypes = [C.c_void_p, C.c_size_t]
 
 
 @dataclass(frozen=True)
@@ -91,6 +100,10 @@ class GuestMemory:
                 with contextlib.suppress(OSError):
                     mm.madvise(mmap.MADV_HUGEPAGE)
             self.regions.append(Region(lay, mm))
+        # a private mapping of a snapshot file: which parts are anonymous instead (zero
+        # runs, never read from the file) and the guard that keeps the rest safe
+        self.anonymous: list[tuple[int, int]] = []
+        self.guard: object | None = None
 
     def region_for(self, gpa: int, length: int = 1) -> Region:
         for r in self.regions:
@@ -134,15 +147,84 @@ class GuestMemory:
 
     MADV_POPULATE_WRITE = 23  # Linux 5.14+
 
-    def populate(self, off: int, length: int) -> None:
-        """Fault in [off, off+length) (file offsets) for writing, without touching data.
+    def populate(self, off: int, length: int) -> bool:
+        """Fault in [off, off+length) (file offsets) for writing, without touching data
+        (in a private mapping: break copy-on-write). False if the kernel refused.
         Through ctypes, which drops the GIL (mmap.madvise holds it for the whole call)."""
         for r in self.regions:
             base = r.layout.file_offset
             if base <= off and off + length <= base + r.size:
-                _libc.madvise(C.c_void_p(r.host_addr + off - base), C.c_size_t(length),
-                              self.MADV_POPULATE_WRITE)
-                return
+                return _libc.madvise(C.c_void_p(r.host_addr + off - base), C.c_size_t(length),
+                                     self.MADV_POPULATE_WRITE) == 0
+        return False
+
+    def map_anonymous(self, spans: list[tuple[int, int]]) -> None:
+        """Replace [off, off+length) file ranges of a private mapping by anonymous memory
+        (zero pages that never depend on the file, 2 MiB pages where the host gives them).
+        Only before the guest runs: what was there is dropped."""
+        for off, length in spans:
+            for r in self.regions:
+                base = r.layout.file_offset
+                if base <= off and off + length <= base + r.size:
+                    addr = r.host_addr + off - base
+                    got = _libc.mmap(C.c_void_p(addr), C.c_size_t(length),
+                                     mmap.PROT_READ | mmap.PROT_WRITE,
+                                     mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_FIXED
+                                     | MAP_NORESERVE, -1, C.c_long(0))
+                    if got != addr:
+                        raise OSError(C.get_errno(), "cannot map anonymous guest memory")
+                    _libc.madvise(C.c_void_p(addr), C.c_size_t(length), MADV_HUGEPAGE)
+                    self.anonymous.append((off, length))
+                    break
+        self.anonymous.sort()
+
+    def detach_from_file(self, paused: Callable[[], AbstractContextManager[None]]) -> None:
+        """Give every range still mapped from the backing file anonymous memory of its own,
+        with the same bytes. Copy-on-write is not enough: truncating a file drops even the
+        private copies of its pages (unmap_mapping_range with even_cows). New memory is
+        allocated and faulted in first; only the copy and the swap-in of the mappings
+        (mremap over the old range) happen inside `paused()`, while no vCPU runs."""
+        ranges = list(self.file_backed())
+        fresh: list[int] = []
+        try:
+            for _, n in ranges:
+                addr = _libc.mmap(None, n, mmap.PROT_READ | mmap.PROT_WRITE,
+                                  mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+                if addr in (None, MAP_FAILED):
+                    raise OSError(C.get_errno(), "cannot allocate memory to copy guest RAM into")
+                fresh.append(addr)
+                _libc.madvise(C.c_void_p(addr), C.c_size_t(n), MADV_HUGEPAGE)
+                _libc.madvise(C.c_void_p(addr), C.c_size_t(n), self.MADV_POPULATE_WRITE)
+            with paused():
+                for (off, n), new in zip(ranges, fresh, strict=True):
+                    old = self._host_addr(off, n)
+                    C.memmove(new, old, n)
+                    if _libc.mremap(new, n, n, MREMAP_MAYMOVE | MREMAP_FIXED, old) != old:
+                        raise OSError(C.get_errno(), "cannot move guest RAM off its file")
+                    fresh[fresh.index(new)] = 0
+                    self.anonymous.append((off, n))
+                self.anonymous.sort()
+        finally:
+            for addr, (_, n) in zip(fresh, ranges, strict=True):
+                if addr:
+                    _libc.munmap(addr, n)
+
+    def _host_addr(self, off: int, length: int) -> int:
+        for r in self.regions:
+            base = r.layout.file_offset
+            if base <= off and off + length <= base + r.size:
+                return r.host_addr + off - base
+        raise ValueError(f"file range {off:#x}+{length:#x} is not in one RAM region")
+
+    def file_backed(self) -> Iterator[tuple[int, int]]:
+        """(file offset, length) of the ranges still mapped from the backing file."""
+        if not self.private:
+            return
+        pos = 0
+        for off, length in [*self.anonymous, (self.size, 0)]:
+            if off > pos:
+                yield from self.pieces(pos, off, 1 << 62)
+            pos = off + length
 
     def file_view(self, off: int, length: int) -> memoryview:
         """Guest RAM by file offset; the range must lie in one region."""
@@ -153,6 +235,9 @@ class GuestMemory:
         raise ValueError(f"file range {off:#x}+{length:#x} is not in one RAM region")
 
     def close(self) -> None:
+        guard, self.guard = self.guard, None
+        if guard is not None:
+            guard.stop()  # type: ignore[attr-defined]  # its thread touches our mappings
         for r in self.regions:
             r.__dict__.pop("array", None)
             with contextlib.suppress(BufferError):  # a numpy view still alive elsewhere

@@ -78,6 +78,10 @@ class VcpuThread:
             if ret < 0:
                 if ret in (-errno.EINTR, -errno.EAGAIN):
                     continue
+                if ret == -errno.EFAULT:  # e.g. a mapped file shrank under the guest
+                    ctl.stop(f"vcpu{vcpu.index}: guest memory became unreadable (EFAULT); "
+                             "the guest was stopped rather than run on missing memory", 1)
+                    return
                 raise OSError(-ret, f"KVM_RUN failed: {errno.errorcode.get(-ret, -ret)}")
             self.exits += 1
             reason = run.exit_reason

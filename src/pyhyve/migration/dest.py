@@ -175,8 +175,7 @@ class Receiver:
         con = self.console or open_console(config.console)
         self.vm = vm = VirtualMachine(config, con, cpuid=cpuid)
         if scale:
-            for v in vm.vcpus:
-                v.set_tsc_khz(hello["host"]["tsc_khz"])
+            vm.set_tsc_khz(hello["host"]["tsc_khz"])
         total_pages = vm.memory.size // PAGE
         ch.mem_sink = lambda first, count, enc, n: self._sink(first, count, enc, n, total_pages)
         blobs: dict[str, bytes] = {}

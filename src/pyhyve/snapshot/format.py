@@ -1,11 +1,14 @@
 """The three files of a snapshot and the rules for trusting them.
 
-    FILE       guest RAM; byte `file_offset + x` of a region is guest-physical
-               `guest_phys_addr + x`; zero pages are holes. Plain-mmap usable.
-    FILE.kern  a 16-byte header, then state sections (vm, vcpuN, dev:NAME, memory-runs).
-    FILE.meta  JSON: what the snapshot is, the VM config, CPUID, host facts, memory regions,
-               every section's offset/length/checksum, the memory checksum, and a checksum
-               of the metadata itself.
+    FILE.gN       guest RAM; byte `file_offset + x` of a region is guest-physical
+                  `guest_phys_addr + x`; zero pages are holes. Plain-mmap usable.
+    FILE.gN.kern  a 16-byte header, then state sections (vm, vcpuN, dev:NAME, memory-runs).
+    FILE.meta     JSON: what the snapshot is, its generation N, the VM config, CPUID, host
+                  facts, memory regions, every section's offset/length/checksum, the memory
+                  checksum, and a checksum of the metadata itself. Renaming it into place
+                  commits a save (files.py).
+
+Format 1 (FILE, FILE.kern, no generation) is still read.
 
 Everything read from these files is checked before it is used; a failed check is a
 SnapshotError with one sentence that says what is wrong.
@@ -20,24 +23,28 @@ from typing import Any
 
 import xxhash
 
+from .. import untrusted
 from ..machine.memory import PAGE, ram_layout
+from .files import MAX_GENERATION
 
 FORMAT = "pyhyve-snapshot"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 KERN_MAGIC = b"PYHYVE-KERN\0"
-KERN_HEADER = KERN_MAGIC + FORMAT_VERSION.to_bytes(4, "little")
+KERN_HEADER_SIZE = 16
 MAX_META_BYTES = 4 << 20
 MAX_SECTIONS = 1024
 MAX_MEMORY = 1 << 40
 MAX_CPUS = 64
+MAX_STATE_BYTES = 64 << 20  # FILE.kern is read whole: bound it before allocating
 
 
 class SnapshotError(ValueError):
     """The snapshot cannot be written, read or trusted; the message says why."""
 
 
-def paths(base: str) -> tuple[str, str, str]:
-    return base, base + ".kern", base + ".meta"
+def kern_header(version: int = FORMAT_VERSION) -> bytes:
+    return KERN_MAGIC + version.to_bytes(4, "little")
 
 
 def checksum(data: bytes | memoryview) -> str:
@@ -77,26 +84,23 @@ def _str(d: dict, key: str) -> str:
 
 def read_meta(path: str) -> dict[str, Any]:
     """Parse and validate FILE.meta (structure, bounds, its own checksum)."""
+    if not os.path.lexists(path):
+        raise SnapshotError(f"{path} is missing")
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_META_BYTES + 1)
-    except FileNotFoundError:
-        raise SnapshotError(f"{path} is missing") from None
-    except OSError as e:
-        raise SnapshotError(f"cannot read {path}: {e.strerror}") from None
-    if len(raw) > MAX_META_BYTES:
-        raise SnapshotError(f"{path} is too large to be snapshot metadata")
+        raw = untrusted.read_file(path, MAX_META_BYTES, "snapshot metadata")
+    except untrusted.BadFile as e:
+        raise SnapshotError(str(e)) from None
     try:
-        meta = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise SnapshotError(f"{path} is not valid JSON (truncated or corrupt)") from None
+        meta = untrusted.loads(raw, max_depth=8)
+    except untrusted.BadJson as e:
+        raise SnapshotError(f"{path} is not valid metadata: {e} (truncated or corrupt)") from None
     _need(isinstance(meta, dict), "not a JSON object")
     if meta.get("format") != FORMAT:
         raise SnapshotError(f"{path} is not a pyhyve snapshot (format {meta.get('format')!r})")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
         raise SnapshotError(f"snapshot format version {version!r} is not supported "
-                            f"(this pyhyve reads version {FORMAT_VERSION})")
+                            f"(this pyhyve reads versions {', '.join(map(str, READABLE_VERSIONS))})")
     if meta.get("meta_checksum") != meta_checksum(meta):
         raise SnapshotError(f"{path}: metadata checksum mismatch (corrupt or edited)")
     _validate(meta)
@@ -104,6 +108,8 @@ def read_meta(path: str) -> dict[str, Any]:
 
 
 def _validate(meta: dict[str, Any]) -> None:
+    if meta["format_version"] >= 2:
+        _int(meta, "generation", 1, MAX_GENERATION)
     vm = meta.get("vm")
     _need(isinstance(vm, dict), "'vm' is missing")
     size = _int(vm, "memory", PAGE, MAX_MEMORY)
@@ -126,14 +132,14 @@ def _validate(meta: dict[str, Any]) -> None:
     _int(mem, "data_pages", 0, size // PAGE)
     state = meta.get("state")
     _need(isinstance(state, dict), "'state' is missing")
-    kern_size = _int(state, "size", len(KERN_HEADER), 1 << 40)
+    kern_size = _int(state, "size", KERN_HEADER_SIZE, MAX_STATE_BYTES)
     sections = state.get("sections")
     _need(isinstance(sections, list) and 0 < len(sections) <= MAX_SECTIONS, "bad section table")
     names = set()
     for s in sections:
         _need(isinstance(s, dict), "bad section entry")
         name = _str(s, "name")
-        off = _int(s, "offset", len(KERN_HEADER), kern_size)
+        off = _int(s, "offset", KERN_HEADER_SIZE, kern_size)
         length = _int(s, "length", 0, kern_size)
         _need(off + length <= kern_size, f"section '{name}' runs past the end of the state file")
         _str(s, "checksum")
@@ -160,11 +166,3 @@ def _validate(meta: dict[str, Any]) -> None:
 def sections(meta: dict[str, Any]) -> dict[str, Section]:
     return {s["name"]: Section(s["name"], s["offset"], s["length"], s["checksum"])
             for s in meta["state"]["sections"]}
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

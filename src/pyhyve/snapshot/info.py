@@ -5,15 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 
-def describe(meta: dict[str, Any]) -> str:
+def describe(meta: dict[str, Any], marks: dict[str, str] | None = None) -> str:
+    """`marks`: text to append to a state section's line (e.g. CORRUPT)."""
+    marks = marks or {}
     vm, mem, host = meta["vm"], meta["memory"], meta["host"]
     data = mem["data_pages"] * 4096
     lines = [
         f"snapshot      {meta['kind']} of VM '{vm['name']}', {meta['created']}",
         f"format        {meta['format']} v{meta['format_version']} "
-        f"(pyhyve {meta.get('pyhyve_version', '?')})",
+        f"(pyhyve {meta.get('pyhyve_version', '?')}), generation {meta.get('generation', '-')}",
         f"vm            {vm['memory'] >> 20} MiB RAM, {vm['cpus']} vCPU(s), "
-        f"console {vm['console']}",
+        f"console at save {vm['console']} (never reused: restore binds its own)",
         f"kernel        {vm.get('kernel') or '-'}  cmdline '{vm['cmdline']}'",
         f"cpuid hidden  {', '.join(vm['cpuid_hidden']) or '-'} ({len(meta['cpuid'])} leaves)",
         f"host          TSC {host['tsc_khz']} kHz, kernel {host.get('kernel', '?')}",
@@ -26,7 +28,8 @@ def describe(meta: dict[str, Any]) -> str:
     st = meta["state"]
     lines.append(f"state         {st['file']}: {st['size']} bytes, {len(st['sections'])} sections")
     for s in st["sections"]:
-        lines.append(f"  {s['name']:<12}{s['length']:>8} bytes at {s['offset']:<8} {s['checksum']}")
+        lines.append(f"  {s['name']:<12}{s['length']:>8} bytes at {s['offset']:<8} {s['checksum']}"
+                     f"{marks.get(s['name'], '')}")
     for d in meta["devices"]:
         lines.append(f"device        {d['name']}: {d['kind']} v{d['version']}")
     return "\n".join(lines)

@@ -76,20 +76,31 @@ def merge(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
+def _written_pages(addr: int, size: int) -> object:
+    """Pages of [addr, addr+size) in this process that hold private (anonymous) data, as
+    a bool array from /proc/self/pagemap: present and not file-backed, or swapped out.
+    A page pushed to swap is not present but is still guest data; missing it lost pages."""
+    import numpy as np
+
+    with open("/proc/self/pagemap", "rb") as f:
+        raw = os.pread(f.fileno(), size // PAGE * 8, addr // PAGE * 8)
+    pm = np.frombuffer(raw, dtype=np.uint64)
+    present = (pm >> np.uint64(63)) & np.uint64(1)
+    swapped = (pm >> np.uint64(62)) & np.uint64(1)
+    file_page = (pm >> np.uint64(61)) & np.uint64(1)
+    return ((present & ~file_page & np.uint64(1)) | swapped).astype(bool)
+
+
 def _private_spans(mem: GuestMemory, r: object) -> list[tuple[int, int]]:
     """Where a private (copy-on-write) mapping of a snapshot file can hold non-zero bytes:
-    the file's data extents, plus the pages the guest wrote since (anonymous in
-    /proc/self/pagemap). Scanning only these avoids faulting in every hole of the file."""
+    the file's data extents, plus the pages the guest wrote since (anonymous, in RAM or in
+    swap). Scanning only these avoids faulting in every hole of the file."""
     import numpy as np
 
     base = r.layout.file_offset  # type: ignore[attr-defined]
     size = r.size  # type: ignore[attr-defined]
     spans = [(s - base, e - base) for s, e in extents(mem.fd, base, base + size)]
-    with open("/proc/self/pagemap", "rb") as f:
-        raw = os.pread(f.fileno(), size // PAGE * 8, r.host_addr // PAGE * 8)  # type: ignore[attr-defined]
-    pm = np.frombuffer(raw, dtype=np.uint64)
-    anon = ((pm >> np.uint64(63)) & np.uint64(1)).astype(bool) & ~(
-        ((pm >> np.uint64(61)) & np.uint64(1)).astype(bool))
+    anon = _written_pages(r.host_addr, size)  # type: ignore[attr-defined]
     edges = np.diff(np.concatenate(([False], anon, [False])).astype(np.int8))
     starts, ends = np.nonzero(edges == 1)[0], np.nonzero(edges == -1)[0]
     spans += [(int(a) * PAGE, int(b) * PAGE) for a, b in zip(starts, ends, strict=True)]
@@ -109,6 +120,23 @@ def guest_runs(mem: GuestMemory) -> list[tuple[int, int]]:
         for s, e in spans:
             runs += nonzero_runs(r.array[s:e], (base + s) // PAGE)
     return merge(runs)
+
+
+def zero_spans(runs: list[tuple[int, int]], mem: GuestMemory, min_pages: int = 512,
+               limit: int = 4096) -> list[tuple[int, int]]:
+    """(file offset, length) of the largest all-zero stretches between runs, 2 MiB-aligned
+    and within one region: a lazy restore maps these anonymous (never read from the file,
+    huge pages possible). At most `limit` of them, so the mapping count stays bounded."""
+    spans = []
+    for r in mem.regions:
+        lo, hi = r.layout.file_offset, r.layout.file_offset + r.size
+        for s, e in _gaps(runs, lo, hi):
+            s = (s + min_pages * PAGE - 1) // (min_pages * PAGE) * (min_pages * PAGE)
+            e = e // (min_pages * PAGE) * (min_pages * PAGE)
+            if e - s >= min_pages * PAGE:
+                spans.append((s, e - s))
+    spans.sort(key=lambda x: -x[1])
+    return sorted(spans[:limit])
 
 
 def write_memory(mem: GuestMemory, fd: int, runs: list[tuple[int, int]],

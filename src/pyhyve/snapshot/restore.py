@@ -22,8 +22,10 @@ from ..machine.cpuid import cpuid_from_list, for_vcpu, missing_features
 from ..machine.memory import PAGE, GuestMemory
 from ..machine.state import VcpuState, VmKvmState
 from . import codec
-from .format import KERN_HEADER, Section, SnapshotError, checksum, paths, read_meta, sections
-from .memfile import decode_runs, hash_file_runs, load_eager, stray_data
+from .files import dir_lock, generation_files, meta_path, resolve_base
+from .format import KERN_MAGIC, Section, SnapshotError, checksum, kern_header, read_meta, sections
+from .lease import LeaseGuard
+from .memfile import decode_runs, hash_file_runs, load_eager, stray_data, zero_spans
 
 TSC_TOLERANCE_PPM = 250  # KVM's own tolerance before it scales or complains
 
@@ -35,6 +37,7 @@ class Snapshot:
     blobs: dict[str, bytes]
     runs: list[tuple[int, int]]
     mem_fd: int
+    memory_path: str = ""
     verify_seconds: float = 0.0
     memory_verified: bool = False
 
@@ -55,17 +58,27 @@ def _open_read(path: str, what: str) -> int:
 
 def open_snapshot(base: str, verify_memory: bool = True,
                   progress: Callable[[int], Callable[[int], None]] | None = None) -> Snapshot:
+    """Read and check FILE.meta and the state file, open the memory file; FILE may be
+    given by any of its names. The files are opened under the directory's shared lock,
+    so a save committing to the same path at that moment cannot mix generations."""
     t0 = time.perf_counter()
-    mem_path, kern_path, meta_path = paths(os.path.abspath(base))
-    meta = read_meta(meta_path)
+    base = resolve_base(base)
+    with dir_lock(base, exclusive=False):
+        meta = read_meta(meta_path(base))
+        files = generation_files(base, meta.get("generation", 0))
+        fd = _open_read(files.memory, "memory file")
+        try:
+            kfd = _open_read(files.state, "state file")
+        except BaseException:
+            os.close(fd)
+            raise
+    mem_path, kern_path = files.memory, files.state
     size = meta["memory"]["size"]
-    fd = _open_read(mem_path, "memory file")
     try:
         actual = os.fstat(fd).st_size
         if actual != size:
             raise SnapshotError(f"memory file {mem_path} is {actual} bytes, metadata says {size} "
                                 "(truncated or replaced)")
-        kfd = _open_read(kern_path, "state file")
         try:
             kern_size = os.fstat(kfd).st_size
             if kern_size != meta["state"]["size"]:
@@ -74,10 +87,10 @@ def open_snapshot(base: str, verify_memory: bool = True,
             kern = os.pread(kfd, kern_size, 0)
         finally:
             os.close(kfd)
-        if not kern.startswith(KERN_HEADER[:12]):
+        if not kern.startswith(KERN_MAGIC):
             raise SnapshotError(f"{kern_path} is not a pyhyve state file (bad magic)")
-        if kern[:len(KERN_HEADER)] != KERN_HEADER:
-            raise SnapshotError(f"{kern_path}: unsupported state file version")
+        if not kern.startswith(kern_header(meta["format_version"])):
+            raise SnapshotError(f"{kern_path}: state file version does not match the metadata's")
         blobs = {}
         for name, sec in sections(meta).items():
             blob = kern[sec.offset:sec.offset + sec.length]
@@ -90,7 +103,7 @@ def open_snapshot(base: str, verify_memory: bool = True,
             raise SnapshotError(f"memory run table: {e}") from None
         if sum(n for _, n in runs) != meta["memory"]["data_pages"]:
             raise SnapshotError("memory run table disagrees with the metadata's page count")
-        snap = Snapshot(os.path.abspath(base), meta, blobs, runs, fd)
+        snap = Snapshot(base, meta, blobs, runs, fd, memory_path=mem_path)
         if verify_memory:
             verify_memory_file(snap, progress)
         snap.verify_seconds = time.perf_counter() - t0
@@ -197,7 +210,8 @@ def _build(snap: Snapshot, name: str | None, console: Console | None, console_sp
     v = snap.meta["vm"]
     config = VmConfig(name=name or v["name"], memory=v["memory"], cpus=v["cpus"],
                       kernel=v.get("kernel"), initrd=v.get("initrd"), cmdline=v["cmdline"],
-                      console=console_spec or v["console"],
+                      # host resources come from the command line, never from the file
+                      console=console_spec or "stdio",
                       cpuid_hidden=tuple(v["cpuid_hidden"]))
     host = host_memory_bytes()
     if host and config.memory > host:
@@ -207,8 +221,15 @@ def _build(snap: Snapshot, name: str | None, console: Console | None, console_sp
         cpuid = cpuid_from_list(snap.meta["cpuid"])
     except CpuidError as e:
         raise SnapshotError(f"metadata: {e}") from None
-    memory = (GuestMemory(config.memory, backing_fd=snap.mem_fd, private=True) if lazy
-              else GuestMemory(config.memory, name=f"pyhyve-{config.name}"))
+    if lazy:
+        memory = GuestMemory(config.memory, backing_fd=snap.mem_fd, private=True)
+        try:
+            memory.map_anonymous(zero_spans(snap.runs, memory))
+        except BaseException:
+            memory.close()
+            raise
+    else:
+        memory = GuestMemory(config.memory, name=f"pyhyve-{config.name}")
     con = console or open_console(config.console)
     try:
         vm = VirtualMachine(config, con, memory=memory, cpuid=cpuid)
@@ -218,11 +239,10 @@ def _build(snap: Snapshot, name: str | None, console: Console | None, console_sp
         raise
     try:
         scale = check_host(snap.meta["cpuid"], snap.meta["host"]["tsc_khz"],
-                           vm.kvm.supported_cpuid(), vm.vcpus[0].get_tsc_khz(),
+                           vm.kvm.supported_cpuid(), vm.tsc_khz,
                            bool(vm.kvm.check_extension(I.KVM_CAP_TSC_CONTROL)))
         if scale:
-            for vc in vm.vcpus:
-                vc.set_tsc_khz(snap.meta["host"]["tsc_khz"])
+            vm.set_tsc_khz(snap.meta["host"]["tsc_khz"])
         for i, vc in enumerate(vm.vcpus):
             vc.set_cpuid2(for_vcpu(cpuid, i, config.cpus))
         state = decode_state(snap.blobs, config.cpus, snap.meta["devices"],
@@ -232,6 +252,12 @@ def _build(snap: Snapshot, name: str | None, console: Console | None, console_sp
                 data = sum(n for _, n in snap.runs) * PAGE
                 load_eager(vm.memory, mm, snap.runs, progress(data) if progress else None)
         vm.apply(state)  # type: ignore[arg-type]
+        if lazy:
+            guard = LeaseGuard(memory, snap.mem_fd, snap.memory_path,
+                               lambda why: vm.stop(why, 1), vm.paused)
+            memory.guard = guard
+            vm.snapshot_file = snap.memory_path
+            guard.start()
     except (VmError, ValueError, OSError) as e:
         vm.close()
         if isinstance(e, SnapshotError):

@@ -1,10 +1,11 @@
 """Save a VM into the three files: atomically, and without harming the VM on failure.
 
-Order of work: pause, capture vCPU/VM/device state, write memory (page cache), then for a
-checkpoint resume the guest at once (the memory bytes are already in the file), then fsync,
-write the state and metadata files, fsync, rename all three with the metadata last (it is
-the commit record), fsync the directory. Any failure removes the temporary files and leaves
-the VM running.
+Order of work: pause, capture vCPU/VM/device state, write memory (page cache) into an
+exclusive temporary, then for a checkpoint resume the guest at once (the memory bytes are
+already in the file), then fsync, write the state temporary, fsync, and commit (files.py:
+a new generation, FILE.meta renamed into place last, the old generation removed after).
+Any failure removes the temporaries, leaves the last good snapshot as it was and the VM
+running.
 """
 
 from __future__ import annotations
@@ -23,16 +24,8 @@ from ..kvm import ioctls as I
 from ..machine.cpuid import cpuid_to_list
 from ..machine.memory import PAGE
 from . import codec
-from .format import (
-    FORMAT,
-    FORMAT_VERSION,
-    KERN_HEADER,
-    SnapshotError,
-    checksum,
-    fsync_dir,
-    meta_checksum,
-    paths,
-)
+from .files import SnapshotFiles, commit, create_temp, write_all
+from .format import FORMAT, FORMAT_VERSION, SnapshotError, checksum, kern_header, meta_checksum
 from .memfile import encode_runs, guest_runs, write_memory
 
 if TYPE_CHECKING:
@@ -50,11 +43,14 @@ class SaveStats:
     zero_pages: int
     seconds: float
     downtime: float
+    generation: int = 0
+    removed: tuple[str, ...] = ()  # leftovers of the old snapshot and interrupted saves
 
     def line(self) -> str:
+        extra = f", removed {len(self.removed)} stale file(s)" if self.removed else ""
         return (f"{self.kind} to {self.path}: {self.ram_bytes >> 20} MiB RAM, "
                 f"{self.written_bytes / (1 << 20):.1f} MiB written, {self.zero_pages} zero pages "
-                f"skipped, {self.seconds:.3f} s, downtime {self.downtime * 1e3:.1f} ms")
+                f"skipped, {self.seconds:.3f} s, downtime {self.downtime * 1e3:.1f} ms{extra}")
 
 
 def state_sections(st: MachineState, runs: list[tuple[int, int]]) -> list[tuple[str, bytes]]:
@@ -70,29 +66,30 @@ def host_facts(vm: VirtualMachine) -> dict:
             ("KVM_CAP_XSAVE", "KVM_CAP_XCRS", "KVM_CAP_VCPU_EVENTS", "KVM_CAP_DEBUGREGS",
              "KVM_CAP_ADJUST_CLOCK", "KVM_CAP_TSC_CONTROL", "KVM_CAP_KVMCLOCK_CTRL",
              "KVM_CAP_PIT2", "KVM_CAP_IRQCHIP")}
-    return {"tsc_khz": vm.vcpus[0].get_tsc_khz(), "kvm_api_version": 12,
+    return {"tsc_khz": vm.tsc_khz, "kvm_api_version": 12,
             "capabilities": caps, "kernel": os.uname().release,
             "msrs": [f"{i:#x}" for i in vm.msr_indices]}
 
 
-def build_meta(vm: VirtualMachine, base: str, kind: str, st: MachineState,
+def build_meta(vm: VirtualMachine, files: SnapshotFiles, kind: str, st: MachineState,
                sections: list[tuple[str, int, int, str]], kern_size: int, mem_stats: object) -> dict:
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "pyhyve_version": __version__,
+        "generation": files.generation,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
         "kind": kind,
         "vm": vm.config.to_dict(),
         "cpuid": cpuid_to_list(vm.cpuid),
         "host": host_facts(vm),
         "memory": {
-            "file": os.path.basename(base), "size": vm.memory.size,
+            "file": os.path.basename(files.memory), "size": vm.memory.size,
             "regions": [{"guest_phys_addr": r.gpa, "size": r.size,
                          "file_offset": r.layout.file_offset} for r in vm.memory.regions],
             "checksum_algo": "xxh3_128", "checksum": mem_stats.checksum,  # type: ignore[attr-defined]
             "data_pages": mem_stats.data_pages,  # type: ignore[attr-defined]
             "zero_pages": mem_stats.zero_pages,  # type: ignore[attr-defined]
         },
-        "state": {"file": os.path.basename(base) + ".kern", "size": kern_size,
+        "state": {"file": os.path.basename(files.state), "size": kern_size,
                   "checksum_algo": "xxh3_128",
                   "sections": [{"name": n, "offset": o, "length": ln, "checksum": c}
                                for n, o, ln, c in sections]},
@@ -103,16 +100,10 @@ def build_meta(vm: VirtualMachine, base: str, kind: str, st: MachineState,
     return meta
 
 
-def _write_all(fd: int, data: bytes, offset: int = 0) -> None:
-    mv = memoryview(data)
-    while mv:
-        n = os.pwrite(fd, mv, offset)
-        mv, offset = mv[n:], offset + n
-
-
 def save(vm: VirtualMachine, base: str, kind: str, progress: ProgressFactory | None = None,
          keep_paused: bool = False) -> SaveStats:
-    """Snapshot `vm` to `base` (+ .kern, .meta). `kind` is "suspend" or "checkpoint"; a
+    """Snapshot `vm` to `base` (FILE.meta naming FILE.gN and FILE.gN.kern). `kind` is
+    "suspend" or "checkpoint"; a
     checkpoint resumes the guest as soon as its memory is written (unless keep_paused)."""
     base = os.path.abspath(base)
     directory = os.path.dirname(base)
@@ -120,19 +111,19 @@ def save(vm: VirtualMachine, base: str, kind: str, progress: ProgressFactory | N
         raise SnapshotError(f"cannot save snapshot: directory {directory} does not exist")
     if not os.access(directory, os.W_OK):
         raise SnapshotError(f"cannot save snapshot: directory {directory} is not writable")
-    final = paths(base)
-    tmp = [f"{p}.tmp-{os.getpid()}" for p in final]
     t0 = time.perf_counter()
     was_running = vm.state == "running"
     if was_running:
         vm.pause()
     resumed_at = None
     fds: list[int] = []
+    tmps: list[str] = []
     try:
         st = vm.capture()
         runs = guest_runs(vm.memory)
-        fd = os.open(tmp[0], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd, tmp = create_temp(base, ".mem")
         fds.append(fd)
+        tmps.append(tmp)
         os.ftruncate(fd, vm.memory.size)
         data_bytes = sum(n for _, n in runs) * PAGE
         mem_stats = write_memory(vm.memory, fd, runs, progress(data_bytes) if progress else None)
@@ -141,26 +132,25 @@ def save(vm: VirtualMachine, base: str, kind: str, progress: ProgressFactory | N
             resumed_at = time.perf_counter()
         os.fsync(fd)
         blobs = state_sections(st, runs)
-        table, off = [], len(KERN_HEADER)
+        header = kern_header()
+        table, off = [], len(header)
         for name, blob in blobs:
             table.append((name, off, len(blob), checksum(blob)))
             off += len(blob)
-        kern = KERN_HEADER + b"".join(b for _, b in blobs)
-        kfd = os.open(tmp[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        kern = header + b"".join(b for _, b in blobs)
+        kfd, ktmp = create_temp(base, ".kern")
         fds.append(kfd)
-        _write_all(kfd, kern)
+        tmps.append(ktmp)
+        write_all(kfd, kern)
         os.fsync(kfd)
-        meta = build_meta(vm, base, kind, st, table, len(kern), mem_stats)
-        raw = json.dumps(meta, indent=1).encode() + b"\n"
-        mfd = os.open(tmp[2], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        fds.append(mfd)
-        _write_all(mfd, raw)
-        os.fsync(mfd)
-        for a, b in zip(tmp, final, strict=True):
-            os.rename(a, b)
-        fsync_dir(base)
+
+        def make_meta(files: SnapshotFiles) -> bytes:
+            meta = build_meta(vm, files, kind, st, table, len(kern), mem_stats)
+            return json.dumps(meta, indent=1).encode() + b"\n"
+
+        files, removed = commit(base, tmp, ktmp, make_meta)
     except BaseException as e:
-        for p in tmp:
+        for p in tmps:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)
         if was_running and vm.state == "paused" and not keep_paused:
@@ -174,4 +164,4 @@ def save(vm: VirtualMachine, base: str, kind: str, progress: ProgressFactory | N
     end = time.perf_counter()
     downtime = (resumed_at or end) - t0
     return SaveStats(base, kind, vm.memory.size, data_bytes, mem_stats.zero_pages, end - t0,
-                     downtime)
+                     downtime, files.generation, tuple(removed))

@@ -1,0 +1,233 @@
+"""Where a snapshot's files live, and how a save replaces them without ever breaking the
+last good snapshot.
+
+    FILE.meta         the commit record: names the generation N that is current
+    FILE.gN           guest RAM of generation N
+    FILE.gN.kern      vCPU, VM and device state of generation N
+    (format 1, read only: FILE and FILE.kern)
+
+A save writes its data into temporaries created exclusively (O_EXCL|O_NOFOLLOW, mode
+0600, unpredictable names) in the target directory, renames them to a generation no file
+uses yet, and then renames the new FILE.meta into place: that one rename is the commit.
+Until it, the old snapshot is untouched and whole; after it, the old generation's files
+are removed. Commits to one directory are serialised by an flock on the directory, so two
+saves to the same path never mix their files. Leftovers of interrupted saves (temporaries
+of dead processes, generations no metadata names) are removed by the next save to the
+same path and by `snapshot verify`, and reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import stat
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+MAX_GENERATION = 999_999_999
+_TMP = re.compile(r"\.tmp-([0-9]+)-[A-Za-z0-9_]+\.(mem|kern|meta)$")
+_GEN = re.compile(r"\.g([0-9]{1,9})(\.kern)?$")
+
+
+@dataclass(frozen=True)
+class SnapshotFiles:
+    memory: str
+    state: str
+    meta: str
+    generation: int  # 0: format 1 (FILE, FILE.kern)
+
+
+def meta_path(base: str) -> str:
+    return base + ".meta"
+
+
+def generation_files(base: str, generation: int) -> SnapshotFiles:
+    if generation == 0:
+        return SnapshotFiles(base, base + ".kern", meta_path(base), 0)
+    g = f"{base}.g{generation}"
+    return SnapshotFiles(g, g + ".kern", meta_path(base), generation)
+
+
+def resolve_base(path: str) -> str:
+    """FILE from any of its names: FILE, FILE.meta, FILE.kern, FILE.gN, FILE.gN.kern."""
+    path = os.path.abspath(path)
+    if path.endswith(".meta"):
+        return path[:-5]
+    m = _GEN.search(path)
+    if m and os.path.exists(meta_path(path[:m.start()])):
+        return path[:m.start()]
+    if path.endswith(".kern") and os.path.exists(meta_path(path[:-5])):
+        return path[:-5]
+    return path
+
+
+@contextlib.contextmanager
+def dir_lock(base: str, exclusive: bool) -> Iterator[None]:
+    """flock on the snapshot's directory: commits exclusive, readers shared. A file
+    system without flock still works, unserialised."""
+    try:
+        fd = os.open(os.path.dirname(base) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
+def create_temp(base: str, suffix: str) -> tuple[int, str]:
+    """An exclusively created 0600 temporary beside `base` (mkstemp: O_EXCL|O_NOFOLLOW,
+    a random name): nobody can pre-create it, link it elsewhere, or read it."""
+    d, name = os.path.split(base)
+    fd, path = tempfile.mkstemp(prefix=f"{name}.tmp-{os.getpid()}-", suffix=suffix, dir=d)
+    os.set_inheritable(fd, False)
+    return fd, path
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _ours(path: str) -> bool:
+    """A regular file (not a link) owned by us: the only kind of leftover we delete."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
+
+
+def current_generation(base: str) -> tuple[int, int] | None:
+    """(format version, generation) named by FILE.meta, read leniently (the commit step
+    needs only these two numbers; trust is checked by readers). None: no usable meta."""
+    try:
+        with open(meta_path(base), "rb") as f:
+            meta = json.loads(f.read(4 << 20))
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(meta, dict):
+        return None
+    version, gen = meta.get("format_version"), meta.get("generation", 0)
+    if version == 1:
+        return 1, 0
+    if isinstance(gen, int) and not isinstance(gen, bool) and 0 < gen <= MAX_GENERATION:
+        return version if isinstance(version, int) else 0, gen
+    return None
+
+
+def current_files(base: str) -> SnapshotFiles:
+    """The files FILE.meta names now (leniently read: for tools and tests, not trust)."""
+    base = resolve_base(base)
+    cur = current_generation(base)
+    return generation_files(base, cur[1] if cur else 0)
+
+
+def leftovers(base: str, keep: int | None) -> list[str]:
+    """Files of this snapshot that nothing uses: temporaries of dead processes, and (when
+    `keep` is known) generations other than `keep`. Call with the directory locked."""
+    d, name = os.path.split(base)
+    out = []
+    try:
+        entries = os.listdir(d or ".")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.startswith(name + "."):
+            continue
+        rest = entry[len(name):]
+        path = os.path.join(d, entry)
+        m = _TMP.fullmatch(rest)
+        if m and not _alive(int(m.group(1))) and _ours(path):
+            out.append(path)
+            continue
+        g = _GEN.fullmatch(rest)
+        if keep is not None and g and int(g.group(1)) != keep and _ours(path):
+            out.append(path)
+    return sorted(out)
+
+
+def clean(base: str, keep: int | None) -> list[str]:
+    """Remove this snapshot's leftovers (see `leftovers`) under the directory lock."""
+    with dir_lock(base, exclusive=True):
+        return remove(leftovers(base, keep))
+
+
+def remove(paths: list[str]) -> list[str]:
+    removed = []
+    for p in paths:
+        with contextlib.suppress(OSError):
+            os.unlink(p)
+            removed.append(p)
+    return removed
+
+
+def _highest_generation(base: str) -> int:
+    d, name = os.path.split(base)
+    best = 0
+    with contextlib.suppress(OSError):
+        for entry in os.listdir(d or "."):
+            if entry.startswith(name + "."):
+                g = _GEN.fullmatch(entry[len(name):])
+                if g:
+                    best = max(best, int(g.group(1)))
+    return best
+
+
+def write_all(fd: int, data: bytes | memoryview, offset: int = 0) -> None:
+    mv = memoryview(data)
+    while mv:
+        n = os.pwrite(fd, mv, offset)
+        mv, offset = mv[n:], offset + n
+
+
+def commit(base: str, tmp_memory: str, tmp_state: str,
+           make_meta: Callable[[SnapshotFiles], bytes]) -> tuple[SnapshotFiles, list[str]]:
+    """Make the written temporaries the current snapshot at `base`: rename them to a new
+    generation, write and rename FILE.meta (the commit), then remove what the old
+    snapshot and interrupted saves left. Returns the new files and what was removed."""
+    with dir_lock(base, exclusive=True):
+        old = current_generation(base)
+        gen = max(old[1] if old else 0, _highest_generation(base)) + 1
+        if gen > MAX_GENERATION:
+            raise OSError(0, f"generation numbers of {base} are exhausted")
+        files = generation_files(base, gen)
+        renamed: list[str] = []
+        mfd, tmp_meta = create_temp(base, ".meta")
+        try:
+            for a, b in ((tmp_memory, files.memory), (tmp_state, files.state)):
+                os.rename(a, b)
+                renamed.append(b)
+            write_all(mfd, make_meta(files))
+            os.fsync(mfd)
+            os.rename(tmp_meta, files.meta)  # the commit
+        except BaseException:
+            remove([*renamed, tmp_meta])
+            raise
+        finally:
+            os.close(mfd)
+        fsync_dir(base)
+        stale = leftovers(base, keep=gen)
+        if old and old[0] == 1:  # the format-1 files this commit replaced
+            stale += [p for p in (base, base + ".kern") if _ours(p)]
+        return files, remove(stale)

@@ -1,0 +1,87 @@
+"""Reading what we do not control: host files named by a user (kernels, keys, snapshot
+metadata) and JSON from untrusted bytes (snapshot metadata, control requests, migration
+frames), each with a size or nesting bound and one error type.
+
+The standard parser raises RecursionError on deep nesting and a plain ValueError on an
+integer of more than 4300 digits; callers that catch only JSONDecodeError let both escape
+as tracebacks. Here both, and anything nested deeper than `max_depth`, are BadJson.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from typing import Any
+
+
+class BadJson(ValueError):
+    pass
+
+
+class BadFile(ValueError):
+    """A host file that cannot be used; the message names it and says why."""
+
+
+def read_file(path: str, limit: int, what: str = "file") -> bytes:
+    """The whole of a regular file of at most `limit` bytes. A FIFO, device or directory
+    is refused before any read (a FIFO would block, /dev/zero would never end)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise BadFile(f"{what} {path} does not exist") from None
+    except OSError as e:
+        raise BadFile(f"cannot open {what} {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise BadFile(f"{what} {path} is not a regular file")
+        if st.st_size > limit:
+            raise BadFile(f"{what} {path} is {st.st_size} bytes, more than the {limit} "
+                          "this can be")
+        chunks, left = [], limit + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        data = b"".join(chunks)
+        if len(data) > limit:
+            raise BadFile(f"{what} {path} is more than {limit} bytes")
+        return data
+    except OSError as e:
+        raise BadFile(f"cannot read {what} {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def _depth(obj: Any, limit: int) -> bool:
+    """True when `obj` nests no deeper than `limit` (iterative: no recursion to exhaust)."""
+    stack = [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, dict):
+            o = o.values()
+        elif not isinstance(o, list):
+            continue
+        if d > limit:
+            return False
+        stack.extend((v, d + 1) for v in o if isinstance(v, (dict, list)))
+    return True
+
+
+def loads(raw: bytes | bytearray | memoryview | str, max_depth: int = 16) -> Any:
+    try:
+        obj = json.loads(bytes(raw) if not isinstance(raw, str) else raw)
+    except RecursionError:
+        raise BadJson("nested too deeply") from None
+    except UnicodeDecodeError:
+        raise BadJson("not UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise BadJson(f"not valid JSON ({e.msg})") from None
+    except ValueError as e:  # e.g. an integer over the 4300-digit limit
+        raise BadJson(f"not acceptable JSON ({e})") from None
+    if not _depth(obj, max_depth):
+        raise BadJson(f"nested deeper than {max_depth} levels")
+    return obj
