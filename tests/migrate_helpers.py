@@ -25,7 +25,8 @@ class Destination:
                                  console=self.console)
         self.port = self.receiver.port
         self.vm = None
-        self.error: BaseException | None = None
+        self.finished = False
+        self.error: BaseException | str | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -34,10 +35,23 @@ class Destination:
             self.vm = self.receiver.receive()
         except BaseException as e:
             self.error = e
+        finally:
+            with self.receiver.listener.cond:
+                self.finished = True
+                self.receiver.listener.cond.notify_all()
 
     def join(self, timeout: float = 30) -> None:
-        self.thread.join(timeout)
+        """Until the guest runs here, or the first attempt failed (the receiver would wait
+        for another: it is stopped, and `error` says why the attempt failed)."""
+        rx = self.receiver
+        with rx.listener.cond:
+            rx.listener.cond.wait_for(lambda: self.finished or rx.failures, timeout)
+        if self.thread.is_alive():
+            rx.close()
+            self.thread.join(10)
         assert not self.thread.is_alive(), "destination did not finish"
+        if rx.failures and self.vm is None:
+            self.error = rx.failures[0]
 
 
 def migrate(vm, dest: Destination, key: bytes | None = KEY, port: int | None = None,

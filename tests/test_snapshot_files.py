@@ -8,10 +8,12 @@ import contextlib
 import json
 import os
 import pwd
+import select
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -91,12 +93,17 @@ def test_console_recorded_in_a_snapshot_is_never_opened(ab_snapshot, tmp_path, r
     proc = spawn("pyhyve", "run", "r1", "-r", ab_snapshot, stdout=subprocess.PIPE,
                  stderr=subprocess.PIPE)
     try:
+        seen = b""
+        deadline = time.monotonic() + 20
+        while b"B" not in seen and time.monotonic() < deadline:  # on stdout, the default
+            if select.select([proc.stdout], [], [], 1)[0]:
+                seen += os.read(proc.stdout.fileno(), 4096)
+        assert b"B" in seen, seen
         wait_socket(rundir, "r1")
         assert cli("pyhyvectl", "--vm", "r1", "--destroy").returncode == 0
-        out, _ = proc.communicate(timeout=20)
+        proc.communicate(timeout=20)
     finally:
         proc.kill()
-    assert b"B" in out  # the guest printed on stdout, the default console
     assert victim.read_text() == "precious\n" and victim.is_file()
 
 
@@ -255,3 +262,70 @@ def test_info_and_verify_accept_any_of_the_three_names(ab_snapshot):
         assert p.returncode == 0 and "suspend of VM" in p.stdout, p.stderr
         v = cli("pyhyve", "snapshot", "verify", name)
         assert v.returncode == 0 and "OK" in v.stdout, v.stderr
+
+
+def test_a_format1_snapshot_cannot_name_a_generation(tmp_path):
+    src = os.path.join(FIXTURES, "snapshot-v1")
+    for f in os.listdir(src):
+        shutil.copy(os.path.join(src, f), tmp_path / f)
+    edit_meta(str(tmp_path / "ab"), lambda m: m.update(generation="/../../elsewhere/mem"))
+    with pytest.raises(SnapshotError, match="format-1 snapshot has no generation"):
+        open_snapshot(str(tmp_path / "ab"))
+
+
+def test_snapshots_whose_names_look_like_generations_are_their_own(make_vm, tmp_path):
+    vm, con = make_vm("ab", "ws=4M", memory=32 * MB)
+    con.wait_count(b"B", 1)
+    x, xg = str(tmp_path / "x"), str(tmp_path / "x.g7")
+    save(vm, xg, "checkpoint")
+    save(vm, x, "checkpoint")
+    save(vm, x, "checkpoint")  # replaces x's generation 1: must leave x.g7's files alone
+    assert verify_ok(xg) == 1 and verify_ok(x) == 2
+    assert "x.g7.meta" in snapshot_files(str(tmp_path))
+    assert open_snapshot(xg, verify_memory=False).base == xg  # named by itself, not as x's
+
+
+def test_clean_keeps_what_the_metadata_names_when_it_runs(make_vm, tmp_path):
+    from pyhyve.snapshot.files import clean
+
+    vm, con = make_vm("ab", "ws=4M", memory=32 * MB)
+    con.wait_count(b"B", 1)
+    base = str(tmp_path / "snap")
+    save(vm, base, "checkpoint")
+    assert verify_ok(base) == 1
+    save(vm, base, "checkpoint")  # committed between a verify's read and its clean-up
+    assert clean(base) == [] and verify_ok(base) == 2
+
+
+def test_a_held_directory_lock_fails_the_save_in_bounded_time(make_vm, tmp_path, monkeypatch):
+    import fcntl
+
+    from pyhyve.snapshot import files
+    vm, con = make_vm("ab", "ws=4M", memory=32 * MB)
+    con.wait_count(b"B", 1)
+    monkeypatch.setattr(files, "LOCK_TIMEOUT", 0.3)
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as another user of a shared directory could
+    try:
+        with pytest.raises(SnapshotError, match="cannot lock"):
+            save(vm, str(tmp_path / "snap"), "checkpoint")
+    finally:
+        os.close(fd)
+    assert vm.state == "running" and snapshot_files(str(tmp_path)) == []
+
+
+def test_pauses_are_counted_so_no_scope_resumes_another(make_vm, tmp_path):
+    vm, con = make_vm("ab", "ws=4M", memory=32 * MB)
+    con.wait_count(b"B", 1)
+    with vm.paused():  # e.g. guest memory being moved off a snapshot file
+        save(vm, str(tmp_path / "a"), "checkpoint")  # releases only its own hold
+        assert vm.state == "paused"
+        vm.resume()  # a user's resume cannot end someone else's hold either
+        assert vm.state == "paused"
+    assert vm.state == "running"
+    vm.pause()  # the user's pause outlives a checkpoint, and pausing twice is fine
+    save(vm, str(tmp_path / "b"), "checkpoint")
+    vm.pause()
+    assert vm.state == "paused"
+    vm.resume()
+    assert vm.state == "running"

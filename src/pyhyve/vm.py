@@ -121,7 +121,9 @@ class VirtualMachine:
         self._closing = False
         self._ticker: threading.Thread | None = None
         self.snapshot_file: str | None = None  # the file a lazily restored guest reads
-        self._transition = threading.RLock()  # one internal pause scope at a time
+        self._pause_lock = threading.RLock()
+        self._holds = 0
+        self._user_paused = False
         try:
             self._build(console, memory, cpuid)
         except BaseException:
@@ -248,19 +250,74 @@ class VirtualMachine:
         apply_clock(self.vm, st.vm.clock, self.vcpus)
 
     # --- life cycle ------------------------------------------------------------------
-    def start(self) -> None:
-        with self.control.cond:
-            self.control.alive = len(self.threads)
-        for t in self.threads:
-            t.start()
-        self.state = "running"
-
-    def pause(self, timeout: float = 10.0) -> None:
-        """Stop every vCPU at an instruction boundary; returns once all are parked."""
+    def start(self, paused: bool = False) -> None:
+        """Start the vCPU threads; with `paused`, they park before running any guest code
+        (a guest migrated while paused stays paused)."""
         ctl = self.control
         with ctl.cond:
-            if self.state != "running":
+            ctl.alive = len(self.threads)
+            ctl.pause_requested = paused
+        for t in self.threads:
+            t.start()
+        if not paused:
+            self.state = "running"
+            return
+        with ctl.cond:
+            ctl.cond.wait_for(lambda: ctl.parked >= ctl.alive or ctl.stopping, 10.0)
+            self.state = "paused"
+        self._user_paused = True
+
+    # Pausing is counted. The user's pause (pyhyvectl --pause) is a flag that stays until
+    # resume(); each internal pause (a save, the last step of a migration, moving guest
+    # memory off a snapshot file) is a hold. The vCPUs run only when no hold is taken and
+    # the user has not paused: so one scope ending can never let the guest run while
+    # another still needs it stopped.
+    def pause(self, timeout: float = 10.0) -> None:
+        """The user's pause: stop every vCPU at an instruction boundary (returns once all
+        are parked) until resume(). Pausing a paused VM succeeds (as QEMU's `stop`)."""
+        with self._pause_lock:
+            if self.state == "running":
+                self._park(timeout)
+            elif self.state != "paused":
                 raise VmError(f"VM is {self.state}, not running")
+            self._user_paused = True
+
+    def resume(self) -> None:
+        """End the user's pause; the guest runs again unless an internal hold remains."""
+        with self._pause_lock:
+            if self.state != "paused":
+                raise VmError(f"VM is {self.state}, not paused")
+            self._user_paused = False
+            if self._holds == 0:
+                self._unpark()
+
+    def hold(self, timeout: float = 10.0) -> None:
+        """Take an internal pause; the vCPUs stay parked until every hold is released."""
+        with self._pause_lock:
+            if self.state == "running":
+                self._park(timeout)
+            elif self.state not in ("paused", "created"):
+                raise VmError(f"VM is {self.state}")
+            self._holds += 1
+
+    def release(self) -> None:
+        with self._pause_lock:
+            self._holds -= 1
+            if self._holds == 0 and not self._user_paused and self.state == "paused":
+                self._unpark()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """A scope in which no vCPU runs guest code (a hold)."""
+        self.hold()
+        try:
+            yield
+        finally:
+            self.release()
+
+    def _park(self, timeout: float) -> None:
+        ctl = self.control
+        with ctl.cond:
             ctl.pause_requested = True
             ctl.cond.notify_all()  # wakes vCPUs sitting out a throttle slice
         for t in self.threads:
@@ -278,25 +335,9 @@ class VirtualMachine:
                 raise VmError(f"VM stopped while pausing: {self.stop_reason}")
             self.state = "paused"
 
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """A scope in which no vCPU runs guest code: paused here if running, resumed after
-        (a VM already paused or not yet started stays as it is)."""
-        with self._transition:
-            was_running = self.state == "running"
-            if was_running:
-                self.pause()
-            try:
-                yield
-            finally:
-                if was_running and self.state == "paused":
-                    self.resume()
-
-    def resume(self) -> None:
+    def _unpark(self) -> None:
         ctl = self.control
         with ctl.cond:
-            if self.state != "paused":
-                raise VmError(f"VM is {self.state}, not paused")
             ctl.pause_requested = False
             self.state = "running"
             ctl.cond.notify_all()
@@ -382,8 +423,8 @@ class VirtualMachine:
         if self.snapshot_file is None or guard is None:
             return {"depends_on_snapshot": False}
         out = {"depends_on_snapshot": guard.depends, "snapshot_file": self.snapshot_file}
-        if guard.released_because:
-            out["snapshot_note"] = guard.released_because
+        if guard.note:
+            out["snapshot_note"] = guard.note
         return out
 
 

@@ -85,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         fail(PROG, str(e))
     reply.pop("ok", None)
     if cmd == "migrate" and reply.get("state") != "completed":
-        fail(PROG, f"migration {reply.get('state')}: {reply.get('error')} "
-             "(the guest keeps running here)")
+        state, error = reply.get("state"), str(reply.get("error"))
+        why = error if error.startswith("migration") else f"migration {state}: {error}"
+        fail(PROG, f"{why} (the guest keeps running here)")
     if args.json:
         print(json.dumps(reply, indent=2))
     elif "line" in reply:

@@ -54,8 +54,12 @@ def build_parser() -> Parser:
                    help="continue the guest saved in FILE (+ .kern, .meta)")
     r.add_argument("--eager", action="store_true",
                    help="with --restore: copy memory in now instead of mapping FILE lazily")
-    r.add_argument("-R", "--receive", metavar="HOST:PORT",
-                   help="wait for one incoming migration on HOST:PORT, then run that guest")
+    r.add_argument("-R", "--receive", metavar="[HOST:]PORT",
+                   help="wait for an incoming migration (PORT alone: every address; "
+                   "HOST,PORT as bhyve and [V6]:PORT work too), then run that guest")
+    r.add_argument("--receive-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="with --receive: give up when no migration succeeded by then "
+                   "(default %(default)g)")
     r.add_argument("--key-file", help="migration key file (default: $PYHYVE_MIGRATION_KEY)")
     r.add_argument("--tls-dir", help="migrate over mutual TLS with DIR/cert.pem, DIR/key.pem")
     r.add_argument("--insecure", action="store_true",
@@ -149,31 +153,42 @@ def cmd_receive(a: object) -> int:
     from ..migration.dest import ReceiveError, ReceiveOptions, Receiver
     from ..migration.protocol import PeerError, ProtocolError
     from ..migration.security import SecurityError, load_key
-    from ..migration.source import MigrationError, parse_target
+    from ..migration.source import MigrationError, parse_listen
     from ..snapshot.format import SnapshotError
 
     _no_config_flags(a, "--receive", "the source sends the VM's configuration")
     try:
-        host, port = parse_target(a.receive, DEFAULT_PORT)
+        host, port = parse_listen(a.receive, DEFAULT_PORT)
+        if a.receive_timeout <= 0:
+            raise UsageError("--receive-timeout must be positive")
         key = load_key(a.key_file)
         if key is None and not a.insecure:
             raise SecurityError("refusing to listen without a migration key: set "
                                 "PYHYVE_MIGRATION_KEY or --key-file (or pass --insecure)")
         spec = _console_spec(a)
         receiver = Receiver(a.name, host, port, key,
-                            ReceiveOptions(console=spec, tls_dir=a.tls_dir))
+                            ReceiveOptions(console=spec, tls_dir=a.tls_dir,
+                                           receive_timeout=a.receive_timeout))
     except (MigrationError, SecurityError, UsageError, VmError) as e:
         fail(PROG, str(e))
     except OSError as e:
         fail(PROG, f"cannot listen on {a.receive}: {e.strerror or e}")
-    print(f"{PROG}: {a.name}: waiting for a migration on {host}:{receiver.port}",
-          file=sys.stderr, flush=True)
+    where = f"[{host}]" if ":" in host else host
+    where = f"{where}:{receiver.port}" if host else f"every address, port {receiver.port}"
+    if ":" not in a.receive and "," not in a.receive and not a.receive.strip().isdigit():
+        where += " (the default port)"
+    print(f"{PROG}: {a.name}: waiting for a migration on {where}, for up to "
+          f"{a.receive_timeout:g} s", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     try:
         vm = receiver.receive()
     except KeyboardInterrupt:
         fail(PROG, f"{a.name}: interrupted while waiting for a migration", 130)
-    except (ReceiveError, SecurityError, ProtocolError, PeerError, SnapshotError, VmError,
+    except ReceiveError as e:
+        n = len(receiver.failures)
+        fail(PROG, f"{a.name}: {e}" + (f" ({n} failed attempt(s); last: {receiver.failures[-1]})"
+                                       if n else ""))
+    except (SecurityError, ProtocolError, PeerError, SnapshotError, VmError,
             KvmError, OSError, ValueError) as e:
         fail(PROG, f"{a.name}: migration failed: {e}")
     return serve(vm, lambda: print(
@@ -207,14 +222,14 @@ def cmd_snapshot(a: object) -> int:
             try:
                 snap = open_snapshot(base)
             except SnapshotError:
-                removed = clean(base, keep=None)  # at least the dead saves' temporaries
+                removed = clean(base)  # at least the dead saves' temporaries
                 if removed:
                     print(f"{base}: removed {len(removed)} stale file(s) of interrupted saves: "
                           f"{', '.join(os.path.basename(p) for p in removed)}", file=sys.stderr)
                 raise
             snap.close()
             m = snap.meta
-            removed = clean(base, keep=m.get("generation", 0))
+            removed = clean(base)
             gone = (f"; removed {len(removed)} stale file(s) of interrupted or replaced saves: "
                     f"{', '.join(os.path.basename(p) for p in removed)}" if removed else "")
             print(f"{snap.base}: OK ({len(m['state']['sections'])} state sections, "

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import time
 
+from ..unixsock import MAX_PATH
 from . import socket_path
 from .protocol import ProtocolError, recv, send
 
@@ -15,16 +18,36 @@ class ClientError(RuntimeError):
 class ControlClient:
     def __init__(self, name: str, timeout: float | None = 30.0) -> None:
         self.path = socket_path(name)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(self.path)
-        except (FileNotFoundError, ConnectionRefusedError):
-            self.sock.close()
-            raise ClientError(f"no running VM named '{name}' (no socket at {self.path})") from None
-        except PermissionError:
-            self.sock.close()
-            raise ClientError(f"permission denied on {self.path}") from None
+        if len(os.fsencode(self.path)) > MAX_PATH:
+            raise ClientError(f"control socket path {self.path} is longer than a UNIX socket "
+                              f"address allows ({MAX_PATH} bytes): use a shorter name or "
+                              "PYHYVE_RUNDIR")
+        deadline = time.monotonic() + (timeout or 30.0)
+        while True:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            try:
+                self.sock.connect(self.path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                self.sock.close()
+                raise ClientError(f"no running VM named '{name}' (no socket at {self.path})") from None
+            except PermissionError:
+                self.sock.close()
+                raise ClientError(f"permission denied on {self.path}") from None
+            except (BlockingIOError, InterruptedError):  # backlog full: the VMM is busy
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise ClientError(f"VM '{name}' is too busy to accept a control "
+                                      "connection") from None
+                time.sleep(0.01)
+            except NotADirectoryError:
+                self.sock.close()
+                raise ClientError(f"run directory of {self.path} is not a directory "
+                                  "(check PYHYVE_RUNDIR)") from None
+            except OSError as e:
+                self.sock.close()
+                raise ClientError(f"cannot connect to {self.path}: {e.strerror or e}") from None
         self.buf = bytearray()
 
     def call(self, cmd: str, **args: object) -> dict:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import socket
 
+from .. import untrusted
+
 MAX_LINE = 64 * 1024
 
 
@@ -34,9 +36,9 @@ def recv(sock: socket.socket, buf: bytearray) -> dict | None:
     if len(line) > MAX_LINE:
         raise ProtocolError("control message too long")
     try:
-        obj = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ProtocolError("control message is not JSON") from None
+        obj = untrusted.loads(line, max_depth=4)
+    except untrusted.BadJson as e:
+        raise ProtocolError(f"control message is {e}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("control message is not an object")
     return obj

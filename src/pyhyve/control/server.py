@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 from .. import unixsock
@@ -17,6 +19,12 @@ Handler = Callable[[dict], dict]
 
 class ControlError(RuntimeError):
     pass
+
+
+MAX_CLIENTS = 64      # connections served at once; more are told so and closed
+IDLE_TIMEOUT = 30.0   # seconds a client may sit without sending a request
+RETRY_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED,
+                errno.EINTR)
 
 
 class ControlServer:
@@ -36,22 +44,52 @@ class ControlServer:
             raise ControlError(str(e)) from None
         self.closed = False
         self.inflight = 0
+        self.clients = 0
         self.cond = threading.Condition()
         self.thread = threading.Thread(target=self._accept, name="control", daemon=True)
         self.thread.start()
 
     def _accept(self) -> None:
+        """Accept until closed. Running out of descriptors or memory is waited out (the
+        clients holding them time out), never a reason to stop serving control."""
         while not self.closed:
             try:
                 conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            except OSError as e:
+                if self.closed or e.errno not in RETRY_ERRNOS:
+                    return
+                time.sleep(0.05)
+                continue
+            with self.cond:
+                busy = self.clients >= MAX_CLIENTS
+                if not busy:
+                    self.clients += 1
+            if busy:
+                with contextlib.suppress(OSError):
+                    conn.settimeout(0.5)
+                    send(conn, {"ok": False, "error": f"too many control connections "
+                                                      f"(at most {MAX_CLIENTS} at once)"})
+                conn.close()
+                continue
+            try:
+                threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            except RuntimeError:  # no thread could be started: drop this client only
+                conn.close()
+                with self.cond:
+                    self.clients -= 1
 
     def _serve(self, conn: socket.socket) -> None:
+        try:
+            self._serve_one(conn)
+        finally:
+            with self.cond:
+                self.clients -= 1
+
+    def _serve_one(self, conn: socket.socket) -> None:
         buf = bytearray()
         with conn:
             while True:
+                conn.settimeout(IDLE_TIMEOUT)  # waiting for a request; none while handling
                 try:
                     msg = recv(conn, buf)
                 except ProtocolError as e:
@@ -62,6 +100,7 @@ class ControlServer:
                     return
                 if msg is None:
                     return
+                conn.settimeout(None)
                 with self.cond:
                     self.inflight += 1
                 try:

@@ -120,8 +120,8 @@ class Session:
         with self.lock:
             if self.migration is not None and not self.migration.done.is_set():
                 raise MigrationError("a migration is already running")
-            if self.vm.state != "running":
-                raise VmError(f"VM is {self.vm.state}, not running")
+            if self.vm.state not in ("running", "paused"):
+                raise VmError(f"VM is {self.vm.state}")
             mig = self.migration = Migration(self.vm, host, port, key, opts)
         stats = mig.run()
         out = asdict(stats)

@@ -194,17 +194,20 @@ class GuestMemory:
                     raise OSError(C.get_errno(), "cannot allocate memory to copy guest RAM into")
                 fresh.append(addr)
                 _libc.madvise(C.c_void_p(addr), C.c_size_t(n), MADV_HUGEPAGE)
-                _libc.madvise(C.c_void_p(addr), C.c_size_t(n), self.MADV_POPULATE_WRITE)
+                # fault it all in now, outside the pause; a refusal (no memory) is an error
+                # here, not an out-of-memory kill inside the copy
+                if _libc.madvise(C.c_void_p(addr), C.c_size_t(n), self.MADV_POPULATE_WRITE):
+                    raise OSError(C.get_errno(), "cannot fault in memory to copy guest RAM into")
             with paused():
-                for (off, n), new in zip(ranges, fresh, strict=True):
+                for i, ((off, n), new) in enumerate(zip(ranges, fresh, strict=True)):
                     old = self._host_addr(off, n)
                     C.memmove(new, old, n)
                     if _libc.mremap(new, n, n, MREMAP_MAYMOVE | MREMAP_FIXED, old) != old:
                         raise OSError(C.get_errno(), "cannot move guest RAM off its file")
-                    fresh[fresh.index(new)] = 0
+                    fresh[i] = 0
                     self.anonymous.append((off, n))
-                self.anonymous.sort()
         finally:
+            self.anonymous.sort()
             for addr, (_, n) in zip(fresh, ranges, strict=True):
                 if addr:
                     _libc.munmap(addr, n)

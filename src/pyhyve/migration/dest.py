@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import socket
 import sys
 import threading
 import time
@@ -23,9 +22,9 @@ from ..machine.cpuid import CpuidError, cpuid_from_list
 from ..machine.memory import PAGE, ram_layout
 from ..snapshot.format import MAX_CPUS, MAX_MEMORY, SnapshotError
 from ..snapshot.restore import check_host, decode_state
-from ..vm import VirtualMachine, VmConfig, host_memory_bytes
+from ..vm import VirtualMachine, VmConfig, VmError, host_memory_bytes
+from .listen import Listener, listen_address
 from .protocol import MAX_PAGES_PER_FRAME, MEM_HEADER, PROTOCOL_VERSION, Channel, Enc, Frame, ProtocolError, T
-from .security import accept_peer, tls_context
 
 MAX_STATE_SECTIONS = 4 * MAX_CPUS + 64
 
@@ -34,12 +33,17 @@ class ReceiveError(RuntimeError):
     pass
 
 
+# what ends one attempt but not the wait: the peer, the stream or this host said no
+RETRYABLE = (ConnectionError, ReceiveError, SnapshotError, CpuidError, VmError, ValueError,
+             OSError)
+
+
 @dataclass
 class ReceiveOptions:
     console: str = "stdio"
     tls_dir: str | None = None
-    io_timeout: float = 60.0
-    accept_timeout: float | None = None
+    io_timeout: float = 60.0       # once authenticated: no progress for this long fails
+    receive_timeout: float = 600.0  # wait this long in all for a migration to arrive
 
 
 def _need(cond: bool, what: str) -> None:
@@ -95,20 +99,29 @@ def probe_host() -> tuple[list, int, bool]:
 
 
 class Receiver:
+    """Waits for one successful migration. Failed peers and failed attempts (refused,
+    cancelled, cut) are dropped and counted, and the wait goes on until a guest runs here,
+    `receive_timeout` passes, or close() is called."""
+
     def __init__(self, name: str, host: str, port: int, key: bytes | None,
                  opts: ReceiveOptions, console: Console | None = None) -> None:
-        self.name, self.host, self.port, self.key, self.opts = name, host, port, key, opts
+        self.name, self.key, self.opts = name, key, opts
         self.console = console
         self.vm: VirtualMachine | None = None
         self.ch: Channel | None = None
-        self.host = probe_host()  # before listening: no work of this kind once a peer waits
-        self.listener = socket.create_server((host, port), reuse_port=False)
-        self.port = self.listener.getsockname()[1]
+        self.host_facts = probe_host()  # before listening: no such work once a peer waits
+        sock = listen_address(host, port)
+        self.port = sock.getsockname()[1]
+        self.listener = Listener(sock, key, opts.tls_dir, say)
         self.pages = 0
         self.rounds = 0
         self.done = False
         self._prefaulter: threading.Thread | None = None
         self.t_first = 0.0
+
+    @property
+    def failures(self) -> list[str]:
+        return self.listener.failures
 
     @property
     def bytes_received(self) -> int:
@@ -120,40 +133,48 @@ class Receiver:
             self.ch.close()
 
     def receive(self) -> VirtualMachine:
-        """Accept one migration; returns the running VM (or raises, having freed all)."""
+        """Wait for a migration; returns the running VM, or raises ReceiveError at the
+        deadline or on close(), having freed all."""
+        deadline = time.monotonic() + self.opts.receive_timeout
         try:
-            return self._receive()
+            while True:
+                got = self.listener.next(deadline)
+                if got is None:
+                    if self.listener.closed:
+                        raise ReceiveError("stopped waiting for a migration")
+                    raise ReceiveError(f"no migration arrived within "
+                                       f"{self.opts.receive_timeout:.0f} s")
+                self.ch, peer = got
+                try:
+                    return self._receive(self.ch)
+                except RETRYABLE as e:
+                    self._abandon(e)
+                    self.listener.failed(peer, f"migration failed: {e}")
         except BaseException as e:
-            self._stop_prefault()
-            if self.ch is not None:
-                with contextlib.suppress(OSError, ValueError):
-                    self.ch.send_json(T.ERROR, {"reason": f"destination: {e}"})
-            if self.vm is not None:
-                self.vm.close()
-                self.vm = None
+            self._abandon(e)
             raise
         finally:
             gc.enable()
             self._stop_prefault()
             self.close()
 
-    def _receive(self) -> VirtualMachine:
-        self.listener.settimeout(self.opts.accept_timeout)
-        try:
-            sock, peer = self.listener.accept()
-        except TimeoutError:
-            raise ReceiveError("no migration arrived in time") from None
-        self.listener.close()
-        sock.settimeout(self.opts.io_timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.opts.tls_dir:
-            try:
-                sock = tls_context(self.opts.tls_dir, server=True).wrap_socket(sock, server_side=True)
-            except OSError as e:
-                sock.close()
-                raise ReceiveError(f"TLS handshake with {peer[0]} failed: {e}") from None
-        self.ch = ch = Channel(sock, b"D", b"S")
-        accept_peer(ch, self.key, bool(self.opts.tls_dir))
+    def _abandon(self, e: BaseException) -> None:
+        """Free what a failed attempt built and tell its source why."""
+        gc.enable()
+        self._stop_prefault()
+        if self.ch is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.ch.send_json(T.ERROR, {"reason": f"destination: {e}"})
+            self.ch.close()
+            self.ch = None
+        if self.vm is not None:
+            self.vm.close()
+            self.vm = None
+        self.pages = self.rounds = 0
+        self.done = False
+
+    def _receive(self, ch: Channel) -> VirtualMachine:
+        ch.sock.settimeout(self.opts.io_timeout)
         hello = ch.recv(T.HELLO).json()
         try:  # every check before ACCEPT: nothing of the guest moves unless it can run here
             config = config_from_hello(hello, self.name, self.opts.console)
@@ -162,12 +183,13 @@ class Receiver:
                 raise ReceiveError(f"the guest needs {config.memory >> 20} MiB; this host has "
                                    f"{host >> 20} MiB")
             cpuid = cpuid_from_list(hello["cpuid"])
-            supported, tsc_khz, tsc_control = self.host
+            supported, tsc_khz, tsc_control = self.host_facts
             scale = check_host(hello["cpuid"], hello["host"]["tsc_khz"], supported, tsc_khz,
                                tsc_control)
         except (ProtocolError, ReceiveError, SnapshotError, CpuidError) as e:
             ch.send_json(T.REFUSE, {"reason": str(e)})
             raise ReceiveError(f"refused the migration: {e}") from None
+        paused = hello.get("paused") is True  # the source guest was paused: so is ours
         # ACCEPT first, then build the VM while the source starts sending (its frames wait
         # in the socket); a failure from here on is an ERROR, and the source resumes.
         ch.send_json(T.ACCEPT, {})
@@ -204,8 +226,9 @@ class Receiver:
                 state = decode_state(blobs, config.cpus, devices, vm.device_classes())
                 vm.apply(state)  # type: ignore[arg-type]
                 self._stop_prefault()
-                vm.start()
+                vm.start(paused=paused)
                 ch.send_json(T.RUNNING, {})
+                self.vm = None  # the caller owns it now
                 return vm
 
     def _prefault(self, raw: bytes, total_pages: int) -> None:

@@ -21,6 +21,8 @@ from enum import IntEnum
 
 import blake3
 
+from .. import untrusted
+
 MAGIC = b"PHMG"
 HEADER = struct.Struct("<4sHHQ")
 MAC_LEN = 32
@@ -73,11 +75,13 @@ class Frame:
     payload: bytes | memoryview
     direct: bool = False  # MEM data already written into guest memory
 
-    def json(self) -> dict:
+    def json(self, max_depth: int = 4) -> dict:
+        """The payload as a JSON object; deep nesting, huge numbers and bad bytes are a
+        ProtocolError (before authentication callers allow only flat objects: depth 1)."""
         try:
-            obj = json.loads(bytes(self.payload))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ProtocolError(f"{self.type.name} frame is not JSON") from None
+            obj = untrusted.loads(self.payload, max_depth=max_depth)
+        except untrusted.BadJson as e:
+            raise ProtocolError(f"{self.type.name} frame is {e}") from None
         if not isinstance(obj, dict):
             raise ProtocolError(f"{self.type.name} frame is not a JSON object")
         return obj
@@ -185,8 +189,8 @@ class Channel:
         self.in_seq += 1
         self.bytes_received += length + HEADER.size
         if kind in (T.REFUSE, T.ERROR) and kind not in expected:
-            reason = Frame(kind, payload).json().get("reason", "no reason given")
-            raise PeerError(str(reason))
+            reason = Frame(kind, payload).json(max_depth=1).get("reason", "no reason given")
+            raise PeerError(str(reason)[:1000])
         if expected and kind not in expected:
             raise ProtocolError(f"expected {'/'.join(e.name for e in expected)}, got {kind.name}")
         return Frame(kind, payload, direct)

@@ -59,7 +59,7 @@ def accept_peer(ch: Channel, key: bytes | None, tls: bool) -> None:
     ch.send_json(T.CHALLENGE, {"auth": "key" if key else "none", "nonce": nonce_d.hex()})
     if key is None:
         return
-    msg = ch.recv(T.AUTH).json()
+    msg = ch.recv(T.AUTH).json(max_depth=1)  # unauthenticated: flat and small only
     try:
         nonce_s = bytes.fromhex(msg["nonce"])
         proof = bytes.fromhex(msg["proof"])
@@ -76,7 +76,7 @@ def accept_peer(ch: Channel, key: bytes | None, tls: bool) -> None:
 
 def authenticate(ch: Channel, key: bytes | None, tls: bool, allow_insecure: bool) -> None:
     """Source side of the handshake."""
-    msg = ch.recv(T.CHALLENGE).json()
+    msg = ch.recv(T.CHALLENGE).json(max_depth=1)
     mode = msg.get("auth")
     if mode == "none":
         if not allow_insecure:
@@ -95,7 +95,7 @@ def authenticate(ch: Channel, key: bytes | None, tls: bool, allow_insecure: bool
     ch.send_json(T.AUTH, {"nonce": nonce_s.hex(),
                           "proof": _proof(key, b"pyhyve-src", nonce_d, nonce_s).hex()})
     try:
-        reply = ch.recv(T.AUTH_OK).json()
+        reply = ch.recv(T.AUTH_OK).json(max_depth=1)
     except PeerError as e:
         raise SecurityError(f"destination refused: {e}") from None
     try:

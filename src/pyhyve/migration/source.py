@@ -24,7 +24,7 @@ from ..machine.dirty import DirtyLog, runs_of
 from ..machine.memory import PAGE
 from ..snapshot.memfile import guest_runs
 from ..snapshot.save import host_facts, state_sections
-from .protocol import MAX_PAGES_PER_FRAME, MEM_HEADER, PROTOCOL_VERSION, Channel, Enc, T
+from .protocol import MAX_PAGES_PER_FRAME, MEM_HEADER, PROTOCOL_VERSION, Channel, Enc, ProtocolError, T
 from .security import authenticate, tls_context
 
 if TYPE_CHECKING:
@@ -51,8 +51,10 @@ class Options:
     auto_converge: bool = True
     tls_dir: str | None = None
     insecure: bool = False
-    connect_timeout: float = 10.0
-    io_timeout: float = 60.0
+    connect_timeout: float = 10.0    # connecting and authenticating
+    io_timeout: float = 60.0         # no progress for this long fails, while the guest runs
+    paused_io_timeout: float = 10.0  # ... and while it is paused (warm, or the final step):
+    # a stalled destination must not keep the guest stopped for long
 
 
 @dataclass
@@ -68,18 +70,29 @@ class Stats:
     downtime_s: float = 0.0
     error: str = ""
     phases_ms: dict[str, float] = field(default_factory=dict)  # where the downtime went
+    pages_sent: int = 0              # so far, all rounds: --migrate-status during a round
+    downtime_target_ms: float = 0.0
+    target: str = ""
+
+    @property
+    def target_missed(self) -> bool:
+        return self.state == "completed" and self.downtime_s * 1e3 > self.downtime_target_ms > 0
 
     def line(self) -> str:
         phases = ", ".join(f"{k} {v:.1f}" for k, v in self.phases_ms.items())
+        missed = (f", missed the {self.downtime_target_ms:g} ms target" if self.target_missed
+                  else "")
+        to = f", destination {self.target}" if self.target else ""
         return (f"{self.state}: total {self.total_s * 1e3:.1f} ms, downtime "
-                f"{self.downtime_s * 1e3:.1f} ms ({phases}), {self.bytes_sent / (1 << 20):.1f} "
+                f"{self.downtime_s * 1e3:.1f} ms{missed} ({phases}), "
+                f"{self.pages_sent} pages, {self.bytes_sent / (1 << 20):.1f} "
                 f"MiB sent, {self.rounds} rounds, pages per round {self.pages_per_round} "
                 f"in ms {self.ms_per_round}, "
-                f"{self.zero_pages} zero pages skipped, max throttle {self.throttle:.0%}")
+                f"{self.zero_pages} zero pages skipped, max throttle {self.throttle:.0%}{to}")
 
 
 def parse_target(target: str, default_port: int) -> tuple[str, int]:
-    """HOST:PORT, [V6]:PORT, or bhyve's HOST,PORT."""
+    """HOST:PORT, [V6]:PORT, or bhyve's HOST,PORT (HOST alone: the default port)."""
     t = target.strip()
     if t.startswith("["):
         host, _, rest = t[1:].partition("]")
@@ -95,13 +108,27 @@ def parse_target(target: str, default_port: int) -> tuple[str, int]:
     return host, int(port)
 
 
+def parse_listen(text: str, default_port: int) -> tuple[str, int]:
+    """Where a destination listens: PORT alone or *:PORT (every address, IPv6 and IPv4),
+    HOST:PORT, [V6]:PORT ([::] is every IPv6 address), HOST,PORT, or HOST (the default
+    port). Host "" means every address."""
+    t = text.strip()
+    if t.isdigit():
+        if not 0 < int(t) < 65536:
+            raise MigrationError(f"bad port '{text}'")
+        return "", int(t)
+    host, port = parse_target(t, default_port)
+    return ("" if host == "*" else host), port
+
+
 class Migration:
     """Runs in its own thread; `stats` may be read at any time, `cancel()` from anywhere."""
 
     def __init__(self, vm: VirtualMachine, host: str, port: int, key: bytes | None,
                  opts: Options) -> None:
         self.vm, self.host, self.port, self.key, self.opts = vm, host, port, key, opts
-        self.stats = Stats()
+        self.stats = Stats(downtime_target_ms=opts.downtime_ms if opts.live else 0.0,
+                           target=f"{host}:{port}")
         self._cancel = threading.Event()
         self.done = threading.Event()
         self.ch: Channel | None = None
@@ -158,8 +185,8 @@ class Migration:
         if self.dirty:
             with contextlib.suppress(OSError):
                 self.dirty.stop()
-        if self._paused_by_us and self.vm.state == "paused":
-            self.vm.resume()
+        if self._paused_by_us:
+            self.vm.release()
         self._paused_by_us = False
 
     # --- the migration -------------------------------------------------------------------
@@ -169,14 +196,16 @@ class Migration:
         except OSError as e:
             raise MigrationError(f"cannot connect to {self.host}:{self.port}: "
                                  f"{e.strerror or e}") from None
-        sock.settimeout(self.opts.io_timeout)
+        sock.settimeout(self.opts.connect_timeout)  # until authenticated
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.opts.tls_dir:
             try:
                 sock = tls_context(self.opts.tls_dir, server=False).wrap_socket(sock)
-            except OSError as e:
+            except (OSError, ValueError) as e:
                 sock.close()
-                raise MigrationError(f"TLS handshake with {self.host}:{self.port} failed: {e}") from None
+                raise MigrationError(f"TLS handshake with {self.host}:{self.port} failed: {e} "
+                                     "(does the destination use --tls-dir with the same "
+                                     "certificate?)") from None
         return Channel(sock, b"S", b"D")
 
     def _hello(self) -> dict:
@@ -192,19 +221,32 @@ class Migration:
 
     def _run(self) -> None:
         vm, opts, st = self.vm, self.opts, self.stats
-        if vm.state != "running":
-            raise MigrationError(f"VM is {vm.state}, not running")
+        if vm.state not in ("running", "paused"):
+            raise MigrationError(f"VM is {vm.state}")
+        was_paused = vm.state == "paused"  # migrated warm, and paused over there too
         self.ch = ch = self._connect()
         t = time.perf_counter()
         st.phases_ms["connect"] = (t - self._t_start) * 1e3
-        authenticate(ch, self.key, bool(opts.tls_dir), opts.insecure)
+        try:
+            authenticate(ch, self.key, bool(opts.tls_dir), opts.insecure)
+        except ProtocolError as e:
+            hint = "" if opts.tls_dir else (" (a destination started with --tls-dir drops "
+                                            "sources that do not use TLS)")
+            raise MigrationError(f"handshake with {self.host}:{self.port} failed: {e}{hint}") \
+                from None
         st.phases_ms["auth"] = (time.perf_counter() - t) * 1e3
-        ch.send_json(T.HELLO, self._hello())
+        ch.sock.settimeout(opts.io_timeout)
+        ch.send_json(T.HELLO, {**self._hello(), "paused": was_paused})
         ch.recv(T.ACCEPT)  # a REFUSE raises PeerError with the destination's reason
         st.phases_ms["setup"] = (time.perf_counter() - self._t_start) * 1e3  # incl. the above
         self._check_cancel()
         st.state = "active"
-        if opts.live:
+        if was_paused:
+            gc.disable()
+            self._t_pause = time.perf_counter()
+            ch.sock.settimeout(opts.paused_io_timeout)
+            self._send_runs(self._announce(guest_runs(vm.memory)), round_no=0)
+        elif opts.live:
             self.dirty = DirtyLog(vm.vm, vm.memory)
             self.dirty.start()
             if opts.auto_converge:
@@ -219,8 +261,9 @@ class Migration:
     def _pause(self) -> None:
         gc.disable()  # no collector pause inside the downtime; run() turns it back on
         self._t_pause = time.perf_counter()
-        self.vm.pause()
+        self.vm.hold()
         self._paused_by_us = True
+        self.ch.sock.settimeout(self.opts.paused_io_timeout)  # type: ignore[union-attr]
         self.stats.phases_ms["pause"] = (time.perf_counter() - self._t_pause) * 1e3
 
     def _announce(self, runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -340,6 +383,8 @@ class Migration:
                         body = bytes(body)  # the guest writes on: MAC exactly what is sent
                     ch.send(T.MEM, MEM_HEADER.pack(first + s, k, enc), body)
                     sent += k
+                    st.pages_sent += k
+                    st.bytes_sent = ch.bytes_sent
                     self._limit(len(body))
                 for s, k in zero_runs:
                     if round_no > 0:  # a page that became zero must be zeroed over there

@@ -25,8 +25,11 @@ import os
 import re
 import stat
 import tempfile
+import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
+
+from .errors import SnapshotError
 
 MAX_GENERATION = 999_999_999
 _TMP = re.compile(r"\.tmp-([0-9]+)-[A-Za-z0-9_]+\.(mem|kern|meta)$")
@@ -53,8 +56,11 @@ def generation_files(base: str, generation: int) -> SnapshotFiles:
 
 
 def resolve_base(path: str) -> str:
-    """FILE from any of its names: FILE, FILE.meta, FILE.kern, FILE.gN, FILE.gN.kern."""
+    """FILE from any of its names: FILE, FILE.meta, FILE.kern, FILE.gN, FILE.gN.kern. A
+    snapshot whose own name ends like that (FILE.g1 with its FILE.g1.meta) is itself."""
     path = os.path.abspath(path)
+    if os.path.exists(meta_path(path)):
+        return path
     if path.endswith(".meta"):
         return path[:-5]
     m = _GEN.search(path)
@@ -65,18 +71,33 @@ def resolve_base(path: str) -> str:
     return path
 
 
+LOCK_TIMEOUT = 10.0
+
+
 @contextlib.contextmanager
-def dir_lock(base: str, exclusive: bool) -> Iterator[None]:
-    """flock on the snapshot's directory: commits exclusive, readers shared. A file
-    system without flock still works, unserialised."""
+def dir_lock(base: str, exclusive: bool, timeout: float | None = None) -> Iterator[None]:
+    """flock on the snapshot's directory: commits exclusive, readers shared. Waits at most
+    `timeout` (another user of a shared directory could hold it forever), then fails with
+    one line. A file system without flock still works, unserialised."""
     try:
         fd = os.open(os.path.dirname(base) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         yield
         return
+    timeout = LOCK_TIMEOUT if timeout is None else timeout
     try:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise SnapshotError(f"cannot lock {os.path.dirname(base)}: another process "
+                                        f"has held it for {timeout:.0f} s") from None
+                time.sleep(0.01)
+            except OSError:
+                break  # no flock here
         yield
     finally:
         os.close(fd)
@@ -162,15 +183,19 @@ def leftovers(base: str, keep: int | None) -> list[str]:
             out.append(path)
             continue
         g = _GEN.fullmatch(rest)
-        if keep is not None and g and int(g.group(1)) != keep and _ours(path):
-            out.append(path)
+        if keep is not None and g and int(g.group(1)) != keep and _ours(path) \
+                and not os.path.exists(meta_path(os.path.join(d, name + f".g{g.group(1)}"))):
+            out.append(path)  # (FILE.gN with a FILE.gN.meta is another snapshot's)
     return sorted(out)
 
 
-def clean(base: str, keep: int | None) -> list[str]:
-    """Remove this snapshot's leftovers (see `leftovers`) under the directory lock."""
+def clean(base: str) -> list[str]:
+    """Remove this snapshot's leftovers under the directory lock: what FILE.meta names at
+    that moment is kept (a save may have committed a newer generation meanwhile), and
+    with no readable FILE.meta only dead saves' temporaries go."""
     with dir_lock(base, exclusive=True):
-        return remove(leftovers(base, keep))
+        cur = current_generation(base)
+        return remove(leftovers(base, cur[1] if cur else None))
 
 
 def remove(paths: list[str]) -> list[str]:
@@ -183,13 +208,14 @@ def remove(paths: list[str]) -> list[str]:
 
 
 def _highest_generation(base: str) -> int:
+    """The highest generation among our own files (foreign ones cannot steer numbering)."""
     d, name = os.path.split(base)
     best = 0
     with contextlib.suppress(OSError):
         for entry in os.listdir(d or "."):
             if entry.startswith(name + "."):
                 g = _GEN.fullmatch(entry[len(name):])
-                if g:
+                if g and _ours(os.path.join(d, entry)):
                     best = max(best, int(g.group(1)))
     return best
 
@@ -209,8 +235,11 @@ def commit(base: str, tmp_memory: str, tmp_state: str,
     with dir_lock(base, exclusive=True):
         old = current_generation(base)
         gen = max(old[1] if old else 0, _highest_generation(base)) + 1
+        while any(os.path.lexists(p) for p in astuple(generation_files(base, gen))[:2]):
+            gen += 1  # a name someone else put there: step over it, never write through it
         if gen > MAX_GENERATION:
-            raise OSError(0, f"generation numbers of {base} are exhausted")
+            raise SnapshotError(f"cannot save snapshot to {base}: generation numbers are "
+                                "exhausted (remove the old FILE.gN files)")
         files = generation_files(base, gen)
         renamed: list[str] = []
         mfd, tmp_meta = create_temp(base, ".meta")

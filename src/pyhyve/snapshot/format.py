@@ -25,6 +25,7 @@ import xxhash
 
 from .. import untrusted
 from ..machine.memory import PAGE, ram_layout
+from .errors import SnapshotError
 from .files import MAX_GENERATION
 
 FORMAT = "pyhyve-snapshot"
@@ -37,10 +38,6 @@ MAX_SECTIONS = 1024
 MAX_MEMORY = 1 << 40
 MAX_CPUS = 64
 MAX_STATE_BYTES = 64 << 20  # FILE.kern is read whole: bound it before allocating
-
-
-class SnapshotError(ValueError):
-    """The snapshot cannot be written, read or trusted; the message says why."""
 
 
 def kern_header(version: int = FORMAT_VERSION) -> bytes:
@@ -110,6 +107,8 @@ def read_meta(path: str) -> dict[str, Any]:
 def _validate(meta: dict[str, Any]) -> None:
     if meta["format_version"] >= 2:
         _int(meta, "generation", 1, MAX_GENERATION)
+    else:
+        _need("generation" not in meta, "a format-1 snapshot has no generation")
     vm = meta.get("vm")
     _need(isinstance(vm, dict), "'vm' is missing")
     size = _int(vm, "memory", PAGE, MAX_MEMORY)

@@ -27,6 +27,7 @@ import fcntl
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
@@ -36,34 +37,58 @@ F_SETSIG = 10
 POLL_S = 0.1
 
 
+def take_lease(fd: int) -> str:
+    """Take a read lease on `fd` (its open file description: dups share it). Returns ""
+    or why it could not be taken. Done right after opening the memory file, before its
+    checksum is computed, so nobody can change the bytes between the check and their use."""
+    try:
+        fcntl.fcntl(fd, F_SETSIG, signal.SIGURG)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        return ""
+    except OSError as e:
+        return e.strerror or str(e)
+
+
+def lease_break_time() -> float:
+    try:
+        with open("/proc/sys/fs/lease-break-time") as f:
+            return float(f.read().strip())
+    except (OSError, ValueError):
+        return 45.0
+
+
 class LeaseGuard:
-    def __init__(self, memory: GuestMemory, fd: int, path: str,
+    def __init__(self, memory: GuestMemory, fd: int, path: str, size: int, lease_error: str,
                  on_lost: Callable[[str], None],
                  paused: Callable[[], AbstractContextManager[None]]) -> None:
+        """`fd`: the memory file, on which take_lease() was called (`lease_error` is what
+        it returned); `size`: the file's size as the snapshot's metadata states it."""
         self.memory, self.path, self.on_lost, self.paused = memory, path, on_lost, paused
         self.fd = os.dup(fd)
-        self.size = os.fstat(self.fd).st_size
+        self.size = size
         self.depends = True
-        self.released_because = ""
+        self.note = ""
+        self.leased = not lease_error
+        if lease_error:
+            self.note = f"no lease on {path} ({lease_error}): copied in at restore"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        try:
-            fcntl.fcntl(self.fd, F_SETSIG, signal.SIGURG)
-            fcntl.fcntl(self.fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
-            self.leased = True
-        except OSError as e:
-            self.leased = False
-            self.released_because = f"no lease on {path} ({e.strerror}): copied in at restore"
 
     def start(self) -> None:
         """Watch the lease (or, without one, make the guest independent now)."""
         if not self.leased:
-            self.materialize()
+            try:
+                self.memory.detach_from_file(self.paused)
+                self.depends = False
+            except (OSError, ValueError) as e:
+                self.note = f"no lease on {self.path}, and copying in failed: {e}"
+            self.release()
             return
         self._thread = threading.Thread(target=self._watch, name="snapshot-lease", daemon=True)
         self._thread.start()
 
     def _watch(self) -> None:
+        broken_at = 0.0
         while not self._stop.wait(POLL_S):
             try:
                 lease = fcntl.fcntl(self.fd, fcntl.F_GETLEASE)
@@ -74,22 +99,30 @@ class LeaseGuard:
                 self.on_lost(f"the snapshot memory file {self.path} changed size under the "
                              "running guest (it depends on that file; see --status)")
                 return
-            if lease != fcntl.F_RDLCK:  # a writer or truncate is waiting on us
-                self.materialize()
-                self.released_because = f"{self.path} was opened for writing: copied in"
+            if lease == fcntl.F_RDLCK:
+                continue
+            # a writer or a truncate waits on us: move off the file, retrying until the
+            # kernel's lease-break-time is nearly up, then stop rather than run on it
+            broken_at = broken_at or time.monotonic()
+            if self.materialize():
+                return
+            if time.monotonic() - broken_at > max(0.5, lease_break_time() - 2 * POLL_S - 1):
+                self.on_lost(f"could not move guest memory off {self.path} before a writer "
+                             f"got through ({self.note})")
                 return
 
-    def materialize(self) -> None:
+    def materialize(self) -> bool:
         """Give the guest memory of its own for everything still mapped from the file,
-        then let go of the file."""
+        then let go of the file. False (lease kept, note set) if that failed."""
         try:
             self.memory.detach_from_file(self.paused)
-        except Exception as e:  # keep the lease: a writer waits lease-break-time, and a
-            # size change after that stops the VM instead of feeding it wrong memory
-            self.released_because = f"copying guest memory off the file failed: {e}"
-            return
+        except Exception as e:
+            self.note = f"copying guest memory off the file failed: {e}"
+            return False
         self.depends = False
+        self.note = f"{self.path} was opened for writing: guest memory moved off it"
         self.release()
+        return True
 
     def release(self) -> None:
         if self.fd >= 0:

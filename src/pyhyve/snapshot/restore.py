@@ -24,7 +24,7 @@ from ..machine.state import VcpuState, VmKvmState
 from . import codec
 from .files import dir_lock, generation_files, meta_path, resolve_base
 from .format import KERN_MAGIC, Section, SnapshotError, checksum, kern_header, read_meta, sections
-from .lease import LeaseGuard
+from .lease import LeaseGuard, take_lease
 from .memfile import decode_runs, hash_file_runs, load_eager, stray_data, zero_spans
 
 TSC_TOLERANCE_PPM = 250  # KVM's own tolerance before it scales or complains
@@ -38,6 +38,7 @@ class Snapshot:
     runs: list[tuple[int, int]]
     mem_fd: int
     memory_path: str = ""
+    lease_error: str = ""  # why no lease could be taken on the memory file ("" if held)
     verify_seconds: float = 0.0
     memory_verified: bool = False
 
@@ -67,6 +68,7 @@ def open_snapshot(base: str, verify_memory: bool = True,
         meta = read_meta(meta_path(base))
         files = generation_files(base, meta.get("generation", 0))
         fd = _open_read(files.memory, "memory file")
+        lease_error = take_lease(fd)  # before any byte of it is checked
         try:
             kfd = _open_read(files.state, "state file")
         except BaseException:
@@ -103,7 +105,8 @@ def open_snapshot(base: str, verify_memory: bool = True,
             raise SnapshotError(f"memory run table: {e}") from None
         if sum(n for _, n in runs) != meta["memory"]["data_pages"]:
             raise SnapshotError("memory run table disagrees with the metadata's page count")
-        snap = Snapshot(base, meta, blobs, runs, fd, memory_path=mem_path)
+        snap = Snapshot(base, meta, blobs, runs, fd, memory_path=mem_path,
+                        lease_error=lease_error)
         if verify_memory:
             verify_memory_file(snap, progress)
         snap.verify_seconds = time.perf_counter() - t0
@@ -253,8 +256,8 @@ def _build(snap: Snapshot, name: str | None, console: Console | None, console_sp
                 load_eager(vm.memory, mm, snap.runs, progress(data) if progress else None)
         vm.apply(state)  # type: ignore[arg-type]
         if lazy:
-            guard = LeaseGuard(memory, snap.mem_fd, snap.memory_path,
-                               lambda why: vm.stop(why, 1), vm.paused)
+            guard = LeaseGuard(memory, snap.mem_fd, snap.memory_path, snap.meta["memory"]["size"],
+                               snap.lease_error, lambda why: vm.stop(why, 1), vm.paused)
             memory.guard = guard
             vm.snapshot_file = snap.memory_path
             guard.start()

@@ -112,9 +112,10 @@ def save(vm: VirtualMachine, base: str, kind: str, progress: ProgressFactory | N
     if not os.access(directory, os.W_OK):
         raise SnapshotError(f"cannot save snapshot: directory {directory} is not writable")
     t0 = time.perf_counter()
-    was_running = vm.state == "running"
-    if was_running:
-        vm.pause()
+    if keep_paused and vm.state == "running":
+        vm.pause()  # the caller's pause: it outlives the save
+    vm.hold()
+    held = True
     resumed_at = None
     fds: list[int] = []
     tmps: list[str] = []
@@ -127,8 +128,9 @@ def save(vm: VirtualMachine, base: str, kind: str, progress: ProgressFactory | N
         os.ftruncate(fd, vm.memory.size)
         data_bytes = sum(n for _, n in runs) * PAGE
         mem_stats = write_memory(vm.memory, fd, runs, progress(data_bytes) if progress else None)
-        if was_running and kind == "checkpoint" and not keep_paused:
-            vm.resume()
+        if kind == "checkpoint":
+            vm.release()  # the memory bytes are in the file: the guest may go on
+            held = False
             resumed_at = time.perf_counter()
         os.fsync(fd)
         blobs = state_sections(st, runs)
@@ -153,14 +155,19 @@ def save(vm: VirtualMachine, base: str, kind: str, progress: ProgressFactory | N
         for p in tmps:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)
-        if was_running and vm.state == "paused" and not keep_paused:
-            vm.resume()
+        if held:
+            vm.release()
+            held = False
         if isinstance(e, OSError):
             raise SnapshotError(f"cannot save snapshot to {base}: {e.strerror or e}") from None
         raise
     finally:
         for fd in fds:
             os.close(fd)
+    if held:  # a suspend: stays paused (the caller stops the VM) as if the user paused it
+        if vm.state == "paused":
+            vm.pause()
+        vm.release()
     end = time.perf_counter()
     downtime = (resumed_at or end) - t0
     return SaveStats(base, kind, vm.memory.size, data_bytes, mem_stats.zero_pages, end - t0,

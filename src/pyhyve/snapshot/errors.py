@@ -1,0 +1,5 @@
+"""The snapshot package's error: kept apart so every module of the package can raise it."""
+
+
+class SnapshotError(ValueError):
+    """The snapshot cannot be written, read or trusted; the message says why."""
