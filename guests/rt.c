@@ -14,7 +14,11 @@ struct hvm_memmap_entry { uint64_t addr, size; uint32_t type, reserved; };
 extern volatile uint32_t cpu_count;
 uint64_t ram_top;
 static void (*volatile ap_fn)(int);
-static volatile uint32_t console_lock;
+/* A ticket lock: each CPU takes a number and is served in order. The plain test-and-set
+ * lock it replaces let one vCPU take the console again and again while another, slowed by
+ * a loaded host, never got in (a 2-vCPU test saw CPU1 reach step ~1950 while CPU0 had not
+ * printed step 20). */
+static volatile uint32_t console_next, console_serving;
 
 void *memset(void *d, int c, size_t n) { unsigned char *p = d; while (n--) *p++ = (unsigned char)c; return d; }
 void *memcpy(void *d, const void *s, size_t n) { unsigned char *p = d; const unsigned char *q = s; while (n--) *p++ = *q++; return d; }
@@ -43,8 +47,17 @@ void puthex(uint64_t v, int digits)
 		putc_("0123456789abcdef"[(v >> (4 * i)) & 15]);
 }
 
-void lock_console(void) { while (__atomic_exchange_n(&console_lock, 1, __ATOMIC_ACQUIRE)) cpu_relax(); }
-void unlock_console(void) { __atomic_store_n(&console_lock, 0, __ATOMIC_RELEASE); }
+void lock_console(void)
+{
+	uint32_t ticket = __atomic_fetch_add(&console_next, 1, __ATOMIC_RELAXED);
+	while (__atomic_load_n(&console_serving, __ATOMIC_ACQUIRE) != ticket)
+		cpu_relax();
+}
+
+void unlock_console(void)
+{
+	__atomic_store_n(&console_serving, console_serving + 1, __ATOMIC_RELEASE);
+}
 
 static const char *find_key(const char *s, const char *key)
 {
