@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -117,7 +118,7 @@ def test_control_socket_status_pause_resume_destroy(kit, rundir):
         dup = cli("pyhyve", "run", "ctl", "-m", "64M", "-k", kit["ab"])
         one_line_error(dup, "already running")
         assert cli("pyhyvectl", "--vm", "ctl", "--destroy").returncode == 0
-        assert proc.wait(20) == 0
+        assert proc.poll() == 3  # --destroy returned once the process was gone; 3: destroyed
         assert "destroyed" in proc.stderr.read()
         assert not os.path.exists(sock)
     finally:
@@ -132,14 +133,14 @@ def test_sigterm_stops_cleanly(kit, rundir):
     wait_socket(rundir, "sig")
     time.sleep(0.2)
     proc.terminate()
-    assert proc.wait(20) == 0
+    assert proc.wait(20) == 143  # 128 + SIGTERM: a kill, not a guest power-off
     assert "SIGTERM" in proc.stderr.read()
 
 
 @pytest.mark.parametrize("args,env,needle", [
     (["-m", "64M"], {"PYHYVE_KVM_DEVICE": "/nonexistent/kvm"}, "no such device"),
-    (["-m", "64M", "-k", "/nonexistent.elf"], {}, "cannot read kernel /nonexistent.elf"),
-    (["-m", "64M", "-k", "/etc"], {}, "cannot read kernel /etc"),
+    (["-m", "64M", "-k", "/nonexistent.elf"], {}, "kernel /nonexistent.elf does not exist"),
+    (["-m", "64M", "-k", "/etc"], {}, "kernel /etc is not a regular file"),
     (["-m", "64M", "-k", "/etc/hostname"], {}, "not a bootable kernel"),
     (["-m", "64X"], {}, "bad size '64X'"),
     (["-m", "0"], {}, "bad size '0'"),
@@ -148,9 +149,13 @@ def test_sigterm_stops_cleanly(kit, rundir):
     (["-m", "64M", "-l", "com2,stdio"], {}, "bad -l"),
     (["-m", "64M", "--console", "tcp:1"], {}, "bad console"),
     (["-m", "64M", "--cpuid-clear", "warp"], {}, "unknown CPUID feature"),
-    (["-m", "64M", "--initrd", "/nonexistent.img"], {}, "cannot read initrd"),
+    (["-m", "64M", "--initrd", "/nonexistent.img"], {}, "initrd /nonexistent.img does not exist"),
+    (["-m", "64M", "-k", "/dev/zero"], {}, "kernel /dev/zero is not a regular file"),
+    (["-m", "64M"], {"PYHYVE_RUNDIR": "/etc/passwd"}, "cannot create run directory"),
+    (["-m", "64M"], {"PYHYVE_RUNDIR": "/tmp/" + "d" * 120}, "longer than the 107 bytes"),
 ], ids=["no-kvm", "missing", "directory", "not-bootable", "bad-size", "zero-size",
-        "too-much-memory", "cpus", "bad-lpc", "bad-console", "bad-cpuid", "no-initrd"])
+        "too-much-memory", "cpus", "bad-lpc", "bad-console", "bad-cpuid", "no-initrd",
+        "dev-zero-kernel", "rundir-is-a-file", "rundir-too-long"])
 def test_errors_are_one_clear_line(kit, rundir, args, env, needle):
     if "-k" not in args:
         args = [*args, "-k", kit["ab"]]
@@ -174,3 +179,88 @@ def test_output_into_a_closed_pipe_is_quiet(kit, rundir):
     finally:
         cli("pyhyvectl", "--vm", "pipe", "--destroy")
         proc.wait(20)
+
+
+def test_more_one_line_errors(kit, rundir, tmp_path):
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+    one_line_error(cli("pyhyve", "run", "e", "-k", fifo, timeout=20), "is not a regular file")
+    one_line_error(cli("pyhyve", "run", "e", "-R", "7797", "--key-file", fifo, timeout=20),
+                   "is not a regular file")
+    one_line_error(cli("pyhyve", "run", "e", "-R", "7797", "--key-file", "/dev/zero"),
+                   "is not a regular file")
+    one_line_error(cli("pyhyvectl", "--vm", "x", "--status",
+                       env={"PYHYVE_RUNDIR": "/etc/passwd"}), "not a directory")
+    one_line_error(cli("pyhyvectl", "--vm", "v" * 120, "--status"), "longer than")
+    one_line_error(cli("pyhyve", "snapshot"), "choose a snapshot command: info FILE or verify FILE")
+    one_line_error(cli("pyhyve"), "choose a command")
+
+
+def test_versions_and_help_defaults():
+    for prog in ("pyhyve", "pyhyvectl"):
+        p = cli(prog, "--version")
+        assert p.returncode == 0 and p.stdout.strip().startswith(f"{prog} 0.")
+    h = cli("pyhyve", "run", "--help").stdout
+    assert "(default 512M)" in h and "com1,file:PATH" in h and "Ctrl-A x" in h
+    assert "143 SIGTERM" in h
+
+
+def test_migration_certs_refuse_to_overwrite(tmp_path):
+    d = str(tmp_path / "certs")
+    assert cli("pyhyve", "migration-certs", d).returncode == 0
+    key = tmp_path / "certs" / "key.pem"
+    before = key.read_text()
+    one_line_error(cli("pyhyve", "migration-certs", d), "refusing to overwrite")
+    assert key.read_text() == before
+
+
+def test_status_is_human_and_has_no_empty_lines(kit, rundir):
+    proc = spawn("pyhyve", "run", "st", "-m", "64M", "-k", kit["ab"], "--cmdline", "ws=1M",
+                 "--console", "null", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_socket(rundir, "st")
+        out = cli("pyhyvectl", "--vm", "st", "--status").stdout
+        assert "memory: 64 MiB" in out and "\n\n" not in out
+        assert all(not ln.rstrip().endswith(":") for ln in out.splitlines()), out
+    finally:
+        cli("pyhyvectl", "--vm", "st", "--destroy")
+        proc.wait(20)
+
+
+def test_a_stale_socket_after_kill_9_is_replaced(kit, rundir):
+    proc = spawn("pyhyve", "run", "k9", "-m", "64M", "-k", kit["ab"], "--console", "null",
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_socket(rundir, "k9")
+    proc.kill()
+    proc.wait()
+    assert os.path.exists(os.path.join(rundir, "k9.sock"))  # left behind
+    again = spawn("pyhyve", "run", "k9", "-m", "64M", "-k", kit["ab"], "--console", "null",
+                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while cli("pyhyvectl", "--vm", "k9", "--status").returncode != 0:
+            assert time.monotonic() < deadline and again.poll() is None
+            time.sleep(0.05)
+    finally:
+        cli("pyhyvectl", "--vm", "k9", "--destroy")
+        again.wait(20)
+
+
+def test_sigint_exit_status(kit, rundir):
+    proc = spawn("pyhyve", "run", "si", "-m", "64M", "-k", kit["ab"], "--console", "null",
+                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_socket(rundir, "si")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(20) == 130 and "SIGINT" in proc.stderr.read()
+
+
+def test_a_waiting_destination_killed_says_so(rundir, tmp_path):
+    (tmp_path / "key").write_text("k" * 32)
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        port = s.getsockname()[1]
+    proc = spawn("pyhyve", "run", "d", "-R", f"127.0.0.1:{port}", "--key-file", str(tmp_path / "key"),
+                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert "waiting for a migration" in proc.stderr.readline()
+    proc.terminate()
+    assert proc.wait(20) == 143
+    assert "stopped by signal SIGTERM while waiting for a migration" in proc.stderr.read()

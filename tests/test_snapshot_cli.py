@@ -46,7 +46,7 @@ def test_suspend_then_restore_from_the_command_line(kit, rundir, tmp_path):
     cli("pyhyvectl", "--vm", "vm2", "--pause")
     guestkit.check_hashchain(log1.read_text() + log2.read_text())
     cli("pyhyvectl", "--vm", "vm2", "--destroy")
-    assert proc2.wait(20) == 0
+    assert proc2.wait(20) == 3
     err = proc2.stderr.read()
     assert "restored vm2" in err and "to running" in err
 

@@ -45,6 +45,12 @@ LAPIC_LVT0, LAPIC_LVT1 = 0x350, 0x360
 APIC_MODE_EXTINT, APIC_MODE_NMI = 0x700, 0x400
 
 
+# Exit status of `pyhyve run` (docs in README): 0 the guest powered off or reset itself,
+# was suspended or migrated away; 1 the guest or the VMM failed; 2 usage; 3 destroyed
+# (pyhyvectl --destroy, or Ctrl-A x on the console); 128+N stopped by signal N.
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DESTROYED = 0, 1, 2, 3
+
+
 class VmError(RuntimeError):
     """A user-facing failure to create or run a VM; the message is the whole story."""
 
@@ -151,6 +157,7 @@ class VirtualMachine:
             self.vm.set_user_memory_region(slot, r.gpa, r.size, r.host_addr)
         self.pio, self.mmio = Bus("pio"), Bus("mmio")
         self.console = console or open_console(self.config.console)
+        self.console.on_quit = lambda: self.stop("quit from the console (Ctrl-A x)", EXIT_DESTROYED)
         self.uart = Uart(self.console, lambda level: self.vm.irq_line(Uart.IRQ_COM1, level))
         self.devices: dict[str, Device] = {}
         self.add_pio_device("com1", Uart.PORT_COM1, 8, self.uart)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
+from .. import untrusted
 from ..machine.memory import MMIO_HOLE_END, MMIO_HOLE_START, GuestMemory
 
 BOOT_GDT_ADDR = 0x500
@@ -76,12 +77,13 @@ def place_initrd(mem: GuestMemory, data: bytes, kernel_end: int, limit: int) -> 
     return addr
 
 
-def read_image(path: str, what: str) -> bytes:
+def read_image(path: str, what: str, limit: int) -> bytes:
+    """A kernel or initrd: a regular file no larger than guest RAM can hold (a FIFO or a
+    device such as /dev/zero is refused at once instead of hanging or eating memory)."""
     try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise BootError(f"cannot read {what} {path}: {e.strerror}") from None
+        return untrusted.read_file(path, limit, what)
+    except untrusted.BadFile as e:
+        raise BootError(str(e)) from None
 
 
 def load_kernel(mem: GuestMemory, path: str, cmdline: str, initrd_path: str | None) -> BootInfo:
@@ -89,8 +91,8 @@ def load_kernel(mem: GuestMemory, path: str, cmdline: str, initrd_path: str | No
     from .linux import is_bzimage, load_bzimage
     from .pvh import is_pvh_elf, load_pvh
 
-    image = read_image(path, "kernel")
-    initrd = read_image(initrd_path, "initrd") if initrd_path else None
+    image = read_image(path, "kernel", mem.size)
+    initrd = read_image(initrd_path, "initrd", mem.size) if initrd_path else None
     if is_pvh_elf(image):
         return load_pvh(mem, image, cmdline, initrd)
     if is_bzimage(image):

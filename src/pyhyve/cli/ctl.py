@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 
+from .. import __version__
 from ..control.client import ClientError, ControlClient
 from .common import Parser, UsageError, fail, parse_size
 
@@ -15,12 +16,14 @@ PROG = "pyhyvectl"
 
 def build_parser() -> Parser:
     p = Parser(prog=PROG, description="Control a running pyhyve VM.")
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     p.add_argument("--vm", required=True, help="VM name")
     acts = p.add_mutually_exclusive_group(required=True)
     acts.add_argument("--status", action="store_true", help="show the VM's state")
     acts.add_argument("--pause", action="store_true", help="pause every vCPU")
     acts.add_argument("--resume", action="store_true", help="resume a paused VM")
-    acts.add_argument("--destroy", action="store_true", help="stop the VM and its process")
+    acts.add_argument("--destroy", action="store_true",
+                      help="stop the VM and its process; returns once the process is gone")
     acts.add_argument("--suspend", metavar="FILE", help="save to FILE (+.kern, .meta); the VM exits")
     acts.add_argument("--checkpoint", metavar="FILE", help="save to FILE; the VM keeps running")
     acts.add_argument("--migrate", metavar="HOST:PORT",
@@ -78,11 +81,15 @@ def main(argv: list[str] | None = None) -> int:
         extra = migrate_args(args, cmd)
         cmd = "migrate"
     cmd = cmd.replace("_", "-")
+    progress = Progress(args.vm) if cmd == "migrate" and sys.stderr.isatty() else None
     try:
         with ControlClient(args.vm, timeout=None if extra else 30.0) as c:
             reply = c.call(cmd, **extra)
     except ClientError as e:
         fail(PROG, str(e))
+    finally:
+        if progress:
+            progress.stop()
     reply.pop("ok", None)
     if cmd == "migrate" and reply.get("state") != "completed":
         state, error = reply.get("state"), str(reply.get("error"))
@@ -93,11 +100,86 @@ def main(argv: list[str] | None = None) -> int:
     elif "line" in reply:
         print(f"{args.vm}: {reply['line']}")
     elif cmd == "status":
-        for k, v in reply.items():
-            print(f"{k}: {v}")
+        print(format_status(reply))
     else:
         print(f"{args.vm}: {reply.get('state', 'done')}")
+    if cmd == "destroy" and isinstance(reply.get("pid"), int) and not wait_gone(reply["pid"]):
+        fail(PROG, f"{args.vm}: the VMM process {reply['pid']} did not exit within 30 s")
     return 0
+
+
+class Progress:
+    """On a terminal, a live line of a running migration (from --migrate-status, asked
+    over a second control connection twice a second)."""
+
+    def __init__(self, vm: str) -> None:
+        import threading
+
+        self.vm, self.done = vm, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        width = 0
+        while not self.done.wait(0.5):
+            try:
+                with ControlClient(self.vm, timeout=5.0) as c:
+                    st = c.call("migrate-status")
+            except ClientError:
+                continue
+            if st.get("state") not in ("setup", "active"):
+                continue
+            line = (f"{self.vm}: migrating: {st.get('pages_sent', 0)} pages, "
+                    f"{st.get('bytes_sent', 0) / (1 << 20):.1f} MiB sent, round "
+                    f"{st.get('rounds', 0)}, throttle {st.get('throttle', 0):.0%}")
+            width = max(width, len(line))
+            sys.stderr.write("\r" + line.ljust(width))
+            sys.stderr.flush()
+        if width:
+            sys.stderr.write("\r" + " " * width + "\r")
+            sys.stderr.flush()
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join(2)
+
+
+def human(n: int) -> str:
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            v = n / (1 << shift)
+            return f"{v:.0f} {unit}" if v == int(v) else f"{v:.1f} {unit}"
+    return f"{n} B"
+
+
+def format_status(reply: dict) -> str:
+    """One `key: value` line per field that has a value; sizes in human units."""
+    lines = []
+    for k, v in reply.items():
+        if v in ("", None):
+            continue
+        if k == "memory" and isinstance(v, int):
+            v = human(v)
+        lines.append(f"{k}: {v}")
+    return "\n".join(lines)
+
+
+def wait_gone(pid: int, timeout: float = 30.0) -> bool:
+    """Until process `pid` has exited (a zombie waiting for its parent counts as gone)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rpartition(")")[2].split()[0] in ("Z", "X"):
+                    return True
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        except OSError:
+            return True
+        time.sleep(0.02)
+    return False
 
 
 if __name__ == "__main__":

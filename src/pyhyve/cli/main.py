@@ -9,16 +9,20 @@ import sys
 import time
 from collections.abc import Callable
 
+from .. import __version__
 from ..boot.common import BootError
 from ..control.server import ControlError
 from ..control.session import Session
-from ..devices.console import ConsoleError
+from ..devices.console import ConsoleError, eol
 from ..kvm import KvmError
 from ..machine.cpuid import DEFAULT_HIDDEN, CpuidError, parse_feature_list
 from ..vm import VirtualMachine, VmConfig, VmError
 from .common import Parser, UsageError, fail, parse_size
 
 PROG = "pyhyve"
+EXIT_HELP = ("exit status: 0 the guest powered off or reset, or was suspended or migrated away; "
+             "1 failure; 2 usage; 3 destroyed (pyhyvectl --destroy, Ctrl-A x); 128+N stopped "
+             "by signal N (130 SIGINT, 143 SIGTERM)")
 DEFAULT_MEMORY = "512M"
 GIL_SWITCH_S = 0.0002
 
@@ -36,17 +40,21 @@ def _console_spec(args: object) -> str:
 
 def build_parser() -> Parser:
     p = Parser(prog=PROG, description="A VMM in Python on KVM, built for save, restore "
-               "and migration.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
-    r = sub.add_parser("run", help="create and run a VM")
+               "and migration.", epilog=EXIT_HELP)
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = p.add_subparsers(dest="command", parser_class=Parser, metavar="{run,snapshot,migration-certs}")
+    r = sub.add_parser("run", help="create and run a VM", epilog=EXIT_HELP)
     r.add_argument("name", help="VM name (names its control socket)")
-    r.add_argument("-m", "--memory", default=DEFAULT_MEMORY, help="guest RAM, e.g. 512M or 1G")
-    r.add_argument("-c", "--cpus", type=int, default=1, help="number of vCPUs")
+    r.add_argument("-m", "--memory", default=DEFAULT_MEMORY,
+                   help="guest RAM, e.g. 512M or 1G; a bare number is MiB (default %(default)s)")
+    r.add_argument("-c", "--cpus", type=int, default=1, help="number of vCPUs (default %(default)s)")
     r.add_argument("-k", "--kernel", help="PVH ELF or bzImage to boot")
     r.add_argument("--initrd", help="initial ramdisk")
     r.add_argument("--cmdline", default="", help="kernel command line")
-    r.add_argument("--console", help="stdio (default), file:PATH, unix:PATH or null")
-    r.add_argument("-l", dest="lpc", metavar="com1,BACKEND", help="bhyve-style console")
+    r.add_argument("--console", help="COM1's back end: stdio (default; on a terminal raw, Ctrl-A x "
+                   "quits, Ctrl-A Ctrl-A sends Ctrl-A), file:PATH, unix:PATH or null")
+    r.add_argument("-l", dest="lpc", metavar="com1,BACKEND",
+                   help="bhyve-style console: com1,stdio | com1,file:PATH | com1,unix:PATH | com1,null")
     r.add_argument("--cpuid-clear", default=None,
                    help="CPUID features hidden from the guest (comma list; '' for none); "
                    f"default {','.join(DEFAULT_HIDDEN)}")
@@ -67,7 +75,7 @@ def build_parser() -> Parser:
     certs = sub.add_parser("migration-certs", help="create a TLS certificate for migrations")
     certs.add_argument("dir", help="directory for cert.pem and key.pem (copy it to each host)")
     snap = sub.add_parser("snapshot", help="inspect snapshots")
-    ssub = snap.add_subparsers(dest="snapcmd", required=True, parser_class=Parser)
+    ssub = snap.add_subparsers(dest="snapcmd", parser_class=Parser, metavar="{info,verify}")
     info = ssub.add_parser("info", help="print a snapshot's metadata")
     info.add_argument("file")
     info.add_argument("--json", action="store_true", help="the metadata as JSON")
@@ -140,11 +148,11 @@ def cmd_restore(a: object) -> int:
         fail(PROG, f"KVM refused: {e}")
     data = snap.meta["memory"]["data_pages"] * 4096
     mode = "eager" if a.eager else "lazy"
-    return serve(vm, lambda: print(
+    return serve(vm, lambda: note(
         f"{PROG}: restored {a.name} from {snap.base} ({mode}): {vm.config.memory >> 20} MiB RAM, "
         f"{data / (1 << 20):.1f} MiB of data read, {snap.meta['memory']['zero_pages']} zero "
         f"pages never read, verify {snap.verify_seconds * 1e3:.1f} ms, "
-        f"to running {(time.perf_counter() - t0) * 1e3:.1f} ms", file=sys.stderr))
+        f"to running {(time.perf_counter() - t0) * 1e3:.1f} ms"))
 
 
 def cmd_receive(a: object) -> int:
@@ -157,6 +165,12 @@ def cmd_receive(a: object) -> int:
     from ..snapshot.format import SnapshotError
 
     _no_config_flags(a, "--receive", "the source sends the VM's configuration")
+
+    def on_signal(signum: int, _frame: object) -> None:
+        raise Interrupted(signum)
+
+    signal.signal(signal.SIGTERM, on_signal)  # before anyone can see us listening
+    signal.signal(signal.SIGINT, on_signal)
     try:
         host, port = parse_listen(a.receive, DEFAULT_PORT)
         if a.receive_timeout <= 0:
@@ -177,13 +191,14 @@ def cmd_receive(a: object) -> int:
     where = f"{where}:{receiver.port}" if host else f"every address, port {receiver.port}"
     if ":" not in a.receive and "," not in a.receive and not a.receive.strip().isdigit():
         where += " (the default port)"
-    print(f"{PROG}: {a.name}: waiting for a migration on {where}, for up to "
-          f"{a.receive_timeout:g} s", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     try:
+        print(f"{PROG}: {a.name}: waiting for a migration on {where}, for up to "
+              f"{a.receive_timeout:g} s", file=sys.stderr, flush=True)
         vm = receiver.receive()
-    except KeyboardInterrupt:
-        fail(PROG, f"{a.name}: interrupted while waiting for a migration", 130)
+    except Interrupted as e:
+        fail(PROG, f"{a.name}: stopped by signal {signal.Signals(e.signum).name} while waiting "
+             "for a migration", 128 + e.signum)
     except ReceiveError as e:
         n = len(receiver.failures)
         fail(PROG, f"{a.name}: {e}" + (f" ({n} failed attempt(s); last: {receiver.failures[-1]})"
@@ -191,11 +206,11 @@ def cmd_receive(a: object) -> int:
     except (SecurityError, ProtocolError, PeerError, SnapshotError, VmError,
             KvmError, OSError, ValueError) as e:
         fail(PROG, f"{a.name}: migration failed: {e}")
-    return serve(vm, lambda: print(
+    return serve(vm, lambda: note(
         f"{PROG}: {a.name}: migration received: {receiver.pages} pages in {receiver.rounds} "
         f"rounds, {receiver.bytes_received / (1 << 20):.1f} MiB, "
         f"{(time.perf_counter() - receiver.t_first) * 1e3:.1f} ms from accept to running "
-        f"({(time.perf_counter() - t0):.1f} s waited in all)", file=sys.stderr, flush=True))
+        f"({(time.perf_counter() - t0):.1f} s waited in all)"))
 
 
 def cmd_certs(a: object) -> int:
@@ -271,11 +286,28 @@ def info(base: str, as_json: bool, describe: Callable[[dict], str]) -> int:
     return 0
 
 
+class Interrupted(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def note(msg: str) -> None:
+    """A line of ours on stderr, right also while the console holds the terminal raw."""
+    print(msg, end=eol(), file=sys.stderr, flush=True)
+
+
 def serve(vm: VirtualMachine, on_running: Callable[[], None] | None = None) -> int:
     """Run `vm` under a control socket until it stops; return the exit status."""
     # A vCPU thread needs the GIL to handle each exit; while another thread runs Python
     # (an import, a migration) it would wait up to the 5 ms default switch interval.
     sys.setswitchinterval(GIL_SWITCH_S)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        vm.stop(f"stopped by signal {signal.Signals(signum).name}", 128 + signum)
+
+    signal.signal(signal.SIGINT, on_signal)  # before the socket appears: a client that
+    signal.signal(signal.SIGTERM, on_signal)  # sees it may signal us at once
     session = Session(vm)
     try:
         session.listen()
@@ -283,11 +315,6 @@ def serve(vm: VirtualMachine, on_running: Callable[[], None] | None = None) -> i
         vm.close()
         fail(PROG, str(e))
 
-    def on_signal(signum: int, _frame: object) -> None:
-        vm.stop(f"stopped by signal {signal.Signals(signum).name}", 0)
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
     try:
         if vm.state == "created":
             vm.start()
@@ -303,9 +330,17 @@ def serve(vm: VirtualMachine, on_running: Callable[[], None] | None = None) -> i
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.error("choose a command: run, snapshot or migration-certs")
+    if args.command == "snapshot" and args.snapcmd is None:
+        parser.error("choose a snapshot command: info FILE or verify FILE")
     if args.command == "run":
-        return cmd_run(args)
+        try:
+            return cmd_run(args)
+        except Interrupted as e:
+            fail(PROG, f"stopped by signal {signal.Signals(e.signum).name}", 128 + e.signum)
     if args.command == "snapshot":
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `snapshot info | head` ends quietly
         return cmd_snapshot(args)

@@ -6,12 +6,13 @@ the control thread and must leave the VM running or stopped, never half-paused.
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from ..snapshot.format import SnapshotError
-from ..vm import VirtualMachine, VmError
+from ..vm import EXIT_DESTROYED, VirtualMachine, VmError
 from .server import ControlServer, Handler
 
 if TYPE_CHECKING:
@@ -143,8 +144,8 @@ class Session:
         return {"state": mig.stats.state}
 
     def destroy(self, _msg: dict) -> dict:
-        self.vm.stop("destroyed by pyhyvectl", 0)
-        return {"state": "stopped"}
+        self.vm.stop("destroyed by pyhyvectl", EXIT_DESTROYED)
+        return {"state": "stopped", "pid": os.getpid()}
 
     def close(self) -> None:
         if self.server:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import socket
 import sys
+import termios
 import threading
+import tty
 from collections import deque
 from collections.abc import Callable
 
@@ -17,6 +20,14 @@ class ConsoleError(ValueError):
     pass
 
 
+_raw_tty = False  # a StdioConsole has the terminal in raw mode: our own lines need \r\n
+
+
+def eol() -> str:
+    """Line end for the VMM's own messages on the terminal the console may have in raw mode."""
+    return "\r\n" if _raw_tty else "\n"
+
+
 class Console:
     """Output sink plus an optional input source feeding `on_input`."""
 
@@ -24,6 +35,7 @@ class Console:
 
     def __init__(self) -> None:
         self.on_input: Callable[[bytes], None] | None = None
+        self.on_quit: Callable[[], None] | None = None  # the user asked to end the VM
 
     def write(self, data: bytes) -> None:
         pass
@@ -63,14 +75,24 @@ class MemoryConsole(Console):
 
 
 class StdioConsole(Console):
-    """Output to stdout; input from stdin when stdin is a terminal or a pipe."""
+    """Output to stdout; input from stdin when stdin is a terminal or a pipe.
+
+    On a terminal the console is raw, as bhyve's and QEMU's are: every key, Ctrl-C too,
+    goes to the guest, and the guest's own CR LF line ends show as they are (no doubled
+    CR). Ctrl-A is the escape: Ctrl-A x quits (the VM is destroyed), Ctrl-A Ctrl-A sends one
+    Ctrl-A, Ctrl-A h prints this help. The terminal is restored when the VM ends.
+    """
 
     spec = "stdio"
+    ESCAPE = 0x01
+    HELP = "pyhyve console: Ctrl-A x quit, Ctrl-A Ctrl-A send Ctrl-A, Ctrl-A h help"
 
     def __init__(self, read_stdin: bool = True) -> None:
         super().__init__()
         self.out_fd = sys.stdout.fileno()
         self.read_stdin = read_stdin
+        self._tty: tuple[int, list] | None = None
+        self._escaped = False
 
     def write(self, data: bytes) -> None:
         with contextlib.suppress(OSError):
@@ -84,6 +106,8 @@ class StdioConsole(Console):
             fd = sys.stdin.fileno()
         except (OSError, ValueError):
             return
+        if os.isatty(fd):
+            self._make_raw(fd)
 
         def pump() -> None:
             while True:
@@ -93,9 +117,53 @@ class StdioConsole(Console):
                     return
                 if not data:
                     return
-                on_input(data)
+                data = self.filter(data) if self._tty else data
+                if data:
+                    on_input(data)
 
         threading.Thread(target=pump, name="console-stdin", daemon=True).start()
+
+    def filter(self, data: bytes) -> bytes:
+        """Take the escape sequences out of typed bytes (a sequence may span two reads)."""
+        out = bytearray()
+        for b in data:
+            if self._escaped:
+                self._escaped = False
+                if b == self.ESCAPE:
+                    out.append(b)
+                elif b in b"xX":
+                    if self.on_quit:
+                        self.on_quit()
+                elif b in b"hH?":
+                    os.write(self.out_fd, f"\r\n{self.HELP}\r\n".encode())
+            elif b == self.ESCAPE:
+                self._escaped = True
+            else:
+                out.append(b)
+        return bytes(out)
+
+    def _make_raw(self, fd: int) -> None:
+        global _raw_tty
+        try:
+            saved = termios.tcgetattr(fd)
+            tty.setraw(fd, termios.TCSANOW)
+        except termios.error:
+            return
+        self._tty = (fd, saved)
+        _raw_tty = True
+        atexit.register(self._restore)
+
+    def _restore(self) -> None:
+        global _raw_tty
+        if self._tty is not None:
+            fd, saved = self._tty
+            self._tty = None
+            _raw_tty = False
+            with contextlib.suppress(termios.error, OSError):
+                termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+    def close(self) -> None:
+        self._restore()
 
 
 class FileConsole(Console):

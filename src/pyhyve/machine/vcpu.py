@@ -27,8 +27,13 @@ KICK_SIGNAL = signal.SIGUSR1
 
 
 def install_kick_handler() -> None:
-    """A no-op handler, so the kick signal interrupts KVM_RUN instead of killing us."""
+    """A no-op handler, so the kick signal interrupts KVM_RUN instead of killing us.
+    Python installs handlers only from the main thread: whoever builds VMs on other
+    threads (a migration destination) calls this first, from the main thread."""
     if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("pyhyve's vCPU kick handler must be installed from the main "
+                               "thread first (install_kick_handler)")
         signal.signal(KICK_SIGNAL, lambda *_: None)
 
 

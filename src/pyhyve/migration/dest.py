@@ -20,6 +20,7 @@ from ..devices.console import Console, open_console
 from ..kvm import ioctls as I
 from ..machine.cpuid import CpuidError, cpuid_from_list
 from ..machine.memory import PAGE, ram_layout
+from ..machine.vcpu import install_kick_handler
 from ..snapshot.format import MAX_CPUS, MAX_MEMORY, SnapshotError
 from ..snapshot.restore import check_host, decode_state
 from ..vm import VirtualMachine, VmConfig, VmError, host_memory_bytes
@@ -107,6 +108,7 @@ class Receiver:
                  opts: ReceiveOptions, console: Console | None = None) -> None:
         self.name, self.key, self.opts = name, key, opts
         self.console = console
+        install_kick_handler()  # the VM may be built on another thread
         self.vm: VirtualMachine | None = None
         self.ch: Channel | None = None
         self.host_facts = probe_host()  # before listening: no such work once a peer waits

@@ -18,6 +18,7 @@ import secrets
 import ssl
 import subprocess
 
+from .. import untrusted
 from .protocol import Channel, PeerError, ProtocolError, T
 
 KEY_ENV = "PYHYVE_MIGRATION_KEY"
@@ -32,10 +33,9 @@ def load_key(key_file: str | None) -> bytes | None:
     """The shared key from --key-file, else $PYHYVE_MIGRATION_KEY, else None."""
     if key_file:
         try:
-            with open(key_file, "rb") as f:
-                raw = f.read(4096).strip()
-        except OSError as e:
-            raise SecurityError(f"cannot read key file {key_file}: {e.strerror}") from None
+            raw = untrusted.read_file(key_file, 4096, "key file").strip()
+        except untrusted.BadFile as e:
+            raise SecurityError(str(e)) from None
     else:
         raw = os.environ.get(KEY_ENV, "").encode().strip()
         if not raw:
@@ -132,8 +132,15 @@ def tls_context(tls_dir: str, server: bool) -> ssl.SSLContext:
 
 def make_certs(directory: str) -> tuple[str, str]:
     """A self-signed P-256 certificate and key for a pair (or fleet) of migration hosts."""
-    os.makedirs(directory, mode=0o700, exist_ok=True)
     cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+    for p in (cert, key):
+        if os.path.lexists(p):
+            raise SecurityError(f"{p} exists; refusing to overwrite it (remove it first, and "
+                                "copy the new pair to every host)")
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise SecurityError(f"cannot create {directory}: {e.strerror}") from None
     try:
         subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
                         "ec_paramgen_curve:prime256v1", "-nodes", "-days", "3650", "-subj",
