@@ -67,8 +67,9 @@ class ControlServer:
             if busy:
                 with contextlib.suppress(OSError):
                     conn.settimeout(0.5)
-                    send(conn, {"ok": False, "error": f"too many control connections "
-                                                      f"(at most {MAX_CLIENTS} at once)"})
+                    send(conn, {"ok": False, "busy": True,
+                                "error": f"too many control connections (at most {MAX_CLIENTS} "
+                                         "at once)"})
                 conn.close()
                 continue
             try:
