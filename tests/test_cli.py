@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import BIN, cli, spawn, wait_socket
+from conftest import BIN, REPO, cli, spawn, wait_socket
 
 FOREIGN_PVH = r"""
 /* A PVH guest that is not part of the kit: 32-bit, prints at entry, then resets. */
@@ -264,3 +264,27 @@ def test_a_waiting_destination_killed_says_so(rundir, tmp_path):
     proc.terminate()
     assert proc.wait(20) == 143
     assert "stopped by signal SIGTERM while waiting for a migration" in proc.stderr.read()
+
+
+@pytest.mark.parametrize("spec,shown", [("[::]:{port}", "[::]:{port}"),
+                                        ("127.0.0.1", "127.0.0.1:7797 (the default port)")])
+def test_destination_addresses(rundir, tmp_path, spec, shown):
+    (tmp_path / "key").write_text("k" * 32)
+    with socket.create_server(("::", 0), family=socket.AF_INET6) as s:
+        port = s.getsockname()[1]
+    proc = spawn("pyhyve", "run", "d", "-R", spec.format(port=port), "--key-file",
+                 str(tmp_path / "key"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                 text=True)
+    try:
+        line = proc.stderr.readline()
+        assert f"waiting for a migration on {shown.format(port=port)}" in line, line
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def test_demo_runs_and_writes_no_escape_codes_into_a_pipe():
+    p = subprocess.run([os.path.join(REPO, "scripts", "demo")], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "\x1b[" not in p.stdout and "A-B invariant holds on the destination" in p.stdout

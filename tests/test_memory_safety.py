@@ -205,3 +205,26 @@ def test_status_says_whether_the_vm_depends_on_its_snapshot(kit, tmp_path, rundi
     finally:
         cli("pyhyvectl", "--vm", "s2", "--destroy")
         p.wait(20)
+
+
+def test_guest_stops_with_one_line_when_it_cannot_be_moved_off_in_time(make_vm, tmp_path,
+                                                                       monkeypatch):
+    """If moving the guest off its file keeps failing until the kernel would let the writer
+    through, the VM stops with one clear line instead of running on changed memory."""
+    from pyhyve.machine.memory import GuestMemory
+    from pyhyve.snapshot import lease
+
+    vm, _ = ab_restored(make_vm, tmp_path)
+    monkeypatch.setattr(lease, "lease_break_time", lambda: 1.0)
+
+    def no_memory(self, paused):
+        raise OSError(12, "Cannot allocate memory")
+    monkeypatch.setattr(GuestMemory, "detach_from_file", no_memory)
+    path = current_files(str(tmp_path / "a")).memory
+    threading.Thread(target=lambda: open(path, "r+b").close(), daemon=True).start()
+    assert vm.wait(20), "the VM kept running on a file it could not leave"
+    assert "could not move guest memory off" in vm.stop_reason
+    assert "Cannot allocate memory" in vm.stop_reason and vm.exit_code == 1
+    dep = vm.snapshot_dependency()
+    assert dep["depends_on_snapshot"]
+    vm.close()  # lets go of the lease: the writer gets through
