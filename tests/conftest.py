@@ -76,6 +76,18 @@ def make_vm(kit: dict[str, str]) -> Iterator[Callable[..., tuple[VirtualMachine,
         vm.close()
 
 
+def suspended(make_vm, base: str, guest: str = "ab", cmdline: str = "ws=4M",
+              memory: int = 32 << 20, ready: bytes = b"BB") -> str:
+    """Boot a kit guest, let it print `ready`, suspend it to `base`; returns `base`."""
+    from pyhyve.snapshot.save import save
+
+    vm, con = make_vm(guest, cmdline, memory=memory)
+    con.wait_for(ready)
+    save(vm, base, "suspend")
+    vm.stop("suspended")
+    return base
+
+
 @pytest.fixture
 def rundir(tmp_path, monkeypatch) -> str:
     d = str(tmp_path / "run")

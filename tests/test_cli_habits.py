@@ -16,9 +16,8 @@ from migrate_helpers import Destination, migrate
 from pyhyve.migration.security import load_key
 from pyhyve.snapshot.files import current_files
 from pyhyve.snapshot.format import meta_checksum
-from pyhyve.snapshot.save import save
 
-from conftest import BIN, cli, spawn, wait_socket
+from conftest import BIN, cli, spawn, suspended, wait_socket
 
 MB = 1 << 20
 
@@ -161,12 +160,7 @@ def test_cancel_message_says_it_once(kit, rundir, monkeypatch):
 # --- snapshots: one line for every bad file, and info shows what it can -----------------
 
 def snapshot(make_vm, tmp_path) -> str:
-    vm, con = make_vm("hashchain", "", memory=32 * MB)
-    con.wait_for("H0 2 ")
-    base = str(tmp_path / "s")
-    save(vm, base, "suspend")
-    vm.stop("suspended")
-    return base
+    return suspended(make_vm, str(tmp_path / "s"), "hashchain", "", ready=b"H0 2 ")
 
 
 def one_line(p: subprocess.CompletedProcess, needle: str) -> None:

@@ -17,7 +17,7 @@ from pyhyve.snapshot.files import current_files
 from pyhyve.snapshot.restore import open_snapshot, restore
 from pyhyve.snapshot.save import save
 
-from conftest import CaptureConsole, cli, spawn, wait_file, wait_socket
+from conftest import CaptureConsole, cli, spawn, suspended, wait_file, wait_socket
 
 MB = 1 << 20
 MADV_PAGEOUT = 21
@@ -55,11 +55,7 @@ def page_out(mem) -> int:
 
 
 def ab_restored(make_vm, tmp_path, ws_mb: int = 16):
-    vm, con = make_vm("ab", f"ws={ws_mb}M", memory=64 * MB)
-    con.wait_count(b"B", 2)
-    base = str(tmp_path / "a")
-    save(vm, base, "suspend")
-    vm.stop("suspended")
+    base = suspended(make_vm, str(tmp_path / "a"), cmdline=f"ws={ws_mb}M", memory=64 * MB)
     snap = open_snapshot(base)
     con2 = CaptureConsole()
     vm2 = restore(snap, console=con2)
@@ -165,11 +161,7 @@ def test_lazy_guest_survives_its_snapshot_file_changing(make_vm, tmp_path, how):
 
 
 def test_without_a_lease_the_guest_is_made_independent_at_restore(make_vm, tmp_path):
-    vm, con = make_vm("ab", "ws=8M", memory=64 * MB)
-    con.wait_count(b"B", 2)
-    base = str(tmp_path / "a")
-    save(vm, base, "suspend")
-    vm.stop("suspended")
+    base = suspended(make_vm, str(tmp_path / "a"), cmdline="ws=8M", memory=64 * MB)
     path = current_files(base).memory
     with open(path, "r+b") as writer:  # a writer holds it open: no lease is possible
         snap = open_snapshot(base)

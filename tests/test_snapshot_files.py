@@ -24,7 +24,7 @@ from pyhyve.snapshot.format import SnapshotError, meta_checksum
 from pyhyve.snapshot.restore import open_snapshot, restore
 from pyhyve.snapshot.save import save
 
-from conftest import REPO, CaptureConsole, cli, spawn, wait_socket
+from conftest import REPO, CaptureConsole, cli, spawn, suspended, wait_socket
 
 MB = 1 << 20
 FIXTURES = os.path.join(REPO, "tests", "fixtures")
@@ -46,12 +46,7 @@ def snapshot_files(d: str) -> list[str]:
 
 @pytest.fixture
 def ab_snapshot(make_vm, tmp_path):
-    vm, con = make_vm("ab", "ws=4M", memory=32 * MB)
-    con.wait_count(b"B", 2)
-    base = str(tmp_path / "snap")
-    save(vm, base, "suspend")
-    vm.stop("suspended")
-    return base
+    return suspended(make_vm, str(tmp_path / "snap"))
 
 
 # --- the format-1 fixture (written by pyhyve before generations) ------------------------
