@@ -202,3 +202,31 @@ def test_info_shows_what_is_readable_and_marks_the_corrupt_section(make_vm, tmp_
     p = cli("pyhyve", "snapshot", "info", base)
     assert p.returncode == 1 and "vcpu0" in p.stdout and "CORRUPT" in p.stdout
     assert p.stdout.count("CORRUPT") == 1 and "is corrupt" in p.stderr
+
+
+def test_a_closed_stdio_console_stops_reading_stdin(monkeypatch):
+    """A console that ends (a failed migration attempt, a closed VM) must not go on
+    taking keystrokes meant for the next one."""
+    import sys
+    import threading
+
+    from pyhyve.devices.console import StdioConsole
+    r, w = os.pipe()
+    monkeypatch.setattr(sys, "stdin", os.fdopen(r, "rb", buffering=0))
+    got: list[bytes] = []
+    con = StdioConsole()
+    con.start_input(got.append)
+    os.write(w, b"a")
+    deadline = time.monotonic() + 5
+    while not got:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    con.close()
+    deadline = time.monotonic() + 5
+    while any(t.name == "console-stdin" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "the stdin reader outlived its console"
+        time.sleep(0.01)
+    os.write(w, b"b")
+    time.sleep(0.1)
+    assert got == [b"a"]
+    os.close(w)

@@ -324,3 +324,15 @@ def test_pauses_are_counted_so_no_scope_resumes_another(make_vm, tmp_path):
     assert vm.state == "paused"
     vm.resume()
     assert vm.state == "running"
+
+
+def test_a_vm_started_while_held_stays_parked_until_released(make_vm):
+    vm, con = make_vm("hashchain", "", memory=32 * MB, start=False)
+    vm.hold()  # e.g. the lease guard moving memory before the guest ever ran
+    vm.start()
+    assert vm.state == "paused"
+    time.sleep(0.3)
+    assert con.text == ""  # no guest code ran
+    vm.release()
+    assert vm.state == "running"
+    con.wait_for("H0 2 ")

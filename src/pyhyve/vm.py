@@ -258,21 +258,29 @@ class VirtualMachine:
 
     # --- life cycle ------------------------------------------------------------------
     def start(self, paused: bool = False) -> None:
-        """Start the vCPU threads; with `paused`, they park before running any guest code
-        (a guest migrated while paused stays paused)."""
+        """Start the vCPU threads; with `paused` (a guest migrated while paused stays
+        paused) or while a hold is taken, they park before running any guest code."""
         ctl = self.control
-        with ctl.cond:
-            ctl.alive = len(self.threads)
-            ctl.pause_requested = paused
-        for t in self.threads:
-            t.start()
-        if not paused:
-            self.state = "running"
-            return
-        with ctl.cond:
-            ctl.cond.wait_for(lambda: ctl.parked >= ctl.alive or ctl.stopping, 10.0)
-            self.state = "paused"
-        self._user_paused = True
+        with self._pause_lock:
+            park = paused or self._holds > 0
+            with ctl.cond:
+                ctl.alive = len(self.threads)
+                ctl.pause_requested = park
+            for t in self.threads:
+                t.start()
+            if paused:
+                self._user_paused = True
+            if not park:
+                self.state = "running"
+                return
+            with ctl.cond:
+                ctl.cond.wait_for(lambda: ctl.parked >= ctl.alive or ctl.stopping, 10.0)
+                self.state = "paused"
+
+    @property
+    def user_paused(self) -> bool:
+        """Paused by the user (not only held by a save, a migration or the lease guard)."""
+        return self.state == "paused" and self._user_paused
 
     # Pausing is counted. The user's pause (pyhyvectl --pause) is a flag that stays until
     # resume(); each internal pause (a save, the last step of a migration, moving guest

@@ -87,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
             reply = c.call(cmd, **extra)
     except ClientError as e:
         fail(PROG, str(e))
+    except KeyboardInterrupt:
+        if progress:
+            progress.stop()
+        fail(PROG, interrupted(args.vm, cmd), 130)
     finally:
         if progress:
             progress.stop()
@@ -142,6 +146,19 @@ class Progress:
     def stop(self) -> None:
         self.done.set()
         self.thread.join(2)
+
+
+def interrupted(vm: str, cmd: str) -> str:
+    """Ctrl-C while waiting for the VMM. A migration is cancelled (the guest keeps running
+    here); anything else the VMM may still finish."""
+    if cmd != "migrate":
+        return f"interrupted; the VM may still complete '{cmd}'"
+    try:
+        with ControlClient(vm, timeout=10.0) as c:
+            c.call("migrate-cancel")
+    except (ClientError, KeyboardInterrupt):
+        return "interrupted; cancelling the migration failed: try --migrate-cancel"
+    return "interrupted: migration cancelled (the guest keeps running here)"
 
 
 def human(n: int) -> str:

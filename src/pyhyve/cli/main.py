@@ -86,6 +86,14 @@ def build_parser() -> Parser:
 
 def cmd_run(args: object) -> int:
     a = args
+
+    def on_signal(signum: int, _frame: object) -> None:
+        raise Interrupted(signum)
+
+    # until serve() takes over: a signal during a boot, restore or receive ends it cleanly
+    # (the console's terminal restored, one line), never a traceback or a raw terminal
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     if a.restore and a.receive:
         fail(PROG, "--restore and --receive cannot be combined")
     if a.restore:
@@ -165,12 +173,6 @@ def cmd_receive(a: object) -> int:
     from ..snapshot.format import SnapshotError
 
     _no_config_flags(a, "--receive", "the source sends the VM's configuration")
-
-    def on_signal(signum: int, _frame: object) -> None:
-        raise Interrupted(signum)
-
-    signal.signal(signal.SIGTERM, on_signal)  # before anyone can see us listening
-    signal.signal(signal.SIGINT, on_signal)
     try:
         host, port = parse_listen(a.receive, DEFAULT_PORT)
         if a.receive_timeout <= 0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 
 from .. import untrusted
 
@@ -22,11 +23,18 @@ def send(sock: socket.socket, obj: dict) -> None:
     sock.sendall(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
 
 
-def recv(sock: socket.socket, buf: bytearray) -> dict | None:
-    """Next message from `sock` (None at EOF); `buf` carries bytes between calls."""
+def recv(sock: socket.socket, buf: bytearray, deadline: float | None = None) -> dict | None:
+    """Next message from `sock` (None at EOF); `buf` carries bytes between calls. With a
+    `deadline` (time.monotonic()), the whole message must arrive by then: a byte now and
+    then does not keep a connection alive (TimeoutError)."""
     while b"\n" not in buf:
         if len(buf) > MAX_LINE:
             raise ProtocolError("control message too long")
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("control request not completed in time")
+            sock.settimeout(left)
         chunk = sock.recv(65536)
         if not chunk:
             return None

@@ -90,9 +90,8 @@ class ControlServer:
         buf = bytearray()
         with conn:
             while True:
-                conn.settimeout(IDLE_TIMEOUT)  # waiting for a request; none while handling
-                try:
-                    msg = recv(conn, buf)
+                try:  # a whole request within IDLE_TIMEOUT; no limit while handling it
+                    msg = recv(conn, buf, time.monotonic() + IDLE_TIMEOUT)
                 except ProtocolError as e:
                     with contextlib.suppress(OSError):
                         send(conn, {"ok": False, "error": str(e)})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import select
 import socket
 import sys
 import termios
@@ -93,6 +94,7 @@ class StdioConsole(Console):
         self.read_stdin = read_stdin
         self._tty: tuple[int, list] | None = None
         self._escaped = False
+        self._wake_r, self._wake_w = os.pipe()  # close() ends the stdin reader through it
 
     def write(self, data: bytes) -> None:
         with contextlib.suppress(OSError):
@@ -112,8 +114,11 @@ class StdioConsole(Console):
         def pump() -> None:
             while True:
                 try:
+                    ready, _, _ = select.select([fd, self._wake_r], [], [])
+                    if self._wake_r in ready:
+                        return  # closed: the next console (a later VM) reads stdin now
                     data = os.read(fd, 4096)
-                except OSError:
+                except (OSError, ValueError):
                     return
                 if not data:
                     return
@@ -164,6 +169,10 @@ class StdioConsole(Console):
 
     def close(self) -> None:
         self._restore()
+        if self._wake_w >= 0:
+            os.write(self._wake_w, b"x")
+            os.close(self._wake_w)
+            self._wake_w = -1
 
 
 class FileConsole(Console):

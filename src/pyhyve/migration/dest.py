@@ -24,7 +24,7 @@ from ..machine.vcpu import install_kick_handler
 from ..snapshot.format import MAX_CPUS, MAX_MEMORY, SnapshotError
 from ..snapshot.restore import check_host, decode_state
 from ..vm import VirtualMachine, VmConfig, VmError, host_memory_bytes
-from .listen import Listener, listen_address
+from .listen import HANDSHAKE_TIMEOUT, Listener, listen_address
 from .protocol import MAX_PAGES_PER_FRAME, MEM_HEADER, PROTOCOL_VERSION, Channel, Enc, Frame, ProtocolError, T
 
 MAX_STATE_SECTIONS = 4 * MAX_CPUS + 64
@@ -176,8 +176,11 @@ class Receiver:
         self.done = False
 
     def _receive(self, ch: Channel) -> VirtualMachine:
-        ch.sock.settimeout(self.opts.io_timeout)
+        # a real source sends HELLO at once: an (--insecure) peer that does not gets the
+        # handshake's deadline, not the 60 s a running migration may need
+        ch.sock.settimeout(HANDSHAKE_TIMEOUT)
         hello = ch.recv(T.HELLO).json()
+        ch.sock.settimeout(self.opts.io_timeout)
         try:  # every check before ACCEPT: nothing of the guest moves unless it can run here
             config = config_from_hello(hello, self.name, self.opts.console)
             host = host_memory_bytes()

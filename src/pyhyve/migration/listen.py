@@ -18,9 +18,11 @@ import time
 from .protocol import Channel
 from .security import accept_peer, tls_context
 
-HANDSHAKE_TIMEOUT = 5.0
-MAX_HANDSHAKES = 16
-LOGGED_FAILURES = 10  # lines said about failed peers before only counting them
+HANDSHAKE_TIMEOUT = 5.0  # for the whole handshake, not per read: trickling bytes buys nothing
+MAX_HANDSHAKES = 64
+MAX_PER_ADDRESS = 4      # so one host cannot take every slot
+MAX_READY = 4            # authenticated peers waiting for the receiver
+LOGGED_FAILURES = 10     # lines said about failed peers before only counting them
 
 
 def listen_address(host: str, port: int) -> socket.socket:
@@ -45,6 +47,8 @@ class Listener:
         self.dropped = 0
         self.closed = False
         self._handshaking = 0
+        self._per_address: dict[str, int] = {}
+        self._in_handshake: set[socket.socket] = set()
         self._thread = threading.Thread(target=self._accept, name="migration-listen", daemon=True)
         self._thread.start()
 
@@ -72,9 +76,13 @@ class Listener:
         with self.cond:
             self.closed = True
             left, self.ready = self.ready, []
+            busy = list(self._in_handshake)
             self.cond.notify_all()
         for ch, _ in left:
             ch.close()
+        for conn in busy:  # their threads end at once, and say nothing more
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
@@ -96,17 +104,34 @@ class Listener:
                 return
             peer = f"{addr[0]}:{addr[1]}"
             with self.cond:
-                busy = self._handshaking >= MAX_HANDSHAKES
+                mine = self._per_address.get(addr[0], 0)
+                busy = self._handshaking >= MAX_HANDSHAKES or mine >= MAX_PER_ADDRESS
                 if not busy:
                     self._handshaking += 1
+                    self._per_address[addr[0]] = mine + 1
             if busy:
                 conn.close()
-                self.failed(peer, f"more than {MAX_HANDSHAKES} connections authenticating")
+                self.failed(peer, "too many connections authenticating at once")
                 continue
-            threading.Thread(target=self._handshake, args=(conn, peer), daemon=True).start()
+            threading.Thread(target=self._handshake, args=(conn, peer, addr[0]),
+                             daemon=True).start()
 
-    def _handshake(self, conn: socket.socket, peer: str) -> None:
+    def _handshake(self, conn: socket.socket, peer: str, address: str) -> None:
         ch = None
+        # a second descriptor of the same socket: shutting it down ends the handshake's
+        # reads even after TLS has taken the first one over
+        raw = conn.dup()
+        with self.cond:
+            self._in_handshake.add(raw)
+        expired = threading.Event()
+
+        def expire() -> None:  # one deadline for the whole handshake
+            expired.set()
+            with contextlib.suppress(OSError):
+                raw.shutdown(socket.SHUT_RDWR)
+        timer = threading.Timer(HANDSHAKE_TIMEOUT, expire)
+        timer.daemon = True
+        timer.start()
         try:
             conn.settimeout(HANDSHAKE_TIMEOUT)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -118,19 +143,30 @@ class Listener:
                                           "--tls-dir with the same certificate?") from None
             ch = Channel(conn, b"D", b"S")
             accept_peer(ch, self.key, bool(self.tls_dir))
-        except TimeoutError:
-            conn.close()
-            self.failed(peer, f"did not authenticate within {HANDSHAKE_TIMEOUT:.0f} s")
         except (OSError, ValueError) as e:  # protocol, security and TLS errors alike
+            timer.cancel()
             conn.close()
-            self.failed(peer, e)
+            if not self.closed:
+                self.failed(peer, f"did not authenticate within {HANDSHAKE_TIMEOUT:g} s"
+                            if expired.is_set() or isinstance(e, TimeoutError) else e)
         else:
+            timer.cancel()
             with self.cond:
-                if self.closed:
-                    ch.close()
-                else:
+                keep = not self.closed and not expired.is_set() and len(self.ready) < MAX_READY
+                if keep:
                     self.ready.append((ch, peer))
                     self.cond.notify_all()
+            if not keep:
+                ch.close()
+                if not self.closed:
+                    self.failed(peer, "too many authenticated peers waiting")
         finally:
             with self.cond:
                 self._handshaking -= 1
+                self._in_handshake.discard(raw)
+                raw.close()
+                left = self._per_address.get(address, 1) - 1
+                if left:
+                    self._per_address[address] = left
+                else:
+                    self._per_address.pop(address, None)

@@ -223,7 +223,7 @@ class Migration:
         vm, opts, st = self.vm, self.opts, self.stats
         if vm.state not in ("running", "paused"):
             raise MigrationError(f"VM is {vm.state}")
-        was_paused = vm.state == "paused"  # migrated warm, and paused over there too
+        was_paused = vm.user_paused  # migrated warm, and paused over there too
         self.ch = ch = self._connect()
         t = time.perf_counter()
         st.phases_ms["connect"] = (t - self._t_start) * 1e3
@@ -241,21 +241,16 @@ class Migration:
         st.phases_ms["setup"] = (time.perf_counter() - self._t_start) * 1e3  # incl. the above
         self._check_cancel()
         st.state = "active"
-        if was_paused:
-            gc.disable()
-            self._t_pause = time.perf_counter()
-            ch.sock.settimeout(opts.paused_io_timeout)
+        if was_paused or not opts.live:
+            self._pause()  # a hold of our own, even on a paused guest: nothing else resumes it
             self._send_runs(self._announce(guest_runs(vm.memory)), round_no=0)
-        elif opts.live:
+        else:
             self.dirty = DirtyLog(vm.vm, vm.memory)
             self.dirty.start()
             if opts.auto_converge:
                 self._probe_dirty_rate()
             self._send_runs(self._announce(guest_runs(vm.memory)), round_no=0)
             self._precopy()
-        else:
-            self._pause()
-            self._send_runs(self._announce(guest_runs(vm.memory)), round_no=0)
         self._finish()
 
     def _pause(self) -> None:
