@@ -103,9 +103,26 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60,
                           input=input if input is not None else "")
 
 
+SPAWNED: list[subprocess.Popen] = []
+
+
 def spawn(*args: str, env: dict[str, str] | None = None, **kw: object) -> subprocess.Popen:
-    return subprocess.Popen([os.path.join(BIN, args[0]), *args[1:]],
-                            env={**os.environ, **(env or {})}, **kw)  # type: ignore[arg-type]
+    p = subprocess.Popen([os.path.join(BIN, args[0]), *args[1:]],
+                         env={**os.environ, **(env or {})}, **kw)  # type: ignore[arg-type]
+    SPAWNED.append(p)
+    return p
+
+
+@pytest.fixture(autouse=True)
+def no_process_left_behind() -> Iterator[None]:
+    """A test that fails halfway must not leave a VMM running (and eating a core) for the
+    rest of the run: whatever it spawned and did not end is killed after it."""
+    yield
+    while SPAWNED:
+        p = SPAWNED.pop()
+        if p.poll() is None:
+            p.kill()
+            p.wait()
 
 
 def wait_socket(rundir: str, name: str, timeout: float = 20.0) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from pyhyve import guestkit
 
-from conftest import BIN, cli, wait_file, wait_socket
+from conftest import BIN, SPAWNED, cli, wait_file, wait_socket
 
 KEY_TEXT = "correct horse battery staple 42"
 
@@ -53,8 +53,10 @@ def keyfile(tmp_path):
 
 
 def in_ns(ns: str, *args: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen(["ip", "netns", "exec", ns, os.path.join(BIN, args[0]), *args[1:]],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **kw)
+    p = subprocess.Popen(["ip", "netns", "exec", ns, os.path.join(BIN, args[0]), *args[1:]],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **kw)
+    SPAWNED.append(p)
+    return p
 
 
 def run_pair(hosts, kit, tmp_path, rundir, guest_args, extra_dst=(), extra_src=()):
