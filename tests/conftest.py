@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -18,10 +19,26 @@ REPO = guestkit.REPO
 BIN = os.path.dirname(sys.executable)
 
 
-def pytest_sessionstart(session: pytest.Session) -> None:
-    # Tests that need KVM must fail loudly, never skip, when it is missing.
-    if not os.path.exists("/dev/kvm"):
-        raise pytest.UsageError("/dev/kvm is missing: pyhyve's tests need KVM")
+@functools.cache
+def kvm_problem() -> str | None:
+    """Why KVM cannot be used here (None: it can)."""
+    from pyhyve.kvm import Kvm
+
+    path = os.environ.get("PYHYVE_KVM_DEVICE") or "/dev/kvm"
+    try:
+        Kvm(path).close()
+    except (OSError, ValueError) as e:
+        return f"{path}: {e}"
+    return None
+
+
+@pytest.fixture(autouse=True)
+def kvm_required(request: pytest.FixtureRequest) -> None:
+    """Tests marked `kvm` fail loudly, never skip, where KVM cannot be used (CI has it);
+    the rest (device models, formats, codecs, boot builders) run anywhere:
+    `pytest -m "not kvm"`."""
+    if request.node.get_closest_marker("kvm") and (why := kvm_problem()):
+        pytest.fail(f"this test needs KVM, which is not usable here: {why}", pytrace=False)
 
 
 class CaptureConsole(MemoryConsole):

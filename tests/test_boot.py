@@ -195,6 +195,7 @@ def test_boot_params_field_by_field(tmp_path, mem):
     assert gdt[2] == BC.GDT_CODE64 and gdt[3] == BC.GDT_DATA
 
 
+@pytest.mark.kvm
 def test_bzimage_entry_runs_in_long_mode(tmp_path, make_vm):
     """A bzImage whose 64-bit entry checks boot_params, CS/DS and prints the cmdline."""
     path = tmp_path / "bzImage"

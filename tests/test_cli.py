@@ -13,6 +13,8 @@ import pytest
 
 from conftest import BIN, REPO, cli, spawn, wait_socket
 
+pytestmark = pytest.mark.kvm  # every test here runs a guest or talks to KVM
+
 FOREIGN_PVH = r"""
 /* A PVH guest that is not part of the kit: 32-bit, prints at entry, then resets. */
     .section .note.Xen, "a"

@@ -12,12 +12,16 @@ import subprocess
 import termios
 import time
 
+import pytest
+
 from migrate_helpers import Destination, migrate
 from pyhyve.migration.security import load_key
 from pyhyve.snapshot.files import current_files
 from pyhyve.snapshot.format import meta_checksum
 
 from conftest import BIN, cli, spawn, suspended, wait_socket
+
+pytestmark = pytest.mark.kvm  # every test here runs a guest or talks to KVM
 
 MB = 1 << 20
 

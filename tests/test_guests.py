@@ -12,6 +12,8 @@ import pytest
 from pyhyve import guestkit
 from pyhyve.guestkit import KitError
 
+pytestmark = pytest.mark.kvm  # every test here runs a guest or talks to KVM
+
 MB = 1 << 20
 ON_PVM = os.path.exists("/sys/module/kvm_pvm")
 

@@ -44,6 +44,7 @@ def test_ioctl_numbers(name, value):
     assert getattr(I, name) == value
 
 
+@pytest.mark.kvm
 def test_error_names_ioctl_and_errno():
     kvm = Kvm()
     vm = kvm.create_vm()
@@ -57,6 +58,7 @@ def test_error_names_ioctl_and_errno():
         kvm.close()
 
 
+@pytest.mark.kvm
 def test_every_state_ioctl_round_trips():
     """GET then SET of every state a snapshot needs is accepted by this host's KVM."""
     kvm = Kvm()

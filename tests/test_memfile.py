@@ -52,6 +52,7 @@ def test_run_table_round_trip_and_checks():
         memfile.decode_runs(b"\0" * 15, 105)
 
 
+@pytest.mark.kvm
 def test_writes_into_holes_of_a_lazily_restored_vm_are_saved(make_vm, tmp_path):
     vm, con = make_vm("hashchain", "", memory=256 * MB)
     con.wait_for("H0 3 ")

@@ -19,6 +19,8 @@ from pyhyve.snapshot.save import save
 
 from conftest import CaptureConsole, cli, spawn, suspended, wait_file, wait_socket
 
+pytestmark = pytest.mark.kvm  # every test here runs a guest or talks to KVM
+
 MB = 1 << 20
 MADV_PAGEOUT = 21
 libc = C.CDLL(None, use_errno=True)

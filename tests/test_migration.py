@@ -13,6 +13,8 @@ from migrate_helpers import KEY, CuttingProxy, Destination, migrate
 from pyhyve import guestkit
 from pyhyve.snapshot.save import save
 
+pytestmark = pytest.mark.kvm  # every test here runs a guest or talks to KVM
+
 MB = 1 << 20
 
 

@@ -17,6 +17,8 @@ from pyhyve.migration import protocol as P
 from pyhyve.migration.protocol import Channel, T
 from pyhyve.migration.security import authenticate
 
+pytestmark = pytest.mark.kvm  # every test here runs a guest or talks to KVM
+
 MB = 1 << 20
 
 

@@ -14,6 +14,8 @@ from pyhyve import guestkit
 
 from conftest import BIN, SPAWNED, cli, wait_file, wait_socket
 
+pytestmark = pytest.mark.kvm  # every test here runs a guest or talks to KVM
+
 KEY_TEXT = "correct horse battery staple 42"
 
 

@@ -36,6 +36,7 @@ def restore_file(base: str, lazy: bool = True) -> tuple[object, CaptureConsole]:
     return vm, con
 
 
+@pytest.mark.kvm
 @pytest.mark.parametrize("ws", [0, 64, 512])
 def test_ab_suspend_restore_1g(make_vm, tmp_path, ws):
     vm, con = make_vm("ab", f"ws={ws}M", memory=1024 * MB)
@@ -58,6 +59,7 @@ def test_ab_suspend_restore_1g(make_vm, tmp_path, ws):
         vm2.close()
 
 
+@pytest.mark.kvm
 def test_hashchain_two_vcpus_continue_exactly(make_vm, tmp_path):
     vm, con = make_vm("hashchain", "cpus=2", cpus=2, memory=128 * MB)
     con.wait_for("H1 20 ")
@@ -77,6 +79,7 @@ def test_hashchain_two_vcpus_continue_exactly(make_vm, tmp_path):
         vm2.close()
 
 
+@pytest.mark.kvm
 def test_checkpoint_keeps_the_original_running(make_vm, tmp_path):
     vm, con = make_vm("hashchain", "", memory=64 * MB)
     con.wait_for("H0 10 ")
@@ -97,6 +100,7 @@ def test_checkpoint_keeps_the_original_running(make_vm, tmp_path):
         vm2.close()
 
 
+@pytest.mark.kvm
 def test_checkpoint_of_running_guest_resumes_it(make_vm, tmp_path):
     vm, con = make_vm("ab", "ws=16M", memory=128 * MB)
     con.wait_count(b"B", 3)
@@ -106,6 +110,7 @@ def test_checkpoint_of_running_guest_resumes_it(make_vm, tmp_path):
     con.wait_count(b"B", n + 3)
 
 
+@pytest.mark.kvm
 def test_lazy_and_eager_restore_behave_identically(make_vm, tmp_path):
     vm, con = make_vm("hashchain", "cpus=1 steps=400", memory=64 * MB)
     con.wait_for("H0 50 ")
@@ -125,6 +130,7 @@ def test_lazy_and_eager_restore_behave_identically(make_vm, tmp_path):
     guestkit.check_hashchain(con.text + outputs[0])
 
 
+@pytest.mark.kvm
 def test_hundred_suspend_restore_cycles(make_vm, tmp_path):
     vm, con = make_vm("hashchain", "rounds=64", memory=32 * MB)
     con.wait_for("H0 2 ")
@@ -147,6 +153,7 @@ def test_hundred_suspend_restore_cycles(make_vm, tmp_path):
     assert time.perf_counter() - t0 < 120
 
 
+@pytest.mark.kvm
 def test_restored_vm_can_be_checkpointed_again(make_vm, tmp_path):
     vm, con = make_vm("ab", "ws=32M", memory=256 * MB)
     con.wait_count(b"B", 5)
@@ -199,6 +206,7 @@ def _tsc_writes_honoured() -> bool:
         kvm.close()
 
 
+@pytest.mark.kvm
 def test_time_continues_across_suspend(make_vm, tmp_path):
     vm, con = make_vm("hashchain", "", memory=32 * MB)
     con.wait_for("H0 3 ")
@@ -222,6 +230,7 @@ def test_time_continues_across_suspend(make_vm, tmp_path):
         vm2.close()
 
 
+@pytest.mark.kvm
 def test_failed_save_leaves_vm_running(make_vm, tmp_path):
     vm, con = make_vm("ab", "ws=16M", memory=128 * MB)
     con.wait_count(b"B", 3)

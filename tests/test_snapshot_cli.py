@@ -7,9 +7,13 @@ import json
 import os
 import subprocess
 
+import pytest
+
 from pyhyve import guestkit
 
 from conftest import cli, spawn, wait_file, wait_socket
+
+pytestmark = pytest.mark.kvm  # every test here runs a guest or talks to KVM
 
 
 def test_suspend_then_restore_from_the_command_line(kit, rundir, tmp_path):

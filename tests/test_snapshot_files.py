@@ -26,6 +26,8 @@ from pyhyve.snapshot.save import save
 
 from conftest import REPO, CaptureConsole, cli, spawn, suspended, wait_socket
 
+pytestmark = pytest.mark.kvm  # every test here runs a guest or talks to KVM
+
 MB = 1 << 20
 FIXTURES = os.path.join(REPO, "tests", "fixtures")
 

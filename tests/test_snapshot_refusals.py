@@ -18,6 +18,8 @@ from pyhyve.snapshot.save import save
 
 from conftest import CaptureConsole, cli
 
+pytestmark = pytest.mark.kvm  # every test here runs a guest or talks to KVM
+
 MB = 1 << 20
 
 

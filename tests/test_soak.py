@@ -13,11 +13,15 @@ import subprocess
 import threading
 import time
 
+import pytest
+
 from migrate_helpers import Destination, migrate
 from pyhyve.migration import protocol as P
 from pyhyve.migration.protocol import T
 
 from conftest import cli, spawn, wait_file, wait_socket
+
+pytestmark = pytest.mark.kvm  # every test here runs a guest or talks to KVM
 
 MB = 1 << 20
 SOAK_S = 6.0

@@ -24,6 +24,7 @@ from .kvm import Kvm, KvmError, Vcpu
 from .kvm import ioctls as I
 from .kvm.structs import KvmCpuidEntry2
 from .machine.cpuid import DEFAULT_HIDDEN, build_cpuid, for_vcpu
+from .machine.dirty import DirtyTracker
 from .machine.memory import GuestMemory
 from .machine.state import (
     VcpuState,
@@ -152,9 +153,9 @@ class VirtualMachine:
         self.vm.create_irqchip()
         self.vm.create_pit2()
         self.memory = memory or GuestMemory(self.config.memory, name=f"pyhyve-{self.config.name}")
-        self.memory_flags = 0
         for slot, r in enumerate(self.memory.regions):
             self.vm.set_user_memory_region(slot, r.gpa, r.size, r.host_addr)
+        self.dirty = DirtyTracker(self.vm, self.memory)  # the one owner of the dirty log
         self.pio, self.mmio = Bus("pio"), Bus("mmio")
         self.console = console or open_console(self.config.console)
         self.console.on_quit = lambda: self.stop("quit from the console (Ctrl-A x)", EXIT_DESTROYED)

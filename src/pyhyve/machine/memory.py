@@ -104,6 +104,8 @@ class GuestMemory:
         # runs, never read from the file) and the guard that keeps the rest safe
         self.anonymous: list[tuple[int, int]] = []
         self.guard: object | None = None
+        # told of the VMM's own writes (first file page, count): the dirty tracker
+        self.on_write: Callable[[int, int], None] | None = None
 
     def region_for(self, gpa: int, length: int = 1) -> Region:
         for r in self.regions:
@@ -115,10 +117,18 @@ class GuestMemory:
         r = self.region_for(gpa, len(data))
         off = gpa - r.gpa
         r.mm[off:off + len(data)] = data
+        self._wrote(r, off, len(data))
 
     def fill(self, gpa: int, length: int, value: int = 0) -> None:
         r = self.region_for(gpa, length)
         C.memset(r.host_addr + gpa - r.gpa, value, length)
+        self._wrote(r, gpa - r.gpa, length)
+
+    def _wrote(self, r: Region, off: int, length: int) -> None:
+        if self.on_write is not None and length:
+            first = (r.layout.file_offset + off) // PAGE
+            last = (r.layout.file_offset + off + length - 1) // PAGE
+            self.on_write(first, last - first + 1)
 
     def read(self, gpa: int, length: int) -> bytes:
         r = self.region_for(gpa, length)

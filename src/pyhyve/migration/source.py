@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..machine.dirty import DirtyLog, runs_of
+from ..machine.dirty import DirtyConsumer, runs_of
 from ..machine.memory import PAGE
 from ..snapshot.memfile import guest_runs
 from ..snapshot.save import host_facts, state_sections
@@ -132,7 +132,7 @@ class Migration:
         self._cancel = threading.Event()
         self.done = threading.Event()
         self.ch: Channel | None = None
-        self.dirty: DirtyLog | None = None
+        self.dirty: DirtyConsumer | None = None
         self._paused_by_us = False
         self._sent_pages = 0
         self._acked = -1
@@ -245,8 +245,7 @@ class Migration:
             self._pause()  # a hold of our own, even on a paused guest: nothing else resumes it
             self._send_runs(self._announce(guest_runs(vm.memory)), round_no=0)
         else:
-            self.dirty = DirtyLog(vm.vm, vm.memory)
-            self.dirty.start()
+            self.dirty = vm.dirty.consumer("migration")
             if opts.auto_converge:
                 self._probe_dirty_rate()
             self._send_runs(self._announce(guest_runs(vm.memory)), round_no=0)
