@@ -261,3 +261,8 @@ def test_restore_verifies_memory_it_was_not_told_about(snap, where):
             restore(s, console=CaptureConsole())
     finally:
         s.close()
+
+
+def test_newer_device_state_version_is_refused_with_names(snap):
+    edit_meta(snap, lambda m: [d.update(version=99) for d in m["devices"] if d["name"] == "com1"])
+    refused(snap, "device 'com1' has UartState state version 99; this pyhyve reads up to version 1")

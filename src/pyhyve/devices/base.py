@@ -9,15 +9,22 @@ from __future__ import annotations
 
 import bisect
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 
 @dataclass(frozen=True)
 class DeviceState:
-    """Base of every device's saved state; subclasses set VERSION and add fields."""
+    """Base of every device's saved state. Subclasses set NAME (the record's stable name:
+    renaming the class must not break old snapshots) and VERSION, and add fields. A field
+    added later needs a default (older records load with it) or an upgrade function in
+    UPGRADES {old version: fields dict -> fields dict of the next version}; every such
+    change bumps VERSION (snapshot/codec.py)."""
 
+    NAME: ClassVar[str] = ""
     VERSION: ClassVar[int] = 1
+    UPGRADES: ClassVar[dict[int, Callable[[dict[str, Any]], dict[str, Any]]]] = {}
 
 
 class Device:

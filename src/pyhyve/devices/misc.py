@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 from .base import Device, DeviceState
 
 
 @dataclass(frozen=True)
 class PostState(DeviceState):
+    NAME: ClassVar[str] = "PostState"
     last: int = 0
 
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import ClassVar
 
 from .base import Device, DeviceState
 
 
 @dataclass(frozen=True)
 class PciHostState(DeviceState):
+    NAME: ClassVar[str] = "PciHostState"
     address: int = 0
     configs: tuple[tuple[int, int, int, bytes], ...] = ()  # (bus, dev, fn, config space)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 from .base import Device, DeviceState
 from .console import Console
@@ -27,6 +28,7 @@ RX_LIMIT = 64 * 1024  # bytes buffered from the host side before input is droppe
 
 @dataclass(frozen=True)
 class UartState(DeviceState):
+    NAME: ClassVar[str] = "UartState"
     dll: int = 0x0C  # 9600 baud
     dlm: int = 0
     ier: int = 0

@@ -21,6 +21,7 @@ PIC_MASTER, PIC_SLAVE, IOAPIC = 0, 1, 2
 
 @dataclass(frozen=True)
 class VcpuState:
+    NAME: ClassVar[str] = "VcpuState"  # stable record name: never derived from the class
     VERSION: ClassVar[int] = 1
     regs: bytes
     sregs: bytes
@@ -36,6 +37,7 @@ class VcpuState:
 
 @dataclass(frozen=True)
 class VmKvmState:
+    NAME: ClassVar[str] = "VmKvmState"
     VERSION: ClassVar[int] = 1
     pic_master: bytes
     pic_slave: bytes

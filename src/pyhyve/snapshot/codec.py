@@ -1,8 +1,11 @@
 """Encoding of state values (frozen dataclasses) to bytes and back, with strict checks.
 
 One encoding serves snapshot files and migration streams: JSON with bytes as base64,
-tagged with the state's kind and version. Decoding trusts nothing: every field must be
-present, of its declared type, and nothing else may be there.
+tagged with the state type's stable NAME (a constant, never the Python class name) and its
+VERSION. Decoding trusts nothing: every field must be of its declared type and nothing
+else may be there. An older record is brought up to date: first the type's UPGRADES
+functions (old version -> next), then defaults for fields it does not have yet. A newer
+record is refused with a message naming the section, its version and ours.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import dataclasses
 import json
 import typing
 from typing import Any, TypeVar
+
+from .. import untrusted
 
 T = TypeVar("T")
 MAX_STATE_BYTES = 16 << 20
@@ -32,7 +37,7 @@ def _enc(value: Any) -> Any:
 
 def encode(state: Any) -> bytes:
     cls = type(state)
-    doc = {"kind": cls.__name__, "version": cls.VERSION,
+    doc = {"kind": cls.NAME, "version": cls.VERSION,
            "fields": {f.name: _enc(getattr(state, f.name)) for f in dataclasses.fields(state)}}
     return json.dumps(doc, separators=(",", ":")).encode()
 
@@ -70,31 +75,49 @@ def _dec(value: Any, tp: Any, where: str) -> Any:
     raise StateError(f"{where}: unsupported type {tp}")
 
 
-def decode(cls: type[T], raw: bytes | memoryview) -> T:
+def decode(cls: type[T], raw: bytes | memoryview, section: str = "") -> T:
+    name = cls.NAME  # type: ignore[attr-defined]
+    ours = cls.VERSION  # type: ignore[attr-defined]
+    where = f"state section '{section}'" if section else f"{name} state"
     if len(raw) > MAX_STATE_BYTES:
-        raise StateError(f"{cls.__name__}: state too large ({len(raw)} bytes)")
+        raise StateError(f"{where}: too large ({len(raw)} bytes)")
     try:
-        doc = json.loads(bytes(raw))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise StateError(f"{cls.__name__}: state is not valid JSON") from None
+        doc = untrusted.loads(raw, max_depth=8)
+    except untrusted.BadJson as e:
+        raise StateError(f"{where}: {e}") from None
     if not isinstance(doc, dict) or set(doc) != {"kind", "version", "fields"}:
-        raise StateError(f"{cls.__name__}: malformed state record")
-    if doc["kind"] != cls.__name__:
-        raise StateError(f"expected {cls.__name__} state, found {doc['kind']!r}")
+        raise StateError(f"{where}: malformed state record")
+    if doc["kind"] != name:
+        raise StateError(f"{where}: expected a {name} record, found {doc['kind']!r}")
     version = doc["version"]
-    if not isinstance(version, int) or version < 1:
-        raise StateError(f"{cls.__name__}: bad state version")
-    if version > cls.VERSION:  # type: ignore[attr-defined]
-        raise StateError(f"{cls.__name__} state version {version} is newer than this "
-                         f"pyhyve understands ({cls.VERSION})")  # type: ignore[attr-defined]
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise StateError(f"{where}: bad state version")
+    if version > ours:
+        raise StateError(f"{where} is {name} version {version}; this pyhyve reads {name} "
+                         f"up to version {ours} (a newer pyhyve wrote it)")
     fields = doc["fields"]
+    if not isinstance(fields, dict):
+        raise StateError(f"{where}: malformed fields")
+    for v in range(version, ours):  # bring an older record up to date, step by step
+        up = getattr(cls, "UPGRADES", {}).get(v)
+        if up is not None:
+            try:
+                fields = up(dict(fields))
+            except (KeyError, TypeError, ValueError) as e:
+                raise StateError(f"{where}: cannot upgrade {name} from version {v}: {e}") \
+                    from None
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-    if not isinstance(fields, dict) or set(fields) != set(names):
-        raise StateError(f"{cls.__name__}: fields do not match (got {sorted(fields)})"
-                         if isinstance(fields, dict) else f"{cls.__name__}: malformed fields")
-    values = {n: _dec(fields[n], hints[n], f"{cls.__name__}.{n}") for n in names}
+    known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    extra = set(fields) - set(known)
+    missing = [n for n in known if n not in fields]
+    defaulted = [n for n in missing if version < ours and (
+        known[n].default is not dataclasses.MISSING
+        or known[n].default_factory is not dataclasses.MISSING)]
+    if extra or set(missing) - set(defaulted):
+        raise StateError(f"{where}: fields do not match {name} version {version} "
+                         f"(unexpected {sorted(extra)}, missing {sorted(set(missing) - set(defaulted))})")
+    values = {n: _dec(fields[n], hints[n], f"{where}: {name}.{n}") for n in known if n in fields}
     try:
         return cls(**values)
     except (TypeError, ValueError) as e:
-        raise StateError(f"{cls.__name__}: {e}") from None
+        raise StateError(f"{where}: {e}") from None

@@ -138,8 +138,8 @@ def decode_state(blobs: dict[str, bytes], cpus: int, devices_meta: list[dict],
     from ..vm import MachineState
 
     try:
-        vm_state = codec.decode(VmKvmState, blobs["vm"])
-        vcpus = tuple(codec.decode(VcpuState, blobs[f"vcpu{i}"]) for i in range(cpus))
+        vm_state = codec.decode(VmKvmState, blobs["vm"], "vm")
+        vcpus = tuple(codec.decode(VcpuState, blobs[f"vcpu{i}"], f"vcpu{i}") for i in range(cpus))
         devices = {}
         for d in devices_meta:
             name = d["name"]
@@ -148,7 +148,13 @@ def decode_state(blobs: dict[str, bytes], cpus: int, devices_meta: list[dict],
             kind, cls = device_classes[name]
             if d["kind"] != kind:
                 raise SnapshotError(f"device '{name}' is a {d['kind']} in the saved VM, a {kind} here")
-            devices[name] = codec.decode(cls, blobs[f"dev:{name}"])
+            v = d.get("version", 1)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise SnapshotError(f"device '{name}' has a bad state version")
+            if v > cls.VERSION:  # the metadata says so before anything is decoded
+                raise SnapshotError(f"device '{name}' has {cls.NAME} state version {v}; this "
+                                    f"pyhyve reads up to version {cls.VERSION}")
+            devices[name] = codec.decode(cls, blobs[f"dev:{name}"], f"dev:{name}")
     except KeyError as e:
         raise SnapshotError(f"state section {e} is missing") from None
     except codec.StateError as e:

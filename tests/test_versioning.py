@@ -1,0 +1,74 @@
+"""State versioning: stable record names, older records upgraded (functions, then
+defaults), newer ones refused with the section and both versions named."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+
+from pyhyve.devices.base import DeviceState
+from pyhyve.devices.uart import UartState
+from pyhyve.machine.state import VcpuState, VmKvmState
+from pyhyve.snapshot import codec
+
+
+@dataclass(frozen=True)
+class WidgetV1(DeviceState):
+    NAME: ClassVar[str] = "widget"
+    VERSION: ClassVar[int] = 1
+    speed: int = 0
+
+
+@dataclass(frozen=True)
+class WidgetV3(DeviceState):
+    """The same record two versions later: v2 renamed speed to rate (an upgrade function),
+    v3 added a queue depth (a default)."""
+
+    NAME: ClassVar[str] = "widget"
+    VERSION: ClassVar[int] = 3
+    UPGRADES: ClassVar = {1: lambda f: {"rate": f.pop("speed") * 2, **f}}
+    rate: int = 0
+    depth: int = 32
+
+
+def test_an_older_record_is_upgraded_and_defaulted():
+    old = codec.encode(WidgetV1(speed=21))
+    assert codec.decode(WidgetV3, old, "dev:w0") == WidgetV3(rate=42, depth=32)
+
+
+def test_a_newer_record_is_refused_naming_section_and_versions():
+    new = codec.encode(WidgetV3(rate=1))
+    with pytest.raises(codec.StateError, match=r"state section 'dev:w0' is widget version 3; "
+                       r"this pyhyve reads widget up to version 1"):
+        codec.decode(WidgetV1, new, "dev:w0")
+
+
+def test_a_current_record_must_have_every_field():
+    raw = json.loads(codec.encode(WidgetV3(rate=1)))
+    del raw["fields"]["depth"]
+    with pytest.raises(codec.StateError, match="missing \\['depth'\\]"):
+        codec.decode(WidgetV3, json.dumps(raw).encode(), "dev:w0")
+    raw["fields"]["depth"] = 1
+    raw["fields"]["evil"] = 1
+    with pytest.raises(codec.StateError, match="unexpected \\['evil'\\]"):
+        codec.decode(WidgetV3, json.dumps(raw).encode(), "dev:w0")
+
+
+def test_record_names_are_stable_constants_not_class_names():
+    for cls, name in ((VcpuState, "VcpuState"), (VmKvmState, "VmKvmState"),
+                      (UartState, "UartState")):
+        assert name == cls.NAME  # what snapshots since format 1 carry: never to change
+    renamed = type("SomethingElse", (UartState,), {})
+    raw = codec.encode(UartState(scr=7))
+    assert json.loads(raw)["kind"] == "UartState"
+    assert codec.decode(renamed, raw).scr == 7
+
+
+def test_every_device_state_has_a_name():
+    from pyhyve.devices.misc import PostState
+    from pyhyve.devices.pci import PciHostState
+    for cls in (PostState, PciHostState, UartState):
+        assert cls.NAME and cls.VERSION >= 1
