@@ -191,6 +191,7 @@ class VirtualMachine:
     def add_pio_device(self, name: str, base: int, length: int, dev: Device) -> None:
         self.pio.register(base, length, dev)
         self.devices[name] = dev
+        dev.wrote = self.memory.mark_written
 
     @staticmethod
     def _setup_lapic(v: Vcpu) -> None:
@@ -264,6 +265,10 @@ class VirtualMachine:
         ctl = self.control
         with self._pause_lock:
             park = paused or self._holds > 0
+            for d in self.devices.values():  # backends begin now: any restored state is in
+                d.start()
+            if park:
+                self._quiesce_devices()
             with ctl.cond:
                 ctl.alive = len(self.threads)
                 ctl.pause_requested = park
@@ -350,8 +355,16 @@ class VirtualMachine:
             if ctl.stopping:
                 raise VmError(f"VM stopped while pausing: {self.stop_reason}")
             self.state = "paused"
+        self._quiesce_devices()
+
+    def _quiesce_devices(self) -> None:
+        """After the vCPUs: no device works on while the VM is paused."""
+        for d in self.devices.values():
+            d.quiesce()
 
     def _unpark(self) -> None:
+        for d in self.devices.values():  # before the vCPUs: a device is ready when they run
+            d.wake()
         ctl = self.control
         with ctl.cond:
             ctl.pause_requested = False

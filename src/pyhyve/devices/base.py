@@ -28,13 +28,35 @@ class DeviceState:
 
 
 class Device:
-    """A device on a bus. `kind` names it in snapshots; `lock` serialises its state."""
+    """A device on a bus. `kind` names it in snapshots; `lock` serialises its state.
+
+    The life cycle every device meets (the VM drives it):
+      built -> load_state(saved) (restore or receive only) -> start() -> running
+      running -> quiesce() when the VM pauses (after the vCPUs park) -> wake() when it
+      resumes (before the vCPUs run) -> ... -> close()
+    Backend threads and host I/O begin in start(), never before a restored state is in.
+    quiesce() returns only at a point where no request is half-done: what the device has
+    in flight is either completed (and in guest memory) or recorded in its state, so the
+    state a save captures and the memory it writes agree. A device that writes guest
+    memory itself does it through `memory.write` or calls `wrote(gpa, length)`, so dirty
+    tracking (migration, incremental snapshots) sees it.
+    """
 
     kind: ClassVar[str] = "device"
     state_class: ClassVar[type[DeviceState] | None] = None  # what save() returns
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
+        self.wrote: Callable[[int, int], None] = lambda gpa, length: None  # set by the VM
+
+    def start(self) -> None:
+        """Begin backend work (threads, host I/O); the state is final by now."""
+
+    def quiesce(self) -> None:
+        """Stop backend work at a clean point (the VM is pausing: vCPUs are parked)."""
+
+    def wake(self) -> None:
+        """Resume backend work (the VM is resuming: vCPUs run right after)."""
 
     def read(self, offset: int, size: int) -> int:
         """Read `size` bytes at `offset` from the device's base address."""
@@ -102,6 +124,24 @@ class Bus:
         base, dev = hit
         with dev.lock:
             dev.write(addr - base, size, value)
+
+    def unregister(self, base: int) -> Device:
+        """Remove the range starting at `base` (a PCI BAR moving, a device unplugged)."""
+        i = bisect.bisect_left(self._starts, base)
+        if i == len(self._starts) or self._starts[i] != base:
+            raise BusError(f"{self.name}: nothing registered at {base:#x}")
+        del self._starts[i]
+        return self._entries.pop(i)[2]
+
+    def move(self, base: int, new_base: int) -> None:
+        """Move a device's range (a BAR reprogrammed by the guest); refused on overlap."""
+        _, length, dev = self._entries[self._starts.index(base)]
+        self.unregister(base)
+        try:
+            self.register(new_base, length, dev)
+        except BusError:
+            self.register(base, length, dev)
+            raise
 
     def devices(self) -> list[tuple[int, int, Device]]:
         return list(self._entries)

@@ -124,6 +124,11 @@ class GuestMemory:
         C.memset(r.host_addr + gpa - r.gpa, value, length)
         self._wrote(r, gpa - r.gpa, length)
 
+    def mark_written(self, gpa: int, length: int) -> None:
+        """A device wrote [gpa, gpa+length) through a view of its own: tell the tracker."""
+        r = self.region_for(gpa, length)
+        self._wrote(r, gpa - r.gpa, length)
+
     def _wrote(self, r: Region, off: int, length: int) -> None:
         if self.on_write is not None and length:
             first = (r.layout.file_offset + off) // PAGE
