@@ -266,3 +266,19 @@ def test_restore_verifies_memory_it_was_not_told_about(snap, where):
 def test_newer_device_state_version_is_refused_with_names(snap):
     edit_meta(snap, lambda m: [d.update(version=99) for d in m["devices"] if d["name"] == "com1"])
     refused(snap, "device 'com1' has UartState state version 99; this pyhyve reads up to version 1")
+
+
+def test_a_bug_while_restoring_is_not_relabelled(snap, monkeypatch):
+    """Only user and host errors become "cannot restore"; a bug escapes as itself."""
+    from pyhyve.vm import VirtualMachine
+
+    def bug(self, state):
+        raise ValueError("bug: a field went missing")
+    monkeypatch.setattr(VirtualMachine, "apply", bug)
+    s = open_snapshot(snap)
+    try:
+        with pytest.raises(ValueError, match="bug: a field") as ei:
+            restore(s, console=CaptureConsole())
+        assert not isinstance(ei.value, SnapshotError)
+    finally:
+        s.close()

@@ -168,3 +168,55 @@ def test_console_escape_sequences():
     assert con.filter(b"x") == b"" and quits == [1]      # ... split across two reads
     assert con.filter(b"\x01z") == b""                   # unknown: swallowed
     con.close()
+
+
+# --- one error tree: user errors are one line, bugs are said to be bugs ---------------------
+
+def test_every_user_facing_error_is_a_pyhyve_error():
+    from pyhyve.boot.common import BootError
+    from pyhyve.control.client import ClientError
+    from pyhyve.errors import (
+        BootFailed,
+        ControlFailed,
+        MigrationDestFailed,
+        MigrationSourceFailed,
+        PyhyveError,
+        SnapshotLoadFailed,
+    )
+    from pyhyve.kvm import KvmError
+    from pyhyve.migration.dest import ReceiveError
+    from pyhyve.migration.protocol import PeerError, ProtocolError
+    from pyhyve.migration.security import SecurityError
+    from pyhyve.snapshot.codec import StateError
+    from pyhyve.snapshot.format import SnapshotError
+    from pyhyve.vm import VmError
+    for cls, phase in ((BootError, BootFailed), (VmError, BootFailed),
+                       (SnapshotError, SnapshotLoadFailed), (StateError, SnapshotLoadFailed),
+                       (MigrationError, MigrationSourceFailed),
+                       (ReceiveError, MigrationDestFailed), (ClientError, ControlFailed),
+                       (KvmError, PyhyveError), (ProtocolError, PyhyveError),
+                       (PeerError, PyhyveError), (SecurityError, PyhyveError),
+                       (untrusted.BadJson, PyhyveError), (unixsock.SocketPathError, PyhyveError)):
+        assert issubclass(cls, phase) and issubclass(cls, PyhyveError), cls
+
+
+def test_a_bug_is_an_internal_error_not_a_one_liner(monkeypatch, capsys):
+    from pyhyve.cli import main as cli_main
+
+    def bug(_args):
+        raise TypeError("'NoneType' object is not subscriptable")
+    monkeypatch.setattr(cli_main, "cmd_certs", bug)
+    assert cli_main.main(["migration-certs", "/nonexistent/x"]) == 70
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "internal error (a bug in pyhyve" in err
+
+
+def test_a_handler_bug_is_reported_as_such_and_the_server_goes_on(capsys):
+    from pyhyve.control.server import ControlServer
+
+    srv = ControlServer.__new__(ControlServer)
+    srv.handlers = {"boom": lambda m: 1 / 0, "fine": lambda m: {"x": 1}}
+    reply = ControlServer.dispatch(srv, {"cmd": "boom"})
+    assert reply["ok"] is False and reply["error"].startswith("internal error")
+    assert "ZeroDivisionError" in capsys.readouterr().err
+    assert ControlServer.dispatch(srv, {"cmd": "fine"}) == {"ok": True, "x": 1}

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import PyhyveError
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GUESTS_SRC = os.path.join(REPO, "guests")
 AB_MAGIC = 0x4241455659485950
@@ -24,7 +26,7 @@ SCAN_LIMIT = 64 << 20  # the info page lives in the guest image, far below this
 MASK64 = (1 << 64) - 1
 
 
-class KitError(RuntimeError):
+class KitError(PyhyveError, RuntimeError):
     pass
 
 

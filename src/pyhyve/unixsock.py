@@ -14,11 +14,13 @@ import os
 import socket
 import stat
 
+from .errors import PyhyveError
+
 # sun_path is 108 bytes including the terminating NUL
 MAX_PATH = 107
 
 
-class SocketPathError(ValueError):
+class SocketPathError(PyhyveError, ValueError):
     """The path cannot be used for a listening socket; the message says why."""
 
 

@@ -14,12 +14,14 @@ import os
 import stat
 from typing import Any
 
+from .errors import PyhyveError
 
-class BadJson(ValueError):
+
+class BadJson(PyhyveError, ValueError):
     pass
 
 
-class BadFile(ValueError):
+class BadFile(PyhyveError, ValueError):
     """A host file that cannot be used; the message names it and says why."""
 
 

@@ -20,6 +20,7 @@ from .devices.console import Console, open_console
 from .devices.misc import I8042, PostPort
 from .devices.pci import PciHostBridge
 from .devices.uart import Uart
+from .errors import BootFailed
 from .kvm import Kvm, KvmError, Vcpu
 from .kvm import ioctls as I
 from .kvm.structs import KvmCpuidEntry2
@@ -52,7 +53,7 @@ APIC_MODE_EXTINT, APIC_MODE_NMI = 0x700, 0x400
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DESTROYED = 0, 1, 2, 3
 
 
-class VmError(RuntimeError):
+class VmError(BootFailed, RuntimeError):
     """A user-facing failure to create or run a VM; the message is the whole story."""
 
 

@@ -6,6 +6,7 @@ import struct
 from dataclasses import dataclass, field
 
 from .. import untrusted
+from ..errors import BootFailed
 from ..machine.memory import MMIO_HOLE_END, MMIO_HOLE_START, GuestMemory
 
 BOOT_GDT_ADDR = 0x500
@@ -28,7 +29,7 @@ LINUX_GDT = (0, 0, GDT_CODE64, GDT_DATA, GDT_TSS)
 SELECTORS = {"pvh32": (0x08, 0x10, 0x18), "linux64": (0x10, 0x18, 0x20)}  # cs, ds, tr
 
 
-class BootError(ValueError):
+class BootError(BootFailed, ValueError):
     """The kernel image cannot be booted (not found, wrong format, does not fit)."""
 
 

@@ -5,13 +5,17 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import traceback
+from collections.abc import Callable
 from typing import NoReturn
+
+from ..errors import PyhyveError
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(I?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
-class UsageError(ValueError):
+class UsageError(PyhyveError, ValueError):
     pass
 
 
@@ -29,6 +33,20 @@ def parse_size(text: str) -> int:
 def fail(prog: str, message: str, code: int = 1) -> NoReturn:
     print(f"{prog}: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+def guarded(prog: str, main: Callable[[], int]) -> int:
+    """Run a command: a PyhyveError is one line (exit 1); anything else is a bug, said as
+    such with its traceback (exit 70, EX_SOFTWARE), never dressed up as a user error."""
+    try:
+        return main()
+    except PyhyveError as e:
+        fail(prog, str(e))
+    except Exception:
+        traceback.print_exc()
+        print(f"{prog}: internal error (a bug in pyhyve; the traceback above says where)",
+              file=sys.stderr)
+        return 70
 
 
 class Parser(argparse.ArgumentParser):

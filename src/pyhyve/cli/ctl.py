@@ -9,7 +9,7 @@ import sys
 
 from .. import __version__
 from ..control.client import ClientError, ControlClient
-from .common import Parser, UsageError, fail, parse_size
+from .common import Parser, UsageError, fail, guarded, parse_size
 
 PROG = "pyhyvectl"
 
@@ -69,6 +69,10 @@ def migrate_args(args: object, cmd: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return guarded(PROG, lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `pyhyvectl --status | head` ends quietly
     args = build_parser().parse_args(argv)
     cmd = next(c for c in ("status", "pause", "resume", "destroy", "suspend", "checkpoint",

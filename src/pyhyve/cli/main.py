@@ -17,7 +17,7 @@ from ..devices.console import ConsoleError, eol
 from ..kvm import KvmError
 from ..machine.cpuid import DEFAULT_HIDDEN, CpuidError, parse_feature_list
 from ..vm import VirtualMachine, VmConfig, VmError
-from .common import Parser, UsageError, fail, parse_size
+from .common import Parser, UsageError, fail, guarded, parse_size
 
 PROG = "pyhyve"
 EXIT_HELP = ("exit status: 0 the guest powered off or reset, or was suspended or migrated away; "
@@ -332,6 +332,10 @@ def serve(vm: VirtualMachine, on_running: Callable[[], None] | None = None) -> i
 
 
 def main(argv: list[str] | None = None) -> int:
+    return guarded(PROG, lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -7,12 +7,13 @@ import os
 import socket
 import time
 
+from ..errors import ControlFailed
 from ..unixsock import MAX_PATH
 from . import socket_path
 from .protocol import ProtocolError, recv, send
 
 
-class ClientError(RuntimeError):
+class ClientError(ControlFailed, RuntimeError):
     pass
 
 

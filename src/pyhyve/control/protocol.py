@@ -11,11 +11,12 @@ import socket
 import time
 
 from .. import untrusted
+from ..errors import ControlFailed
 
 MAX_LINE = 64 * 1024
 
 
-class ProtocolError(ValueError):
+class ProtocolError(ControlFailed, ValueError):
     pass
 
 

@@ -8,16 +8,18 @@ import os
 import socket
 import threading
 import time
+import traceback
 from collections.abc import Callable
 
 from .. import unixsock
+from ..errors import ControlFailed, PyhyveError
 from . import socket_path
 from .protocol import ProtocolError, recv, send
 
 Handler = Callable[[dict], dict]
 
 
-class ControlError(RuntimeError):
+class ControlError(ControlFailed, RuntimeError):
     pass
 
 
@@ -121,8 +123,14 @@ class ControlServer:
             return {"ok": False, "error": f"unknown command {cmd!r}"}
         try:
             out = handler(msg)
-        except Exception as e:  # a handler's failure is reported, the VMM keeps running
+        except PyhyveError as e:  # the user's or the host's: reported, the VMM keeps running
             return {"ok": False, "error": str(e) or type(e).__name__}
+        except OSError as e:
+            return {"ok": False, "error": e.strerror or str(e)}
+        except Exception as e:  # a bug: the VMM keeps running, the traceback goes to stderr
+            traceback.print_exc()
+            return {"ok": False, "error": f"internal error (a bug in pyhyve): "
+                                          f"{type(e).__name__}: {e}"}
         return {"ok": True, **out}
 
     def close(self, drain: float = 10.0) -> None:

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from ..errors import PyhyveError
+
 
 @dataclass(frozen=True)
 class DeviceState:
@@ -78,7 +80,7 @@ class Device:
         """Release host resources (threads, sockets)."""
 
 
-class BusError(ValueError):
+class BusError(PyhyveError, ValueError):
     pass
 
 

@@ -15,9 +15,10 @@ from collections import deque
 from collections.abc import Callable
 
 from .. import unixsock
+from ..errors import BootFailed
 
 
-class ConsoleError(ValueError):
+class ConsoleError(BootFailed, ValueError):
     pass
 
 

@@ -11,6 +11,7 @@ import errno
 import mmap
 import os
 
+from ..errors import PyhyveError
 from . import ioctls as I
 from . import structs as S
 
@@ -20,7 +21,7 @@ _ioctl.argtypes = [C.c_int, C.c_ulong, C.c_void_p]
 _ioctl.restype = C.c_int
 
 
-class KvmError(OSError):
+class KvmError(PyhyveError, OSError):
     """An ioctl on a KVM file descriptor failed."""
 
     def __init__(self, request: int, err: int) -> None:

@@ -7,6 +7,7 @@ The same table is recorded in snapshots and checked on restore and migration.
 
 from __future__ import annotations
 
+from ..errors import BootFailed
 from ..kvm.structs import KvmCpuidEntry2
 
 # name -> (leaf, subleaf, register, bit)
@@ -30,7 +31,7 @@ FEATURES: dict[str, tuple[int, int, str, int]] = {
 DEFAULT_HIDDEN = ("cx16", "xsave", "osxsave", "avx", "avx2")
 
 
-class CpuidError(ValueError):
+class CpuidError(BootFailed, ValueError):
     pass
 
 

@@ -17,6 +17,7 @@ import lz4.block
 import zstandard
 
 from ..devices.console import Console, open_console
+from ..errors import MigrationDestFailed
 from ..kvm import ioctls as I
 from ..machine.cpuid import CpuidError, cpuid_from_list
 from ..machine.memory import PAGE, ram_layout
@@ -30,7 +31,7 @@ from .protocol import MAX_PAGES_PER_FRAME, MEM_HEADER, PROTOCOL_VERSION, Channel
 MAX_STATE_SECTIONS = 4 * MAX_CPUS + 64
 
 
-class ReceiveError(RuntimeError):
+class ReceiveError(MigrationDestFailed, RuntimeError):
     pass
 
 

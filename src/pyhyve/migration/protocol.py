@@ -22,6 +22,7 @@ from enum import IntEnum
 import blake3
 
 from .. import untrusted
+from ..errors import PyhyveError
 
 MAGIC = b"PHMG"
 HEADER = struct.Struct("<4sHHQ")
@@ -61,11 +62,11 @@ LIMITS = {T.CHALLENGE: 4096, T.AUTH: 4096, T.AUTH_OK: 4096, T.HELLO: 1 << 20,
           T.ERROR: 65536, T.RUNS: 16 << 20}
 
 
-class ProtocolError(ConnectionError):
+class ProtocolError(PyhyveError, ConnectionError):
     """The peer sent something that is not a valid frame here, or went away."""
 
 
-class PeerError(ConnectionError):
+class PeerError(PyhyveError, ConnectionError):
     """The peer reported a failure (REFUSE or ERROR) with a reason."""
 
 

@@ -19,13 +19,14 @@ import ssl
 import subprocess
 
 from .. import untrusted
+from ..errors import PyhyveError
 from .protocol import Channel, PeerError, ProtocolError, T
 
 KEY_ENV = "PYHYVE_MIGRATION_KEY"
 MIN_KEY_BYTES = 16
 
 
-class SecurityError(ValueError):
+class SecurityError(PyhyveError, ValueError):
     pass
 
 

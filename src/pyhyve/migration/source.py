@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..errors import MigrationSourceFailed
 from ..machine.dirty import DirtyConsumer, runs_of
 from ..machine.memory import PAGE
 from ..snapshot.memfile import guest_runs
@@ -34,7 +35,7 @@ MAX_ROUNDS = 30
 THROTTLE_MAX = 0.99
 
 
-class MigrationError(RuntimeError):
+class MigrationError(MigrationSourceFailed, RuntimeError):
     pass
 
 

@@ -18,12 +18,13 @@ import typing
 from typing import Any, TypeVar
 
 from .. import untrusted
+from ..errors import SnapshotLoadFailed
 
 T = TypeVar("T")
 MAX_STATE_BYTES = 16 << 20
 
 
-class StateError(ValueError):
+class StateError(SnapshotLoadFailed, ValueError):
     pass
 
 

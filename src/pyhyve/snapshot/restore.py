@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..devices.console import Console, open_console
+from ..errors import PyhyveError
 from ..kvm import ioctls as I
 from ..machine.cpuid import cpuid_from_list, for_vcpu, missing_features
 from ..machine.memory import PAGE, GuestMemory
@@ -214,7 +215,7 @@ def restore(snap: Snapshot, name: str | None = None, console: Console | None = N
 def _build(snap: Snapshot, name: str | None, console: Console | None, console_spec: str | None,
            lazy: bool, progress: Callable[[int], Callable[[int], None]] | None) -> object:
     from ..machine.cpuid import CpuidError
-    from ..vm import VirtualMachine, VmConfig, VmError, host_memory_bytes
+    from ..vm import VirtualMachine, VmConfig, host_memory_bytes
 
     v = snap.meta["vm"]
     config = VmConfig(name=name or v["name"], memory=v["memory"], cpus=v["cpus"],
@@ -267,12 +268,15 @@ def _build(snap: Snapshot, name: str | None, console: Console | None, console_sp
             memory.guard = guard
             vm.snapshot_file = snap.memory_path
             guard.start()
-    except (VmError, ValueError, OSError) as e:
+    except PyhyveError as e:  # the user's or the host's: said as it is
         vm.close()
         if isinstance(e, SnapshotError):
             raise
         raise SnapshotError(f"cannot restore: {e}") from None
-    except BaseException:
+    except OSError as e:  # the host refused something (memory, a mapping): not a bug
+        vm.close()
+        raise SnapshotError(f"cannot restore: {e.strerror or e}") from None
+    except BaseException:  # anything else is a bug: it escapes as itself
         vm.close()
         raise
     return vm
