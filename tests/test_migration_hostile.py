@@ -120,8 +120,20 @@ def test_state_for_a_device_that_does_not_exist(make_vm):
     ch = authed(dest)
     ch.send_json(T.HELLO, good_hello(vm))
     ch.recv(T.ACCEPT)
-    ch.send_json(T.COMPLETE, {"devices": [{"name": "evil", "kind": "x", "version": 1}]})
+    real = [{"name": n, "kind": k, "version": 1} for n, (k, _) in vm.device_classes().items()]
+    ch.send_json(T.COMPLETE, {"devices": [*real, {"name": "evil", "kind": "x", "version": 1}]})
     expect_refusal(dest, "state section")
+    ch.close()
+
+
+def test_complete_without_the_vm_s_devices_is_refused(make_vm):
+    vm, _con = make_vm("hashchain", "", memory=32 * MB, start=False)
+    dest = Destination()
+    ch = authed(dest)
+    ch.send_json(T.HELLO, good_hello(vm))
+    ch.recv(T.ACCEPT)
+    ch.send_json(T.COMPLETE, {"devices": []})  # as if the UART and PCI had no state
+    expect_refusal(dest, "device list is incomplete")
     ch.close()
 
 

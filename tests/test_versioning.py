@@ -4,7 +4,7 @@ defaults), newer ones refused with the section and both versions named."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import pytest
@@ -30,8 +30,8 @@ class WidgetV3(DeviceState):
     NAME: ClassVar[str] = "widget"
     VERSION: ClassVar[int] = 3
     UPGRADES: ClassVar = {1: lambda f: {"rate": f.pop("speed") * 2, **f}}
-    rate: int = 0
-    depth: int = 32
+    rate: int = field(default=0, metadata={"since": 2})
+    depth: int = field(default=32, metadata={"since": 3})
 
 
 def test_an_older_record_is_upgraded_and_defaulted():
@@ -72,3 +72,24 @@ def test_every_device_state_has_a_name():
     from pyhyve.devices.pci import PciHostState
     for cls in (PostState, PciHostState, UartState):
         assert cls.NAME and cls.VERSION >= 1
+
+
+def test_an_older_record_must_have_its_own_fields_and_no_newer_ones():
+    with pytest.raises(codec.StateError, match=r"missing \['speed'\]|cannot upgrade"):
+        codec.decode(WidgetV3, json.dumps({"kind": "widget", "version": 1, "fields": {}}).encode())
+    rec = {"kind": "widget", "version": 2, "fields": {"rate": 1, "depth": 4}}
+    with pytest.raises(codec.StateError, match="unexpected \\['depth'\\]"):
+        codec.decode(WidgetV3, json.dumps(rec).encode())  # depth came only in version 3
+
+
+def test_a_failing_upgrade_is_a_refusal_not_a_traceback():
+    @dataclass(frozen=True)
+    class Bad(DeviceState):
+        NAME: ClassVar[str] = "bad"
+        VERSION: ClassVar[int] = 2
+        UPGRADES: ClassVar = {1: lambda f: f["ports"][0]}
+        x: int = 0
+    for fields in ({"ports": []}, {"ports": [5]}):
+        rec = {"kind": "bad", "version": 1, "fields": fields}
+        with pytest.raises(codec.StateError, match="upgrad"):
+            codec.decode(Bad, json.dumps(rec).encode())

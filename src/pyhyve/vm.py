@@ -7,6 +7,7 @@ gives an unbooted machine whose state a snapshot or a migration stream then fill
 from __future__ import annotations
 
 import contextlib
+import enum
 import os
 import threading
 import time
@@ -51,6 +52,21 @@ APIC_MODE_EXTINT, APIC_MODE_NMI = 0x700, 0x400
 # was suspended or migrated away; 1 the guest or the VMM failed; 2 usage; 3 destroyed
 # (pyhyvectl --destroy, or Ctrl-A x on the console); 128+N stopped by signal N.
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DESTROYED = 0, 1, 2, 3
+
+
+class RunState(enum.StrEnum):
+    """A VM's run state. Transitions (each made under VirtualMachine._state_lock):
+
+        created --start()--> running | paused (started paused, or held)
+        running --pause()/hold()--> paused --resume()/release(), nothing else holding--> running
+        any --stop (guest power-off, reset, triple fault, destroy, signal, suspend,
+               migrated away)--> stopped, which is final: no later transition leaves it
+    A str enum: `vm.state == "running"` reads as before, and status prints the word."""
+
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
 
 
 class VmError(BootFailed, RuntimeError):
@@ -121,7 +137,8 @@ class VirtualMachine:
                           f"({host >> 20}M)")
         self.config = config
         self.kvm = open_kvm()
-        self.state = "created"
+        self._state_lock = threading.Lock()
+        self.state = RunState.CREATED
         self.stop_reason = ""
         self.exit_code = 0
         self.reset_requested = False
@@ -189,10 +206,15 @@ class VirtualMachine:
             v.set_tsc_khz(khz)
         self.tsc_khz = khz
 
-    def add_pio_device(self, name: str, base: int, length: int, dev: Device) -> None:
-        self.pio.register(base, length, dev)
+    def add_device(self, name: str, bus: Bus, base: int, length: int, dev: Device) -> None:
+        """Put a device on a bus (PIO or MMIO) and connect it to the VM: its own writes to
+        guest memory reach dirty tracking through `dev.wrote`."""
+        bus.register(base, length, dev)
         self.devices[name] = dev
         dev.wrote = self.memory.mark_written
+
+    def add_pio_device(self, name: str, base: int, length: int, dev: Device) -> None:
+        self.add_device(name, self.pio, base, length, dev)
 
     @staticmethod
     def _setup_lapic(v: Vcpu) -> None:
@@ -278,11 +300,11 @@ class VirtualMachine:
             if paused:
                 self._user_paused = True
             if not park:
-                self.state = "running"
+                self._set_state(RunState.RUNNING)
                 return
             with ctl.cond:
                 ctl.cond.wait_for(lambda: ctl.parked >= ctl.alive or ctl.stopping, 10.0)
-                self.state = "paused"
+                self._set_state(RunState.PAUSED)
 
     @property
     def user_paused(self) -> bool:
@@ -355,7 +377,7 @@ class VirtualMachine:
                 ctl.cond.wait(left)
             if ctl.stopping:
                 raise VmError(f"VM stopped while pausing: {self.stop_reason}")
-            self.state = "paused"
+            self._set_state(RunState.PAUSED)
         self._quiesce_devices()
 
     def _quiesce_devices(self) -> None:
@@ -369,7 +391,7 @@ class VirtualMachine:
         ctl = self.control
         with ctl.cond:
             ctl.pause_requested = False
-            self.state = "running"
+            self._set_state(RunState.RUNNING)
             ctl.cond.notify_all()
 
     def set_throttle(self, fraction: float) -> None:
@@ -398,9 +420,15 @@ class VirtualMachine:
         for t in self.threads:
             t.kick()
 
+    def _set_state(self, new: RunState) -> None:
+        with self._state_lock:
+            if self.state is not RunState.STOPPED:  # stopped is final
+                self.state = new
+
     def _on_stop(self, reason: str, code: int, reset: bool) -> None:
         self.stop_reason, self.exit_code, self.reset_requested = reason, code, reset
-        self.state = "stopped"
+        with self._state_lock:
+            self.state = RunState.STOPPED
         self._stopped.set()
         for t in self.threads:
             t.kick()

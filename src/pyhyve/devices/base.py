@@ -85,28 +85,42 @@ class BusError(PyhyveError, ValueError):
 
 
 class Bus:
-    """Address ranges to devices, for one address space (port I/O or MMIO)."""
+    """Address ranges to devices, for one address space (port I/O or MMIO).
+
+    vCPU threads look devices up while another thread may add, remove or move ranges (a
+    PCI BAR reprogrammed): the table is an immutable pair replaced in one assignment, so a
+    lookup sees the old table or the new one, never half of each."""
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._starts: list[int] = []
-        self._entries: list[tuple[int, int, Device]] = []
+        self._table: tuple[tuple[int, ...], tuple[tuple[int, int, Device], ...]] = ((), ())
+        self._lock = threading.Lock()  # writers only
 
-    def register(self, base: int, length: int, device: Device) -> None:
-        i = bisect.bisect_right(self._starts, base)
+    def _check(self, entries: list[tuple[int, int, Device]], base: int, length: int) -> int:
+        starts = [e[0] for e in entries]
+        i = bisect.bisect_right(starts, base)
         if i > 0:
-            s, ln, d = self._entries[i - 1]
+            s, ln, d = entries[i - 1]
             if s + ln > base:
                 raise BusError(f"{self.name} range {base:#x} overlaps {d.kind} at {s:#x}")
-        if i < len(self._entries) and base + length > self._entries[i][0]:
-            raise BusError(f"{self.name} range {base:#x} overlaps {self._entries[i][2].kind}")
-        self._starts.insert(i, base)
-        self._entries.insert(i, (base, length, device))
+        if i < len(entries) and base + length > entries[i][0]:
+            raise BusError(f"{self.name} range {base:#x} overlaps {entries[i][2].kind}")
+        return i
+
+    def _publish(self, entries: list[tuple[int, int, Device]]) -> None:
+        self._table = (tuple(e[0] for e in entries), tuple(entries))
+
+    def register(self, base: int, length: int, device: Device) -> None:
+        with self._lock:
+            entries = list(self._table[1])
+            entries.insert(self._check(entries, base, length), (base, length, device))
+            self._publish(entries)
 
     def find(self, addr: int) -> tuple[int, Device] | None:
-        i = bisect.bisect_right(self._starts, addr) - 1
+        starts, entries = self._table  # one snapshot of the table for the whole lookup
+        i = bisect.bisect_right(starts, addr) - 1
         if i >= 0:
-            s, ln, d = self._entries[i]
+            s, ln, d = entries[i]
             if addr < s + ln:
                 return s, d
         return None
@@ -129,24 +143,30 @@ class Bus:
 
     def unregister(self, base: int) -> Device:
         """Remove the range starting at `base` (a PCI BAR moving, a device unplugged)."""
-        i = bisect.bisect_left(self._starts, base)
-        if i == len(self._starts) or self._starts[i] != base:
-            raise BusError(f"{self.name}: nothing registered at {base:#x}")
-        del self._starts[i]
-        return self._entries.pop(i)[2]
+        with self._lock:
+            entries = list(self._table[1])
+            for i, (s, _, d) in enumerate(entries):
+                if s == base:
+                    del entries[i]
+                    self._publish(entries)
+                    return d
+        raise BusError(f"{self.name}: nothing registered at {base:#x}")
 
     def move(self, base: int, new_base: int) -> None:
-        """Move a device's range (a BAR reprogrammed by the guest); refused on overlap."""
-        _, length, dev = self._entries[self._starts.index(base)]
-        self.unregister(base)
-        try:
-            self.register(new_base, length, dev)
-        except BusError:
-            self.register(base, length, dev)
-            raise
+        """Move a device's range (a BAR reprogrammed by the guest) in one step; refused,
+        and nothing changed, on overlap."""
+        with self._lock:
+            entries = list(self._table[1])
+            hit = [e for e in entries if e[0] == base]
+            if not hit:
+                raise BusError(f"{self.name}: nothing registered at {base:#x}")
+            _, length, dev = hit[0]
+            entries.remove(hit[0])
+            entries.insert(self._check(entries, new_base, length), (new_base, length, dev))
+            self._publish(entries)
 
     def devices(self) -> list[tuple[int, int, Device]]:
-        return list(self._entries)
+        return list(self._table[1])
 
 
 def state_fields(state: DeviceState) -> dict[str, Any]:

@@ -52,21 +52,12 @@ class Uart(Device):
         self.console, self.irq = console, irq
         self._set(UartState())
         self._irq_level = 0
-        self._held: list[bytes] | None = None  # input typed while quiesced
 
     def start(self) -> None:
-        """Input may reach the guest from now on: a restored state is already in."""
+        """Input may reach the guest from now on: a restored state is already in. (No
+        quiesce: bytes typed while the VM is paused go into the bounded, saved RX FIFO, so
+        a suspend or migration keeps them; a save captures the FIFO under the lock.)"""
         self.console.start_input(self.receive)
-
-    def quiesce(self) -> None:
-        with self.lock:  # typed bytes wait outside the device: its state stays as saved
-            self._held = []
-
-    def wake(self) -> None:
-        with self.lock:
-            held, self._held = self._held or [], None
-        for data in held:
-            self.receive(data)
 
     def _set(self, s: UartState) -> None:
         self.dll, self.dlm, self.ier, self.lcr = s.dll, s.dlm, s.ier, s.lcr
@@ -90,9 +81,6 @@ class Uart(Device):
     def receive(self, data: bytes) -> None:
         """Bytes typed at the console; called from the console's thread."""
         with self.lock:
-            if self._held is not None:
-                self._held.append(data)
-                return
             room = RX_LIMIT - len(self.rx)
             if len(data) > room:
                 self.lsr |= LSR_OE

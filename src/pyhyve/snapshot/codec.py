@@ -104,19 +104,25 @@ def decode(cls: type[T], raw: bytes | memoryview, section: str = "") -> T:
         if up is not None:
             try:
                 fields = up(dict(fields))
-            except (KeyError, TypeError, ValueError) as e:
-                raise StateError(f"{where}: cannot upgrade {name} from version {v}: {e}") \
-                    from None
+            except Exception as e:  # the record is untrusted: any failure is a refusal
+                raise StateError(f"{where}: cannot upgrade {name} from version {v}: "
+                                 f"{type(e).__name__}: {e}") from None
+            if not isinstance(fields, dict):
+                raise StateError(f"{where}: upgrading {name} from version {v} gave no fields")
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    extra = set(fields) - set(known)
-    missing = [n for n in known if n not in fields]
-    defaulted = [n for n in missing if version < ours and (
-        known[n].default is not dataclasses.MISSING
-        or known[n].default_factory is not dataclasses.MISSING)]
-    if extra or set(missing) - set(defaulted):
+
+    def since(n: str) -> int:  # the version that added field n (metadata "since", else 1)
+        return int(known[n].metadata.get("since", 1))
+    # a record of version v has exactly the fields added up to v (after its upgrades,
+    # those of the versions it was brought to); only fields added later get defaults
+    have = max(version, max((v + 1 for v in getattr(cls, "UPGRADES", {}) if v >= version),
+                            default=version))
+    extra = sorted(n for n in fields if n not in known or since(n) > have)
+    missing = sorted(n for n in known if n not in fields and since(n) <= have)
+    if extra or missing:
         raise StateError(f"{where}: fields do not match {name} version {version} "
-                         f"(unexpected {sorted(extra)}, missing {sorted(set(missing) - set(defaulted))})")
+                         f"(unexpected {extra}, missing {missing})")
     values = {n: _dec(fields[n], hints[n], f"{where}: {name}.{n}") for n in known if n in fields}
     try:
         return cls(**values)

@@ -138,6 +138,11 @@ def decode_state(blobs: dict[str, bytes], cpus: int, devices_meta: list[dict],
     `devices_meta`: [{name, kind, version}]; `device_classes`: name -> (kind, state class)."""
     from ..vm import MachineState
 
+    listed = [d["name"] for d in devices_meta]
+    absent = sorted(set(device_classes) - set(listed))
+    if absent or len(set(listed)) != len(listed):  # a device left out would run from reset
+        raise SnapshotError(f"the saved VM's device list is incomplete or repeats a name "
+                            f"(missing {', '.join(absent) or 'none'})")
     try:
         vm_state = codec.decode(VmKvmState, blobs["vm"], "vm")
         vcpus = tuple(codec.decode(VcpuState, blobs[f"vcpu{i}"], f"vcpu{i}") for i in range(cpus))
