@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import subprocess
 import threading
+import time
+from collections.abc import Iterator
 
 from pyhyve.migration.dest import ReceiveOptions, Receiver
 from pyhyve.migration.source import Migration, Options, Stats
 
-from conftest import CaptureConsole
+from conftest import BIN, CaptureConsole, cli, spawn, wait_socket
 
 KEY = b"k" * 32
 OTHER_KEY = b"x" * 32
@@ -100,3 +104,28 @@ class CuttingProxy:
                 s.shutdown(socket.SHUT_RDWR)
             s.close()
         self.server.close()
+
+
+@contextlib.contextmanager
+def slow_cli_migration(kit: dict[str, str], rundir: str, name: str, dest: Destination,
+                       ws: str = "32M", memory: str = "128M",
+                       bandwidth: str = "2M") -> Iterator[subprocess.Popen]:
+    """A `pyhyve run` A-B guest and a `pyhyvectl --migrate-live` of it to `dest`, capped so
+    it is still running when this yields (its state is "active"); the VM is destroyed after."""
+    src = spawn("pyhyve", "run", name, "-m", memory, "-k", kit["ab"], "--cmdline", f"ws={ws}",
+                "--console", "null", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_socket(rundir, name)
+        mig = subprocess.Popen([os.path.join(BIN, "pyhyvectl"), "--vm", name, "--migrate-live",
+                                f"127.0.0.1:{dest.port}", "--bandwidth", bandwidth,
+                                "--compress", "none", "--no-auto-converge"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 20
+        while "active" not in cli("pyhyvectl", "--vm", name, "--migrate-status").stdout:
+            assert time.monotonic() < deadline, "the migration never became active"
+            time.sleep(0.05)
+        yield mig
+    finally:
+        cli("pyhyvectl", "--vm", name, "--destroy")
+        src.wait(20)
+        dest.receiver.close()

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from migrate_helpers import Destination, migrate
+from migrate_helpers import Destination, migrate, slow_cli_migration
 from pyhyve.migration.security import load_key
 from pyhyve.snapshot.files import current_files
 from pyhyve.snapshot.format import meta_checksum
@@ -140,25 +140,11 @@ def test_a_missed_downtime_target_is_reported(make_vm):
 def test_cancel_message_says_it_once(kit, rundir, monkeypatch):
     monkeypatch.setenv("PYHYVE_MIGRATION_KEY", "k" * 32)
     dest = Destination(key=load_key(None))
-    src = spawn("pyhyve", "run", "cc", "-m", "256M", "-k", kit["ab"], "--cmdline", "ws=64M",
-                "--console", "null", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_socket(rundir, "cc")
-        mig = subprocess.Popen([os.path.join(BIN, "pyhyvectl"), "--vm", "cc", "--migrate-live",
-                                f"127.0.0.1:{dest.port}", "--bandwidth", "4M", "--compress",
-                                "none", "--no-auto-converge"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 20
-        while "active" not in cli("pyhyvectl", "--vm", "cc", "--migrate-status").stdout:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+    with slow_cli_migration(kit, rundir, "cc", dest, ws="64M", memory="256M",
+                            bandwidth="4M") as mig:
         assert cli("pyhyvectl", "--vm", "cc", "--migrate-cancel").returncode == 0
         _, err = mig.communicate(timeout=30)
         assert mig.returncode == 1 and err.count("cancelled") == 1, err
-    finally:
-        cli("pyhyvectl", "--vm", "cc", "--destroy")
-        src.wait(20)
-        dest.receiver.close()
 
 
 # --- snapshots: one line for every bad file, and info shows what it can -----------------

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from migrate_helpers import KEY, Destination, migrate
+from migrate_helpers import KEY, Destination, migrate, slow_cli_migration
 from pyhyve.control.client import ControlClient
 from pyhyve.control.session import Session
 from pyhyve.migration import listen
@@ -404,18 +404,7 @@ def test_ctrl_c_on_pyhyvectl_cancels_the_migration(kit, rundir, monkeypatch):
     from pyhyve.migration.security import load_key
     monkeypatch.setenv("PYHYVE_MIGRATION_KEY", "k" * 32)
     dest = Destination(key=load_key(None))
-    src = spawn("pyhyve", "run", "cc", "-m", "128M", "-k", kit["ab"], "--cmdline", "ws=32M",
-                "--console", "null", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_socket(rundir, "cc")
-        mig = subprocess.Popen([os.path.join(BIN, "pyhyvectl"), "--vm", "cc", "--migrate-live",
-                                f"127.0.0.1:{dest.port}", "--bandwidth", "2M", "--compress",
-                                "none", "--no-auto-converge"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 20
-        while "active" not in cli("pyhyvectl", "--vm", "cc", "--migrate-status").stdout:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+    with slow_cli_migration(kit, rundir, "cc", dest) as mig:
         mig.send_signal(signal.SIGINT)
         _, err = mig.communicate(timeout=30)
         assert mig.returncode == 130 and "Traceback" not in err
@@ -424,7 +413,3 @@ def test_ctrl_c_on_pyhyvectl_cancels_the_migration(kit, rundir, monkeypatch):
         while "state: running" not in cli("pyhyvectl", "--vm", "cc", "--status").stdout:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-    finally:
-        cli("pyhyvectl", "--vm", "cc", "--destroy")
-        src.wait(20)
-        dest.receiver.close()
