@@ -159,7 +159,11 @@ def test_connection_cut_at_random_point(make_vm, stream_sizes, seed):
     dest = Destination()
     # the cut falls inside the stream (handshake, memory rounds, state, or just before the
     # destination's RUNNING): never after it
-    proxy = CuttingProxy(dest.port, rnd.randrange(0, stream_sizes[seed % 2] - 64))
+    size = stream_sizes[seed % 2]
+    if guest == "ab":  # working-set pages wrap to zero every 256 passes and are not sent,
+        size //= 2  # so the stream varies: cut only in its first half (the hashchain
+        # seeds cover the late phases: state, COMPLETE, RUNNING)
+    proxy = CuttingProxy(dest.port, rnd.randrange(0, size - 64))
     stats = migrate(vm, dest, port=proxy.port, live=bool(rnd.getrandbits(1)), compress="none")
     assert stats.state == "failed", "the cut came after the whole stream"
     assert vm.state == "running", vm.state  # unpaused, unthrottled, intact

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 from .boot.common import BootError, load_kernel
 from .boot.cpu import setup_boot_cpu
+from .description import CONSOLE_ID, DeviceDesc, VmDescription, default_description
 from .devices.base import Bus, Device
 from .devices.console import Console, open_console
 from .devices.misc import I8042, PostPort
@@ -84,9 +85,16 @@ class VmConfig:
     console: str = "stdio"
     cpuid_hidden: tuple[str, ...] = DEFAULT_HIDDEN
     extra: dict[str, str] = field(default_factory=dict)
+    # the machine's devices with their bound backends (None: the default machine, its
+    # console `console`); recorded apart from this config (description.py)
+    description: VmDescription | None = None
+
+    def machine(self) -> VmDescription:
+        return self.description or default_description(self.console)
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d.pop("description")
         d["cpuid_hidden"] = list(self.cpuid_hidden)
         return d
 
@@ -175,14 +183,12 @@ class VirtualMachine:
             self.vm.set_user_memory_region(slot, r.gpa, r.size, r.host_addr)
         self.dirty = DirtyTracker(self.vm, self.memory)  # the one owner of the dirty log
         self.pio, self.mmio = Bus("pio"), Bus("mmio")
-        self.console = console or open_console(self.config.console)
-        self.console.on_quit = lambda: self.stop("quit from the console (Ctrl-A x)", EXIT_DESTROYED)
-        self.uart = Uart(self.console, lambda level: self.vm.irq_line(Uart.IRQ_COM1, level))
         self.devices: dict[str, Device] = {}
-        self.add_pio_device("com1", Uart.PORT_COM1, 8, self.uart)
-        self.add_pio_device("i8042", I8042.BASE, 5, I8042(self._guest_reset))
-        self.add_pio_device("post", 0x80, 1, PostPort())
-        self.add_pio_device("pci", PciHostBridge.BASE, 8, PciHostBridge())
+        self.description = self.config.machine()
+        self.console: Console = Console()
+        for d in self.description.devices:  # the machine is what its description says
+            bus = self.pio if d.bus == "pio" else self.mmio
+            self.add_device(d.id, bus, d.base, d.length, self._make_device(d, console))
         self.cpuid = cpuid if cpuid is not None else build_cpuid(kvm.supported_cpuid(),
                                                                  self.config.cpuid_hidden)
         self.control = VcpuControl(self.memory.read, self._on_stop)
@@ -205,6 +211,23 @@ class VirtualMachine:
         for v in self.vcpus:
             v.set_tsc_khz(khz)
         self.tsc_khz = khz
+
+    def _make_device(self, d: DeviceDesc, console: Console | None) -> Device:
+        if d.kind == "uart16550":
+            con = console if console is not None and d.id == CONSOLE_ID else \
+                open_console(d.backend or "null")
+            con.on_quit = lambda: self.stop("quit from the console (Ctrl-A x)", EXIT_DESTROYED)
+            if d.id == CONSOLE_ID:
+                self.console = con
+            irq = d.irq if d.irq is not None else Uart.IRQ_COM1
+            return Uart(con, lambda level: self.vm.irq_line(irq, level))
+        if d.kind == "i8042":
+            return I8042(self._guest_reset)
+        if d.kind == "post":
+            return PostPort()
+        if d.kind == "pci-host":
+            return PciHostBridge()
+        raise VmError(f"device {d.id}: kind {d.kind!r} cannot be built")
 
     def add_device(self, name: str, bus: Bus, base: int, length: int, dev: Device) -> None:
         """Put a device on a bus (PIO or MMIO) and connect it to the VM: its own writes to

@@ -13,6 +13,7 @@ from .. import __version__
 from ..boot.common import BootError
 from ..control.server import ControlError
 from ..control.session import Session
+from ..description import CONSOLE_ID, DescriptionError, bind, default_description
 from ..devices.console import ConsoleError, eol
 from ..kvm import KvmError
 from ..machine.cpuid import DEFAULT_HIDDEN, CpuidError, parse_feature_list
@@ -38,6 +39,18 @@ def _console_spec(args: object) -> str:
     return spec or "stdio"
 
 
+def _bindings(a: object) -> dict[str, str]:
+    """--bind ID=SPEC, with --console / -l as the shorthand for com1."""
+    from ..description import CONSOLE_ID, parse_bindings
+
+    binds = parse_bindings(getattr(a, "bind", None))
+    if getattr(a, "console", None) or getattr(a, "lpc", None):
+        if CONSOLE_ID in binds:
+            raise UsageError(f"--console and --bind {CONSOLE_ID}=... both name the console")
+        binds[CONSOLE_ID] = _console_spec(a)
+    return binds
+
+
 def build_parser() -> Parser:
     p = Parser(prog=PROG, description="A VMM in Python on KVM, built for save, restore "
                "and migration.", epilog=EXIT_HELP)
@@ -55,6 +68,13 @@ def build_parser() -> Parser:
                    "quits, Ctrl-A Ctrl-A sends Ctrl-A), file:PATH, unix:PATH or null")
     r.add_argument("-l", dest="lpc", metavar="com1,BACKEND",
                    help="bhyve-style console: com1,stdio | com1,file:PATH | com1,unix:PATH | com1,null")
+    r.add_argument("--bind", action="append", metavar="ID=SPEC",
+                   help="the host backend of device ID (com1=file:PATH, ...); at restore and "
+                   "receive every backend comes from here, never from the snapshot or stream")
+    r.add_argument("--reuse-paths", action="store_true",
+                   help="with --restore/--receive: reopen the backends the saved VM recorded "
+                   "for devices not given --bind (shared storage); the console is stdout "
+                   "otherwise")
     r.add_argument("--cpuid-clear", default=None,
                    help="CPUID features hidden from the guest (comma list; '' for none); "
                    f"default {','.join(DEFAULT_HIDDEN)}")
@@ -101,15 +121,19 @@ def cmd_run(args: object) -> int:
     if a.receive:
         return cmd_receive(a)
     try:
+        if a.reuse_paths:
+            raise UsageError("--reuse-paths goes with --restore or --receive")
+        binds = _bindings(a)
+        machine = bind(default_description(binds.pop(CONSOLE_ID, "stdio")), binds, True)
         config = VmConfig(name=a.name, memory=parse_size(a.memory), cpus=a.cpus,
                           kernel=a.kernel, initrd=a.initrd, cmdline=a.cmdline,
-                          console=_console_spec(a),
+                          console=_console_spec(a), description=machine,
                           cpuid_hidden=parse_feature_list(
                               a.cpuid_clear if a.cpuid_clear is not None else ",".join(DEFAULT_HIDDEN)))
         if "/" in a.name or not a.name or a.name.startswith("."):
             raise UsageError(f"bad VM name '{a.name}'")
         vm = VirtualMachine.create(config)
-    except (UsageError, VmError, CpuidError, ConsoleError, BootError) as e:
+    except (UsageError, VmError, CpuidError, ConsoleError, BootError, DescriptionError) as e:
         fail(PROG, str(e))
     except KvmError as e:
         fail(PROG, f"KVM refused: {e}")
@@ -135,12 +159,12 @@ def cmd_restore(a: object) -> int:
     _no_config_flags(a, "--restore", "the snapshot carries the VM's configuration")
     t0 = time.perf_counter()
     try:
-        spec = _console_spec(a)  # never the snapshot's: a file must not choose host paths
+        binds = _bindings(a)  # never the snapshot's: a file must not choose host paths
         with bar(f"restore {a.name}") as progress:
             snap = open_snapshot(a.restore, verify_memory=False)  # restore() verifies it
             try:
-                vm = restore(snap, name=a.name, console_spec=spec, lazy=not a.eager,
-                             progress=progress)
+                vm = restore(snap, name=a.name, lazy=not a.eager, progress=progress,
+                             bindings=binds, reuse_paths=a.reuse_paths)
             finally:
                 snap.close()
         if a.memory != DEFAULT_MEMORY and parse_size(a.memory) != vm.config.memory:
@@ -181,9 +205,9 @@ def cmd_receive(a: object) -> int:
         if key is None and not a.insecure:
             raise SecurityError("refusing to listen without a migration key: set "
                                 "PYHYVE_MIGRATION_KEY or --key-file (or pass --insecure)")
-        spec = _console_spec(a)
         receiver = Receiver(a.name, host, port, key,
-                            ReceiveOptions(console=spec, tls_dir=a.tls_dir,
+                            ReceiveOptions(console=None, bindings=_bindings(a),
+                                           reuse_paths=a.reuse_paths, tls_dir=a.tls_dir,
                                            receive_timeout=a.receive_timeout))
     except (MigrationError, SecurityError, UsageError, VmError) as e:
         fail(PROG, str(e))

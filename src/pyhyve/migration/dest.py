@@ -11,19 +11,20 @@ import gc
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import lz4.block
 import zstandard
 
-from ..devices.console import Console, open_console
+from ..description import CONSOLE_ID, DescriptionError, bind
+from ..devices.console import Console
 from ..errors import MigrationDestFailed
 from ..kvm import ioctls as I
 from ..machine.cpuid import CpuidError, cpuid_from_list
 from ..machine.memory import PAGE, ram_layout
 from ..machine.vcpu import install_kick_handler
 from ..snapshot.format import MAX_CPUS, MAX_MEMORY, SnapshotError
-from ..snapshot.restore import check_host, decode_state
+from ..snapshot.restore import check_host, decode_state, recorded_description
 from ..vm import VirtualMachine, VmConfig, VmError, host_memory_bytes
 from .listen import HANDSHAKE_TIMEOUT, Listener, listen_address
 from .protocol import MAX_PAGES_PER_FRAME, MEM_HEADER, PROTOCOL_VERSION, Channel, Enc, Frame, ProtocolError, T
@@ -42,8 +43,10 @@ RETRYABLE = (ConnectionError, ReceiveError, SnapshotError, CpuidError, VmError, 
 
 @dataclass
 class ReceiveOptions:
-    console: str = "stdio"
+    console: str | None = None     # com1's backend (None: --bind, --reuse-paths or stdout)
     tls_dir: str | None = None
+    bindings: dict[str, str] = field(default_factory=dict)  # --bind ID=SPEC
+    reuse_paths: bool = False      # reopen the backends the source recorded
     io_timeout: float = 60.0       # once authenticated: no progress for this long fails
     receive_timeout: float = 600.0  # wait this long in all for a migration to arrive
 
@@ -53,7 +56,8 @@ def _need(cond: bool, what: str) -> None:
         raise ProtocolError(f"bad HELLO: {what}")
 
 
-def config_from_hello(hello: dict, name: str, console: str) -> VmConfig:
+def config_from_hello(hello: dict, name: str, bindings: dict[str, str],
+                      reuse_paths: bool = False) -> VmConfig:
     """Validate the source's description of the VM; nothing in it is trusted unchecked."""
     _need(hello.get("protocol") == PROTOCOL_VERSION,
           f"protocol version {hello.get('protocol')!r}, this pyhyve speaks {PROTOCOL_VERSION}")
@@ -75,9 +79,15 @@ def config_from_hello(hello: dict, name: str, console: str) -> VmConfig:
     _need(isinstance(hello.get("cpuid"), list) and len(hello["cpuid"]) <= 4096, "cpuid")
     host = hello.get("host")
     _need(isinstance(host, dict) and isinstance(host.get("tsc_khz"), int), "host facts")
+    try:  # the machine the source describes, with backends bound here, by our rules
+        machine = bind(recorded_description(hello), bindings, reuse_paths)
+    except DescriptionError as e:
+        raise ProtocolError(f"bad HELLO: {e}") from None
+    com1 = machine.device(CONSOLE_ID)
     return VmConfig(name=name, memory=mem, cpus=cpus, kernel=vm.get("kernel") if isinstance(
-        vm.get("kernel"), str) else None, cmdline=vm["cmdline"], console=console,
-        cpuid_hidden=tuple(hidden))
+        vm.get("kernel"), str) else None, cmdline=vm["cmdline"],
+        console=com1.backend if com1 and com1.backend else "null",
+        cpuid_hidden=tuple(hidden), description=machine)
 
 
 def probe_host() -> tuple[list, int, bool]:
@@ -183,7 +193,10 @@ class Receiver:
         hello = ch.recv(T.HELLO).json()
         ch.sock.settimeout(self.opts.io_timeout)
         try:  # every check before ACCEPT: nothing of the guest moves unless it can run here
-            config = config_from_hello(hello, self.name, self.opts.console)
+            binds = dict(self.opts.bindings)
+            if self.opts.console is not None:
+                binds.setdefault(CONSOLE_ID, self.opts.console)  # --console is com1's --bind
+            config = config_from_hello(hello, self.name, binds, self.opts.reuse_paths)
             host = host_memory_bytes()
             if host and config.memory > host:
                 raise ReceiveError(f"the guest needs {config.memory >> 20} MiB; this host has "
@@ -200,8 +213,7 @@ class Receiver:
         # in the socket); a failure from here on is an ERROR, and the source resumes.
         ch.send_json(T.ACCEPT, {})
         self.t_first = time.perf_counter()
-        con = self.console or open_console(config.console)
-        self.vm = vm = VirtualMachine(config, con, cpuid=cpuid)
+        self.vm = vm = VirtualMachine(config, self.console, cpuid=cpuid)
         if scale:
             vm.set_tsc_khz(hello["host"]["tsc_khz"])
         total_pages = vm.memory.size // PAGE

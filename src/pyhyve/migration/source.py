@@ -214,6 +214,7 @@ class Migration:
         from ..machine.cpuid import cpuid_to_list
         return {"protocol": PROTOCOL_VERSION, "live": self.opts.live,
                 "compress": self.opts.compress, "vm": vm.config.to_dict(),
+                "description": vm.description.to_dict(),
                 "cpuid": cpuid_to_list(vm.cpuid), "host": host_facts(vm),
                 "memory": {"size": vm.memory.size,
                            "regions": [{"guest_phys_addr": r.gpa, "size": r.size,

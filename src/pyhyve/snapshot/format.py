@@ -24,13 +24,14 @@ from typing import Any
 import xxhash
 
 from .. import untrusted
+from ..description import DescriptionError, VmDescription
 from ..machine.memory import PAGE, ram_layout
 from .errors import SnapshotError
 from .files import MAX_GENERATION
 
 FORMAT = "pyhyve-snapshot"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # 2: no VM description; 1: no generations either
 KERN_MAGIC = b"PYHYVE-KERN\0"
 KERN_HEADER_SIZE = 16
 MAX_META_BYTES = 4 << 20
@@ -109,6 +110,11 @@ def _validate(meta: dict[str, Any]) -> None:
         _int(meta, "generation", 1, MAX_GENERATION)
     else:
         _need("generation" not in meta, "a format-1 snapshot has no generation")
+    if meta["format_version"] >= 3:
+        try:
+            VmDescription.from_dict(meta.get("description"))
+        except DescriptionError as e:
+            raise SnapshotError(f"metadata: {e}") from None
     vm = meta.get("vm")
     _need(isinstance(vm, dict), "'vm' is missing")
     size = _int(vm, "memory", PAGE, MAX_MEMORY)

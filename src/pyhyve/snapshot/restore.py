@@ -16,7 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..devices.console import Console, open_console
+from ..description import CONSOLE_ID, DescriptionError, VmDescription, bind, default_description
+from ..devices.console import Console
 from ..errors import PyhyveError
 from ..kvm import ioctls as I
 from ..machine.cpuid import cpuid_from_list, for_vcpu, missing_features
@@ -187,9 +188,19 @@ def check_host(cpuid_rows: list, saved_tsc_khz: int, host_cpuid: list, host_tsc_
     return False
 
 
+def recorded_description(meta: dict[str, Any]) -> VmDescription:
+    """The machine a snapshot (or a stream's HELLO) records; older ones imply the default
+    machine, with the console they recorded as com1's backend."""
+    if "description" in meta:
+        return VmDescription.from_dict(meta["description"])
+    console = meta.get("vm", {}).get("console")
+    return default_description(console if isinstance(console, str) else None)
+
+
 def restore(snap: Snapshot, name: str | None = None, console: Console | None = None,
             console_spec: str | None = None, lazy: bool = True,
-            progress: Callable[[int], Callable[[int], None]] | None = None) -> object:
+            progress: Callable[[int], Callable[[int], None]] | None = None,
+            bindings: dict[str, str] | None = None, reuse_paths: bool = False) -> object:
     """Build a VM from a snapshot; returns it ready to start(). If the memory file has not
     been verified yet, it is verified here on another thread while the VM is built (the
     kernel work of building overlaps the hashing), and nothing is returned unless it passed."""
@@ -207,7 +218,10 @@ def restore(snap: Snapshot, name: str | None = None, console: Console | None = N
         verifier = threading.Thread(target=verify, name="verify", daemon=True)
         verifier.start()
     try:
-        vm = _build(snap, name, console, console_spec, lazy, progress)
+        binds = dict(bindings or {})
+        if console_spec:
+            binds[CONSOLE_ID] = console_spec  # --console is com1's --bind
+        vm = _build(snap, name, console, binds, reuse_paths, lazy, progress)
     finally:
         if verifier is not None:
             verifier.join()
@@ -217,17 +231,22 @@ def restore(snap: Snapshot, name: str | None = None, console: Console | None = N
     return vm
 
 
-def _build(snap: Snapshot, name: str | None, console: Console | None, console_spec: str | None,
-           lazy: bool, progress: Callable[[int], Callable[[int], None]] | None) -> object:
+def _build(snap: Snapshot, name: str | None, console: Console | None, bindings: dict[str, str],
+           reuse_paths: bool, lazy: bool,
+           progress: Callable[[int], Callable[[int], None]] | None) -> object:
     from ..machine.cpuid import CpuidError
     from ..vm import VirtualMachine, VmConfig, host_memory_bytes
 
     v = snap.meta["vm"]
+    try:  # host resources come from the command line, never from the file
+        machine = bind(recorded_description(snap.meta), bindings, reuse_paths)
+    except DescriptionError as e:
+        raise SnapshotError(str(e)) from None
+    com1 = machine.device(CONSOLE_ID)
     config = VmConfig(name=name or v["name"], memory=v["memory"], cpus=v["cpus"],
                       kernel=v.get("kernel"), initrd=v.get("initrd"), cmdline=v["cmdline"],
-                      # host resources come from the command line, never from the file
-                      console=console_spec or "stdio",
-                      cpuid_hidden=tuple(v["cpuid_hidden"]))
+                      console=(com1.backend if com1 and com1.backend else "null"),
+                      cpuid_hidden=tuple(v["cpuid_hidden"]), description=machine)
     host = host_memory_bytes()
     if host and config.memory > host:
         raise SnapshotError(f"the guest needs {config.memory >> 20} MiB of RAM; this host has "
@@ -245,12 +264,12 @@ def _build(snap: Snapshot, name: str | None, console: Console | None, console_sp
             raise
     else:
         memory = GuestMemory(config.memory, name=f"pyhyve-{config.name}")
-    con = console or open_console(config.console)
-    try:
-        vm = VirtualMachine(config, con, memory=memory, cpuid=cpuid)
+    try:  # the devices (com1's console included) open their bound backends
+        vm = VirtualMachine(config, console, memory=memory, cpuid=cpuid)
     except BaseException:
         memory.close()
-        con.close()
+        if console is not None:
+            console.close()
         raise
     try:
         scale = check_host(snap.meta["cpuid"], snap.meta["host"]["tsc_khz"],

@@ -79,6 +79,7 @@ def build_meta(vm: VirtualMachine, files: SnapshotFiles, kind: str, st: MachineS
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
         "kind": kind,
         "vm": vm.config.to_dict(),
+        "description": vm.description.to_dict(),
         "cpuid": cpuid_to_list(vm.cpuid),
         "host": host_facts(vm),
         "memory": {

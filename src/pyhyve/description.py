@@ -1,0 +1,136 @@
+"""The VM description: what the guest's machine is (a frozen, versioned value), apart from
+the host resources that back it.
+
+It lists every device with a stable id (`com1`, later `disk0`, `net0`, ...), its kind, its
+bus range and IRQ, and the backend it had (a console spec, later a disk path or a tap).
+The VM is built from it; the snapshot metadata records it; the migration stream sends it;
+restore and receive rebuild from it. Binding rule: a recorded description never opens a
+host path, socket or tap by itself. At restore and receive each backend is bound by id
+from the command line (`--bind ID=SPEC`; `--console` is the shorthand for com1); the
+console defaults to stdout; any other device whose backend is left unbound is refused,
+naming its id, unless `--reuse-paths` reopens the recorded backends (the destination of a
+migration over shared storage uses it).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
+
+from .errors import PyhyveError
+
+KINDS = {"uart16550", "i8042", "post", "pci-host"}
+BUSES = {"pio", "mmio"}
+MAX_DEVICES = 64
+_ID = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
+CONSOLE_ID = "com1"
+
+
+class DescriptionError(PyhyveError, ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class DeviceDesc:
+    id: str
+    kind: str
+    bus: str
+    base: int
+    length: int
+    irq: int | None = None
+    backend: str | None = None  # host resource spec; never opened unless bound or reused
+
+
+@dataclass(frozen=True)
+class VmDescription:
+    VERSION: ClassVar[int] = 1
+    devices: tuple[DeviceDesc, ...]
+
+    def device(self, dev_id: str) -> DeviceDesc | None:
+        return next((d for d in self.devices if d.id == dev_id), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.VERSION,
+                "devices": [{"id": d.id, "kind": d.kind, "bus": d.bus, "base": d.base,
+                             "length": d.length, "irq": d.irq, "backend": d.backend}
+                            for d in self.devices]}
+
+    @classmethod
+    def from_dict(cls, raw: object) -> VmDescription:
+        """Validate a recorded description (untrusted: a file or a stream)."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("devices"), list):
+            raise DescriptionError("VM description: malformed")
+        version = raw.get("version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise DescriptionError("VM description: bad version")
+        if version > cls.VERSION:
+            raise DescriptionError(f"VM description version {version}; this pyhyve reads up "
+                                   f"to version {cls.VERSION}")
+        if len(raw["devices"]) > MAX_DEVICES:
+            raise DescriptionError(f"VM description: more than {MAX_DEVICES} devices")
+        out, seen = [], set()
+        for d in raw["devices"]:
+            if not isinstance(d, dict):
+                raise DescriptionError("VM description: malformed device")
+            dev_id, kind, bus = d.get("id"), d.get("kind"), d.get("bus")
+            if not isinstance(dev_id, str) or not _ID.match(dev_id) or dev_id in seen:
+                raise DescriptionError(f"VM description: bad or repeated device id {dev_id!r}")
+            seen.add(dev_id)
+            if kind not in KINDS:
+                raise DescriptionError(f"device {dev_id}: kind {kind!r} is not one this pyhyve "
+                                       "can build")
+            if bus not in BUSES:
+                raise DescriptionError(f"device {dev_id}: bad bus {bus!r}")
+            base, length, irq, backend = d.get("base"), d.get("length"), d.get("irq"), d.get("backend")
+            for v, what, hi in ((base, "base", 1 << 64), (length, "length", 1 << 32)):
+                if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < hi:
+                    raise DescriptionError(f"device {dev_id}: bad {what}")
+            if irq is not None and (not isinstance(irq, int) or isinstance(irq, bool)
+                                    or not 0 <= irq < 24):
+                raise DescriptionError(f"device {dev_id}: bad irq")
+            if backend is not None and (not isinstance(backend, str) or len(backend) > 4096):
+                raise DescriptionError(f"device {dev_id}: bad backend")
+            out.append(DeviceDesc(dev_id, kind, bus, base, length, irq, backend))
+        return cls(tuple(out))
+
+
+def default_description(console: str | None) -> VmDescription:
+    """The machine every pyhyve VM has had so far (and format 1 and 2 snapshots imply)."""
+    return VmDescription((
+        DeviceDesc(CONSOLE_ID, "uart16550", "pio", 0x3F8, 8, 4, console),
+        DeviceDesc("i8042", "i8042", "pio", 0x60, 5),
+        DeviceDesc("post", "post", "pio", 0x80, 1),
+        DeviceDesc("pci", "pci-host", "pio", 0xCF8, 8),
+    ))
+
+
+def bind(desc: VmDescription, bindings: dict[str, str], reuse_paths: bool) -> VmDescription:
+    """The description with every backend chosen by the binding rule (module docstring)."""
+    unknown = sorted(set(bindings) - {d.id for d in desc.devices})
+    if unknown:
+        raise DescriptionError(f"--bind names no device of this VM: {', '.join(unknown)}")
+    out = []
+    for d in desc.devices:
+        if d.id in bindings:
+            out.append(replace(d, backend=bindings[d.id]))
+        elif d.backend is None or reuse_paths:
+            out.append(d)
+        elif d.id == CONSOLE_ID:
+            out.append(replace(d, backend="stdio"))  # the console defaults to stdout
+        else:
+            raise DescriptionError(f"device {d.id} had the backend {d.backend!r}: bind one "
+                                   f"with --bind {d.id}=SPEC, or pass --reuse-paths")
+    return VmDescription(tuple(out))
+
+
+def parse_bindings(items: list[str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or []:
+        dev_id, sep, spec = item.partition("=")
+        if not sep or not _ID.match(dev_id) or not spec:
+            raise DescriptionError(f"bad --bind '{item}': use ID=SPEC, e.g. com1=file:/var/log/vm.log")
+        if dev_id in out:
+            raise DescriptionError(f"--bind {dev_id} given twice")
+        out[dev_id] = spec
+    return out
