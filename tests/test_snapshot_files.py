@@ -86,7 +86,11 @@ def test_format1_fixture_restores_and_the_ab_invariant_continues(tmp_path):
 def test_console_recorded_in_a_snapshot_is_never_opened(ab_snapshot, tmp_path, rundir, kind):
     victim = tmp_path / "victim.txt"
     victim.write_text("precious\n")
-    edit_meta(ab_snapshot, lambda m: m["vm"].update(console=f"{kind}:{victim}"))
+    def aim(m):  # both places a snapshot records a console: the config and the machine
+        m["vm"]["console"] = f"{kind}:{victim}"
+        next(d for d in m["description"]["devices"] if d["id"] == "com1")["backend"] = \
+            f"{kind}:{victim}"
+    edit_meta(ab_snapshot, aim)
     proc = spawn("pyhyve", "run", "r1", "-r", ab_snapshot, stdout=subprocess.PIPE,
                  stderr=subprocess.PIPE)
     try:
