@@ -7,31 +7,26 @@ gives an unbooted machine whose state a snapshot or a migration stream then fill
 from __future__ import annotations
 
 import contextlib
-import enum
 import os
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
 
 from .boot.common import BootError, load_kernel
 from .boot.cpu import setup_boot_cpu
-from .description import CONSOLE_ID, DeviceDesc, VmDescription, default_description
+from .description import CONSOLE_ID, DeviceDesc
 from .devices.base import Bus, Device
 from .devices.console import Console, open_console
 from .devices.misc import I8042, PostPort
 from .devices.pci import PciHostBridge
 from .devices.uart import Uart
-from .errors import BootFailed
-from .kvm import Kvm, KvmError, Vcpu
+from .kvm import KvmError, Vcpu
 from .kvm import ioctls as I
 from .kvm.structs import KvmCpuidEntry2
-from .machine.cpuid import DEFAULT_HIDDEN, build_cpuid, for_vcpu
+from .machine.cpuid import build_cpuid, for_vcpu
 from .machine.dirty import DirtyTracker
 from .machine.memory import GuestMemory
 from .machine.state import (
-    VcpuState,
-    VmKvmState,
     apply_clock,
     apply_vcpu,
     apply_vm,
@@ -40,6 +35,18 @@ from .machine.state import (
     readable_msrs,
 )
 from .machine.vcpu import VcpuControl, VcpuThread, install_kick_handler
+from .vmtypes import (
+    EXIT_DESTROYED,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    MachineState,
+    RunState,
+    VmConfig,
+    VmError,
+    host_memory_bytes,
+    open_kvm,
+)
 
 TSS_ADDR = 0xFFFB_D000
 IDENTITY_MAP_ADDR = 0xFFFB_C000
@@ -47,86 +54,6 @@ MIN_MEMORY = 8 << 20
 MAX_VCPUS = 64
 LAPIC_LVT0, LAPIC_LVT1 = 0x350, 0x360
 APIC_MODE_EXTINT, APIC_MODE_NMI = 0x700, 0x400
-
-
-# Exit status of `pyhyve run` (docs in README): 0 the guest powered off or reset itself,
-# was suspended or migrated away; 1 the guest or the VMM failed; 2 usage; 3 destroyed
-# (pyhyvectl --destroy, or Ctrl-A x on the console); 128+N stopped by signal N.
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DESTROYED = 0, 1, 2, 3
-
-
-class RunState(enum.StrEnum):
-    """A VM's run state. Transitions (each made under VirtualMachine._state_lock):
-
-        created --start()--> running | paused (started paused, or held)
-        running --pause()/hold()--> paused --resume()/release(), nothing else holding--> running
-        any --stop (guest power-off, reset, triple fault, destroy, signal, suspend,
-               migrated away)--> stopped, which is final: no later transition leaves it
-    A str enum: `vm.state == "running"` reads as before, and status prints the word."""
-
-    CREATED = "created"
-    RUNNING = "running"
-    PAUSED = "paused"
-    STOPPED = "stopped"
-
-
-class VmError(BootFailed, RuntimeError):
-    """A user-facing failure to create or run a VM; the message is the whole story."""
-
-
-@dataclass
-class VmConfig:
-    name: str
-    memory: int
-    cpus: int = 1
-    kernel: str | None = None
-    initrd: str | None = None
-    cmdline: str = ""
-    console: str = "stdio"
-    cpuid_hidden: tuple[str, ...] = DEFAULT_HIDDEN
-    extra: dict[str, str] = field(default_factory=dict)
-    # the machine's devices with their bound backends (None: the default machine, its
-    # console `console`); recorded apart from this config (description.py)
-    description: VmDescription | None = None
-
-    def machine(self) -> VmDescription:
-        return self.description or default_description(self.console)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("description")
-        d["cpuid_hidden"] = list(self.cpuid_hidden)
-        return d
-
-
-@dataclass(frozen=True)
-class MachineState:
-    """Everything needed to continue a paused VM elsewhere, memory aside."""
-
-    vm: VmKvmState
-    vcpus: tuple[VcpuState, ...]
-    devices: dict[str, object]
-
-
-def host_memory_bytes() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def open_kvm() -> Kvm:
-    """/dev/kvm, or the node named by PYHYVE_KVM_DEVICE (for hosts that put it elsewhere)."""
-    path = os.environ.get("PYHYVE_KVM_DEVICE") or "/dev/kvm"
-    try:
-        return Kvm(path)
-    except FileNotFoundError:
-        raise VmError(f"cannot open {path}: no such device (is KVM enabled on this host?)") from None
-    except PermissionError:
-        raise VmError(f"cannot open {path}: permission denied (run as root or join group kvm)") from None
-    except OSError as e:
-        raise VmError(f"cannot open {path}: {e.strerror or e}") from None
 
 
 class VirtualMachine:
@@ -509,4 +436,5 @@ class VirtualMachine:
         return out
 
 
-__all__ = ["KvmError", "VirtualMachine", "VmConfig", "VmError"]
+__all__ = ["EXIT_DESTROYED", "EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "KvmError", "MachineState",
+           "RunState", "VirtualMachine", "VmConfig", "VmError", "host_memory_bytes", "open_kvm"]
