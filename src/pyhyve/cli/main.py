@@ -282,7 +282,7 @@ def cmd_snapshot(a: object) -> int:
         fail(PROG, str(e))
 
 
-def info(base: str, as_json: bool, describe: Callable[[dict], str]) -> int:
+def info(base: str, as_json: bool, describe: Callable[[dict, dict[str, str]], str]) -> int:
     """Print what is readable; mark corrupt state sections instead of printing nothing."""
     from ..snapshot.files import generation_files, meta_path
     from ..snapshot.format import SnapshotError, checksum, read_meta, sections
