@@ -4,13 +4,10 @@ stdout, and an unbound host backend is refused by device id."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 
 import pytest
 
-from pyhyve import guestkit
 from pyhyve.description import (
     DescriptionError,
     DeviceDesc,
@@ -65,30 +62,6 @@ def test_the_snapshot_records_the_machine(make_vm, tmp_path):
     assert snap.meta["format_version"] == 3
     desc = VmDescription.from_dict(snap.meta["description"])
     assert [d.id for d in desc.devices] == ["com1", "i8042", "post", "pci"]
-
-
-@pytest.mark.kvm
-def test_format2_fixture_restores_and_continues(tmp_path):
-    """The snapshot written by the version before the description (format 2)."""
-    from pyhyve.snapshot.restore import open_snapshot, restore
-
-    from conftest import REPO, CaptureConsole
-    src = os.path.join(REPO, "tests", "fixtures", "snapshot-v2")
-    for f in os.listdir(src):
-        shutil.copy(os.path.join(src, f), tmp_path / f)
-    saved = guestkit.ab_check_file(str(tmp_path / "ab"))
-    snap = open_snapshot(str(tmp_path / "ab"))
-    assert snap.meta["format_version"] == 2
-    con = CaptureConsole()
-    vm = restore(snap, console=con)
-    snap.close()
-    try:
-        vm.start()
-        con.wait_count(b"B", 3, timeout=30)
-        vm.pause()
-        assert guestkit.ab_check(vm.memory.regions[0].array).passes >= saved.passes + 2
-    finally:
-        vm.close()
 
 
 @pytest.mark.kvm

@@ -53,14 +53,19 @@ def ab_snapshot(make_vm, tmp_path):
 
 # --- the format-1 fixture (written by pyhyve before generations) ------------------------
 
-def test_format1_fixture_restores_and_the_ab_invariant_continues(tmp_path):
-    src = os.path.join(FIXTURES, "snapshot-v1")
+@pytest.mark.parametrize("version,old,gen", [
+    (1, ["ab", "ab.kern"], 1),        # before generations
+    (2, ["ab.g1", "ab.g1.kern"], 2),  # before the VM description
+])
+def test_old_format_fixtures_restore_and_the_ab_invariant_continues(tmp_path, version, old,
+                                                                     gen):
+    src = os.path.join(FIXTURES, f"snapshot-v{version}")
     for f in os.listdir(src):
         shutil.copy(os.path.join(src, f), tmp_path / f)
     base = str(tmp_path / "ab")
     saved = guestkit.ab_check_file(base)
     snap = open_snapshot(base)
-    assert snap.meta["format_version"] == 1
+    assert snap.meta["format_version"] == version
     con = CaptureConsole()
     vm = restore(snap, console=con)
     snap.close()
@@ -70,11 +75,11 @@ def test_format1_fixture_restores_and_the_ab_invariant_continues(tmp_path):
         vm.pause()
         after = guestkit.ab_check(vm.memory.regions[0].array)
         assert after.passes >= saved.passes + 2 and "start" not in con.text
-        # a save to the same path writes format 2 and removes the format-1 files
+        # a save to the same path writes the current format and removes the old files
         stats = save(vm, base, "checkpoint")
-        assert stats.generation == 1
-        assert sorted(stats.removed) == [base, base + ".kern"]
-        assert snapshot_files(str(tmp_path)) == ["ab.g1", "ab.g1.kern", "ab.meta"]
+        assert stats.generation == gen
+        assert sorted(stats.removed) == [str(tmp_path / f) for f in old]
+        assert snapshot_files(str(tmp_path)) == [f"ab.g{gen}", f"ab.g{gen}.kern", "ab.meta"]
         assert guestkit.ab_check_file(base).passes == after.passes
     finally:
         vm.close()
