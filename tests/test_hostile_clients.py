@@ -230,7 +230,7 @@ def test_migration_setup_never_asks_a_running_vcpu(make_vm, monkeypatch):
     """KVM_GET_TSC_KHZ on a vCPU inside KVM_RUN waits for its next exit (seconds for a busy
     guest): the TSC rate is read once, before the vCPUs run."""
     from pyhyve.kvm.api import Vcpu
-    from pyhyve.snapshot.save import host_facts
+    from pyhyve.pipeline.record import host_facts
     vm, con = make_vm("ab", "ws=8M", memory=64 * MB)
     con.wait_count(b"B", 1)
 

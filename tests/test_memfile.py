@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pyhyve.snapshot import memfile
+from pyhyve.pipeline import pages as pagelib
 from pyhyve.snapshot.files import current_files
 from pyhyve.snapshot.restore import open_snapshot, restore
 from pyhyve.snapshot.save import save
@@ -21,7 +21,7 @@ MB = 1 << 20
 
 @given(st.lists(st.tuples(st.integers(0, 200), st.integers(1, 20)), max_size=30))
 def test_merge_is_the_union(runs):
-    merged = memfile.merge(runs)
+    merged = pagelib.merge(runs)
     want = set()
     for p, n in runs:
         want.update(range(p, p + n))
@@ -37,19 +37,19 @@ def test_nonzero_runs_find_exactly_the_nonzero_pages(pages):
     a = np.zeros(64 * 4096, dtype=np.uint8)
     for p in pages:
         a[p * 4096 + (p * 37) % 4096] = 1
-    runs = memfile.nonzero_runs(a, 10)
+    runs = pagelib.nonzero_runs(a, 10)
     found = {p - 10 for s, n in runs for p in range(s, s + n)}
     assert found == pages
 
 
 def test_run_table_round_trip_and_checks():
     runs = [(0, 3), (10, 1), (100, 5)]
-    assert memfile.decode_runs(memfile.encode_runs(runs), 105) == runs
+    assert pagelib.decode_runs(pagelib.encode_runs(runs), 105) == runs
     for bad in ([(0, 3), (2, 1)], [(5, 0)], [(100, 6)], [(10, 1), (0, 1)]):
         with pytest.raises(ValueError):
-            memfile.decode_runs(memfile.encode_runs(bad), 105)
+            pagelib.decode_runs(pagelib.encode_runs(bad), 105)
     with pytest.raises(ValueError):
-        memfile.decode_runs(b"\0" * 15, 105)
+        pagelib.decode_runs(b"\0" * 15, 105)
 
 
 @pytest.mark.kvm

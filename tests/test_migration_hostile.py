@@ -83,7 +83,7 @@ def test_bad_hello_is_refused():
     ch = authed(dest)
     ch.send_json(T.HELLO, {"protocol": 1, "vm": {"memory": 1 << 50, "cpus": 1}})
     reason = ch.recv(T.REFUSE).json()["reason"]
-    assert "memory size" in reason
+    assert "'memory' is missing or out of range" in reason
     expect_refusal(dest, "refused")
     ch.close()
 

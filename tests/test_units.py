@@ -181,17 +181,18 @@ def test_every_user_facing_error_is_a_pyhyve_error():
         MigrationDestFailed,
         MigrationSourceFailed,
         PyhyveError,
+        RecordError,
         SnapshotLoadFailed,
     )
     from pyhyve.kvm import KvmError
     from pyhyve.migration.dest import ReceiveError
     from pyhyve.migration.protocol import PeerError, ProtocolError
     from pyhyve.migration.security import SecurityError
-    from pyhyve.snapshot.codec import StateError
+    from pyhyve.pipeline.codec import StateError
     from pyhyve.snapshot.format import SnapshotError
     from pyhyve.vm import VmError
     for cls, phase in ((BootError, BootFailed), (VmError, BootFailed),
-                       (SnapshotError, SnapshotLoadFailed), (StateError, SnapshotLoadFailed),
+                       (SnapshotError, SnapshotLoadFailed), (StateError, RecordError),
                        (MigrationError, MigrationSourceFailed),
                        (ReceiveError, MigrationDestFailed), (ClientError, ControlFailed),
                        (KvmError, PyhyveError), (ProtocolError, PyhyveError),

@@ -12,7 +12,7 @@ import pytest
 from pyhyve.devices.base import DeviceState
 from pyhyve.devices.uart import UartState
 from pyhyve.machine.state import VcpuState, VmKvmState
-from pyhyve.snapshot import codec
+from pyhyve.pipeline import codec
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,12 @@ class DescriptionError(PyhyveError, ValueError):
     pass
 
 
+def _bounded(v: object, hi: int, what: str) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < hi:
+        raise DescriptionError(what)
+    return v
+
+
 @dataclass(frozen=True)
 class DeviceDesc:
     id: str
@@ -82,10 +88,9 @@ class VmDescription:
                                        "can build")
             if bus not in BUSES:
                 raise DescriptionError(f"device {dev_id}: bad bus {bus!r}")
-            base, length, irq, backend = d.get("base"), d.get("length"), d.get("irq"), d.get("backend")
-            for v, what, hi in ((base, "base", 1 << 64), (length, "length", 1 << 32)):
-                if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < hi:
-                    raise DescriptionError(f"device {dev_id}: bad {what}")
+            base = _bounded(d.get("base"), 1 << 64, f"device {dev_id}: bad base")
+            length = _bounded(d.get("length"), 1 << 32, f"device {dev_id}: bad length")
+            irq, backend = d.get("irq"), d.get("backend")
             if irq is not None and (not isinstance(irq, int) or isinstance(irq, bool)
                                     or not 0 <= irq < 24):
                 raise DescriptionError(f"device {dev_id}: bad irq")

@@ -10,6 +10,8 @@ says in which phase it happened. Anything else that escapes is a bug: the comman
       MigrationSourceFailed sending a VM
       MigrationDestFailed   receiving a VM
       ControlFailed         the control socket, either side
+      RecordError           a recorded machine or state (snapshot or stream) is bad or
+                            cannot run here; loaders re-raise it as their own phase's error
 """
 
 
@@ -39,3 +41,7 @@ class MigrationDestFailed(PyhyveError):
 
 class ControlFailed(PyhyveError):
     pass
+
+
+class RecordError(PyhyveError, ValueError):
+    """A recorded machine or state is malformed or cannot run here."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from collections.abc import Callable
 from typing import Any
 
 from .errors import PyhyveError
@@ -87,3 +88,45 @@ def loads(raw: bytes | bytearray | memoryview | str, max_depth: int = 16) -> Any
     if not _depth(obj, max_depth):
         raise BadJson(f"nested deeper than {max_depth} levels")
     return obj
+
+
+class Fields:
+    """Typed reads of fields from a parsed, untrusted JSON object: each returns the value
+    with its type checked (so callers use it as such) or raises `error(what is wrong)`."""
+
+    def __init__(self, error: Callable[[str], Exception]) -> None:
+        self.error = error
+
+    def need(self, cond: bool, what: str) -> None:
+        if not cond:
+            raise self.error(what)
+
+    def obj(self, d: dict[str, Any], key: str) -> dict[str, Any]:
+        v = d.get(key)
+        if not isinstance(v, dict):
+            raise self.error(f"'{key}' is missing")
+        return v
+
+    def array(self, d: dict[str, Any], key: str, max_len: int) -> list[Any]:
+        v = d.get(key)
+        if not isinstance(v, list) or len(v) > max_len:
+            raise self.error(f"'{key}' is missing or too long")
+        return v
+
+    def integer(self, d: dict[str, Any], key: str, lo: int = 0, hi: int = 1 << 63) -> int:
+        v = d.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+            raise self.error(f"'{key}' is missing or out of range")
+        return v
+
+    def text(self, d: dict[str, Any], key: str) -> str:
+        v = d.get(key)
+        if not isinstance(v, str):
+            raise self.error(f"'{key}' is missing or not a string")
+        return v
+
+    def opt_text(self, d: dict[str, Any], key: str) -> str | None:
+        v = d.get(key)
+        if v is not None and not isinstance(v, str):
+            raise self.error(f"'{key}' is not a string")
+        return v

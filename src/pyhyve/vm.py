@@ -11,15 +11,14 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from .boot.common import BootError, load_kernel
 from .boot.cpu import setup_boot_cpu
-from .description import CONSOLE_ID, DeviceDesc
-from .devices.base import Bus, Device
-from .devices.console import Console, open_console
-from .devices.misc import I8042, PostPort
-from .devices.pci import PciHostBridge
-from .devices.uart import Uart
+from .description import CONSOLE_ID
+from .devices.base import Bus, Device, DeviceState
+from .devices.console import Console
+from .devices.factory import Wiring, make_device
 from .kvm import KvmError, Vcpu
 from .kvm import ioctls as I
 from .kvm.structs import KvmCpuidEntry2
@@ -33,6 +32,7 @@ from .machine.state import (
     capture_vcpu,
     capture_vm,
     readable_msrs,
+    wire_lapic,
 )
 from .machine.vcpu import VcpuControl, VcpuThread, install_kick_handler
 from .vmtypes import (
@@ -52,8 +52,6 @@ TSS_ADDR = 0xFFFB_D000
 IDENTITY_MAP_ADDR = 0xFFFB_C000
 MIN_MEMORY = 8 << 20
 MAX_VCPUS = 64
-LAPIC_LVT0, LAPIC_LVT1 = 0x350, 0x360
-APIC_MODE_EXTINT, APIC_MODE_NMI = 0x700, 0x400
 
 
 class VirtualMachine:
@@ -79,8 +77,6 @@ class VirtualMachine:
         self.reset_requested = False
         self._stopped = threading.Event()
         self._closing = False
-        self._ticker: threading.Thread | None = None
-        self.snapshot_file: str | None = None  # the file a lazily restored guest reads
         self._pause_lock = threading.RLock()
         self._holds = 0
         self._user_paused = False
@@ -113,9 +109,15 @@ class VirtualMachine:
         self.devices: dict[str, Device] = {}
         self.description = self.config.machine()
         self.console: Console = Console()
+        wiring = Wiring(irq_line=lambda irq, level: self.vm.irq_line(irq, level),
+                        reset=self._guest_reset, console=console,
+                        quit=lambda: self.stop("quit from the console (Ctrl-A x)", EXIT_DESTROYED))
         for d in self.description.devices:  # the machine is what its description says
+            dev, con = make_device(d, wiring)
+            if con is not None and d.id == CONSOLE_ID:
+                self.console = con
             bus = self.pio if d.bus == "pio" else self.mmio
-            self.add_device(d.id, bus, d.base, d.length, self._make_device(d, console))
+            self.add_device(d.id, bus, d.base, d.length, dev)
         self.cpuid = cpuid if cpuid is not None else build_cpuid(kvm.supported_cpuid(),
                                                                  self.config.cpuid_hidden)
         self.control = VcpuControl(self.memory.read, self._on_stop)
@@ -125,7 +127,7 @@ class VirtualMachine:
             v = self.vm.create_vcpu(i)
             self.vcpus.append(v)
             v.set_cpuid2(for_vcpu(self.cpuid, i, self.config.cpus))
-            self._setup_lapic(v)
+            wire_lapic(v)
             self.threads.append(VcpuThread(v, self.control, self.pio, self.mmio))
         # read once, before any vCPU runs: KVM_GET_TSC_KHZ on a vCPU fd waits for that
         # vCPU's next exit when it is inside KVM_RUN (seconds for a busy guest)
@@ -139,23 +141,6 @@ class VirtualMachine:
             v.set_tsc_khz(khz)
         self.tsc_khz = khz
 
-    def _make_device(self, d: DeviceDesc, console: Console | None) -> Device:
-        if d.kind == "uart16550":
-            con = console if console is not None and d.id == CONSOLE_ID else \
-                open_console(d.backend or "null")
-            con.on_quit = lambda: self.stop("quit from the console (Ctrl-A x)", EXIT_DESTROYED)
-            if d.id == CONSOLE_ID:
-                self.console = con
-            irq = d.irq if d.irq is not None else Uart.IRQ_COM1
-            return Uart(con, lambda level: self.vm.irq_line(irq, level))
-        if d.kind == "i8042":
-            return I8042(self._guest_reset)
-        if d.kind == "post":
-            return PostPort()
-        if d.kind == "pci-host":
-            return PciHostBridge()
-        raise VmError(f"device {d.id}: kind {d.kind!r} cannot be built")
-
     def add_device(self, name: str, bus: Bus, base: int, length: int, dev: Device) -> None:
         """Put a device on a bus (PIO or MMIO) and connect it to the VM: its own writes to
         guest memory reach dirty tracking through `dev.wrote`."""
@@ -165,18 +150,6 @@ class VirtualMachine:
 
     def add_pio_device(self, name: str, base: int, length: int, dev: Device) -> None:
         self.add_device(name, self.pio, base, length, dev)
-
-    @staticmethod
-    def _setup_lapic(v: Vcpu) -> None:
-        """LINT0 = ExtINT, LINT1 = NMI: the PC wiring a PIC-mode guest (no MP table) needs."""
-        st = v.get_lapic()
-        regs = bytearray(st.regs)
-        for off, mode in ((LAPIC_LVT0, APIC_MODE_EXTINT), (LAPIC_LVT1, APIC_MODE_NMI)):
-            val = int.from_bytes(regs[off:off + 4], "little")
-            val = (val & ~0x700 & ~0x10000) | mode
-            regs[off:off + 4] = val.to_bytes(4, "little")
-        st.regs = bytes(regs)
-        v.set_lapic(st)
 
     @classmethod
     def create(cls, config: VmConfig, console: Console | None = None) -> VirtualMachine:
@@ -210,7 +183,7 @@ class VirtualMachine:
                             tuple(capture_vcpu(v, self.msr_indices, self.has_xsave)
                                   for v in self.vcpus), devices)
 
-    def device_classes(self) -> dict[str, tuple[str, type]]:
+    def device_classes(self) -> dict[str, tuple[str, type[DeviceState]]]:
         """name -> (kind, state class) for the devices that keep state."""
         return {n: (d.kind, d.state_class) for n, d in self.devices.items()
                 if d.state_class is not None}
@@ -228,7 +201,7 @@ class VirtualMachine:
             dev = self.devices.get(name)
             if dev is None:
                 raise VmError(f"state has device '{name}', which this VM does not have")
-            dev.load_state(dst)  # type: ignore[arg-type]
+            dev.load_state(dst)
         apply_clock(self.vm, st.vm.clock, self.vcpus)
 
     # --- life cycle ------------------------------------------------------------------
@@ -344,26 +317,20 @@ class VirtualMachine:
             self._set_state(RunState.RUNNING)
             ctl.cond.notify_all()
 
+    @property
+    def throttle(self) -> float:
+        return self.control.throttle
+
     def set_throttle(self, fraction: float) -> None:
         """Slow the guest down (0 = full speed, 0.99 = 1% of the time), for auto-converge."""
-        fraction = max(0.0, min(0.99, fraction))
-        ctl = self.control
-        with ctl.cond:
-            ctl.throttle = fraction
-            ctl.cond.notify_all()
-        if fraction > 0 and self._ticker is None:
-            self._ticker = threading.Thread(target=self._throttle_ticker, name="throttle",
-                                            daemon=True)
-            self._ticker.start()
+        self.control.set_throttle(fraction, self._kick_running)
 
-    def _throttle_ticker(self) -> None:
-        """Every slice, kick the vCPUs out of the guest so each sits out its share."""
-        ctl = self.control
-        while not self.stopped:
-            time.sleep(ctl.THROTTLE_SLICE)
-            if ctl.throttle > 0 and self.state == "running":
-                for t in self.threads:
-                    t.kick()
+    def _kick_running(self) -> bool:
+        """The throttle's tick: kick running vCPUs out of the guest; False once stopped."""
+        if self.state == "running":
+            for t in self.threads:
+                t.kick()
+        return not self.stopped
 
     def stop(self, reason: str = "destroyed", code: int = 0) -> None:
         self.control.stop(reason, code)
@@ -419,21 +386,16 @@ class VirtualMachine:
             self.memory.close()
         self.kvm.close()
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         return {"name": self.config.name, "state": self.state, "pid": os.getpid(),
                 "memory": self.config.memory, "cpus": self.config.cpus,
                 "exits": sum(t.exits for t in self.threads),
                 "stop_reason": self.stop_reason, **self.snapshot_dependency()}
 
-    def snapshot_dependency(self) -> dict:
+    def snapshot_dependency(self) -> dict[str, object]:
         """Whether the guest still reads pages from its snapshot's memory file."""
-        guard = getattr(self.memory, "guard", None)
-        if self.snapshot_file is None or guard is None:
-            return {"depends_on_snapshot": False}
-        out = {"depends_on_snapshot": guard.depends, "snapshot_file": self.snapshot_file}
-        if guard.note:
-            out["snapshot_note"] = guard.note
-        return out
+        guard = self.memory.guard
+        return guard.dependency() if guard is not None else {"depends_on_snapshot": False}
 
 
 __all__ = ["EXIT_DESTROYED", "EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "KvmError", "MachineState",

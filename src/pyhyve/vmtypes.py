@@ -7,8 +7,10 @@ from __future__ import annotations
 import enum
 import os
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from .description import VmDescription, default_description
+from .devices.base import DeviceState
 from .errors import BootFailed
 from .kvm import Kvm
 from .machine.cpuid import DEFAULT_HIDDEN
@@ -57,7 +59,7 @@ class VmConfig:
     def machine(self) -> VmDescription:
         return self.description or default_description(self.console)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("description")
         d["cpuid_hidden"] = list(self.cpuid_hidden)
@@ -70,7 +72,7 @@ class MachineState:
 
     vm: VmKvmState
     vcpus: tuple[VcpuState, ...]
-    devices: dict[str, object]
+    devices: dict[str, DeviceState]
 
 
 def host_memory_bytes() -> int:

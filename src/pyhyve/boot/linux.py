@@ -64,7 +64,7 @@ def is_bzimage(image: bytes) -> bool:
 
 
 def _u(image: bytes | bytearray, fmt: str, off: int) -> int:
-    return struct.unpack_from(fmt, image, off)[0]
+    return int(struct.unpack_from(fmt, image, off)[0])
 
 
 def build_boot_params(image: bytes, mem_size: int, e820: list[tuple[int, int, int]],

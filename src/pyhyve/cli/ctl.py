@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
 import sys
+from typing import Any
 
 from .. import __version__
 from ..control.client import ClientError, ControlClient
@@ -48,14 +50,14 @@ def build_parser() -> Parser:
     return p
 
 
-def migrate_args(args: object, cmd: str) -> dict:
+def migrate_args(args: argparse.Namespace, cmd: str) -> dict[str, Any]:
     from ..migration.security import SecurityError, load_key
 
     try:
         key = load_key(args.key_file)
     except SecurityError as e:
         fail(PROG, str(e))
-    out: dict = {"target": getattr(args, cmd), "live": cmd == "migrate_live",
+    out: dict[str, Any] = {"target": getattr(args, cmd), "live": cmd == "migrate_live",
                  "key": key.hex() if key else None, "downtime_ms": args.downtime_ms,
                  "compress": args.compress, "auto_converge": not args.no_auto_converge,
                  "tls_dir": os.path.abspath(args.tls_dir) if args.tls_dir else None,
@@ -78,7 +80,7 @@ def _main(argv: list[str] | None) -> int:
     cmd = next(c for c in ("status", "pause", "resume", "destroy", "suspend", "checkpoint",
                            "migrate", "migrate_live", "migrate_status", "migrate_cancel")
                if getattr(args, c))
-    extra: dict = {}
+    extra: dict[str, Any] = {}
     if cmd in ("suspend", "checkpoint"):
         extra["path"] = os.path.abspath(getattr(args, cmd))  # the VMM has its own cwd
     if cmd in ("migrate", "migrate_live"):
@@ -173,7 +175,7 @@ def human(n: int) -> str:
     return f"{n} B"
 
 
-def format_status(reply: dict) -> str:
+def format_status(reply: dict[str, Any]) -> str:
     """One `key: value` line per field that has a value; sizes in human units."""
     lines = []
     for k, v in reply.items():

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 from .. import __version__
 from ..boot.common import BootError
@@ -28,7 +30,7 @@ DEFAULT_MEMORY = "512M"
 GIL_SWITCH_S = 0.0002
 
 
-def _console_spec(args: object) -> str:
+def _console_spec(args: argparse.Namespace) -> str:
     spec = getattr(args, "console", None)
     lpc = getattr(args, "lpc", None)
     if lpc:
@@ -39,7 +41,7 @@ def _console_spec(args: object) -> str:
     return spec or "stdio"
 
 
-def _bindings(a: object) -> dict[str, str]:
+def _bindings(a: argparse.Namespace) -> dict[str, str]:
     """--bind ID=SPEC, with --console / -l as the shorthand for com1."""
     from ..description import CONSOLE_ID, parse_bindings
 
@@ -104,7 +106,7 @@ def build_parser() -> Parser:
     return p
 
 
-def cmd_run(args: object) -> int:
+def cmd_run(args: argparse.Namespace) -> int:
     a = args
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -140,7 +142,7 @@ def cmd_run(args: object) -> int:
     return serve(vm)
 
 
-def _no_config_flags(a: object, mode: str, why: str) -> None:
+def _no_config_flags(a: argparse.Namespace, mode: str, why: str) -> None:
     """Guest configuration comes from the snapshot or the source, never the command line."""
     given = [flag for flag, v in (("--kernel", a.kernel), ("--initrd", a.initrd),
                                   ("--cmdline", a.cmdline), ("--cpuid-clear", a.cpuid_clear))
@@ -149,7 +151,7 @@ def _no_config_flags(a: object, mode: str, why: str) -> None:
         fail(PROG, f"{', '.join(given)} cannot be combined with {mode}: {why}")
 
 
-def cmd_restore(a: object) -> int:
+def cmd_restore(a: argparse.Namespace) -> int:
     """pyhyve run NAME -r FILE: the guest's config comes from the snapshot; host
     resources (the console) come only from the command line, never from the file."""
     from ..cli.progress import bar
@@ -187,7 +189,7 @@ def cmd_restore(a: object) -> int:
         f"to running {(time.perf_counter() - t0) * 1e3:.1f} ms"))
 
 
-def cmd_receive(a: object) -> int:
+def cmd_receive(a: argparse.Namespace) -> int:
     """pyhyve run NAME -R HOST,PORT: the destination of a migration (bhyve's -R)."""
     from ..migration import DEFAULT_PORT
     from ..migration.dest import ReceiveError, ReceiveOptions, Receiver
@@ -239,7 +241,7 @@ def cmd_receive(a: object) -> int:
         f"({(time.perf_counter() - t0):.1f} s waited in all)"))
 
 
-def cmd_certs(a: object) -> int:
+def cmd_certs(a: argparse.Namespace) -> int:
     from ..migration.security import SecurityError, make_certs
 
     try:
@@ -250,7 +252,7 @@ def cmd_certs(a: object) -> int:
     return 0
 
 
-def cmd_snapshot(a: object) -> int:
+def cmd_snapshot(a: argparse.Namespace) -> int:
     from ..snapshot.files import clean, resolve_base
     from ..snapshot.format import SnapshotError
     from ..snapshot.info import describe
@@ -282,7 +284,7 @@ def cmd_snapshot(a: object) -> int:
         fail(PROG, str(e))
 
 
-def info(base: str, as_json: bool, describe: Callable[[dict, dict[str, str]], str]) -> int:
+def info(base: str, as_json: bool, describe: Callable[[dict[str, Any], dict[str, str]], str]) -> int:
     """Print what is readable; mark corrupt state sections instead of printing nothing."""
     from ..snapshot.files import generation_files, meta_path
     from ..snapshot.format import SnapshotError, checksum, read_meta, sections

@@ -6,6 +6,7 @@ import contextlib
 import os
 import socket
 import time
+from typing import Any
 
 from ..errors import ControlFailed
 from ..unixsock import MAX_PATH
@@ -60,7 +61,7 @@ class ControlClient:
             raise ClientError(f"VM '{self.name}' is too busy to accept a control connection")
         time.sleep(0.02)
 
-    def call(self, cmd: str, **args: object) -> dict:
+    def call(self, cmd: str, **args: object) -> dict[str, Any]:
         while True:
             try:
                 # a busy VMM answers and hangs up before reading: read its reply anyway

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from typing import Any
 
 from .. import untrusted
 from ..errors import ControlFailed
@@ -20,11 +21,11 @@ class ProtocolError(ControlFailed, ValueError):
     pass
 
 
-def send(sock: socket.socket, obj: dict) -> None:
+def send(sock: socket.socket, obj: dict[str, Any]) -> None:
     sock.sendall(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
 
 
-def recv(sock: socket.socket, buf: bytearray, deadline: float | None = None) -> dict | None:
+def recv(sock: socket.socket, buf: bytearray, deadline: float | None = None) -> dict[str, Any] | None:
     """Next message from `sock` (None at EOF); `buf` carries bytes between calls. With a
     `deadline` (time.monotonic()), the whole message must arrive by then: a byte now and
     then does not keep a connection alive (TimeoutError)."""

@@ -10,13 +10,14 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from typing import Any
 
 from .. import unixsock
 from ..errors import ControlFailed, PyhyveError
 from . import socket_path
 from .protocol import ProtocolError, recv, send
 
-Handler = Callable[[dict], dict]
+Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 class ControlError(ControlFailed, RuntimeError):
@@ -116,7 +117,7 @@ class ControlServer:
                         self.inflight -= 1
                         self.cond.notify_all()
 
-    def dispatch(self, msg: dict) -> dict:
+    def dispatch(self, msg: dict[str, Any]) -> dict[str, Any]:
         cmd = msg.get("cmd")
         handler = self.handlers.get(cmd) if isinstance(cmd, str) else None
         if handler is None:

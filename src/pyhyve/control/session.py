@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import asdict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..snapshot.format import SnapshotError
 from ..vm import EXIT_DESTROYED, VirtualMachine, VmError
@@ -46,7 +46,7 @@ class Session:
         # interval set in serve() keeps the vCPUs' exits from waiting on it)
         threading.Thread(target=_warm_imports, daemon=True).start()
 
-    def status(self, _msg: dict) -> dict:
+    def status(self, _msg: dict[str, Any]) -> dict[str, Any]:
         return self.vm.status()
 
     def _no_migration(self) -> None:
@@ -54,19 +54,19 @@ class Session:
         if self.migration is not None and not self.migration.done.is_set():
             raise VmError("a migration is in progress (use --migrate-cancel first)")
 
-    def pause(self, _msg: dict) -> dict:
+    def pause(self, _msg: dict[str, Any]) -> dict[str, Any]:
         with self.lock:
             self._no_migration()
             self.vm.pause()
         return {"state": self.vm.state}
 
-    def resume(self, _msg: dict) -> dict:
+    def resume(self, _msg: dict[str, Any]) -> dict[str, Any]:
         with self.lock:
             self._no_migration()
             self.vm.resume()
         return {"state": self.vm.state}
 
-    def _save(self, msg: dict, kind: str) -> dict:
+    def _save(self, msg: dict[str, Any], kind: str) -> dict[str, Any]:
         from ..cli.progress import bar
         from ..snapshot.save import save
 
@@ -84,15 +84,15 @@ class Session:
         return {"line": stats.line(), "downtime": stats.downtime, "seconds": stats.seconds,
                 "written_bytes": stats.written_bytes, "zero_pages": stats.zero_pages}
 
-    def suspend(self, msg: dict) -> dict:
+    def suspend(self, msg: dict[str, Any]) -> dict[str, Any]:
         """Save, then end the VM (bhyvectl --suspend)."""
         return self._save(msg, "suspend")
 
-    def checkpoint(self, msg: dict) -> dict:
+    def checkpoint(self, msg: dict[str, Any]) -> dict[str, Any]:
         """Save; the guest keeps running."""
         return self._save(msg, "checkpoint")
 
-    def migrate(self, msg: dict) -> dict:
+    def migrate(self, msg: dict[str, Any]) -> dict[str, Any]:
         """Run a migration to msg["target"]; the reply comes when it has ended."""
         from ..migration import DEFAULT_PORT
         from ..migration.source import Migration, MigrationError, Options, parse_target
@@ -129,13 +129,13 @@ class Session:
         out["line"] = stats.line()
         return out
 
-    def migrate_status(self, _msg: dict) -> dict:
+    def migrate_status(self, _msg: dict[str, Any]) -> dict[str, Any]:
         mig = self.migration
         if mig is None:
             return {"state": "none", "line": "no migration has run"}
         return {**asdict(mig.stats), "line": mig.status_line()}
 
-    def migrate_cancel(self, _msg: dict) -> dict:
+    def migrate_cancel(self, _msg: dict[str, Any]) -> dict[str, Any]:
         mig = self.migration
         if mig is None or mig.done.is_set():
             raise VmError("no migration is running")
@@ -143,7 +143,7 @@ class Session:
         mig.done.wait(30)
         return {"state": mig.stats.state}
 
-    def destroy(self, _msg: dict) -> dict:
+    def destroy(self, _msg: dict[str, Any]) -> dict[str, Any]:
         self.vm.stop("destroyed by pyhyvectl", EXIT_DESTROYED)
         return {"state": "stopped", "pid": os.getpid()}
 

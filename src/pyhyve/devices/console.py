@@ -13,6 +13,7 @@ import threading
 import tty
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from .. import unixsock
 from ..errors import BootFailed
@@ -93,7 +94,7 @@ class StdioConsole(Console):
         super().__init__()
         self.out_fd = sys.stdout.fileno()
         self.read_stdin = read_stdin
-        self._tty: tuple[int, list] | None = None
+        self._tty: tuple[int, list[Any]] | None = None
         self._escaped = False
         self._wake_r, self._wake_w = os.pipe()  # close() ends the stdin reader through it
 

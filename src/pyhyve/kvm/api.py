@@ -10,6 +10,8 @@ import ctypes as C
 import errno
 import mmap
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 from ..errors import PyhyveError
 from . import ioctls as I
@@ -31,13 +33,14 @@ class KvmError(PyhyveError, OSError):
 
 def ioctl(fd: int, request: int, arg: object = None) -> int:
     """ioctl with an int, a ctypes object (passed by reference) or nothing."""
+    ptr: C.c_void_p | int | None
     if arg is None:
         ptr = None
     elif isinstance(arg, int):
         ptr = C.c_void_p(arg)
     else:
         ptr = C.addressof(arg)  # type: ignore[arg-type]
-    ret = _ioctl(fd, request, ptr)
+    ret: int = _ioctl(fd, request, ptr)
     if ret < 0:
         raise KvmError(request, C.get_errno())
     return ret
@@ -164,16 +167,19 @@ class Vm:
             self.fd = -1
 
 
-def _getter(request: int, cls: type) -> object:
-    def get(self: Vcpu) -> object:
+StructT = TypeVar("StructT", bound=C.Structure)
+
+
+def _getter(request: int, cls: type[StructT]) -> Callable[[Vcpu], StructT]:
+    def get(self: Vcpu) -> StructT:
         st = cls()
         ioctl(self.fd, request, st)
         return st
     return get
 
 
-def _setter(request: int) -> object:
-    def set_(self: Vcpu, st: object) -> None:
+def _setter(request: int) -> Callable[[Vcpu, C.Structure], None]:
+    def set_(self: Vcpu, st: C.Structure) -> None:
         ioctl(self.fd, request, st)
     return set_
 

@@ -84,7 +84,8 @@ def cpuid_to_list(table: list[KvmCpuidEntry2]) -> list[list[int]]:
 def cpuid_from_list(rows: list[list[int]]) -> list[KvmCpuidEntry2]:
     out = []
     for r in rows:
-        if len(r) != 7 or not all(isinstance(x, int) and 0 <= x < 2**32 for x in r):
+        if not isinstance(r, list) or len(r) != 7 or \
+                not all(isinstance(x, int) and 0 <= x < 2**32 for x in r):
             raise CpuidError("malformed CPUID entry")
         e = KvmCpuidEntry2()
         e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx = r

@@ -110,9 +110,11 @@ class DirtyConsumer:
         self.tracker._stop(self)
 
 
-def runs_of(mask: np.ndarray) -> list[tuple[int, int]]:
-    """(first page, count) for each run of True in `mask`."""
+def runs_of(mask: np.ndarray, base: int = 0) -> list[tuple[int, int]]:
+    """(base + first page, count) for each run of True in `mask`."""
+    if len(mask) == 0:
+        return []
     edges = np.diff(np.concatenate(([False], mask, [False])).astype(np.int8))
     starts = np.nonzero(edges == 1)[0]
     ends = np.nonzero(edges == -1)[0]
-    return [(int(s), int(e - s)) for s, e in zip(starts, ends, strict=True)]
+    return [(base + int(s), int(e - s)) for s, e in zip(starts, ends, strict=True)]

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     import numpy as np
@@ -31,6 +31,14 @@ _libc.mmap.argtypes = [C.c_void_p, C.c_size_t, C.c_int, C.c_int, C.c_int, C.c_lo
 _libc.mremap.restype = C.c_void_p
 _libc.mremap.argtypes = [C.c_void_p, C.c_size_t, C.c_size_t, C.c_int, C.c_void_p]
 _libc.munmap.argtypes = [C.c_void_p, C.c_size_t]
+
+
+class MemoryGuard(Protocol):
+    """Watches the file a private mapping reads (snapshot/lease.py)."""
+
+    def stop(self) -> None: ...
+
+    def dependency(self) -> dict[str, object]: ...
 
 
 @dataclass(frozen=True)
@@ -103,7 +111,7 @@ class GuestMemory:
         # a private mapping of a snapshot file: which parts are anonymous instead (zero
         # runs, never read from the file) and the guard that keeps the rest safe
         self.anonymous: list[tuple[int, int]] = []
-        self.guard: object | None = None
+        self.guard: MemoryGuard | None = None
         # told of the VMM's own writes (first file page, count): the dirty tracker
         self.on_write: Callable[[int, int], None] | None = None
 
@@ -169,8 +177,8 @@ class GuestMemory:
         for r in self.regions:
             base = r.layout.file_offset
             if base <= off and off + length <= base + r.size:
-                return _libc.madvise(C.c_void_p(r.host_addr + off - base), C.c_size_t(length),
-                                     self.MADV_POPULATE_WRITE) == 0
+                return bool(_libc.madvise(C.c_void_p(r.host_addr + off - base),
+                                          C.c_size_t(length), self.MADV_POPULATE_WRITE) == 0)
         return False
 
     def map_anonymous(self, spans: list[tuple[int, int]]) -> None:
@@ -255,7 +263,7 @@ class GuestMemory:
     def close(self) -> None:
         guard, self.guard = self.guard, None
         if guard is not None:
-            guard.stop()  # type: ignore[attr-defined]  # its thread touches our mappings
+            guard.stop()  # its thread touches our mappings
         for r in self.regions:
             r.__dict__.pop("array", None)
             with contextlib.suppress(BufferError):  # a numpy view still alive elsewhere

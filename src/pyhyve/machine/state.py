@@ -9,7 +9,7 @@ from __future__ import annotations
 import ctypes as C
 import errno
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 from ..kvm import KvmError, Vcpu, Vm
 from ..kvm import structs as S
@@ -50,7 +50,10 @@ def _raw(obj: C.Structure) -> bytes:
     return bytes(memoryview(obj).cast("B"))
 
 
-def _into(cls: type, raw: bytes) -> C.Structure:
+StructT = TypeVar("StructT", bound=C.Structure)
+
+
+def _into(cls: type[StructT], raw: bytes) -> StructT:
     if len(raw) != C.sizeof(cls):
         raise ValueError(f"{cls.__name__}: {len(raw)} bytes, expected {C.sizeof(cls)}")
     return cls.from_buffer_copy(raw)
@@ -135,3 +138,20 @@ def apply_clock(vm: Vm, clock: int, vcpus: list[Vcpu]) -> None:
         except KvmError as e:
             if e.errno != errno.EINVAL:  # EINVAL: the guest has not enabled kvmclock
                 raise
+
+
+LAPIC_LVT0, LAPIC_LVT1 = 0x350, 0x360
+APIC_MODE_EXTINT, APIC_MODE_NMI = 0x700, 0x400
+
+
+def wire_lapic(v: Vcpu) -> None:
+    """LINT0 = ExtINT, LINT1 = NMI: the PC wiring a PIC-mode guest (no MP table) needs.
+    A restored vCPU's LAPIC state replaces this."""
+    st = v.get_lapic()
+    regs = bytearray(st.regs)
+    for off, mode in ((LAPIC_LVT0, APIC_MODE_EXTINT), (LAPIC_LVT1, APIC_MODE_NMI)):
+        val = int.from_bytes(regs[off:off + 4], "little")
+        val = (val & ~0x700 & ~0x10000) | mode
+        regs[off:off + 4] = val.to_bytes(4, "little")
+    st.regs = bytes(regs)
+    v.set_lapic(st)

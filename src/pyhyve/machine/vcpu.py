@@ -13,12 +13,14 @@ import ctypes as C
 import errno
 import signal
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..kvm import Vcpu
 from ..kvm import ioctls as I
 from ..kvm.api import run_ioctl
+from ..kvm.structs import KvmRun
 
 if TYPE_CHECKING:
     from ..devices.base import Bus
@@ -83,44 +85,51 @@ class VcpuThread:
             if ret < 0:
                 if ret in (-errno.EINTR, -errno.EAGAIN):
                     continue
-                if ret == -errno.EFAULT:  # e.g. a mapped file shrank under the guest
-                    ctl.stop(f"vcpu{vcpu.index}: guest memory became unreadable (EFAULT); "
-                             "the guest was stopped rather than run on missing memory", 1)
-                    return
-                raise OSError(-ret, f"KVM_RUN failed: {errno.errorcode.get(-ret, -ret)}")
+                self._run_failed(ret)
+                return
             self.exits += 1
             reason = run.exit_reason
-            if reason == I.KVM_EXIT_IO:
+            if reason == I.KVM_EXIT_IO:  # the hot exits, handled inline
                 self._io(run)
             elif reason == I.KVM_EXIT_MMIO:
                 self._mmio(run)
-            elif reason == I.KVM_EXIT_INTR:
-                continue
-            elif reason == I.KVM_EXIT_HLT:
-                ctl.stop(f"vcpu{vcpu.index} halted with no interrupt controller", 0)
-            elif reason == I.KVM_EXIT_SHUTDOWN:
-                ctl.stop(f"guest shut down (triple fault) on vcpu{vcpu.index} "
-                         f"at rip={vcpu.get_regs().rip:#x}", 1)
-            elif reason == I.KVM_EXIT_SYSTEM_EVENT:
-                kind = run.u.system_event.type
-                if kind == I.KVM_SYSTEM_EVENT_RESET:
-                    ctl.stop("guest requested a reset", 0, reset=True)
-                elif kind == I.KVM_SYSTEM_EVENT_SHUTDOWN:
-                    ctl.stop("guest powered off", 0)
-                else:
-                    ctl.stop(f"guest system event {kind} on vcpu{vcpu.index}", 1)
-            elif reason == I.KVM_EXIT_INTERNAL_ERROR:
-                self._internal_error(run)
-            elif reason == I.KVM_EXIT_FAIL_ENTRY:
-                ctl.stop(f"vcpu{vcpu.index}: VM entry failed, hardware reason "
-                         f"{run.u.fail_entry.hardware_entry_failure_reason:#x}", 1)
-            else:
-                name = I.EXIT_NAMES.get(reason, str(reason))
-                ctl.stop(f"vcpu{vcpu.index}: unhandled exit {name} at "
-                         f"rip={vcpu.get_regs().rip:#x}", 1)
+            elif reason != I.KVM_EXIT_INTR:
+                self._other_exit(run, reason)
 
-    def _io(self, run: object) -> None:
-        io = run.u.io  # type: ignore[attr-defined]
+    def _run_failed(self, ret: int) -> None:
+        if ret == -errno.EFAULT:  # e.g. a mapped file shrank under the guest
+            self.control.stop(f"vcpu{self.vcpu.index}: guest memory became unreadable (EFAULT); "
+                              "the guest was stopped rather than run on missing memory", 1)
+            return
+        raise OSError(-ret, f"KVM_RUN failed: {errno.errorcode.get(-ret, -ret)}")
+
+    def _other_exit(self, run: KvmRun, reason: int) -> None:
+        """Exits that end or report something: each stops the VM with its reason."""
+        ctl, n = self.control, self.vcpu.index
+        if reason == I.KVM_EXIT_HLT:
+            ctl.stop(f"vcpu{n} halted with no interrupt controller", 0)
+        elif reason == I.KVM_EXIT_SHUTDOWN:
+            ctl.stop(f"guest shut down (triple fault) on vcpu{n} "
+                     f"at rip={self.vcpu.get_regs().rip:#x}", 1)
+        elif reason == I.KVM_EXIT_SYSTEM_EVENT:
+            kind = run.u.system_event.type
+            if kind == I.KVM_SYSTEM_EVENT_RESET:
+                ctl.stop("guest requested a reset", 0, reset=True)
+            elif kind == I.KVM_SYSTEM_EVENT_SHUTDOWN:
+                ctl.stop("guest powered off", 0)
+            else:
+                ctl.stop(f"guest system event {kind} on vcpu{n}", 1)
+        elif reason == I.KVM_EXIT_INTERNAL_ERROR:
+            self._internal_error(run)
+        elif reason == I.KVM_EXIT_FAIL_ENTRY:
+            ctl.stop(f"vcpu{n}: VM entry failed, hardware reason "
+                     f"{run.u.fail_entry.hardware_entry_failure_reason:#x}", 1)
+        else:
+            name = I.EXIT_NAMES.get(reason, str(reason))
+            ctl.stop(f"vcpu{n}: unhandled exit {name} at rip={self.vcpu.get_regs().rip:#x}", 1)
+
+    def _io(self, run: KvmRun) -> None:
+        io = run.u.io
         size, port, count = io.size, io.port, io.count
         base = self.vcpu.run_addr + io.data_offset
         if io.direction == I.KVM_EXIT_IO_OUT:
@@ -135,8 +144,8 @@ class VcpuThread:
                            for _ in range(count))
             C.memmove(base, out, len(out))
 
-    def _mmio(self, run: object) -> None:
-        m = run.u.mmio  # type: ignore[attr-defined]
+    def _mmio(self, run: KvmRun) -> None:
+        m = run.u.mmio
         n = m.len
         if m.is_write:
             self.mmio.write(m.phys_addr, n, int.from_bytes(bytes(m.data[:n]), "little"))
@@ -144,8 +153,8 @@ class VcpuThread:
             v = self.mmio.read(m.phys_addr, n)
             m.data[:n] = list(v.to_bytes(n, "little"))
 
-    def _internal_error(self, run: object) -> None:
-        ie = run.u.internal  # type: ignore[attr-defined]
+    def _internal_error(self, run: KvmRun) -> None:
+        ie = run.u.internal
         regs = self.vcpu.get_regs()
         insn = self.instruction_bytes(regs.rip)
         if ie.suberror == I.KVM_INTERNAL_ERROR_EMULATION and insn[:1] == b"\xcc":
@@ -187,8 +196,27 @@ class VcpuControl:
         self.parked = 0
         self.alive = 0
         self.throttle = 0.0  # fraction of time vCPUs sit out (auto-converge)
+        self._ticker: threading.Thread | None = None
 
     THROTTLE_SLICE = 0.010  # seconds of running between throttle sleeps
+
+    def set_throttle(self, fraction: float, tick: Callable[[], bool]) -> None:
+        """Set the share of time vCPUs sit out; while it is above 0 a ticker calls `tick`
+        (which kicks running vCPUs) every slice, until `tick` returns False."""
+        with self.cond:
+            self.throttle = max(0.0, min(0.99, fraction))
+            self.cond.notify_all()
+            if self.throttle == 0 or self._ticker is not None:
+                return
+            self._ticker = ticker = threading.Thread(target=self._tick, args=(tick,),
+                                                     name="throttle", daemon=True)
+        ticker.start()
+
+    def _tick(self, tick: Callable[[], bool]) -> None:
+        while not self.stopping:
+            time.sleep(self.THROTTLE_SLICE)
+            if self.throttle > 0 and not tick():
+                return
 
     def throttle_sleep(self) -> None:
         """Sit out throttle/(1-throttle) slices; a pause or stop ends the sleep early."""

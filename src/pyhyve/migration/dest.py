@@ -12,20 +12,21 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
-import lz4.block
 import zstandard
 
-from ..description import CONSOLE_ID, DescriptionError, bind
+from ..description import CONSOLE_ID
 from ..devices.console import Console
-from ..errors import MigrationDestFailed
-from ..kvm import ioctls as I
-from ..machine.cpuid import CpuidError, cpuid_from_list
-from ..machine.memory import PAGE, ram_layout
+from ..errors import MigrationDestFailed, PyhyveError, RecordError
+from ..machine.memory import PAGE
 from ..machine.vcpu import install_kick_handler
-from ..snapshot.format import MAX_CPUS, MAX_MEMORY, SnapshotError
-from ..snapshot.restore import check_host, decode_state, recorded_description
-from ..vm import VirtualMachine, VmConfig, VmError, host_memory_bytes
+from ..pipeline.build import HostFacts, apply_state, build_vm, check_host
+from ..pipeline.pages import decode_runs
+from ..pipeline.record import MAX_CPUS, MachineSpec
+from ..pipeline.sections import check_device_list
+from ..vm import VirtualMachine
+from .encoding import COMPRESSIONS, decode
 from .listen import HANDSHAKE_TIMEOUT, Listener, listen_address
 from .protocol import MAX_PAGES_PER_FRAME, MEM_HEADER, PROTOCOL_VERSION, Channel, Enc, Frame, ProtocolError, T
 
@@ -37,8 +38,7 @@ class ReceiveError(MigrationDestFailed, RuntimeError):
 
 
 # what ends one attempt but not the wait: the peer, the stream or this host said no
-RETRYABLE = (ConnectionError, ReceiveError, SnapshotError, CpuidError, VmError, ValueError,
-             OSError)
+RETRYABLE = (ConnectionError, PyhyveError, ValueError, OSError)
 
 
 @dataclass
@@ -51,63 +51,20 @@ class ReceiveOptions:
     receive_timeout: float = 600.0  # wait this long in all for a migration to arrive
 
 
-def _need(cond: bool, what: str) -> None:
-    if not cond:
-        raise ProtocolError(f"bad HELLO: {what}")
-
-
-def config_from_hello(hello: dict, name: str, bindings: dict[str, str],
-                      reuse_paths: bool = False) -> VmConfig:
-    """Validate the source's description of the VM; nothing in it is trusted unchecked."""
-    _need(hello.get("protocol") == PROTOCOL_VERSION,
-          f"protocol version {hello.get('protocol')!r}, this pyhyve speaks {PROTOCOL_VERSION}")
-    vm = hello.get("vm")
-    _need(isinstance(vm, dict), "no VM config")
-    mem, cpus = vm.get("memory"), vm.get("cpus")
-    _need(isinstance(mem, int) and 0 < mem <= MAX_MEMORY and mem % PAGE == 0, "memory size")
-    _need(isinstance(cpus, int) and 1 <= cpus <= MAX_CPUS, "vCPU count")
-    for k in ("cmdline", "name"):
-        _need(isinstance(vm.get(k), str), k)
-    hidden = vm.get("cpuid_hidden")
-    _need(isinstance(hidden, list) and all(isinstance(h, str) for h in hidden), "cpuid_hidden")
-    m = hello.get("memory")
-    want = [{"guest_phys_addr": r.guest_phys_addr, "size": r.size, "file_offset": r.file_offset}
-            for r in ram_layout(mem)]
-    _need(isinstance(m, dict) and m.get("size") == mem and m.get("regions") == want,
-          "memory layout")
-    _need(hello.get("compress") in ("auto", "none", "zstd", "lz4"), "compression")
-    _need(isinstance(hello.get("cpuid"), list) and len(hello["cpuid"]) <= 4096, "cpuid")
-    host = hello.get("host")
-    _need(isinstance(host, dict) and isinstance(host.get("tsc_khz"), int), "host facts")
-    try:  # the machine the source describes, with backends bound here, by our rules
-        machine = bind(recorded_description(hello), bindings, reuse_paths)
-    except DescriptionError as e:
-        raise ProtocolError(f"bad HELLO: {e}") from None
-    com1 = machine.device(CONSOLE_ID)
-    return VmConfig(name=name, memory=mem, cpus=cpus, kernel=vm.get("kernel") if isinstance(
-        vm.get("kernel"), str) else None, cmdline=vm["cmdline"],
-        console=com1.backend if com1 and com1.backend else "null",
-        cpuid_hidden=tuple(hidden), description=machine)
-
-
-def probe_host() -> tuple[list, int, bool]:
-    """What compatibility checks need of this host: KVM's CPUID, TSC kHz, TSC scaling."""
-    from ..vm import open_kvm
-
-    kvm = open_kvm()
+def spec_from_hello(hello: dict[str, Any], name: str, bindings: dict[str, str],
+                    reuse_paths: bool = False) -> MachineSpec:
+    """The source's description of the VM, checked like a snapshot's (nothing in it is
+    trusted unchecked), with backends bound here by our rules."""
+    if hello.get("protocol") != PROTOCOL_VERSION:
+        raise ProtocolError(f"bad HELLO: protocol version {hello.get('protocol')!r}, this "
+                            f"pyhyve speaks {PROTOCOL_VERSION}")
     try:
-        vm = kvm.create_vm()
-        try:
-            vcpu = vm.create_vcpu(0)
-            try:
-                return (kvm.supported_cpuid(), vcpu.get_tsc_khz(),
-                        bool(kvm.check_extension(I.KVM_CAP_TSC_CONTROL)))
-            finally:
-                vcpu.close()
-        finally:
-            vm.close()
-    finally:
-        kvm.close()
+        spec = MachineSpec.from_record(hello, name, bindings, reuse_paths)
+    except RecordError as e:
+        raise ProtocolError(f"bad HELLO: {e}") from None
+    if hello.get("compress") not in COMPRESSIONS:
+        raise ProtocolError("bad HELLO: compression")
+    return spec
 
 
 class Receiver:
@@ -122,7 +79,7 @@ class Receiver:
         install_kick_handler()  # the VM may be built on another thread
         self.vm: VirtualMachine | None = None
         self.ch: Channel | None = None
-        self.host_facts = probe_host()  # before listening: no such work once a peer waits
+        self.host_facts = HostFacts.probe()  # before listening: no such work once a peer waits
         sock = listen_address(host, port)
         self.port = sock.getsockname()[1]
         self.listener = Listener(sock, key, opts.tls_dir, say)
@@ -187,35 +144,41 @@ class Receiver:
         self.done = False
 
     def _receive(self, ch: Channel) -> VirtualMachine:
+        spec, paused = self._handshake(ch)
+        # ACCEPT first, then build the VM while the source starts sending (its frames wait
+        # in the socket); a failure from here on is an ERROR, and the source resumes.
+        ch.send_json(T.ACCEPT, {})
+        self.t_first = time.perf_counter()
+        self.vm = vm = build_vm(spec, self.console, host=self.host_facts)
+        blobs, devices = self._stream(ch, vm)
+        apply_state(vm, blobs, devices)
+        self._stop_prefault()
+        vm.start(paused=paused)  # the source guest was paused: so is ours
+        ch.send_json(T.RUNNING, {})
+        self.vm = None  # the caller owns it now
+        return vm
+
+    def _handshake(self, ch: Channel) -> tuple[MachineSpec, bool]:
+        """HELLO and every check on it, before ACCEPT: nothing of the guest moves unless it
+        can run here. A refusal is sent to the source with its reason."""
         # a real source sends HELLO at once: an (--insecure) peer that does not gets the
         # handshake's deadline, not the 60 s a running migration may need
         ch.sock.settimeout(HANDSHAKE_TIMEOUT)
         hello = ch.recv(T.HELLO).json()
         ch.sock.settimeout(self.opts.io_timeout)
-        try:  # every check before ACCEPT: nothing of the guest moves unless it can run here
+        try:
             binds = dict(self.opts.bindings)
             if self.opts.console is not None:
                 binds.setdefault(CONSOLE_ID, self.opts.console)  # --console is com1's --bind
-            config = config_from_hello(hello, self.name, binds, self.opts.reuse_paths)
-            host = host_memory_bytes()
-            if host and config.memory > host:
-                raise ReceiveError(f"the guest needs {config.memory >> 20} MiB; this host has "
-                                   f"{host >> 20} MiB")
-            cpuid = cpuid_from_list(hello["cpuid"])
-            supported, tsc_khz, tsc_control = self.host_facts
-            scale = check_host(hello["cpuid"], hello["host"]["tsc_khz"], supported, tsc_khz,
-                               tsc_control)
-        except (ProtocolError, ReceiveError, SnapshotError, CpuidError) as e:
+            spec = spec_from_hello(hello, self.name, binds, self.opts.reuse_paths)
+            check_host(spec, self.host_facts)
+        except (ProtocolError, RecordError) as e:
             ch.send_json(T.REFUSE, {"reason": str(e)})
             raise ReceiveError(f"refused the migration: {e}") from None
-        paused = hello.get("paused") is True  # the source guest was paused: so is ours
-        # ACCEPT first, then build the VM while the source starts sending (its frames wait
-        # in the socket); a failure from here on is an ERROR, and the source resumes.
-        ch.send_json(T.ACCEPT, {})
-        self.t_first = time.perf_counter()
-        self.vm = vm = VirtualMachine(config, self.console, cpuid=cpuid)
-        if scale:
-            vm.set_tsc_khz(hello["host"]["tsc_khz"])
+        return spec, hello.get("paused") is True
+
+    def _stream(self, ch: Channel, vm: VirtualMachine) -> tuple[dict[str, bytes], list[Any]]:
+        """Memory frames into guest RAM, state sections kept, until COMPLETE."""
         total_pages = vm.memory.size // PAGE
         ch.mem_sink = lambda first, count, enc, n: self._sink(first, count, enc, n, total_pages)
         blobs: dict[str, bytes] = {}
@@ -236,22 +199,13 @@ class Receiver:
                     raise ProtocolError(f"unexpected state section '{name}'")
                 blobs[name] = blob
             else:
-                devices = f.json().get("devices")
-                if not isinstance(devices, list) or not all(
-                        isinstance(d, dict) and isinstance(d.get("name"), str)
-                        and isinstance(d.get("kind"), str) for d in devices):
-                    raise ProtocolError("malformed COMPLETE frame")
-                state = decode_state(blobs, config.cpus, devices, vm.device_classes())
-                vm.apply(state)  # type: ignore[arg-type]
-                self._stop_prefault()
-                vm.start(paused=paused)
-                ch.send_json(T.RUNNING, {})
-                self.vm = None  # the caller owns it now
-                return vm
+                try:
+                    return blobs, check_device_list(f.json().get("devices"))
+                except RecordError:
+                    raise ProtocolError("malformed COMPLETE frame") from None
 
     def _prefault(self, raw: bytes, total_pages: int) -> None:
         """Fault in the announced pages on another thread, ahead of their data."""
-        from ..snapshot.memfile import decode_runs
         try:
             runs = decode_runs(raw, total_pages)
         except ValueError:
@@ -296,26 +250,7 @@ class Receiver:
         if not 0 < count <= MAX_PAGES_PER_FRAME or first + count > total_pages:
             raise ProtocolError("MEM frame outside guest memory")
         size = count * PAGE
-        if enc == Enc.RAW:
-            data = body
-        elif enc == Enc.ZSTD:
-            try:
-                data = memoryview(zd.decompress(body, max_output_size=size))
-            except zstandard.ZstdError:
-                raise ProtocolError("corrupt zstd data in MEM frame") from None
-        elif enc == Enc.LZ4:
-            try:
-                data = memoryview(lz4.block.decompress(body, uncompressed_size=size))
-            except (lz4.block.LZ4BlockError, ValueError):
-                raise ProtocolError("corrupt lz4 data in MEM frame") from None
-        elif enc == Enc.ZERO:
-            if len(body):
-                raise ProtocolError("ZERO MEM frame carries data")
-            data = None
-        else:
-            raise ProtocolError(f"unknown MEM encoding {enc}")
-        if data is not None and len(data) != size:
-            raise ProtocolError("MEM frame length does not match its page count")
+        data = decode(enc, body, size, zd)
         mem = self.vm.memory  # type: ignore[union-attr]
         start = first * PAGE
         for off, n in mem.pieces(start, start + size, size):

@@ -14,6 +14,7 @@ import errno
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 from .protocol import Channel
 from .security import accept_peer, tls_context
@@ -39,7 +40,7 @@ def listen_address(host: str, port: int) -> socket.socket:
 
 class Listener:
     def __init__(self, sock: socket.socket, key: bytes | None, tls_dir: str | None,
-                 say: callable) -> None:  # type: ignore[valid-type]
+                 say: Callable[[str], None]) -> None:
         self.sock, self.key, self.tls_dir, self.say = sock, key, tls_dir, say
         self.cond = threading.Condition()
         self.ready: list[tuple[Channel, str]] = []

@@ -18,6 +18,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 import blake3
 
@@ -76,7 +77,7 @@ class Frame:
     payload: bytes | memoryview
     direct: bool = False  # MEM data already written into guest memory
 
-    def json(self, max_depth: int = 4) -> dict:
+    def json(self, max_depth: int = 4) -> dict[str, Any]:
         """The payload as a JSON object; deep nesting, huge numbers and bad bytes are a
         ProtocolError (before authentication callers allow only flat objects: depth 1)."""
         try:
@@ -107,7 +108,8 @@ class Channel:
     def enable_mac(self, key: bytes) -> None:
         self.key = key
 
-    def _mac(self, direction: bytes, seq: int, header: bytes, parts: list) -> bytes:
+    def _mac(self, direction: bytes, seq: int, header: bytes, parts: list[Any]) -> bytes:
+        assert self.key is not None
         m = blake3.blake3(direction + seq.to_bytes(8, "little") + header, key=self.key)
         for p in parts:
             m.update(p)
@@ -131,7 +133,7 @@ class Channel:
             raise ProtocolError(f"connection lost: {e.strerror or e}") from None
         self.bytes_sent += length + HEADER.size
 
-    def send_json(self, ftype: T, obj: dict) -> None:
+    def send_json(self, ftype: T, obj: dict[str, Any]) -> None:
         self.send(ftype, json.dumps(obj, separators=(",", ":")).encode())
 
     def _read_exact(self, n: int, into: bytearray | memoryview | None = None) -> memoryview:
@@ -169,15 +171,15 @@ class Channel:
             rest = length - MEM_HEADER.size
             dest = self.mem_sink(first, count, enc, rest) if self.mem_sink else None
             if dest is not None and len(dest) == rest:
-                self._read_exact(rest, dest)  # type: ignore[arg-type]
+                self._read_exact(rest, dest)
                 payload: bytes | memoryview = head
-                parts = [head, dest]
+                parts: list[bytes | memoryview] = [head, dest]
                 direct = True
             else:
                 if self._big is None:  # 8 MiB: only touched when a frame needs it
                     self._big = bytearray(LIMITS[T.MEM])
                 self._big[:MEM_HEADER.size] = head
-                self._read_exact(rest, memoryview(self._big)[MEM_HEADER.size:])  # type: ignore[arg-type]
+                self._read_exact(rest, memoryview(self._big)[MEM_HEADER.size:])
                 payload = memoryview(self._big)[:length]
                 parts = [payload]
         else:

@@ -16,15 +16,15 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from ..errors import MigrationSourceFailed
 from ..machine.dirty import DirtyConsumer, runs_of
 from ..machine.memory import PAGE
-from ..snapshot.memfile import guest_runs
-from ..snapshot.save import host_facts, state_sections
+from ..pipeline.pages import chunks, encode_runs, guest_runs, page_flags
+from ..pipeline.record import machine_record
+from ..pipeline.sections import device_list, to_sections
+from .encoding import encoder
 from .protocol import MAX_PAGES_PER_FRAME, MEM_HEADER, PROTOCOL_VERSION, Channel, Enc, ProtocolError, T
 from .security import authenticate, tls_context
 
@@ -209,17 +209,9 @@ class Migration:
                                      "certificate?)") from None
         return Channel(sock, b"S", b"D")
 
-    def _hello(self) -> dict:
-        vm = self.vm
-        from ..machine.cpuid import cpuid_to_list
+    def _hello(self) -> dict[str, Any]:
         return {"protocol": PROTOCOL_VERSION, "live": self.opts.live,
-                "compress": self.opts.compress, "vm": vm.config.to_dict(),
-                "description": vm.description.to_dict(),
-                "cpuid": cpuid_to_list(vm.cpuid), "host": host_facts(vm),
-                "memory": {"size": vm.memory.size,
-                           "regions": [{"guest_phys_addr": r.gpa, "size": r.size,
-                                        "file_offset": r.layout.file_offset}
-                                       for r in vm.memory.regions]}}
+                "compress": self.opts.compress, **machine_record(self.vm)}
 
     def _run(self) -> None:
         vm, opts, st = self.vm, self.opts, self.stats
@@ -266,7 +258,6 @@ class Migration:
         """Tell the destination which pages are coming, so it can fault them in ahead of
         the data (first touch of fresh memory is the slowest step of receiving). Every page
         outside the runs is a zero page that is never sent."""
-        from ..snapshot.memfile import encode_runs
         self.stats.zero_pages += self.vm.memory.size // PAGE - sum(n for _, n in runs)
         raw = encode_runs(runs)
         if len(raw) <= 16 << 20:
@@ -284,7 +275,7 @@ class Migration:
         self.stats.phases_ms["probe dirty MB/s"] = rate / 1e6
         if rate > 2 * self.ASSUMED_BANDWIDTH:
             self.vm.set_throttle(min(THROTTLE_MAX, 1 - self.ASSUMED_BANDWIDTH / rate / 2))
-            self.stats.throttle = self.vm.control.throttle
+            self.stats.throttle = self.vm.throttle
 
     SMALL_SET = 64        # pages: a final set this small fits any downtime target
     RATE_MIN_PAGES = 256  # rounds that moved fewer pages say more about latency than rate
@@ -313,9 +304,9 @@ class Migration:
                 # what the guest dirtied while we sent the last round vs what fits the target
                 need = target * bw
                 if pages * PAGE > need:
-                    free = (1 - self.vm.control.throttle) * max(0.01, min(0.5, need / (pages * PAGE)))
+                    free = (1 - self.vm.throttle) * max(0.01, min(0.5, need / (pages * PAGE)))
                     self.vm.set_throttle(min(THROTTLE_MAX, 1 - free))
-                    st.throttle = max(st.throttle, self.vm.control.throttle)
+                    st.throttle = max(st.throttle, self.vm.throttle)
 
     def _fits(self, pages: int, target: float) -> bool:
         """Would sending `pages` now stay within the downtime target?"""
@@ -334,14 +325,10 @@ class Migration:
         t = time.perf_counter()
         st.phases_ms["pause+last pages"] = (t - self._t_pause) * 1e3
         state = vm.capture()
-        for name, blob in state_sections(state, []):
-            if name == "memory-runs":
-                continue
+        for name, blob in to_sections(state, None):
             raw = name.encode()
             ch.send(T.STATE, len(raw).to_bytes(2, "little"), raw, blob)
-        ch.send_json(T.COMPLETE, {"devices": [{"name": n, "kind": vm.devices[n].kind,
-                                               "version": d.VERSION}
-                                              for n, d in sorted(state.devices.items())]})
+        ch.send_json(T.COMPLETE, {"devices": device_list(vm, state)})
         st.state = "completing"
         t2 = time.perf_counter()
         st.phases_ms["capture+send state"] = (t2 - t) * 1e3
@@ -361,31 +348,29 @@ class Migration:
         assert ch is not None
         sent = 0
         t0 = time.perf_counter()
-        compress = self._compressor()
-        for page, count in runs:
-            for off, n in mem.pieces(page * PAGE, (page + count) * PAGE, MAX_PAGES_PER_FRAME * PAGE):
-                self._check_cancel()
-                data = mem.file_view(off, n)
-                nz = np.frombuffer(data, dtype=np.uint64).reshape(-1, PAGE // 8).any(axis=1)
-                first = off // PAGE
-                if nz.all():  # the common case: one frame, no zero-run bookkeeping
-                    data_runs, zero_runs = [(0, len(nz))], []
-                else:
-                    data_runs, zero_runs = runs_of(nz), runs_of(~nz)
-                for s, k in data_runs:
-                    chunk = data[s * PAGE:(s + k) * PAGE]
-                    enc, body = compress(chunk)
-                    if enc == Enc.RAW and ch.key is not None and self.vm.state == "running":
-                        body = bytes(body)  # the guest writes on: MAC exactly what is sent
-                    ch.send(T.MEM, MEM_HEADER.pack(first + s, k, enc), body)
-                    sent += k
-                    st.pages_sent += k
-                    st.bytes_sent = ch.bytes_sent
-                    self._limit(len(body))
-                for s, k in zero_runs:
-                    if round_no > 0:  # a page that became zero must be zeroed over there
-                        ch.send(T.MEM, MEM_HEADER.pack(first + s, k, Enc.ZERO))
-                    st.zero_pages += k
+        compress = encoder(self.opts.compress)
+        for off, data in chunks(mem, runs, MAX_PAGES_PER_FRAME * PAGE):
+            self._check_cancel()
+            nz = page_flags(data)
+            first = off // PAGE
+            if nz.all():  # the common case: one frame, no zero-run bookkeeping
+                data_runs, zero_runs = [(0, len(nz))], []
+            else:
+                data_runs, zero_runs = runs_of(nz), runs_of(~nz)
+            for s, k in data_runs:
+                chunk = data[s * PAGE:(s + k) * PAGE]
+                enc, body = compress(chunk)
+                if enc == Enc.RAW and ch.key is not None and self.vm.state == "running":
+                    body = bytes(body)  # the guest writes on: MAC exactly what is sent
+                ch.send(T.MEM, MEM_HEADER.pack(first + s, k, enc), body)
+                sent += k
+                st.pages_sent += k
+                st.bytes_sent = ch.bytes_sent
+                self._limit(len(body))
+            for s, k in zero_runs:
+                if round_no > 0:  # a page that became zero must be zeroed over there
+                    ch.send(T.MEM, MEM_HEADER.pack(first + s, k, Enc.ZERO))
+                st.zero_pages += k
         ch.send_json(T.ROUND, {"round": round_no, "pages": sent})
         st.rounds = round_no + 1
         dt = time.perf_counter() - t0
@@ -395,44 +380,6 @@ class Migration:
             rate = sent * PAGE / dt
             self._rate = rate if not self._rate else 0.5 * self._rate + 0.5 * rate
         st.bytes_sent = ch.bytes_sent
-
-    SAMPLE_PAGES = 4
-
-    def _compressor(self):  # type: ignore[no-untyped-def]
-        kind = self.opts.compress
-        if kind == "auto":
-            import zstandard
-            z = zstandard.ZstdCompressor(level=1)
-
-            def auto(chunk: memoryview) -> tuple[int, bytes | memoryview]:
-                """zstd-1 where a 4-page sample halves or better; raw elsewhere, so data
-                that does not compress costs a sample, not a pass."""
-                n = len(chunk) // PAGE
-                if n >= 2 * self.SAMPLE_PAGES:
-                    step = n // self.SAMPLE_PAGES
-                    sample = b"".join(chunk[i * step * PAGE:(i * step + 1) * PAGE]
-                                      for i in range(self.SAMPLE_PAGES))
-                    if len(z.compress(sample)) * 2 > len(sample):
-                        return Enc.RAW, chunk
-                c = z.compress(chunk)
-                return (Enc.ZSTD, c) if len(c) < len(chunk) else (Enc.RAW, chunk)
-            return auto
-        if kind == "zstd":
-            import zstandard
-            z = zstandard.ZstdCompressor(level=1)
-
-            def zstd(chunk: memoryview) -> tuple[int, bytes | memoryview]:
-                c = z.compress(chunk)
-                return (Enc.ZSTD, c) if len(c) < len(chunk) else (Enc.RAW, chunk)
-            return zstd
-        if kind == "lz4":
-            import lz4.block
-
-            def lz4c(chunk: memoryview) -> tuple[int, bytes | memoryview]:
-                c = lz4.block.compress(chunk, store_size=False)
-                return (Enc.LZ4, c) if len(c) < len(chunk) else (Enc.RAW, chunk)
-            return lz4c
-        return lambda chunk: (Enc.RAW, chunk)
 
     def _limit(self, nbytes: int) -> None:
         """Bandwidth cap: sleep so the average rate stays under opts.bandwidth."""

@@ -24,9 +24,11 @@ from typing import Any
 import xxhash
 
 from .. import untrusted
-from ..description import DescriptionError, VmDescription
-from ..machine.memory import PAGE, ram_layout
-from .errors import SnapshotError
+from ..errors import RecordError
+from ..machine.memory import PAGE
+from ..pipeline.record import validate_record
+from ..pipeline.sections import RUNS_SECTION
+from .errors import SnapshotError as SnapshotError
 from .files import MAX_GENERATION
 
 FORMAT = "pyhyve-snapshot"
@@ -36,8 +38,6 @@ KERN_MAGIC = b"PYHYVE-KERN\0"
 KERN_HEADER_SIZE = 16
 MAX_META_BYTES = 4 << 20
 MAX_SECTIONS = 1024
-MAX_MEMORY = 1 << 40
-MAX_CPUS = 64
 MAX_STATE_BYTES = 64 << 20  # FILE.kern is read whole: bound it before allocating
 
 
@@ -62,22 +62,8 @@ class Section:
     checksum: str
 
 
-def _need(cond: bool, what: str) -> None:
-    if not cond:
-        raise SnapshotError(f"metadata: {what}")
-
-
-def _int(d: dict, key: str, lo: int = 0, hi: int = 1 << 63) -> int:
-    v = d.get(key)
-    _need(isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi,
-          f"'{key}' is missing or out of range")
-    return v  # type: ignore[return-value]
-
-
-def _str(d: dict, key: str) -> str:
-    v = d.get(key)
-    _need(isinstance(v, str), f"'{key}' is missing or not a string")
-    return v  # type: ignore[return-value]
+F = untrusted.Fields(lambda what: SnapshotError(f"metadata: {what}"))
+_need, _int, _str = F.need, F.integer, F.text
 
 
 def read_meta(path: str) -> dict[str, Any]:
@@ -92,7 +78,8 @@ def read_meta(path: str) -> dict[str, Any]:
         meta = untrusted.loads(raw, max_depth=8)
     except untrusted.BadJson as e:
         raise SnapshotError(f"{path} is not valid metadata: {e} (truncated or corrupt)") from None
-    _need(isinstance(meta, dict), "not a JSON object")
+    if not isinstance(meta, dict):
+        raise SnapshotError(f"{path} is not a JSON object")
     if meta.get("format") != FORMAT:
         raise SnapshotError(f"{path} is not a pyhyve snapshot (format {meta.get('format')!r})")
     version = meta.get("format_version")
@@ -106,42 +93,41 @@ def read_meta(path: str) -> dict[str, Any]:
 
 
 def _validate(meta: dict[str, Any]) -> None:
-    if meta["format_version"] >= 2:
+    version = meta["format_version"]
+    if version >= 2:
         _int(meta, "generation", 1, MAX_GENERATION)
     else:
         _need("generation" not in meta, "a format-1 snapshot has no generation")
-    if meta["format_version"] >= 3:
-        try:
-            VmDescription.from_dict(meta.get("description"))
-        except DescriptionError as e:
-            raise SnapshotError(f"metadata: {e}") from None
-    vm = meta.get("vm")
-    _need(isinstance(vm, dict), "'vm' is missing")
-    size = _int(vm, "memory", PAGE, MAX_MEMORY)
-    _need(size % PAGE == 0, "memory size is not page-aligned")
-    cpus = _int(vm, "cpus", 1, MAX_CPUS)
-    _str(vm, "name")
-    _str(vm, "cmdline")
-    _str(vm, "console")
-    hidden = vm.get("cpuid_hidden")
-    _need(isinstance(hidden, list) and all(isinstance(x, str) for x in hidden), "bad cpuid_hidden")
-    mem = meta.get("memory")
-    _need(isinstance(mem, dict), "'memory' is missing")
-    _need(_int(mem, "size", PAGE, MAX_MEMORY) == size, "memory size disagrees with the VM config")
-    regions = mem.get("regions")
-    _need(isinstance(regions, list), "'memory.regions' is missing")
-    want = [{"guest_phys_addr": r.guest_phys_addr, "size": r.size, "file_offset": r.file_offset}
-            for r in ram_layout(size)]
-    _need(regions == want, "memory regions do not match the memory size")
-    _str(mem, "checksum")
-    _int(mem, "data_pages", 0, size // PAGE)
-    state = meta.get("state")
-    _need(isinstance(state, dict), "'state' is missing")
+    _need(version < 3 or "description" in meta, "'description' is missing")
+    try:  # the machine: the same checks a migration's HELLO gets
+        validate_record(meta)
+    except RecordError as e:
+        raise SnapshotError(f"metadata: {e}") from None
+    _str(meta["vm"], "console")
+    size = meta["vm"]["memory"]
+    _str(meta["memory"], "checksum")
+    _int(meta["memory"], "data_pages", 0, size // PAGE)
+    names = _validate_sections(meta)
+    cpus = meta["vm"]["cpus"]
+    for need in ["vm", RUNS_SECTION, *(f"vcpu{i}" for i in range(cpus))]:
+        _need(need in names, f"section '{need}' is missing")
+    _need(not any(n.startswith("vcpu") and n[4:].isdigit() and int(n[4:]) >= cpus for n in names),
+          "more vCPU sections than vCPUs")
+    for d in F.array(meta, "devices", MAX_SECTIONS):
+        _need(isinstance(d, dict), "bad device entry")
+        _need(f"dev:{_str(d, 'name')}" in names, f"device '{d.get('name')}' has no section")
+        _str(d, "kind")
+        _int(d, "version", 1, 1 << 16)
+
+
+def _validate_sections(meta: dict[str, Any]) -> set[str]:
+    """The state file's section table: bounded, inside the file, no name twice."""
+    state = F.obj(meta, "state")
     kern_size = _int(state, "size", KERN_HEADER_SIZE, MAX_STATE_BYTES)
-    sections = state.get("sections")
-    _need(isinstance(sections, list) and 0 < len(sections) <= MAX_SECTIONS, "bad section table")
-    names = set()
-    for s in sections:
+    table = F.array(state, "sections", MAX_SECTIONS)
+    _need(len(table) > 0, "bad section table")
+    names: set[str] = set()
+    for s in table:
         _need(isinstance(s, dict), "bad section entry")
         name = _str(s, "name")
         off = _int(s, "offset", KERN_HEADER_SIZE, kern_size)
@@ -150,22 +136,7 @@ def _validate(meta: dict[str, Any]) -> None:
         _str(s, "checksum")
         _need(name not in names, f"section '{name}' appears twice")
         names.add(name)
-    for need in ["vm", "memory-runs", *(f"vcpu{i}" for i in range(cpus))]:
-        _need(need in names, f"section '{need}' is missing")
-    _need(not any(n.startswith("vcpu") and n[4:].isdigit() and int(n[4:]) >= cpus for n in names),
-          "more vCPU sections than vCPUs")
-    devices = meta.get("devices")
-    _need(isinstance(devices, list), "'devices' is missing")
-    for d in devices:
-        _need(isinstance(d, dict), "bad device entry")
-        _need(f"dev:{_str(d, 'name')}" in names, f"device '{d.get('name')}' has no section")
-        _str(d, "kind")
-        _int(d, "version", 1, 1 << 16)
-    cpuid = meta.get("cpuid")
-    _need(isinstance(cpuid, list) and len(cpuid) <= 4096, "'cpuid' is missing")
-    host = meta.get("host")
-    _need(isinstance(host, dict), "'host' is missing")
-    _int(host, "tsc_khz", 0, 1 << 32)
+    return names
 
 
 def sections(meta: dict[str, Any]) -> dict[str, Section]:

@@ -131,6 +131,13 @@ class LeaseGuard:
             os.close(self.fd)
             self.fd = -1
 
+    def dependency(self) -> dict[str, object]:
+        """For `--status`: whether the guest still reads pages from the file."""
+        out: dict[str, object] = {"depends_on_snapshot": self.depends, "snapshot_file": self.path}
+        if self.note:
+            out["snapshot_note"] = self.note
+        return out
+
     def stop(self) -> None:
         self._stop.set()
         t = self._thread

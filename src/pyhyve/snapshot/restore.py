@@ -16,21 +16,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..description import CONSOLE_ID, DescriptionError, VmDescription, bind, default_description
+from ..description import CONSOLE_ID
 from ..devices.console import Console
-from ..errors import PyhyveError
-from ..kvm import ioctls as I
-from ..machine.cpuid import cpuid_from_list, for_vcpu, missing_features
+from ..errors import PyhyveError, RecordError
 from ..machine.memory import PAGE, GuestMemory
-from ..machine.state import VcpuState, VmKvmState
-from . import codec
+from ..pipeline.build import apply_state, build_vm
+from ..pipeline.pages import decode_runs
+from ..pipeline.record import MachineSpec
+from ..vm import VirtualMachine
 from .files import dir_lock, generation_files, meta_path, resolve_base
 from .format import KERN_MAGIC, Section, SnapshotError, checksum, kern_header, read_meta, sections
 from .lease import LeaseGuard, take_lease
-from .memfile import decode_runs, hash_file_runs, load_eager, stray_data, zero_spans
+from .memfile import hash_file_runs, load_eager, stray_data, zero_spans
 
-TSC_TOLERANCE_PPM = 250  # KVM's own tolerance before it scales or complains
-
+ProgressFactory = Callable[[int], Callable[[int], None]]
 
 @dataclass
 class Snapshot:
@@ -60,7 +59,7 @@ def _open_read(path: str, what: str) -> int:
 
 
 def open_snapshot(base: str, verify_memory: bool = True,
-                  progress: Callable[[int], Callable[[int], None]] | None = None) -> Snapshot:
+                  progress: ProgressFactory | None = None) -> Snapshot:
     """Read and check FILE.meta and the state file, open the memory file; FILE may be
     given by any of its names. The files are opened under the directory's shared lock,
     so a save committing to the same path at that moment cannot mix generations."""
@@ -118,7 +117,7 @@ def open_snapshot(base: str, verify_memory: bool = True,
         raise
 
 
-def verify_memory_file(snap: Snapshot, progress: Callable[[int], Callable[[int], None]] | None
+def verify_memory_file(snap: Snapshot, progress: ProgressFactory | None
                        = None) -> None:
     size = snap.meta["memory"]["size"]
     with mmap.mmap(snap.mem_fd, size, prot=mmap.PROT_READ) as mm:
@@ -133,74 +132,10 @@ def verify_memory_file(snap: Snapshot, progress: Callable[[int], Callable[[int],
     snap.memory_verified = True
 
 
-def decode_state(blobs: dict[str, bytes], cpus: int, devices_meta: list[dict],
-                 device_classes: dict[str, tuple[str, type]]) -> object:
-    """MachineState from verified section blobs (snapshot file or migration stream).
-    `devices_meta`: [{name, kind, version}]; `device_classes`: name -> (kind, state class)."""
-    from ..vm import MachineState
-
-    listed = [d["name"] for d in devices_meta]
-    absent = sorted(set(device_classes) - set(listed))
-    if absent or len(set(listed)) != len(listed):  # a device left out would run from reset
-        raise SnapshotError(f"the saved VM's device list is incomplete or repeats a name "
-                            f"(missing {', '.join(absent) or 'none'})")
-    try:
-        vm_state = codec.decode(VmKvmState, blobs["vm"], "vm")
-        vcpus = tuple(codec.decode(VcpuState, blobs[f"vcpu{i}"], f"vcpu{i}") for i in range(cpus))
-        devices = {}
-        for d in devices_meta:
-            name = d["name"]
-            if name not in device_classes:
-                raise SnapshotError(f"the saved VM has a device '{name}' this pyhyve cannot build")
-            kind, cls = device_classes[name]
-            if d["kind"] != kind:
-                raise SnapshotError(f"device '{name}' is a {d['kind']} in the saved VM, a {kind} here")
-            v = d.get("version", 1)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise SnapshotError(f"device '{name}' has a bad state version")
-            if v > cls.VERSION:  # the metadata says so before anything is decoded
-                raise SnapshotError(f"device '{name}' has {cls.NAME} state version {v}; this "
-                                    f"pyhyve reads up to version {cls.VERSION}")
-            devices[name] = codec.decode(cls, blobs[f"dev:{name}"], f"dev:{name}")
-    except KeyError as e:
-        raise SnapshotError(f"state section {e} is missing") from None
-    except codec.StateError as e:
-        raise SnapshotError(f"state: {e}") from None
-    return MachineState(vm_state, vcpus, devices)
-
-
-def check_host(cpuid_rows: list, saved_tsc_khz: int, host_cpuid: list, host_tsc_khz: int,
-               tsc_control: bool) -> bool:
-    """Refuse what this host cannot run; returns True when the TSC must be scaled."""
-    try:
-        needed = cpuid_from_list(cpuid_rows)
-    except ValueError as e:
-        raise SnapshotError(f"CPUID table: {e}") from None
-    missing = missing_features(needed, host_cpuid)
-    if missing:
-        raise SnapshotError(f"this host lacks CPU features the guest uses: {', '.join(missing)}")
-    saved = saved_tsc_khz
-    if saved and abs(saved - host_tsc_khz) * 1_000_000 > saved * TSC_TOLERANCE_PPM:
-        if not tsc_control:
-            raise SnapshotError(f"TSC frequency differs ({saved} kHz on the source, "
-                                f"{host_tsc_khz} kHz here) and this host cannot scale it")
-        return True
-    return False
-
-
-def recorded_description(meta: dict[str, Any]) -> VmDescription:
-    """The machine a snapshot (or a stream's HELLO) records; older ones imply the default
-    machine, with the console they recorded as com1's backend."""
-    if "description" in meta:
-        return VmDescription.from_dict(meta["description"])
-    console = meta.get("vm", {}).get("console")
-    return default_description(console if isinstance(console, str) else None)
-
-
 def restore(snap: Snapshot, name: str | None = None, console: Console | None = None,
             console_spec: str | None = None, lazy: bool = True,
-            progress: Callable[[int], Callable[[int], None]] | None = None,
-            bindings: dict[str, str] | None = None, reuse_paths: bool = False) -> object:
+            progress: ProgressFactory | None = None,
+            bindings: dict[str, str] | None = None, reuse_paths: bool = False) -> VirtualMachine:
     """Build a VM from a snapshot; returns it ready to start(). If the memory file has not
     been verified yet, it is verified here on another thread while the VM is built (the
     kernel work of building overlaps the hashing), and nothing is returned unless it passed."""
@@ -226,84 +161,65 @@ def restore(snap: Snapshot, name: str | None = None, console: Console | None = N
         if verifier is not None:
             verifier.join()
     if verify_error:
-        vm.close()  # type: ignore[attr-defined]
+        vm.close()
         raise verify_error[0]
     return vm
 
 
 def _build(snap: Snapshot, name: str | None, console: Console | None, bindings: dict[str, str],
-           reuse_paths: bool, lazy: bool,
-           progress: Callable[[int], Callable[[int], None]] | None) -> object:
-    from ..machine.cpuid import CpuidError
-    from ..vm import VirtualMachine, VmConfig, host_memory_bytes
-
-    v = snap.meta["vm"]
-    try:  # host resources come from the command line, never from the file
-        machine = bind(recorded_description(snap.meta), bindings, reuse_paths)
-    except DescriptionError as e:
-        raise SnapshotError(str(e)) from None
-    com1 = machine.device(CONSOLE_ID)
-    config = VmConfig(name=name or v["name"], memory=v["memory"], cpus=v["cpus"],
-                      kernel=v.get("kernel"), initrd=v.get("initrd"), cmdline=v["cmdline"],
-                      console=(com1.backend if com1 and com1.backend else "null"),
-                      cpuid_hidden=tuple(v["cpuid_hidden"]), description=machine)
-    host = host_memory_bytes()
-    if host and config.memory > host:
-        raise SnapshotError(f"the guest needs {config.memory >> 20} MiB of RAM; this host has "
-                            f"{host >> 20} MiB")
+           reuse_paths: bool, lazy: bool, progress: ProgressFactory | None) -> VirtualMachine:
     try:
-        cpuid = cpuid_from_list(snap.meta["cpuid"])
-    except CpuidError as e:
+        spec = MachineSpec.from_record(snap.meta, name, bindings, reuse_paths)
+    except RecordError as e:
         raise SnapshotError(f"metadata: {e}") from None
-    if lazy:
-        memory = GuestMemory(config.memory, backing_fd=snap.mem_fd, private=True)
-        try:
-            memory.map_anonymous(zero_spans(snap.runs, memory))
-        except BaseException:
-            memory.close()
-            raise
-    else:
-        memory = GuestMemory(config.memory, name=f"pyhyve-{config.name}")
-    try:  # the devices (com1's console included) open their bound backends
-        vm = VirtualMachine(config, console, memory=memory, cpuid=cpuid)
-    except BaseException:
-        memory.close()
-        if console is not None:
-            console.close()
-        raise
     try:
-        scale = check_host(snap.meta["cpuid"], snap.meta["host"]["tsc_khz"],
-                           vm.kvm.supported_cpuid(), vm.tsc_khz,
-                           bool(vm.kvm.check_extension(I.KVM_CAP_TSC_CONTROL)))
-        if scale:
-            vm.set_tsc_khz(snap.meta["host"]["tsc_khz"])
-        for i, vc in enumerate(vm.vcpus):
-            vc.set_cpuid2(for_vcpu(cpuid, i, config.cpus))
-        state = decode_state(snap.blobs, config.cpus, snap.meta["devices"],
-                             vm.device_classes())
+        vm = build_vm(spec, console, (lambda size: _lazy_memory(snap, size)) if lazy else None)
+    except PyhyveError as e:
+        raise _loading_error(e) from None
+    except OSError as e:  # the host refused something (memory, a mapping): not a bug
+        raise SnapshotError(f"cannot restore: {e.strerror or e}") from None
+    try:
         if not lazy:
-            with mmap.mmap(snap.mem_fd, config.memory, prot=mmap.PROT_READ) as mm:
+            with mmap.mmap(snap.mem_fd, spec.config.memory, prot=mmap.PROT_READ) as mm:
                 data = sum(n for _, n in snap.runs) * PAGE
                 load_eager(vm.memory, mm, snap.runs, progress(data) if progress else None)
-        vm.apply(state)  # type: ignore[arg-type]
+        apply_state(vm, snap.blobs, snap.meta["devices"])
         if lazy:
-            guard = LeaseGuard(memory, snap.mem_fd, snap.memory_path, snap.meta["memory"]["size"],
-                               snap.lease_error, lambda why: vm.stop(why, 1), vm.paused)
-            memory.guard = guard
-            vm.snapshot_file = snap.memory_path
-            guard.start()
+            _guard(vm, snap)
     except PyhyveError as e:  # the user's or the host's: said as it is
         vm.close()
-        if isinstance(e, SnapshotError):
-            raise
-        raise SnapshotError(f"cannot restore: {e}") from None
-    except OSError as e:  # the host refused something (memory, a mapping): not a bug
+        raise _loading_error(e) from None
+    except OSError as e:
         vm.close()
         raise SnapshotError(f"cannot restore: {e.strerror or e}") from None
     except BaseException:  # anything else is a bug: it escapes as itself
         vm.close()
         raise
     return vm
+
+
+def _loading_error(e: PyhyveError) -> SnapshotError:
+    return e if isinstance(e, SnapshotError) else SnapshotError(f"cannot restore: {e}")
+
+
+def _lazy_memory(snap: Snapshot, size: int) -> GuestMemory:
+    """Guest RAM as a private mapping of the memory file; the big zero stretches mapped
+    anonymous (never read from the file)."""
+    memory = GuestMemory(size, backing_fd=snap.mem_fd, private=True)
+    try:
+        memory.map_anonymous(zero_spans(snap.runs, memory))
+    except BaseException:
+        memory.close()
+        raise
+    return memory
+
+
+def _guard(vm: VirtualMachine, snap: Snapshot) -> None:
+    """Watch the memory file's lease: a writer elsewhere detaches the guest from it."""
+    guard = LeaseGuard(vm.memory, snap.mem_fd, snap.memory_path, snap.meta["memory"]["size"],
+                       snap.lease_error, lambda why: vm.stop(why, 1), vm.paused)
+    vm.memory.guard = guard
+    guard.start()
 
 
 __all__ = ["Section", "Snapshot", "SnapshotError", "open_snapshot", "restore"]

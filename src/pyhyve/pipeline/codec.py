@@ -18,13 +18,13 @@ import typing
 from typing import Any, TypeVar
 
 from .. import untrusted
-from ..errors import SnapshotLoadFailed
+from ..errors import RecordError
 
 T = TypeVar("T")
 MAX_STATE_BYTES = 16 << 20
 
 
-class StateError(SnapshotLoadFailed, ValueError):
+class StateError(RecordError):
     pass
 
 

@@ -1,0 +1,126 @@
+"""Guest pages as the saved forms see them: which pages hold data (runs of file-page
+numbers), and the one reader that walks them in bounded chunks. The snapshot writer and
+the migration sender both consume `chunks()`; only what they do with a chunk differs.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, cast
+
+import numpy as np
+import numpy.typing as npt
+
+from ..machine.dirty import runs_of
+from ..machine.memory import PAGE, GuestMemory
+
+if TYPE_CHECKING:
+    from ..machine.memory import Region
+
+Runs = list[tuple[int, int]]
+RUN = struct.Struct("<QQ")
+SEEK_DATA, SEEK_HOLE = getattr(os, "SEEK_DATA", 3), getattr(os, "SEEK_HOLE", 4)
+
+
+def extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """Data extents of `fd` within [start, end), page-aligned outward."""
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, SEEK_DATA)
+        except OSError:  # ENXIO: no data past pos
+            return
+        if data >= end:
+            return
+        hole = min(os.lseek(fd, data, SEEK_HOLE), end)
+        yield data // PAGE * PAGE, min(end, (hole + PAGE - 1) // PAGE * PAGE)
+        pos = hole
+
+
+def page_flags(view: memoryview | npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
+    """One bool per page of a page-aligned buffer: does it hold a non-zero byte."""
+    a = np.frombuffer(view, dtype=np.uint64) if isinstance(view, memoryview) else \
+        view.view(np.uint64)
+    return cast("npt.NDArray[np.bool_]", a.reshape(-1, PAGE // 8).any(axis=1))
+
+
+def nonzero_runs(array: npt.NDArray[np.uint8], base_page: int) -> Runs:
+    """Maximal runs of non-zero pages in a page-aligned uint8 array, as (page, count)."""
+    return runs_of(page_flags(array), base_page) if len(array) else []
+
+
+def merge(runs: Runs) -> Runs:
+    """Sorted union of (page, count) runs: overlapping or touching runs become one."""
+    out: Runs = []
+    for p, n in sorted(runs):
+        if out and out[-1][0] + out[-1][1] >= p:
+            start = out[-1][0]
+            out[-1] = (start, max(out[-1][0] + out[-1][1], p + n) - start)
+        else:
+            out.append((p, n))
+    return out
+
+
+def _written_pages(addr: int, size: int) -> npt.NDArray[np.bool_]:
+    """Pages of [addr, addr+size) in this process that hold private (anonymous) data, as
+    a bool array from /proc/self/pagemap: present and not file-backed, or swapped out.
+    A page pushed to swap is not present but is still guest data; missing it lost pages."""
+    with open("/proc/self/pagemap", "rb") as f:
+        raw = os.pread(f.fileno(), size // PAGE * 8, addr // PAGE * 8)
+    pm = np.frombuffer(raw, dtype=np.uint64)
+    present = (pm >> np.uint64(63)) & np.uint64(1)
+    swapped = (pm >> np.uint64(62)) & np.uint64(1)
+    file_page = (pm >> np.uint64(61)) & np.uint64(1)
+    return ((present & ~file_page & np.uint64(1)) | swapped).astype(bool)
+
+
+def _private_spans(mem: GuestMemory, r: Region) -> list[tuple[int, int]]:
+    """Where a private (copy-on-write) mapping of a snapshot file can hold non-zero bytes:
+    the file's data extents, plus the pages the guest wrote since (anonymous, in RAM or in
+    swap). Scanning only these avoids faulting in every hole of the file."""
+    base, size = r.layout.file_offset, r.size
+    spans = [(s - base, e - base) for s, e in extents(mem.fd, base, base + size)]
+    spans += [(a * PAGE, (a + n) * PAGE) for a, n in runs_of(_written_pages(r.host_addr, size))]
+    return [(p * PAGE, (p + n) * PAGE) for p, n in merge([(s // PAGE, (e - s) // PAGE)
+                                                           for s, e in spans if e > s])]
+
+
+def guest_runs(mem: GuestMemory) -> Runs:
+    """Non-zero pages of guest RAM, in file pages. A shared memfd is scanned only where
+    it has data (never-touched pages are holes); a private mapping of a snapshot only where
+    the file has data or the guest has written."""
+    runs: Runs = []
+    for r in mem.regions:
+        base = r.layout.file_offset
+        spans = (_private_spans(mem, r) if mem.private else
+                 [(s - base, e - base) for s, e in extents(mem.fd, base, base + r.size)])
+        for s, e in spans:
+            runs += nonzero_runs(r.array[s:e], (base + s) // PAGE)
+    return merge(runs)
+
+
+def chunks(mem: GuestMemory, runs: Runs, max_bytes: int) -> Iterator[tuple[int, memoryview]]:
+    """(file offset, view of guest RAM) for every page of `runs`, at most `max_bytes` at a
+    time and never across a region edge: the one way the saved forms read guest memory."""
+    for page, count in runs:
+        for off, n in mem.pieces(page * PAGE, (page + count) * PAGE, max_bytes):
+            yield off, mem.file_view(off, n)
+
+
+def encode_runs(runs: Runs) -> bytes:
+    return b"".join(RUN.pack(p, n) for p, n in runs)
+
+
+def decode_runs(raw: bytes, total_pages: int) -> Runs:
+    """Runs from a file or stream, checked: sorted, disjoint, non-empty, inside RAM."""
+    if len(raw) % RUN.size:
+        raise ValueError("memory run table has a partial entry")
+    runs, last_end = [], 0
+    for p, n in RUN.iter_unpack(raw):
+        if n == 0 or p < last_end or p + n > total_pages:
+            raise ValueError("memory run table is not sorted, overlaps or leaves RAM")
+        runs.append((p, n))
+        last_end = p + n
+    return runs
