@@ -285,15 +285,43 @@ bp_handler:
 /*
  * `syscall` from ring 3 (software interrupts from ring 3 raise #UD on kvm_pvm, syscall
  * works everywhere). rax = 1: execute int3 at CPL0, which exercises the VMM's #BP path.
+ * rax = 2 / 3: CPUID leaf 1 / leaf 7.0 as kernel mode sees it, returned as
+ * ecx | edx << 32 (leaf 1) or ebx | ecx << 32 (leaf 7).
  * Runs on the caller's stack (the kit's ring-3 code is single-threaded per CPU) and returns
  * with iretq, because the host's emulator has no sysret.
  */
 syscall_entry:
 	movq %rsp, %r10
 	cmpq $1, %rax
-	jne 1f
+	jne 3f
 	int3
 	xorl %eax, %eax
+	jmp 2f
+3:	cmpq $2, %rax
+	jne 4f
+	pushq %rcx			/* the return rip; cpuid clobbers rcx and rbx */
+	pushq %rbx
+	movl $1, %eax
+	xorl %ecx, %ecx
+	cpuid
+	movl %ecx, %eax
+	shlq $32, %rdx
+	orq %rdx, %rax
+	popq %rbx
+	popq %rcx
+	jmp 2f
+4:	cmpq $3, %rax
+	jne 1f
+	pushq %rcx
+	pushq %rbx
+	movl $7, %eax
+	xorl %ecx, %ecx
+	cpuid
+	movl %ebx, %eax
+	shlq $32, %rcx
+	orq %rcx, %rax
+	popq %rbx
+	popq %rcx
 	jmp 2f
 1:	movq $-1, %rax
 2:	pushq $0x1b

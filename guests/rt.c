@@ -152,7 +152,7 @@ int smp_boot(int ncpus, void (*fn)(int cpu))
 long kit_syscall(long nr)
 {
 	long ret;
-	__asm__ volatile("syscall" : "=a"(ret) : "a"(nr) : "rcx", "r10", "r11", "memory");
+	__asm__ volatile("syscall" : "=a"(ret) : "a"(nr) : "rcx", "rdx", "r10", "r11", "memory");
 	return ret;
 }
 

@@ -8,9 +8,10 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from pyhyve.migration.dest import ReceiveOptions, Receiver
+from pyhyve.migration.protocol import HEADER, MAC_LEN, T
 from pyhyve.migration.source import Migration, Options, Stats
 
 from conftest import BIN, CaptureConsole, cli, spawn, wait_socket
@@ -76,7 +77,11 @@ class CuttingProxy:
         self.port = self.server.getsockname()[1]
         self.target, self.limit = port, limit
         self.forwarded = 0
+        self.head = bytearray()  # the first MiB from the source, for saw()
         threading.Thread(target=self._run, daemon=True).start()
+
+    def saw(self, needle: bytes) -> bool:
+        return needle in self.head
 
     def _run(self) -> None:
         a, _ = self.server.accept()
@@ -93,6 +98,8 @@ class CuttingProxy:
         try:
             while data := a.recv(65536):
                 room = self.limit - self.forwarded
+                if len(self.head) < 1 << 20:
+                    self.head += data
                 b.sendall(data[:room])
                 self.forwarded += min(len(data), room)
                 if self.forwarded >= self.limit:
@@ -129,3 +136,69 @@ def slow_cli_migration(kit: dict[str, str], rundir: str, name: str, dest: Destin
         cli("pyhyvectl", "--vm", name, "--destroy")
         src.wait(20)
         dest.receiver.close()
+
+
+class FrameProxy:
+    """Forwards one authenticated (key, no TLS) migration connection frame by frame and
+    acts on the frame `rule(direction, type, n)` names ("S": source to destination, "D":
+    back; n counts frames of that type and direction from 0): "cut" closes both ways
+    before it, "drop" swallows it and then closes, "flip" flips one payload byte and
+    forwards it. `acted` says whether the rule ever fired."""
+
+    def __init__(self, port: int, rule: Callable[[str, int, int], str | None]) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.target, self.rule = port, rule
+        self.acted: str | None = None
+        self._lock = threading.Lock()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        a, _ = self.server.accept()
+        b = socket.create_connection(("127.0.0.1", self.target))
+        self.socks = (a, b)
+        # frames carry a MAC once their sender has authenticated: after AUTH from the
+        # source, after AUTH_OK from the destination
+        threading.Thread(target=self._pump, args=(b, a, "D", T.AUTH_OK), daemon=True).start()
+        self._pump(a, b, "S", T.AUTH)
+        self.server.close()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, direction: str, last_plain: T) -> None:
+        counts: dict[int, int] = {}
+        mac = 0
+        try:
+            while True:
+                header = _read_exact(src, HEADER.size)
+                _, ftype, _, length = HEADER.unpack(header)
+                body = bytearray(_read_exact(src, length + mac))
+                n = counts.get(ftype, 0)
+                counts[ftype] = n + 1
+                action = self.rule(direction, ftype, n)
+                if action:
+                    self.acted = action
+                if action in ("cut", "drop"):
+                    break
+                if action == "flip":
+                    body[length // 2] ^= 0x01
+                dst.sendall(header + body)
+                if ftype == last_plain:
+                    mac = MAC_LEN
+        except (OSError, EOFError):
+            pass
+        self._close()
+
+    def _close(self) -> None:
+        with self._lock:
+            for s in self.socks:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+
+def _read_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise EOFError
+        buf += chunk
+    return bytes(buf)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -89,6 +90,12 @@ def test_console_on_unix_socket(kit, rundir, tmp_path):
                  "--console", f"unix:{path}", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         wait_socket(rundir, "u")
+        # connect only once the guest has printed its banner and passes (each byte out is
+        # an exit; the banner alone is 17): so the banner can only reach us as a replay
+        deadline = time.monotonic() + 20
+        while json.loads(cli("pyhyvectl", "--vm", "u", "--status", "--json").stdout)["exits"] < 200:
+            assert time.monotonic() < deadline, "the guest never printed"
+            time.sleep(0.05)
         s = socket.socket(socket.AF_UNIX)
         s.connect(path)
         s.settimeout(10)
@@ -178,6 +185,15 @@ def test_output_into_a_closed_pipe_is_quiet(kit, rundir):
         p = subprocess.run(f"{os.path.join(BIN, 'pyhyvectl')} --vm pipe --status | head -1",
                            shell=True, capture_output=True, text=True, timeout=30)
         assert p.stdout.startswith("name: pipe") and "Traceback" not in p.stderr
+        # and every time: a pipe whose reader is already gone (`| head -c0` only sometimes is)
+        r, w = os.pipe()
+        os.close(r)
+        try:
+            p = subprocess.run([os.path.join(BIN, "pyhyvectl"), "--vm", "pipe", "--status"],
+                               stdout=w, stderr=subprocess.PIPE, text=True, timeout=30)
+        finally:
+            os.close(w)
+        assert p.returncode == -signal.SIGPIPE and p.stderr == "", (p.returncode, p.stderr)
     finally:
         cli("pyhyvectl", "--vm", "pipe", "--destroy")
         proc.wait(20)
@@ -290,3 +306,27 @@ def test_demo_runs_and_writes_no_escape_codes_into_a_pipe():
                        timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "\x1b[" not in p.stdout and "A-B invariant holds on the destination" in p.stdout
+
+
+def test_stdin_reaches_the_guest_through_the_console(kit, rundir):
+    """README: the console's default is guest output on stdout and stdin to the guest."""
+    p = cli("pyhyve", "run", "echo", "-m", "16M", "-k", kit["echo"], input="hi\nq", timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "echo ready" in p.stdout and "<68><69><0a>" in p.stdout and "bye" in p.stdout, p.stdout
+
+
+@pytest.mark.parametrize("where", ["env", "file"])
+def test_migration_key_needs_16_bytes_from_the_environment_or_a_file(tmp_path, rundir, where):
+    """README: PYHYVE_MIGRATION_KEY, or --key-file on both sides (>= 16 bytes)."""
+    def listen(key: str) -> subprocess.CompletedProcess:
+        (tmp_path / "key").write_text(key)
+        args = ("--key-file", str(tmp_path / "key")) if where == "file" else ()
+        env = {"PYHYVE_MIGRATION_KEY": key} if where == "env" else {}
+        with socket.create_server(("127.0.0.1", 0)) as s:
+            port = s.getsockname()[1]
+        # a destination with a good key waits; --receive-timeout ends the wait at once
+        return cli("pyhyve", "run", "d", "-R", f"127.0.0.1:{port}", "--receive-timeout", "0.2",
+                   *args, env=env, timeout=30)
+    one_line_error(listen("k" * 15), "at least 16 bytes")
+    p = listen("k" * 16)
+    assert "at least 16 bytes" not in p.stderr and "no migration arrived" in p.stderr, p.stderr

@@ -146,7 +146,8 @@ def test_triple_fault_stops_with_message(tmp_path, make_vm):
     vm, _ = make_vm(_raw_kernel(tmp_path, ".code64\nud2\n"), memory=128 * MB)
     assert vm.wait(30)
     assert vm.exit_code == 1
-    assert "triple fault" in vm.stop_reason and "rip=0x" in vm.stop_reason
+    assert "triple fault" in vm.stop_reason and "rip=0x1000200" in vm.stop_reason
+    assert "instruction bytes: 0f 0b" in vm.stop_reason  # ud2, where it died
 
 
 def test_emulation_failure_names_rip_and_bytes(tmp_path, make_vm):
@@ -159,5 +160,6 @@ def test_emulation_failure_names_rip_and_bytes(tmp_path, make_vm):
         assert "KVM_EXIT_INTERNAL_ERROR (emulation failure)" in vm.stop_reason
         assert "rip=0x1000201" in vm.stop_reason
         assert "0f 01 ca" in vm.stop_reason
-    else:
-        assert "triple fault" in vm.stop_reason
+    else:  # the #UD becomes a triple fault: still named with its rip and bytes
+        assert "triple fault" in vm.stop_reason and "rip=0x" in vm.stop_reason
+        assert "instruction bytes: " in vm.stop_reason

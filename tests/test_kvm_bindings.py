@@ -60,7 +60,8 @@ def test_error_names_ioctl_and_errno():
 
 @pytest.mark.kvm
 def test_every_state_ioctl_round_trips():
-    """GET then SET of every state a snapshot needs is accepted by this host's KVM."""
+    """GET then SET of every state a snapshot needs is accepted by this host's KVM, and a
+    GET after the SET returns exactly what was set."""
     kvm = Kvm()
     vm = kvm.create_vm()
     vm.set_tss_addr(0xFFFBD000)
@@ -74,13 +75,25 @@ def test_every_state_ioctl_round_trips():
                           ("get_xcrs", "set_xcrs"), ("get_lapic", "set_lapic"),
                           ("get_vcpu_events", "set_vcpu_events"), ("get_mp_state", "set_mp_state"),
                           ("get_debugregs", "set_debugregs")):
-            getattr(v, set_)(getattr(v, get)())
+            st = getattr(v, get)()
+            getattr(v, set_)(st)
+            assert bytes(getattr(v, get)()) == bytes(st), get
         msrs = v.get_msrs(kvm.msr_index_list())
         assert len(msrs) > 10
         for chip in (0, 1, 2):
-            vm.set_irqchip(vm.get_irqchip(chip))
-        vm.set_pit2(vm.get_pit2())
-        vm.set_clock(vm.get_clock())
+            st = vm.get_irqchip(chip)
+            vm.set_irqchip(st)
+            assert bytes(vm.get_irqchip(chip)) == bytes(st), f"irqchip {chip}"
+        pit = vm.get_pit2()
+        vm.set_pit2(pit)
+        back = vm.get_pit2()  # its counters run on; what was programmed stays
+        assert back.flags == pit.flags
+        for a, b in zip(back.channels, pit.channels, strict=True):
+            assert (a.count, a.mode, a.rw_mode, a.gate, a.bcd) == (b.count, b.mode, b.rw_mode,
+                                                                   b.gate, b.bcd)
+        clock = vm.get_clock()
+        vm.set_clock(clock)
+        assert abs(vm.get_clock().clock - clock.clock) < 1_000_000_000  # runs on from it
     finally:
         v.close()
         vm.close()

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from migrate_helpers import KEY, Destination, migrate
 from pyhyve.migration import protocol as P
-from pyhyve.migration.protocol import Channel, T
+from pyhyve.migration.protocol import PROTOCOL_VERSION, Channel, T
 from pyhyve.migration.security import authenticate
 
 pytestmark = pytest.mark.kvm  # every test here runs a guest or talks to KVM
@@ -81,7 +81,7 @@ def test_tampered_frame_after_authentication():
 def test_bad_hello_is_refused():
     dest = Destination()
     ch = authed(dest)
-    ch.send_json(T.HELLO, {"protocol": 1, "vm": {"memory": 1 << 50, "cpus": 1}})
+    ch.send_json(T.HELLO, {"protocol": PROTOCOL_VERSION, "vm": {"memory": 1 << 50, "cpus": 1}})
     reason = ch.recv(T.REFUSE).json()["reason"]
     assert "'memory' is missing or out of range" in reason
     expect_refusal(dest, "refused")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -91,10 +92,22 @@ def first_data_offset(base: str) -> int:
 
 
 def test_good_snapshot_restores(snap):
+    """The untouched copy every refusal below starts from restores and runs on: both
+    vCPUs continue their chains (so a refusal is about the edit, not a broken fixture)."""
     s = open_snapshot(snap)
-    vm = restore(s, console=CaptureConsole())
+    con = CaptureConsole()
+    vm = restore(s, console=con)
     s.close()
-    vm.close()
+    try:
+        vm.start()
+        con.wait_for("H0 10 ")
+        con.wait_for("H1 10 ")
+        vm.pause()
+        for cpu in (0, 1):  # each chain goes on from about step 5 (saved there), step by step
+            steps = [int(n) for n in re.findall(rf"^H{cpu} (\d+) ", con.text, re.M)]
+            assert steps[0] >= 5 and steps == list(range(steps[0], steps[0] + len(steps)))
+    finally:
+        vm.close()
 
 
 @pytest.mark.parametrize("suffix,needle", [("", "memory file .* is missing"),
@@ -195,7 +208,12 @@ def test_cpuid_feature_missing_on_host(snap):
 
 
 def test_tsc_frequency_differs(snap):
-    edit_meta(snap, lambda m: m["host"].update(tsc_khz=m["host"]["tsc_khz"] // 2))
+    saved: list[int] = []
+
+    def halve(m):
+        m["host"]["tsc_khz"] //= 2
+        saved.append(m["host"]["tsc_khz"])
+    edit_meta(snap, halve)
     from pyhyve.kvm import Kvm
     from pyhyve.kvm import ioctls as I
     kvm = Kvm()
@@ -203,8 +221,13 @@ def test_tsc_frequency_differs(snap):
     kvm.close()
     if scalable:  # a host that can scale TSC restores it at the saved rate instead
         s = open_snapshot(snap)
-        restore(s, console=CaptureConsole()).close()
-        s.close()
+        vm = restore(s, console=CaptureConsole())
+        try:  # the guest's TSC runs at its own rate, as KVM reports it for every vCPU
+            assert vm.tsc_khz == saved[0]
+            assert all(v.get_tsc_khz() == saved[0] for v in vm.vcpus)
+        finally:
+            vm.close()
+            s.close()
     else:
         refused(snap, "TSC frequency differs")
 

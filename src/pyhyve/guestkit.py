@@ -40,7 +40,7 @@ def build(out: str | None = None) -> dict[str, str]:
         raise KitError("building the guest kit needs make and gcc") from None
     except subprocess.CalledProcessError as e:
         raise KitError(f"guest kit build failed:\n{e.stdout}{e.stderr}") from None
-    return {n: os.path.join(out, f"{n}.elf") for n in ("ab", "hashchain")}
+    return {n: os.path.join(out, f"{n}.elf") for n in ("ab", "hashchain", "cpuinfo", "echo")}
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from .vmtypes import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
+    MIN_MEMORY,
     MachineState,
     RunState,
     VmConfig,
@@ -50,7 +51,6 @@ from .vmtypes import (
 
 TSS_ADDR = 0xFFFB_D000
 IDENTITY_MAP_ADDR = 0xFFFB_C000
-MIN_MEMORY = 8 << 20
 MAX_VCPUS = 64
 
 

@@ -22,6 +22,9 @@ from .machine.state import VcpuState, VmKvmState
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DESTROYED = 0, 1, 2, 3
 
 
+MIN_MEMORY = 8 << 20  # the smallest guest pyhyve builds
+
+
 class RunState(enum.StrEnum):
     """A VM's run state. Transitions (each made under VirtualMachine._state_lock):
 

@@ -104,7 +104,7 @@ def _main(argv: list[str] | None) -> int:
     if cmd == "migrate" and reply.get("state") != "completed":
         state, error = reply.get("state"), str(reply.get("error"))
         why = error if error.startswith("migration") else f"migration {state}: {error}"
-        fail(PROG, f"{why} (the guest keeps running here)")
+        fail(PROG, why if "stays paused" in why else f"{why} (the guest keeps running here)")
     if args.json:
         print(json.dumps(reply, indent=2))
     elif "line" in reply:

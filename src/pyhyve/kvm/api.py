@@ -219,6 +219,12 @@ class Vcpu:
             cpuid.entries[i] = e
         ioctl(self.fd, I.KVM_SET_CPUID2, cpuid)
 
+    def get_cpuid2(self, max_entries: int = 256) -> list[S.KvmCpuidEntry2]:
+        """The CPUID table KVM holds for this vCPU (what KVM_SET_CPUID2 gave it)."""
+        cpuid = S.kvm_cpuid2(max_entries)
+        ioctl(self.fd, I.KVM_GET_CPUID2, cpuid)
+        return [cpuid.entries[i] for i in range(cpuid.nent)]
+
     def get_msrs(self, indices: list[int]) -> dict[int, int]:
         msrs = S.kvm_msrs(len(indices))
         for i, idx in enumerate(indices):

@@ -36,7 +36,7 @@ class CpuidError(BootFailed, ValueError):
 
 
 def parse_feature_list(spec: str) -> tuple[str, ...]:
-    names = tuple(n.strip().lower() for n in spec.split(",") if n.strip())
+    names = tuple(dict.fromkeys(n.strip().lower() for n in spec.split(",") if n.strip()))
     for n in names:
         if n not in FEATURES:
             raise CpuidError(f"unknown CPUID feature '{n}' (known: {', '.join(sorted(FEATURES))})")

@@ -109,8 +109,10 @@ class VcpuThread:
         if reason == I.KVM_EXIT_HLT:
             ctl.stop(f"vcpu{n} halted with no interrupt controller", 0)
         elif reason == I.KVM_EXIT_SHUTDOWN:
-            ctl.stop(f"guest shut down (triple fault) on vcpu{n} "
-                     f"at rip={self.vcpu.get_regs().rip:#x}", 1)
+            rip = self.vcpu.get_regs().rip
+            insn = self.instruction_bytes(rip).hex(" ") or "unreadable"
+            ctl.stop(f"guest shut down (triple fault) on vcpu{n} at rip={rip:#x}, "
+                     f"instruction bytes: {insn}", 1)
         elif reason == I.KVM_EXIT_SYSTEM_EVENT:
             kind = run.u.system_event.type
             if kind == I.KVM_SYSTEM_EVENT_RESET:

@@ -153,9 +153,16 @@ class Receiver:
         blobs, devices = self._stream(ch, vm)
         apply_state(vm, blobs, devices)
         self._stop_prefault()
+        # the hand-over: the guest starts here only once the source has given it up (GO),
+        # so a connection lost before GO can never leave it running on both hosts
+        ch.send_json(T.READY, {})
+        ch.recv(T.GO)
+        self.vm = None  # ours from GO on, whatever happens to the connection
         vm.start(paused=paused)  # the source guest was paused: so is ours
-        ch.send_json(T.RUNNING, {})
-        self.vm = None  # the caller owns it now
+        try:
+            ch.send_json(T.RUNNING, {})
+        except ProtocolError as e:  # the source will say the hand-over is unconfirmed
+            say(f"{self.name}: the guest runs here, but the source was not told so ({e})")
         return vm
 
     def _handshake(self, ch: Channel) -> tuple[MachineSpec, bool]:
@@ -188,6 +195,8 @@ class Receiver:
             if f.type == T.MEM:
                 self._memory(f, total_pages, decompress)
             elif f.type == T.RUNS:
+                if self._prefaulter is not None:
+                    raise ProtocolError("a second RUNS frame")
                 self._prefault(bytes(f.payload), total_pages)
             elif f.type == T.ROUND:
                 self.rounds += 1

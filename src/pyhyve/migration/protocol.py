@@ -28,7 +28,7 @@ from ..errors import PyhyveError
 MAGIC = b"PHMG"
 HEADER = struct.Struct("<4sHHQ")
 MAC_LEN = 32
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: READY/GO hand-over before RUNNING
 PAGE = 4096
 MAX_PAGES_PER_FRAME = 2048                 # 8 MiB of guest memory
 MEM_HEADER = struct.Struct("<QII")         # first file page, page count, encoding
@@ -48,6 +48,8 @@ class T(IntEnum):
     RUNNING = 11    # dst -> src: {}: the guest runs on the destination
     ERROR = 12      # either way: {"reason": str}
     RUNS = 13       # src -> dst: the (page, count) runs round 0 will send, for prefaulting
+    READY = 14      # dst -> src: {}: the state is loaded; the guest starts only on GO
+    GO = 15         # src -> dst: {}: the source gives the guest up: start it
 
 
 class Enc(IntEnum):
@@ -60,7 +62,7 @@ class Enc(IntEnum):
 LIMITS = {T.CHALLENGE: 4096, T.AUTH: 4096, T.AUTH_OK: 4096, T.HELLO: 1 << 20,
           T.ACCEPT: 4096, T.REFUSE: 65536, T.MEM: MEM_HEADER.size + MAX_PAGES_PER_FRAME * PAGE,
           T.ROUND: 4096, T.STATE: 16 << 20, T.COMPLETE: 1 << 20, T.RUNNING: 4096,
-          T.ERROR: 65536, T.RUNS: 16 << 20}
+          T.ERROR: 65536, T.RUNS: 16 << 20, T.READY: 4096, T.GO: 4096}
 
 
 class ProtocolError(PyhyveError, ConnectionError):

@@ -165,14 +165,15 @@ class Migration:
             self._run()
             self.stats.state = "completed"
         except BaseException as e:  # every failure: the source guest must keep running
-            late = self.stats.state == "completing"
+            late = self.stats.state == "handing over"
             self.stats.state = "cancelled" if isinstance(e, Cancelled) or self._cancel.is_set() \
                 else "failed"
             self.stats.error = str(e) or type(e).__name__
-            if late:
-                self.stats.error += (" (lost after the state was sent: the destination may "
-                                     "have started the guest as well; fence one of them)")
-            self._recover()
+            if late:  # GO went out: the destination may run the guest; never run two
+                self.stats.error += (" (lost after the hand-over: the destination may be "
+                                     "running the guest, so this one stays paused; check the "
+                                     "destination, then resume or destroy this one)")
+            self._recover(keep_paused=late)
         finally:
             gc.enable()
             self.stats.total_s = time.perf_counter() - self._t_start
@@ -181,8 +182,10 @@ class Migration:
             self.done.set()
         return self.stats
 
-    def _recover(self) -> None:
+    def _recover(self, keep_paused: bool = False) -> None:
         self.vm.set_throttle(0)
+        if keep_paused and self._paused_by_us:
+            self.vm.pause()  # a user pause: only the user ends it
         if self.dirty:
             with contextlib.suppress(OSError):
                 self.dirty.stop()
@@ -332,9 +335,14 @@ class Migration:
         st.state = "completing"
         t2 = time.perf_counter()
         st.phases_ms["capture+send state"] = (t2 - t) * 1e3
-        while ch.recv(T.RUNNING, T.ROUND).type == T.ROUND:  # late acknowledgements
+        while ch.recv(T.READY, T.ROUND).type == T.ROUND:  # late acknowledgements
             pass
-        # the point of no return: the guest now runs over there
+        # the point of no return: from GO on the destination may run the guest, so a
+        # failure after this keeps ours paused (handed_over) instead of resuming it
+        self._check_cancel()
+        st.state = "handing over"
+        ch.send_json(T.GO, {})
+        ch.recv(T.RUNNING)
         st.phases_ms["destination load+start"] = (time.perf_counter() - t2) * 1e3
         st.downtime_s = time.perf_counter() - self._t_pause
         st.bytes_sent = ch.bytes_sent

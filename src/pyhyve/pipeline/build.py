@@ -16,7 +16,7 @@ from ..kvm.structs import KvmCpuidEntry2
 from ..machine.cpuid import missing_features
 from ..machine.memory import GuestMemory
 from ..vm import VirtualMachine
-from ..vmtypes import host_memory_bytes, open_kvm
+from ..vmtypes import MachineState, host_memory_bytes, open_kvm
 from .record import MachineSpec
 from .sections import decode_state
 
@@ -94,11 +94,9 @@ def build_vm(spec: MachineSpec, console: Console | None = None,
     try:
         ram = memory(spec.config.memory) if memory is not None else None
         vm = VirtualMachine(spec.config, console, memory=ram, cpuid=list(spec.cpuid))
-    except BaseException:
+    except BaseException:  # a console the VM did not take stays its caller's
         if ram is not None:
             ram.close()
-        if console is not None:
-            console.close()
         raise
     try:
         if check_host(spec, host or HostFacts.of(vm)):
@@ -109,6 +107,11 @@ def build_vm(spec: MachineSpec, console: Console | None = None,
     return vm
 
 
+def decode_for(vm: VirtualMachine, blobs: dict[str, bytes], devices: Any) -> MachineState:
+    """Decode the sections against `vm`'s own devices (versions, kinds, completeness)."""
+    return decode_state(blobs, vm.config.cpus, devices, vm.device_classes())
+
+
 def apply_state(vm: VirtualMachine, blobs: dict[str, bytes], devices: Any) -> None:
-    """Decode the sections against `vm`'s own devices and load them (not yet started)."""
-    vm.apply(decode_state(blobs, vm.config.cpus, devices, vm.device_classes()))
+    """Decode the sections and load them into `vm` (built, not yet started)."""
+    vm.apply(decode_for(vm, blobs, devices))

@@ -18,7 +18,7 @@ from ..kvm import ioctls as I
 from ..kvm.structs import KvmCpuidEntry2
 from ..machine.cpuid import CpuidError, cpuid_from_list, cpuid_to_list
 from ..machine.memory import PAGE, ram_layout
-from ..vmtypes import VmConfig
+from ..vmtypes import MIN_MEMORY, VmConfig
 
 if TYPE_CHECKING:
     from ..vm import VirtualMachine
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 MAX_MEMORY = 1 << 40
 MAX_CPUS = 64
 MAX_CPUID_ROWS = 4096
+MAX_HIDDEN = 256  # names; a command line gives at most one of each known feature
 HOST_CAPS = ("KVM_CAP_XSAVE", "KVM_CAP_XCRS", "KVM_CAP_VCPU_EVENTS", "KVM_CAP_DEBUGREGS",
              "KVM_CAP_ADJUST_CLOCK", "KVM_CAP_TSC_CONTROL", "KVM_CAP_KVMCLOCK_CTRL",
              "KVM_CAP_PIT2", "KVM_CAP_IRQCHIP")
@@ -55,14 +56,14 @@ F = untrusted.Fields(RecordError)
 def validate_record(rec: dict[str, Any]) -> None:
     """Structure and bounds of the record's fields; RecordError names the first bad one."""
     vm = F.obj(rec, "vm")
-    size = F.integer(vm, "memory", PAGE, MAX_MEMORY)
+    size = F.integer(vm, "memory", MIN_MEMORY, MAX_MEMORY)
     F.need(size % PAGE == 0, "memory size is not page-aligned")
     F.integer(vm, "cpus", 1, MAX_CPUS)
     F.text(vm, "name")
     F.text(vm, "cmdline")
     F.opt_text(vm, "kernel")
     F.opt_text(vm, "initrd")
-    hidden = F.array(vm, "cpuid_hidden", 64)
+    hidden = F.array(vm, "cpuid_hidden", MAX_HIDDEN)
     F.need(all(isinstance(x, str) for x in hidden), "bad cpuid_hidden")
     mem = F.obj(rec, "memory")
     F.need(F.integer(mem, "size", PAGE, MAX_MEMORY) == size, "memory size disagrees with the VM config")

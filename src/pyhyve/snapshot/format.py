@@ -104,8 +104,13 @@ def _validate(meta: dict[str, Any]) -> None:
     except RecordError as e:
         raise SnapshotError(f"metadata: {e}") from None
     _str(meta["vm"], "console")
+    for key in ("kind", "created"):  # shown by `snapshot info` and restore's report
+        _str(meta, key)
     size = meta["vm"]["memory"]
-    _str(meta["memory"], "checksum")
+    for key in ("checksum", "checksum_algo", "file"):
+        _str(meta["memory"], key)
+    _int(meta["memory"], "zero_pages", 0, size // PAGE)
+    _str(F.obj(meta, "state"), "file")
     _int(meta["memory"], "data_pages", 0, size // PAGE)
     names = _validate_sections(meta)
     cpus = meta["vm"]["cpus"]

@@ -2,8 +2,10 @@
 
 Checks, in order: metadata (structure, own checksum), the memory file's size, the state
 file's header and every section's checksum, the memory run table, the memory checksum
-(hashing only the runs, not the holes), stray data outside the runs, state decoding,
-then the host: memory, CPUID features, TSC frequency.
+(hashing only the runs, not the holes), stray data outside the runs; then, building the
+VM (pipeline/build.py), the host: RAM, CPUID features, TSC frequency; then the state,
+decoded against the built VM's devices; only then is memory copied (eager) or left mapped
+under the file's lease (lazy).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from ..description import CONSOLE_ID
 from ..devices.console import Console
 from ..errors import PyhyveError, RecordError
 from ..machine.memory import PAGE, GuestMemory
-from ..pipeline.build import apply_state, build_vm
+from ..pipeline.build import build_vm, decode_for
 from ..pipeline.pages import decode_runs
 from ..pipeline.record import MachineSpec
 from ..vm import VirtualMachine
@@ -179,11 +181,12 @@ def _build(snap: Snapshot, name: str | None, console: Console | None, bindings: 
     except OSError as e:  # the host refused something (memory, a mapping): not a bug
         raise SnapshotError(f"cannot restore: {e.strerror or e}") from None
     try:
+        state = decode_for(vm, snap.blobs, snap.meta["devices"])  # before any copying
         if not lazy:
             with mmap.mmap(snap.mem_fd, spec.config.memory, prot=mmap.PROT_READ) as mm:
                 data = sum(n for _, n in snap.runs) * PAGE
                 load_eager(vm.memory, mm, snap.runs, progress(data) if progress else None)
-        apply_state(vm, snap.blobs, snap.meta["devices"])
+        vm.apply(state)
         if lazy:
             _guard(vm, snap)
     except PyhyveError as e:  # the user's or the host's: said as it is
