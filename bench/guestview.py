@@ -1,0 +1,426 @@
+"""What the guest sees: pyhyve vs QEMU 7.2 on the same A-B guest, in the same run.
+
+Run: .venv/bin/python bench/guestview.py [--runs 5] [--ws 0,64,512] [--only restore,...]
+
+The A-B guest prints one `B` per pass over its working set; every byte of its console is
+timestamped as it arrives (pyhyve `--console stdio`, QEMU `-serial stdio`, both into a pipe
+read here), so each figure is the guest's own progress, not a VMM's "done":
+- floor: the same guest booted fresh: process start to its first pass (over freshly
+  allocated memory), and its steady-state pass time.
+- restore: process start to the first `B` after the restore (the end of the pass the guest
+  was in), to its first full pass (the second `B`), and to steady speed (three passes in a
+  row no slower than 1.5x the steady pass time). pyhyve lazy (its default) and --eager;
+  QEMU `-incoming "exec:cat FILE"` of a stopped-guest snapshot, `cont` when loaded.
+- checkpoint: the longest silence of the guest from the command until 2 s after it
+  finished, and the passes lost against the undisturbed rate over that window. pyhyve
+  `--checkpoint`; QEMU `migrate "exec:cat > F && sync F"` then `cont` (its running-guest
+  snapshot), at max-bandwidth 10G (at its 128 MiB/s default it does not finish in 30 s).
+- suspend: command to the files being safe on disk: pyhyve `--suspend` (fsyncs), QEMU
+  `stop` + `migrate "exec:cat > F && sync F"`: fsync on both sides.
+- migration (loopback TCP): longest silence across source and destination consoles from
+  the command until 2 s after completion, passes lost, total time, and the throttle each
+  applied. Rows: each at its defaults (pyhyve: 5 ms target, auto-converge, compression
+  auto; QEMU: 128 MiB/s, 300 ms, no auto-converge), and matched (both: unlimited
+  bandwidth, 300 ms target, auto-converge, no compression). The destination guest must
+  make passes afterwards, or the run fails.
+VMM-internal figures (pyhyve's and QEMU's own downtime) are printed too, labelled so.
+Medians over --runs runs; runs of one kind are interleaved between the two systems.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pyhyve import guestkit
+from qmp import Qmp
+
+from common import PYHYVE, PYHYVECTL, ensure_qemu, qemu_args, qemu_version, table, warm_memory
+
+KEY = "benchmark migration key 0123456789"
+QEMU_TIMEOUT = 30.0
+AFTER = 2.0  # seconds watched after an operation ends
+
+
+class Console:
+    """A guest's console pipe, read on a thread: the time each pass marker arrived."""
+
+    def __init__(self, stream: object, banner: bool) -> None:
+        self.passes: list[float] = []
+        self.text = bytearray()
+        self.cond = threading.Condition()
+        self._in_banner = banner
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream: object) -> None:
+        fd = stream.fileno()  # type: ignore[attr-defined]
+        while chunk := os.read(fd, 65536):
+            t = time.monotonic()
+            with self.cond:
+                self.text += chunk
+                if self._in_banner:  # "A-B start ws=..." has a B of its own
+                    nl = chunk.find(b"\n")
+                    if nl < 0:
+                        continue
+                    self._in_banner = False
+                    chunk = chunk[nl:]
+                self.passes += [t] * chunk.count(b"B")
+                self.cond.notify_all()
+
+    def wait(self, n: int, timeout: float = 120.0) -> float:
+        """Until `n` passes have been seen; returns the time of the n-th."""
+        with self.cond:
+            if not self.cond.wait_for(lambda: len(self.passes) >= n, timeout):
+                raise RuntimeError(f"guest made {len(self.passes)} of {n} passes in {timeout}s: "
+                                   f"{bytes(self.text[-200:])!r}")
+            return self.passes[n - 1]
+
+    def after(self, t: float) -> list[float]:
+        with self.cond:
+            return [p for p in self.passes if p > t]
+
+
+def steady_pass(con: Console, skip: int = 3, n: int = 20) -> float:
+    con.wait(skip + n + 1)
+    p = con.passes[skip:skip + n + 1]
+    return statistics.median(b - a for a, b in itertools.pairwise(p))
+
+
+def at_steady(passes: list[float], steady: float) -> float | None:
+    """When three consecutive pass intervals are within 1.5x the steady pass time."""
+    limit = 1.5 * steady + 0.002
+    for i in range(len(passes) - 3):
+        if all(passes[j + 1] - passes[j] <= limit for j in range(i, i + 3)):
+            return passes[i]
+    return None
+
+
+def stall(passes: list[float], start: float, end: float) -> tuple[float, int]:
+    """Longest silence of the guest within [start, end] (from its last pass before start)
+    and the passes made in that window."""
+    before = [p for p in passes if p <= start]
+    inside = [p for p in passes if start < p <= end]
+    points = [before[-1] if before else start, *inside, end]
+    return max(b - a for a, b in itertools.pairwise(points)), len(inside)
+
+
+def popen(args: list[str], errlog: str, **kw: object) -> subprocess.Popen:
+    """A VMM with its console on a pipe we read, its stderr kept in `errlog`."""
+    err = os.open(errlog, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=err, **kw)  # type: ignore[call-overload]
+    finally:
+        os.close(err)
+
+
+@dataclass
+class Vm:
+    proc: subprocess.Popen
+    con: Console
+    t_start: float
+    qmp: Qmp | None = None
+    name: str = ""
+    files: list[str] = field(default_factory=list)
+
+    def close(self) -> None:
+        if self.qmp:
+            self.qmp.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+class Pyhyve:
+    label = "pyhyve"
+
+    def __init__(self, kernel: str, ws: int, work: str) -> None:
+        self.kernel, self.ws, self.work = kernel, ws, work
+        self.env = {**os.environ, "PYHYVE_RUNDIR": os.path.join(work, "run")}
+        with open(os.path.join(work, "key"), "w") as f:
+            f.write(KEY)
+
+    def _spawn(self, name: str, args: list[str], banner: bool) -> Vm:
+        t = time.monotonic()
+        p = popen([PYHYVE, "run", name, *args, "--console", "stdio"],
+                  os.path.join(self.work, f"{name}.err"), env=self.env)
+        return Vm(p, Console(p.stdout, banner), t, name=name)
+
+    def boot(self, name: str) -> Vm:
+        return self._spawn(name, ["-m", "1G", "-k", self.kernel, "--cmdline", f"ws={self.ws}M"],
+                           True)
+
+    def ctl(self, vm: Vm, *args: str) -> str:
+        p = subprocess.run([PYHYVECTL, "--vm", vm.name, *args], env=self.env,
+                           capture_output=True, text=True)
+        if p.returncode:
+            raise RuntimeError(f"pyhyvectl {' '.join(args)}: {p.stderr.strip()}")
+        return p.stdout
+
+    def checkpoint(self, vm: Vm, path: str) -> None:
+        self.ctl(vm, "--checkpoint", path)
+
+    def suspend(self, vm: Vm, path: str) -> None:
+        self.ctl(vm, "--suspend", path)
+        vm.proc.wait(60)
+
+    def restore(self, name: str, path: str, eager: bool = False) -> Vm:
+        return self._spawn(name, ["-r", path, *(["--eager"] if eager else [])], False)
+
+    def listen(self, name: str, port: int) -> Vm:
+        return self._spawn(name, ["-R", f"127.0.0.1,{port}", "--key-file",
+                                  os.path.join(self.work, "key")], False)
+
+    def migrate(self, src: Vm, port: int, matched: bool) -> dict[str, float]:
+        extra = (["--downtime-ms", "300", "--compress", "none"] if matched else [])
+        out = self.ctl(src, "--migrate-live", f"127.0.0.1:{port}", "--key-file",
+                       os.path.join(self.work, "key"), *extra)
+        m = re.search(r"downtime ([\d.]+) ms", out)
+        th = re.search(r"max throttle (\d+)%", out)
+        return {"vmm_downtime": float(m.group(1)) / 1e3 if m else float("nan"),
+                "throttle": float(th.group(1)) if th else 0.0}
+
+
+class Qemu:
+    label = "QEMU"
+
+    def __init__(self, qemu: str, kernel: str, ws: int, work: str) -> None:
+        self.qemu, self.kernel, self.ws, self.work = qemu, kernel, ws, work
+
+    def _spawn(self, name: str, extra: list[str], banner: bool) -> Vm:
+        sock = os.path.join(self.work, f"{name}.qmp")
+        t = time.monotonic()
+        p = popen([*qemu_args(self.qemu, self.kernel, f"ws={self.ws}M"),
+                   "-qmp", f"unix:{sock},server=on,wait=off", *extra],
+                  os.path.join(self.work, f"{name}.err"))
+        return Vm(p, Console(p.stdout, banner), t, Qmp(sock), name=name)
+
+    def boot(self, name: str) -> Vm:
+        return self._spawn(name, [], True)
+
+    def _to_file(self, vm: Vm, path: str) -> dict:
+        q = vm.qmp
+        assert q is not None
+        q.cmd("migrate-set-parameters", **{"max-bandwidth": 10 << 30})
+        q.cmd("migrate", uri=f"exec:cat > {path} && sync {path}")
+        info = q.wait_migration(QEMU_TIMEOUT)
+        if info is None:
+            raise RuntimeError(f"QEMU's snapshot did not complete in {QEMU_TIMEOUT:.0f} s")
+        return info
+
+    def checkpoint(self, vm: Vm, path: str) -> None:
+        self._to_file(vm, path)
+        vm.qmp.cmd("cont")  # type: ignore[union-attr]
+
+    def suspend(self, vm: Vm, path: str) -> None:
+        vm.qmp.cmd("stop")  # type: ignore[union-attr]
+        self._to_file(vm, path)
+        vm.close()
+
+    def restore(self, name: str, path: str, eager: bool = False) -> Vm:
+        vm = self._spawn(name, ["-incoming", f"exec:cat {path}"], False)
+        q = vm.qmp
+        assert q is not None
+        # saved while stopped: QEMU loads it and waits in "paused" for `cont`
+        while (status := q.cmd("query-status")["status"]) != "running":  # type: ignore[index]
+            if status == "paused":
+                q.cmd("cont")
+            time.sleep(0.0005)
+        return vm
+
+    def listen(self, name: str, port: int) -> Vm:
+        return self._spawn(name, ["-incoming", f"tcp:127.0.0.1:{port}"], False)
+
+    def migrate(self, src: Vm, port: int, matched: bool) -> dict[str, float]:
+        q = src.qmp
+        assert q is not None
+        if matched:
+            q.cmd("migrate-set-capabilities",
+                  capabilities=[{"capability": "auto-converge", "state": True}])
+            q.cmd("migrate-set-parameters", **{"max-bandwidth": 10 << 30})
+        q.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+        throttle = 0.0
+        deadline = time.monotonic() + QEMU_TIMEOUT
+        while True:
+            info = q.cmd("query-migrate")
+            throttle = max(throttle, float(info.get("cpu-throttle-percentage", 0)))  # type: ignore[union-attr]
+            status = info.get("status")  # type: ignore[union-attr]
+            if status == "completed":
+                return {"vmm_downtime": info["downtime"] / 1e3, "throttle": throttle}  # type: ignore[index]
+            if status in ("failed", "cancelled"):
+                raise RuntimeError(f"QEMU migration {status}")
+            if time.monotonic() > deadline:
+                q.cmd("migrate_cancel")
+                raise TimeoutError(f"did not complete in {QEMU_TIMEOUT:.0f} s")
+            time.sleep(0.002)
+
+
+def free_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        return int(s.getsockname()[1])
+
+
+Result = dict[str, float]
+
+
+def floor_and_snapshots(side: Pyhyve | Qemu, work: str) -> Result:
+    """Boot (floor), checkpoint, suspend, then restore from the suspend's files."""
+    out: Result = {}
+    vm = side.boot("a")
+    try:
+        out["boot_first_pass"] = vm.con.wait(1) - vm.t_start
+        steady = out["steady_pass"] = steady_pass(vm.con)
+        t0 = time.monotonic()
+        side.checkpoint(vm, os.path.join(work, f"{side.label}-ck"))
+        t1 = time.monotonic()
+        time.sleep(AFTER)
+        gap, made = stall(vm.con.passes, t0, t1 + AFTER)
+        out["checkpoint_stall"] = gap
+        out["checkpoint_lost"] = max(0.0, (t1 + AFTER - t0) / steady - made)
+        out["checkpoint_cmd"] = t1 - t0
+        snap = os.path.join(work, f"{side.label}-sus")
+        t0 = time.monotonic()
+        side.suspend(vm, snap)
+        out["suspend"] = time.monotonic() - t0
+    finally:
+        vm.close()
+    for eager in ((False, True) if isinstance(side, Pyhyve) else (False,)):
+        tag = "restore_eager" if eager else "restore"
+        r = side.restore("r", snap, eager)
+        try:
+            first = r.con.wait(1)
+            second = r.con.wait(2)
+            r.con.wait(8)
+            st = at_steady(r.con.passes, steady)
+            out[f"{tag}_first_b"] = first - r.t_start
+            out[f"{tag}_full_pass"] = second - r.t_start
+            out[f"{tag}_steady"] = (st - r.t_start) if st is not None else float("nan")
+        finally:
+            r.close()
+    return out
+
+
+def migration(side: Pyhyve | Qemu, matched: bool) -> Result:
+    port = free_port()
+    dst = side.listen("dst", port)
+    src = side.boot("src")
+    try:
+        steady = steady_pass(src.con)
+        t0 = time.monotonic()
+        try:
+            vmm = side.migrate(src, port, matched)
+        except TimeoutError:
+            return {"dnf": 1.0}
+        t1 = time.monotonic()
+        dst.con.wait(3, timeout=60)  # the destination guest makes passes, or the run fails
+        time.sleep(max(0.0, t1 + AFTER - time.monotonic()))
+        passes = sorted(src.con.passes + dst.con.passes)
+        gap, made = stall(passes, t0, t1 + AFTER)
+        return {"stall": gap, "lost": max(0.0, (t1 + AFTER - t0) / steady - made),
+                "total": t1 - t0, **vmm}
+    finally:
+        src.close()
+        dst.close()
+
+
+def med(runs: list[Result], key: str) -> float | None:
+    vals = [r[key] for r in runs if key in r and r[key] == r[key]]
+    return statistics.median(vals) if vals and len(vals) * 2 > len(runs) else None
+
+
+def ms(x: float | None) -> str:
+    return "—" if x is None else f"{x * 1e3:.0f}"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a is not None and b else "—"
+
+
+def run_ws(ws: int, runs: int, kernel: str, qemu: str, only: set[str]) -> list[list[str]]:
+    snap: dict[str, list[Result]] = {"pyhyve": [], "QEMU": []}
+    mig: dict[tuple[str, bool], list[Result]] = {(s, m): [] for s in ("pyhyve", "QEMU")
+                                                 for m in (False, True)}
+    for _ in range(runs):
+        for label in ("pyhyve", "QEMU"):
+            work = tempfile.mkdtemp(dir=os.environ.get("BENCH_DIR"))
+            try:
+                mk: Callable[[], Pyhyve | Qemu] = (
+                    (lambda: Pyhyve(kernel, ws, work)) if label == "pyhyve"  # noqa: B023
+                    else (lambda: Qemu(qemu, kernel, ws, work)))  # noqa: B023
+                if "snapshot" in only:
+                    snap[label].append(floor_and_snapshots(mk(), work))
+                if "migration" in only:
+                    for matched in (False, True):
+                        mig[(label, matched)].append(migration(mk(), matched))
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+    rows: list[list[str]] = []
+    p, q = snap["pyhyve"], snap["QEMU"]
+
+    def row(what: str, pv: float | None, qv: float | None, note: str = "") -> None:
+        rows.append([f"{ws} MiB" if not rows else "", what, ms(pv), ms(qv), ratio(pv, qv), note])
+
+    if "snapshot" in only:
+        row("floor: boot to first pass", med(p, "boot_first_pass"), med(q, "boot_first_pass"))
+        row("floor: steady pass time", med(p, "steady_pass"), med(q, "steady_pass"))
+        for k, what in (("first_b", "first B"), ("full_pass", "first full pass"),
+                        ("steady", "steady speed")):
+            row(f"restore: start to {what}", med(p, f"restore_{k}"), med(q, f"restore_{k}"),
+                "pyhyve lazy (default)")
+            row(f"restore --eager: start to {what}", med(p, f"restore_eager_{k}"),
+                med(q, f"restore_{k}"))
+        row("checkpoint: longest guest silence", med(p, "checkpoint_stall"),
+            med(q, "checkpoint_stall"), "QEMU: migrate to file + cont, 10G")
+        rows.append(["", "checkpoint: passes lost", f"{med(p, 'checkpoint_lost') or 0:.0f}",
+                     f"{med(q, 'checkpoint_lost') or 0:.0f}", "", "against undisturbed"])
+        row("suspend: command to files synced", med(p, "suspend"), med(q, "suspend"),
+            "fsync on both")
+    if "migration" in only:
+        for matched in (False, True):
+            mp, mq = mig[("pyhyve", matched)], mig[("QEMU", matched)]
+            kind = "matched" if matched else "defaults"
+            dnf = sum("dnf" in r for r in mq)
+            row(f"migration ({kind}): longest guest silence", med(mp, "stall"), med(mq, "stall"),
+                f"QEMU did not finish in {dnf}/{runs}" if dnf else "")
+            rows.append(["", f"migration ({kind}): passes lost", f"{med(mp, 'lost') or 0:.0f}",
+                         "—" if med(mq, "lost") is None else f"{med(mq, 'lost'):.0f}", "", ""])
+            row(f"migration ({kind}): total", med(mp, "total"), med(mq, "total"))
+            rows.append(["", f"migration ({kind}): max throttle",
+                         f"{med(mp, 'throttle') or 0:.0f}%",
+                         "—" if med(mq, "throttle") is None else f"{med(mq, 'throttle'):.0f}%",
+                         "", ""])
+            row(f"migration ({kind}): downtime, VMM-internal", med(mp, "vmm_downtime"),
+                med(mq, "vmm_downtime"), "each VMM's own figure")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--ws", default="0,64,512", help="working sets in MiB")
+    ap.add_argument("--only", default="snapshot,migration")
+    args = ap.parse_args()
+    kernel = guestkit.build()["ab"]
+    qemu = ensure_qemu()
+    warm_memory()
+    rows: list[list[str]] = []
+    for ws in (int(x) for x in args.ws.split(",")):
+        rows += run_ws(ws, args.runs, kernel, qemu, set(args.only.split(",")))
+    print(table(f"what the guest sees, 1 GiB A-B guest, median of {args.runs} (ms) — "
+                f"{qemu_version(qemu)}, {time.strftime('%Y-%m-%d')}",
+                ["ws", "what", "pyhyve", "QEMU", "pyhyve/QEMU", "note"], rows))
+
+
+if __name__ == "__main__":
+    main()
