@@ -340,7 +340,10 @@ def med(runs: list[Result], key: str) -> float | None:
 
 
 def ms(x: float | None) -> str:
-    return "—" if x is None else f"{x * 1e3:.0f}"
+    if x is None:
+        return "—"
+    v = x * 1e3
+    return f"{v:.0f}" if v >= 10 else f"{v:.1f}" if v >= 1 else f"{v:.2f}"
 
 
 def ratio(a: float | None, b: float | None) -> str:

@@ -49,7 +49,7 @@ def swap_used_pages() -> int:
 
 def page_out(mem) -> int:
     """Push the VM's guest pages to swap, as memory pressure would; returns how many went
-    (a shared memfd's swapped pages leave no trace in pagemap: count the swap itself)."""
+    (counted in the swap itself, whatever pagemap shows)."""
     before = swap_used_pages()
     for r in mem.regions:
         assert libc.madvise(C.c_void_p(r.host_addr), C.c_size_t(r.size), MADV_PAGEOUT) == 0

@@ -1,7 +1,12 @@
-"""Guest RAM: memfd-backed regions mapped into the VMM and registered with KVM.
+"""Guest RAM: regions mapped into the VMM and registered with KVM.
 
-memfd lets the same pages later be written to a snapshot, sent over a socket, or replaced by
-a private mapping of a snapshot file (lazy restore) without changing anything above here.
+A fresh VM's RAM is anonymous memory with transparent huge pages asked for: the first touch
+of guest memory is the slowest thing a new guest does (a fault per page, 3-35 us here), and
+2 MiB pages make it 512 times rarer. (A memfd would get no huge pages on hosts whose shmem
+THP is off, the usual default.) A lazy restore maps the snapshot's memory file privately
+instead, its zero stretches anonymous. Either way the pages are found by the same scan
+(pipeline/pages.py: the file's data extents plus pagemap's anonymous pages) and read by
+file offset, so nothing above here cares which it is.
 """
 
 from __future__ import annotations
@@ -86,31 +91,34 @@ class Region:
 
 
 class GuestMemory:
-    """All guest RAM. Either a fresh memfd (shared mapping) or a private file mapping."""
+    """All guest RAM: fresh anonymous memory, or a private mapping of a snapshot's memory
+    file (`backing_fd`). Both are "private": `anonymous` lists the file-offset ranges that
+    are anonymous memory (all of it for a fresh VM), `file_backed()` the rest."""
 
-    def __init__(self, size: int, backing_fd: int | None = None, private: bool = False,
+    def __init__(self, size: int, backing_fd: int | None = None,
                  name: str = "pyhyve-ram") -> None:
         if size <= 0 or size % PAGE:
             raise ValueError(f"memory size must be a positive multiple of {PAGE}")
         self.size = size
-        self.private = private
-        if backing_fd is None:
-            self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
-            os.ftruncate(self.fd, size)
-        else:
-            self.fd = os.dup(backing_fd)
+        self.name = name
+        self.fd = os.dup(backing_fd) if backing_fd is not None else -1
         self.regions: list[Region] = []
-        flags = mmap.MAP_PRIVATE if private else mmap.MAP_SHARED
         for lay in ram_layout(size):
-            mm = mmap.mmap(self.fd, lay.size, flags=flags,
-                           prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=lay.file_offset)
-            if hasattr(mm, "madvise") and hasattr(mmap, "MADV_HUGEPAGE") and not private:
+            if self.fd >= 0:
+                mm = mmap.mmap(self.fd, lay.size, flags=mmap.MAP_PRIVATE,
+                               prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=lay.file_offset)
+            else:  # untouched pages cost nothing until the guest writes them
+                mm = mmap.mmap(-1, lay.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                               | MAP_NORESERVE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
                 with contextlib.suppress(OSError):
                     mm.madvise(mmap.MADV_HUGEPAGE)
             self.regions.append(Region(lay, mm))
-        # a private mapping of a snapshot file: which parts are anonymous instead (zero
-        # runs, never read from the file) and the guard that keeps the rest safe
-        self.anonymous: list[tuple[int, int]] = []
+        # which file-offset ranges are anonymous memory: all of fresh RAM; of a snapshot's
+        # mapping, the zero stretches never read from the file (and the guard that keeps
+        # the rest safe)
+        self.anonymous: list[tuple[int, int]] = ([] if self.fd >= 0 else
+                                                 [(r.layout.file_offset, r.size)
+                                                  for r in self.regions])
         self.guard: MemoryGuard | None = None
         # told of the VMM's own writes (first file page, count): the dirty tracker
         self.on_write: Callable[[int, int], None] | None = None
@@ -244,8 +252,6 @@ class GuestMemory:
 
     def file_backed(self) -> Iterator[tuple[int, int]]:
         """(file offset, length) of the ranges still mapped from the backing file."""
-        if not self.private:
-            return
         pos = 0
         for off, length in [*self.anonymous, (self.size, 0)]:
             if off > pos:

@@ -76,27 +76,25 @@ def _written_pages(addr: int, size: int) -> npt.NDArray[np.bool_]:
     return ((present & ~file_page & np.uint64(1)) | swapped).astype(bool)
 
 
-def _private_spans(mem: GuestMemory, r: Region) -> list[tuple[int, int]]:
-    """Where a private (copy-on-write) mapping of a snapshot file can hold non-zero bytes:
-    the file's data extents, plus the pages the guest wrote since (anonymous, in RAM or in
-    swap). Scanning only these avoids faulting in every hole of the file."""
+def _spans(mem: GuestMemory, r: Region) -> list[tuple[int, int]]:
+    """Where a region can hold non-zero bytes: the backing file's data extents (a lazily
+    restored guest's snapshot file), plus the pages written in this process (anonymous, in
+    RAM or in swap). Scanning only these never faults in an untouched page."""
     base, size = r.layout.file_offset, r.size
-    spans = [(s - base, e - base) for s, e in extents(mem.fd, base, base + size)]
+    spans = ([(s - base, e - base) for s, e in extents(mem.fd, base, base + size)]
+             if mem.fd >= 0 else [])
     spans += [(a * PAGE, (a + n) * PAGE) for a, n in runs_of(_written_pages(r.host_addr, size))]
     return [(p * PAGE, (p + n) * PAGE) for p, n in merge([(s // PAGE, (e - s) // PAGE)
                                                            for s, e in spans if e > s])]
 
 
 def guest_runs(mem: GuestMemory) -> Runs:
-    """Non-zero pages of guest RAM, in file pages. A shared memfd is scanned only where
-    it has data (never-touched pages are holes); a private mapping of a snapshot only where
-    the file has data or the guest has written."""
+    """Non-zero pages of guest RAM, in file pages, scanned only where a page can hold data
+    (`_spans`)."""
     runs: Runs = []
     for r in mem.regions:
         base = r.layout.file_offset
-        spans = (_private_spans(mem, r) if mem.private else
-                 [(s - base, e - base) for s, e in extents(mem.fd, base, base + r.size)])
-        for s, e in spans:
+        for s, e in _spans(mem, r):
             runs += nonzero_runs(r.array[s:e], (base + s) // PAGE)
     return merge(runs)
 

@@ -208,7 +208,7 @@ def _loading_error(e: PyhyveError) -> SnapshotError:
 def _lazy_memory(snap: Snapshot, size: int) -> GuestMemory:
     """Guest RAM as a private mapping of the memory file; the big zero stretches mapped
     anonymous (never read from the file)."""
-    memory = GuestMemory(size, backing_fd=snap.mem_fd, private=True)
+    memory = GuestMemory(size, backing_fd=snap.mem_fd)
     try:
         memory.map_anonymous(zero_spans(snap.runs, memory))
     except BaseException:
