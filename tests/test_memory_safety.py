@@ -222,3 +222,40 @@ def test_guest_stops_with_one_line_when_it_cannot_be_moved_off_in_time(make_vm, 
     dep = vm.snapshot_dependency()
     assert dep["depends_on_snapshot"]
     vm.close()  # lets go of the lease: the writer gets through
+
+
+@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no-prefetch"])
+def test_prefetch_pulls_every_data_page_in_and_changes_none(make_vm, tmp_path, prefetch):
+    """A lazily restored guest gets its snapshot's data pages faulted in for writing by a
+    background thread (so its first touch of each is not a fault and a file read), byte
+    for byte what the file holds; without prefetch they stay in the file until touched."""
+    import numpy as np
+
+    from pyhyve.pipeline.pages import _written_pages
+    base = suspended(make_vm, str(tmp_path / "a"), cmdline="ws=16M", memory=64 * MB)
+    snap = open_snapshot(base)
+    vm2 = restore(snap, console=CaptureConsole(), prefetch=prefetch)  # never started
+    try:
+        runs, mem = snap.runs, vm2.memory
+        data = sum(n for _, n in runs) * 4096
+        pf = mem.guard.prefetch  # type: ignore[union-attr]
+        if prefetch:
+            deadline = time.monotonic() + 30
+            while pf.done_bytes < data:
+                assert time.monotonic() < deadline, (pf.done_bytes, data)
+                time.sleep(0.01)
+        else:
+            assert pf is None
+        r = mem.regions[0]
+        private = _written_pages(r.host_addr, r.size)
+        wanted = np.zeros(r.size // 4096, dtype=bool)
+        for page, count in runs:
+            wanted[page:page + count] = True
+        assert (private[wanted].all() if prefetch else not private[wanted].any())
+        with open(snap.memory_path, "rb") as f:
+            for page, count in runs:
+                f.seek(page * 4096)
+                assert f.read(count * 4096) == bytes(r.array[page * 4096:(page + count) * 4096])
+    finally:
+        snap.close()
+        vm2.close()

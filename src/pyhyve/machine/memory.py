@@ -176,17 +176,19 @@ class GuestMemory:
             yield off, n
             off += n
 
-    MADV_POPULATE_WRITE = 23  # Linux 5.14+
+    MADV_POPULATE_READ, MADV_POPULATE_WRITE = 22, 23  # Linux 5.14+
 
-    def populate(self, off: int, length: int) -> bool:
-        """Fault in [off, off+length) (file offsets) for writing, without touching data
-        (in a private mapping: break copy-on-write). False if the kernel refused.
-        Through ctypes, which drops the GIL (mmap.madvise holds it for the whole call)."""
+    def populate(self, off: int, length: int, write: bool = True) -> bool:
+        """Fault in [off, off+length) (file offsets) without touching data: for writing
+        (in a private mapping: break copy-on-write), or for reading (map the page cache's
+        pages, still shared). False if the kernel refused. Through ctypes, which drops the
+        GIL (mmap.madvise holds it for the whole call)."""
+        advice = self.MADV_POPULATE_WRITE if write else self.MADV_POPULATE_READ
         for r in self.regions:
             base = r.layout.file_offset
             if base <= off and off + length <= base + r.size:
                 return bool(_libc.madvise(C.c_void_p(r.host_addr + off - base),
-                                          C.c_size_t(length), self.MADV_POPULATE_WRITE) == 0)
+                                          C.c_size_t(length), advice) == 0)
         return False
 
     def map_anonymous(self, spans: list[tuple[int, int]]) -> None:

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 from ..machine.memory import GuestMemory
+from .prefetch import Prefetcher
 
 F_SETSIG = 10
 POLL_S = 0.1
@@ -66,6 +67,7 @@ class LeaseGuard:
         self.memory, self.path, self.on_lost, self.paused = memory, path, on_lost, paused
         self.fd = os.dup(fd)
         self.size = size
+        self.prefetch: Prefetcher | None = None
         self.depends = True
         self.note = ""
         self.leased = not lease_error
@@ -139,6 +141,8 @@ class LeaseGuard:
         return out
 
     def stop(self) -> None:
+        if self.prefetch is not None:  # its thread touches the mappings too
+            self.prefetch.stop()
         self._stop.set()
         t = self._thread
         if t is not None and t is not threading.current_thread():
