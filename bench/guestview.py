@@ -12,7 +12,8 @@ read here), so each figure is the guest's own progress, not a VMM's "done":
   row no slower than 1.5x the steady pass time). pyhyve lazy (its default) and --eager;
   QEMU `-incoming "exec:cat FILE"` of a stopped-guest snapshot, `cont` when loaded.
 - checkpoint: the longest silence of the guest from the command until 2 s after it
-  finished, and the passes lost against the undisturbed rate over that window. pyhyve
+  finished, and the passes lost: passes in that window against the same guest's passes in
+  the undisturbed second before it, scaled to the window. pyhyve
   `--checkpoint`; QEMU `migrate "exec:cat > F && sync F"` then `cont` (its running-guest
   snapshot), at max-bandwidth 10G (at its 128 MiB/s default it does not finish in 30 s).
 - suspend: command to the files being safe on disk: pyhyve `--suspend` (fsyncs), QEMU
@@ -22,7 +23,8 @@ read here), so each figure is the guest's own progress, not a VMM's "done":
   applied. Rows: each at its defaults (pyhyve: 5 ms target, auto-converge, compression
   auto; QEMU: 128 MiB/s, 300 ms, no auto-converge), and matched (both: unlimited
   bandwidth, 300 ms target, auto-converge, no compression). The destination guest must
-  make passes afterwards, or the run fails.
+  make passes afterwards, without starting over, or the run fails; a migration that does
+  not finish in 30 s counts as infinitely slow (DNF) in the medians.
 VMM-internal figures (pyhyve's and QEMU's own downtime) are printed too, labelled so.
 Medians over --runs runs; runs of one kind are interleaved between the two systems.
 """
@@ -32,7 +34,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import re
 import shutil
 import socket
 import statistics
@@ -44,11 +45,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pyhyve import guestkit
+from pyhyve.control.client import ControlClient
 from qmp import Qmp
 
-from common import PYHYVE, PYHYVECTL, ensure_qemu, qemu_args, qemu_version, table, warm_memory
+from common import PYHYVE, ensure_qemu, qemu_args, qemu_version, table, warm_memory
 
 KEY = "benchmark migration key 0123456789"
+INF = float("inf")
 QEMU_TIMEOUT = 30.0
 AFTER = 2.0  # seconds watched after an operation ends
 
@@ -91,10 +94,16 @@ class Console:
             return [p for p in self.passes if p > t]
 
 
-def steady_pass(con: Console, skip: int = 3, n: int = 20) -> float:
-    con.wait(skip + n + 1)
-    p = con.passes[skip:skip + n + 1]
-    return statistics.median(b - a for a, b in itertools.pairwise(p))
+def steady_pass(con: Console, skip: int = 3, min_s: float = 0.5) -> float:
+    """Mean pass time over at least `min_s` after the first `skip` passes (passes of a
+    small working set arrive many to a read, so single intervals say nothing)."""
+    t0 = con.wait(skip + 1)
+    n = skip + 21
+    while True:
+        t = con.wait(n)
+        if t - t0 >= min_s:
+            return (t - t0) / (n - skip - 1)
+        n *= 2
 
 
 def at_steady(passes: list[float], steady: float) -> float | None:
@@ -106,13 +115,23 @@ def at_steady(passes: list[float], steady: float) -> float | None:
     return None
 
 
-def stall(passes: list[float], start: float, end: float) -> tuple[float, int]:
-    """Longest silence of the guest within [start, end] (from its last pass before start)
-    and the passes made in that window."""
+def stall(passes: list[float], start: float, end: float) -> tuple[float, float]:
+    """Longest silence of the guest within [start, end] (from its last pass before start),
+    and the passes lost: those the guest made in the window against those it made in the
+    same time just before it, undisturbed (never clamped: a negative number is a gain)."""
     before = [p for p in passes if p <= start]
     inside = [p for p in passes if start < p <= end]
     points = [before[-1] if before else start, *inside, end]
-    return max(b - a for a, b in itertools.pairwise(points)), len(inside)
+    width = end - start
+    base = [p for p in before if p > start - min(width, 1.0)]  # up to 1 s before, scaled
+    undisturbed = len(base) * width / min(width, 1.0)
+    return max(b - a for a, b in itertools.pairwise(points)), undisturbed - len(inside)
+
+
+def no_restart(con: Console) -> None:
+    """A restored or received guest continues: its start banner must never appear."""
+    if b"A-B start" in con.text:
+        raise RuntimeError("the guest started over instead of continuing")
 
 
 def popen(args: list[str], errlog: str, **kw: object) -> subprocess.Popen:
@@ -161,18 +180,21 @@ class Pyhyve:
         return self._spawn(name, ["-m", "1G", "-k", self.kernel, "--cmdline", f"ws={self.ws}M"],
                            True)
 
-    def ctl(self, vm: Vm, *args: str) -> str:
-        p = subprocess.run([PYHYVECTL, "--vm", vm.name, *args], env=self.env,
-                           capture_output=True, text=True)
-        if p.returncode:
-            raise RuntimeError(f"pyhyvectl {' '.join(args)}: {p.stderr.strip()}")
-        return p.stdout
+    def ctl(self, vm: Vm, cmd: str, **args: object) -> dict:
+        """A request on the VM's control socket, as pyhyvectl sends it (without the start
+        of a pyhyvectl process, which QEMU's side, on an open QMP socket, does not pay)."""
+        os.environ["PYHYVE_RUNDIR"] = self.env["PYHYVE_RUNDIR"]
+        with ControlClient(vm.name, timeout=120) as c:
+            reply = c.call(cmd, **args)
+        if not reply.get("ok", True) or reply.get("error"):
+            raise RuntimeError(f"{cmd}: {reply.get('error')}")
+        return reply
 
     def checkpoint(self, vm: Vm, path: str) -> None:
-        self.ctl(vm, "--checkpoint", path)
+        self.ctl(vm, "checkpoint", path=path)
 
     def suspend(self, vm: Vm, path: str) -> None:
-        self.ctl(vm, "--suspend", path)
+        self.ctl(vm, "suspend", path=path)
         vm.proc.wait(60)
 
     def restore(self, name: str, path: str, eager: bool = False) -> Vm:
@@ -183,13 +205,12 @@ class Pyhyve:
                                   os.path.join(self.work, "key")], False)
 
     def migrate(self, src: Vm, port: int, matched: bool) -> dict[str, float]:
-        extra = (["--downtime-ms", "300", "--compress", "none"] if matched else [])
-        out = self.ctl(src, "--migrate-live", f"127.0.0.1:{port}", "--key-file",
-                       os.path.join(self.work, "key"), *extra)
-        m = re.search(r"downtime ([\d.]+) ms", out)
-        th = re.search(r"max throttle (\d+)%", out)
-        return {"vmm_downtime": float(m.group(1)) / 1e3 if m else float("nan"),
-                "throttle": float(th.group(1)) if th else 0.0}
+        opts = {"downtime_ms": 300.0, "compress": "none"} if matched else {}
+        r = self.ctl(src, "migrate", target=f"127.0.0.1:{port}", live=True,
+                     key=load_key_hex(os.path.join(self.work, "key")), **opts)
+        if r.get("state") != "completed":
+            raise RuntimeError(f"pyhyve migration {r.get('state')}: {r.get('error')}")
+        return {"vmm_downtime": float(r["downtime_s"]), "throttle": 100 * float(r["throttle"])}
 
 
 class Qemu:
@@ -213,10 +234,16 @@ class Qemu:
         q = vm.qmp
         assert q is not None
         q.cmd("migrate-set-parameters", **{"max-bandwidth": 10 << 30})
-        q.cmd("migrate", uri=f"exec:cat > {path} && sync {path}")
+        # QEMU says "completed" before its exec channel has closed: wait for the sync
+        q.cmd("migrate", uri=f"exec:cat > {path} && sync {path} && touch {path}.done")
         info = q.wait_migration(QEMU_TIMEOUT)
         if info is None:
-            raise RuntimeError(f"QEMU's snapshot did not complete in {QEMU_TIMEOUT:.0f} s")
+            raise TimeoutError(f"QEMU's snapshot did not complete in {QEMU_TIMEOUT:.0f} s")
+        deadline = time.monotonic() + QEMU_TIMEOUT
+        while not os.path.exists(f"{path}.done"):
+            if time.monotonic() > deadline:
+                raise TimeoutError("QEMU's snapshot file was never synced")
+            time.sleep(0.001)
         return info
 
     def checkpoint(self, vm: Vm, path: str) -> None:
@@ -236,7 +263,7 @@ class Qemu:
         while (status := q.cmd("query-status")["status"]) != "running":  # type: ignore[index]
             if status == "paused":
                 q.cmd("cont")
-            time.sleep(0.0005)
+            time.sleep(0.005)  # not faster: QEMU answers from the loop that loads
         return vm
 
     def listen(self, name: str, port: int) -> Vm:
@@ -248,7 +275,8 @@ class Qemu:
         if matched:
             q.cmd("migrate-set-capabilities",
                   capabilities=[{"capability": "auto-converge", "state": True}])
-            q.cmd("migrate-set-parameters", **{"max-bandwidth": 10 << 30})
+            q.cmd("migrate-set-parameters", **{"max-bandwidth": 10 << 30,
+                                               "downtime-limit": 300})
         q.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
         throttle = 0.0
         deadline = time.monotonic() + QEMU_TIMEOUT
@@ -266,6 +294,13 @@ class Qemu:
             time.sleep(0.002)
 
 
+def load_key_hex(path: str) -> str:
+    from pyhyve.migration.security import load_key
+    key = load_key(path)
+    assert key is not None
+    return key.hex()
+
+
 def free_port() -> int:
     with socket.create_server(("127.0.0.1", 0)) as s:
         return int(s.getsockname()[1])
@@ -281,13 +316,12 @@ def floor_and_snapshots(side: Pyhyve | Qemu, work: str) -> Result:
     try:
         out["boot_first_pass"] = vm.con.wait(1) - vm.t_start
         steady = out["steady_pass"] = steady_pass(vm.con)
+        time.sleep(1.0)  # an undisturbed second to compare the window with
         t0 = time.monotonic()
         side.checkpoint(vm, os.path.join(work, f"{side.label}-ck"))
         t1 = time.monotonic()
         time.sleep(AFTER)
-        gap, made = stall(vm.con.passes, t0, t1 + AFTER)
-        out["checkpoint_stall"] = gap
-        out["checkpoint_lost"] = max(0.0, (t1 + AFTER - t0) / steady - made)
+        out["checkpoint_stall"], out["checkpoint_lost"] = stall(vm.con.passes, t0, t1 + AFTER)
         out["checkpoint_cmd"] = t1 - t0
         snap = os.path.join(work, f"{side.label}-sus")
         t0 = time.monotonic()
@@ -302,6 +336,7 @@ def floor_and_snapshots(side: Pyhyve | Qemu, work: str) -> Result:
             first = r.con.wait(1)
             second = r.con.wait(2)
             r.con.wait(8)
+            no_restart(r.con)
             st = at_steady(r.con.passes, steady)
             out[f"{tag}_first_b"] = first - r.t_start
             out[f"{tag}_full_pass"] = second - r.t_start
@@ -316,38 +351,61 @@ def migration(side: Pyhyve | Qemu, matched: bool) -> Result:
     dst = side.listen("dst", port)
     src = side.boot("src")
     try:
-        steady = steady_pass(src.con)
+        steady_pass(src.con)  # warmed up, then an undisturbed second before the command
+        time.sleep(1.0)
         t0 = time.monotonic()
         try:
             vmm = side.migrate(src, port, matched)
-        except TimeoutError:
-            return {"dnf": 1.0}
+        except TimeoutError:  # did not finish: infinitely slow, not left out
+            return {"stall": INF, "lost": INF, "total": INF, "dnf": 1.0}
         t1 = time.monotonic()
         dst.con.wait(3, timeout=60)  # the destination guest makes passes, or the run fails
         time.sleep(max(0.0, t1 + AFTER - time.monotonic()))
+        no_restart(dst.con)
         passes = sorted(src.con.passes + dst.con.passes)
-        gap, made = stall(passes, t0, t1 + AFTER)
-        return {"stall": gap, "lost": max(0.0, (t1 + AFTER - t0) / steady - made),
-                "total": t1 - t0, **vmm}
+        gap, lost = stall(passes, t0, t1 + AFTER)
+        return {"stall": gap, "lost": lost, "total": t1 - t0, **vmm}
     finally:
         src.close()
         dst.close()
 
 
+ERRORS: list[str] = []
+
+
+def attempt(run: Callable[[], Result]) -> Result:
+    """One run; a failure is recorded (and printed at the end), not fatal to the rest."""
+    try:
+        return run()
+    except Exception as e:  # a bench run that failed is a finding, reported as such
+        ERRORS.append(f"{type(e).__name__}: {e}")
+        return {"error": 1.0}
+
+
 def med(runs: list[Result], key: str) -> float | None:
+    """Median over the runs that measured `key` (a run that did not finish counts as
+    infinite); None unless most runs measured it."""
     vals = [r[key] for r in runs if key in r and r[key] == r[key]]
     return statistics.median(vals) if vals and len(vals) * 2 > len(runs) else None
+
+
+def num(x: float | None, fmt: str = "{:.0f}") -> str:
+    return "—" if x is None else "DNF" if x == INF else fmt.format(x)
 
 
 def ms(x: float | None) -> str:
     if x is None:
         return "—"
+    if x == INF:
+        return "DNF"
     v = x * 1e3
     return f"{v:.0f}" if v >= 10 else f"{v:.1f}" if v >= 1 else f"{v:.2f}"
 
 
 def ratio(a: float | None, b: float | None) -> str:
-    return f"{a / b:.2f}x" if a is not None and b else "—"
+    if a is None or not b or INF in (a, b):
+        return "—"
+    return f"{a / b:.2f}x"
 
 
 def run_ws(ws: int, runs: int, kernel: str, qemu: str, only: set[str]) -> list[list[str]]:
@@ -362,10 +420,11 @@ def run_ws(ws: int, runs: int, kernel: str, qemu: str, only: set[str]) -> list[l
                     (lambda: Pyhyve(kernel, ws, work)) if label == "pyhyve"  # noqa: B023
                     else (lambda: Qemu(qemu, kernel, ws, work)))  # noqa: B023
                 if "snapshot" in only:
-                    snap[label].append(floor_and_snapshots(mk(), work))
+                    snap[label].append(attempt(lambda: floor_and_snapshots(mk(), work)))  # noqa: B023
                 if "migration" in only:
                     for matched in (False, True):
-                        mig[(label, matched)].append(migration(mk(), matched))
+                        mig[(label, matched)].append(
+                            attempt(lambda: migration(mk(), matched)))  # noqa: B023
             finally:
                 shutil.rmtree(work, ignore_errors=True)
     rows: list[list[str]] = []
@@ -385,24 +444,27 @@ def run_ws(ws: int, runs: int, kernel: str, qemu: str, only: set[str]) -> list[l
                 med(q, f"restore_{k}"))
         row("checkpoint: longest guest silence", med(p, "checkpoint_stall"),
             med(q, "checkpoint_stall"), "QEMU: migrate to file + cont, 10G")
-        rows.append(["", "checkpoint: passes lost", f"{med(p, 'checkpoint_lost') or 0:.0f}",
-                     f"{med(q, 'checkpoint_lost') or 0:.0f}", "", "against undisturbed"])
+        rows.append(["", "checkpoint: passes lost", num(med(p, "checkpoint_lost")),
+                     num(med(q, "checkpoint_lost")), "", "vs the second before"])
         row("suspend: command to files synced", med(p, "suspend"), med(q, "suspend"),
             "fsync on both")
     if "migration" in only:
         for matched in (False, True):
             mp, mq = mig[("pyhyve", matched)], mig[("QEMU", matched)]
             kind = "matched" if matched else "defaults"
-            dnf = sum("dnf" in r for r in mq)
+            setting = ("both: unlimited bandwidth, 300 ms target, auto-converge, no compression"
+                       if matched else "pyhyve 5 ms, auto-converge, compress auto; QEMU "
+                       "128 MiB/s, 300 ms, no auto-converge")
+            dnf = sum("dnf" in r for r in mq) + sum("dnf" in r for r in mp)
             row(f"migration ({kind}): longest guest silence", med(mp, "stall"), med(mq, "stall"),
-                f"QEMU did not finish in {dnf}/{runs}" if dnf else "")
-            rows.append(["", f"migration ({kind}): passes lost", f"{med(mp, 'lost') or 0:.0f}",
-                         "—" if med(mq, "lost") is None else f"{med(mq, 'lost'):.0f}", "", ""])
+                setting + (f"; {dnf} run(s) did not finish in {QEMU_TIMEOUT:.0f} s" if dnf
+                           else ""))
+            rows.append(["", f"migration ({kind}): passes lost", num(med(mp, "lost")),
+                         num(med(mq, "lost")), "", "vs the second before"])
             row(f"migration ({kind}): total", med(mp, "total"), med(mq, "total"))
             rows.append(["", f"migration ({kind}): max throttle",
-                         f"{med(mp, 'throttle') or 0:.0f}%",
-                         "—" if med(mq, "throttle") is None else f"{med(mq, 'throttle'):.0f}%",
-                         "", ""])
+                         num(med(mp, "throttle"), "{:.0f}%"), num(med(mq, "throttle"), "{:.0f}%"),
+                         "", "share of guest CPU taken"])
             row(f"migration ({kind}): downtime, VMM-internal", med(mp, "vmm_downtime"),
                 med(mq, "vmm_downtime"), "each VMM's own figure")
     return rows
@@ -423,6 +485,8 @@ def main() -> None:
     print(table(f"what the guest sees, 1 GiB A-B guest, median of {args.runs} (ms) — "
                 f"{qemu_version(qemu)}, {time.strftime('%Y-%m-%d')}",
                 ["ws", "what", "pyhyve", "QEMU", "pyhyve/QEMU", "note"], rows))
+    for e in ERRORS:
+        print(f"failed run: {e}")
 
 
 if __name__ == "__main__":
