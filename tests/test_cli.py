@@ -86,7 +86,8 @@ def test_console_to_file_with_bhyve_alias(kit, rundir, tmp_path):
 
 def test_console_on_unix_socket(kit, rundir, tmp_path):
     path = str(tmp_path / "con.sock")
-    proc = spawn("pyhyve", "run", "u", "-m", "64M", "-k", kit["ab"], "--cmdline", "ws=1M",
+    # ws=16M: a pass a tenth of a millisecond, so the replayed 64 KiB still hold the banner
+    proc = spawn("pyhyve", "run", "u", "-m", "64M", "-k", kit["ab"], "--cmdline", "ws=16M",
                  "--console", f"unix:{path}", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         wait_socket(rundir, "u")
@@ -310,7 +311,7 @@ def test_demo_runs_and_writes_no_escape_codes_into_a_pipe():
 
 def test_stdin_reaches_the_guest_through_the_console(kit, rundir):
     """README: the console's default is guest output on stdout and stdin to the guest."""
-    p = cli("pyhyve", "run", "echo", "-m", "16M", "-k", kit["echo"], input="hi\nq", timeout=60)
+    p = cli("pyhyve", "run", "echo", "-m", "16M", "-k", kit["echo"], input="hi\nq", timeout=20)
     assert p.returncode == 0, p.stderr
     assert "echo ready" in p.stdout and "<68><69><0a>" in p.stdout and "bye" in p.stdout, p.stdout
 

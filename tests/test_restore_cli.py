@@ -54,8 +54,9 @@ def test_eager_restore_copies_memory_in_and_lazy_keeps_reading_the_file(make_vm,
 def test_restore_refuses_memory_or_cpus_that_disagree(make_vm, tmp_path, rundir):
     base = suspended(make_vm, str(tmp_path / "s"), memory=32 * MB)
     for flags, needle in ((("-m", "64M"), "--memory 64M disagrees with the snapshot's 32M"),
+                          (("-m", "512M"), "--memory 512M disagrees"),  # the boot default too
                           (("--cpus", "2"), "--cpus 2 disagrees with the snapshot's 1")):
-        p = cli("pyhyve", "run", "r", "-r", base, "--console", "null", *flags)
+        p = cli("pyhyve", "run", "r", "-r", base, "--console", "null", *flags, timeout=20)
         assert p.returncode == 2 or p.returncode == 1, p
         lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
         assert len(lines) == 1 and needle in lines[0], p.stderr
@@ -77,3 +78,12 @@ def test_lazy_restore_does_not_grow_with_ram_size(make_vm, tmp_path, rundir):
             cli("pyhyvectl", "--vm", f"r{mem}", "--destroy")
             proc.wait(20)
     assert rss[4096] - rss[256] < 32 * 1024, rss  # KiB: 15x the RAM, not 15x the memory
+
+
+def test_receive_refuses_memory_and_cpus(rundir):
+    """The source sends the VM's configuration: a destination given sizes says so."""
+    for flags in (("-m", "64M"), ("--cpus", "2")):
+        p = cli("pyhyve", "run", "d", "-R", "127.0.0.1:7797", "--insecure", *flags, timeout=20)
+        lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+        assert p.returncode != 0 and len(lines) == 1, p.stderr
+        assert f"{flags[0].replace('-m', '--memory')} cannot be combined with --receive" in lines[0]

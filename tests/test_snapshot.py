@@ -84,11 +84,11 @@ def test_checkpoint_keeps_the_original_running(make_vm, tmp_path):
     vm, con = make_vm("hashchain", "", memory=64 * MB)
     con.wait_for("H0 10 ")
     base = str(tmp_path / "cp")
-    stats = save(vm, base, "checkpoint", keep_paused=True)
+    save(vm, base, "checkpoint", keep_paused=True)
     mark = len(con.buf)  # output up to the checkpoint; the copy must continue from here
     assert vm.state == "paused" and vm.user_paused  # keep_paused: the caller resumes it
     vm.resume()
-    assert vm.state == "running" and stats.kind == "checkpoint"
+    assert vm.state == "running"
     at = guestkit.check_hashchain(con.text)[0]
     con.wait_for(f"H0 {at + 30} ")  # the original goes on
     vm2, con2 = restore_file(base)

@@ -60,9 +60,9 @@ def build_parser() -> Parser:
     sub = p.add_subparsers(dest="command", parser_class=Parser, metavar="{run,snapshot,migration-certs}")
     r = sub.add_parser("run", help="create and run a VM", epilog=EXIT_HELP)
     r.add_argument("name", help="VM name (names its control socket)")
-    r.add_argument("-m", "--memory", default=DEFAULT_MEMORY,
-                   help="guest RAM, e.g. 512M or 1G; a bare number is MiB (default %(default)s)")
-    r.add_argument("-c", "--cpus", type=int, default=1, help="number of vCPUs (default %(default)s)")
+    r.add_argument("-m", "--memory",  # None: not given (a restore checks a given one)
+                   help=f"guest RAM, e.g. 512M or 1G; a bare number is MiB (default {DEFAULT_MEMORY})")
+    r.add_argument("-c", "--cpus", type=int, help="number of vCPUs (default 1)")
     r.add_argument("-k", "--kernel", help="PVH ELF or bzImage to boot")
     r.add_argument("--initrd", help="initial ramdisk")
     r.add_argument("--cmdline", default="", help="kernel command line")
@@ -127,7 +127,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise UsageError("--reuse-paths goes with --restore or --receive")
         binds = _bindings(a)
         machine = bind(default_description(binds.pop(CONSOLE_ID, "stdio")), binds, True)
-        config = VmConfig(name=a.name, memory=parse_size(a.memory), cpus=a.cpus,
+        config = VmConfig(name=a.name, memory=parse_size(a.memory or DEFAULT_MEMORY),
+                          cpus=a.cpus if a.cpus is not None else 1,
                           kernel=a.kernel, initrd=a.initrd, cmdline=a.cmdline,
                           console=_console_spec(a), description=machine,
                           cpuid_hidden=parse_feature_list(
@@ -142,11 +143,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     return serve(vm)
 
 
-def _no_config_flags(a: argparse.Namespace, mode: str, why: str) -> None:
-    """Guest configuration comes from the snapshot or the source, never the command line."""
-    given = [flag for flag, v in (("--kernel", a.kernel), ("--initrd", a.initrd),
-                                  ("--cmdline", a.cmdline), ("--cpuid-clear", a.cpuid_clear))
-             if v]
+def _no_config_flags(a: argparse.Namespace, mode: str, why: str, sizes: bool = False) -> None:
+    """Guest configuration comes from the snapshot or the source, never the command line
+    (a restore may repeat --memory/--cpus, and is refused if they disagree)."""
+    flags = [("--kernel", a.kernel), ("--initrd", a.initrd), ("--cmdline", a.cmdline),
+             ("--cpuid-clear", a.cpuid_clear)]
+    if sizes:
+        flags += [("--memory", a.memory), ("--cpus", a.cpus)]
+    given = [flag for flag, v in flags if v is not None and v != ""]
     if given:
         fail(PROG, f"{', '.join(given)} cannot be combined with {mode}: {why}")
 
@@ -169,11 +173,11 @@ def cmd_restore(a: argparse.Namespace) -> int:
                              bindings=binds, reuse_paths=a.reuse_paths)
             finally:
                 snap.close()
-        if a.memory != DEFAULT_MEMORY and parse_size(a.memory) != vm.config.memory:
+        if a.memory is not None and parse_size(a.memory) != vm.config.memory:
             vm.close()
             fail(PROG, f"--memory {a.memory} disagrees with the snapshot's "
                  f"{vm.config.memory >> 20}M")
-        if a.cpus != 1 and a.cpus != vm.config.cpus:
+        if a.cpus is not None and a.cpus != vm.config.cpus:
             vm.close()
             fail(PROG, f"--cpus {a.cpus} disagrees with the snapshot's {vm.config.cpus}")
     except (SnapshotError, UsageError, VmError, ConsoleError) as e:
@@ -198,7 +202,8 @@ def cmd_receive(a: argparse.Namespace) -> int:
     from ..migration.source import MigrationError, parse_listen
     from ..snapshot.format import SnapshotError
 
-    _no_config_flags(a, "--receive", "the source sends the VM's configuration")
+    _no_config_flags(a, "--receive", "the source sends the VM's configuration",
+                     sizes=True)
     try:
         host, port = parse_listen(a.receive, DEFAULT_PORT)
         if a.receive_timeout <= 0:

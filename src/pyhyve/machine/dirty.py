@@ -19,12 +19,12 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from ..kvm import ioctls as I
 from .memory import PAGE
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # numpy is imported when first used: it costs ~80 ms of every start
+    import numpy as np
+
     from ..kvm import Vm
     from .memory import GuestMemory
 
@@ -33,8 +33,7 @@ class DirtyTracker:
     def __init__(self, vm: Vm, memory: GuestMemory) -> None:
         self.vm, self.memory = vm, memory
         self.pages = memory.size // PAGE
-        self._bitmaps = [np.zeros((r.size // PAGE + 63) // 64, dtype=np.uint64)
-                         for r in memory.regions]
+        self._bitmaps: list[np.ndarray] = []  # KVM's, per slot, once logging starts
         self._consumers: list[DirtyConsumer] = []
         self._lock = threading.Lock()
         memory.on_write = self.mark
@@ -66,6 +65,11 @@ class DirtyTracker:
             self.vm.set_user_memory_region(slot, r.gpa, r.size, r.host_addr, flags)
 
     def _read_kvm(self) -> np.ndarray:
+        import numpy as np
+
+        if not self._bitmaps:
+            self._bitmaps = [np.zeros((r.size // PAGE + 63) // 64, dtype=np.uint64)
+                             for r in self.memory.regions]
         parts = []
         for slot, (r, bm) in enumerate(zip(self.memory.regions, self._bitmaps, strict=True)):
             self.vm.get_dirty_log(slot, bm.ctypes.data)
@@ -79,6 +83,8 @@ class DirtyTracker:
             c.pending |= mask
 
     def _fetch(self, c: DirtyConsumer) -> np.ndarray:
+        import numpy as np
+
         with self._lock:
             if c not in self._consumers:
                 raise ValueError(f"dirty consumer '{c.name}' was stopped")
@@ -99,6 +105,8 @@ class DirtyConsumer:
     """One reader's view of the dirty log (a migration, an incremental snapshot)."""
 
     def __init__(self, tracker: DirtyTracker, name: str) -> None:
+        import numpy as np
+
         self.tracker, self.name = tracker, name
         self.pending = np.zeros(tracker.pages, dtype=bool)
 
@@ -112,6 +120,8 @@ class DirtyConsumer:
 
 def runs_of(mask: np.ndarray, base: int = 0) -> list[tuple[int, int]]:
     """(base + first page, count) for each run of True in `mask`."""
+    import numpy as np
+
     if len(mask) == 0:
         return []
     edges = np.diff(np.concatenate(([False], mask, [False])).astype(np.int8))

@@ -10,13 +10,13 @@ import struct
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, cast
 
-import numpy as np
-import numpy.typing as npt
-
 from ..machine.dirty import runs_of
 from ..machine.memory import PAGE, GuestMemory
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # numpy is imported when first used: it costs ~80 ms of every start
+    import numpy as np
+    import numpy.typing as npt
+
     from ..machine.memory import Region
 
 Runs = list[tuple[int, int]]
@@ -41,6 +41,8 @@ def extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
 
 def page_flags(view: memoryview | npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
     """One bool per page of a page-aligned buffer: does it hold a non-zero byte."""
+    import numpy as np
+
     a = np.frombuffer(view, dtype=np.uint64) if isinstance(view, memoryview) else \
         view.view(np.uint64)
     return cast("npt.NDArray[np.bool_]", a.reshape(-1, PAGE // 8).any(axis=1))
@@ -67,6 +69,8 @@ def _written_pages(addr: int, size: int) -> npt.NDArray[np.bool_]:
     """Pages of [addr, addr+size) in this process that hold private (anonymous) data, as
     a bool array from /proc/self/pagemap: present and not file-backed, or swapped out.
     A page pushed to swap is not present but is still guest data; missing it lost pages."""
+    import numpy as np
+
     with open("/proc/self/pagemap", "rb") as f:
         raw = os.pread(f.fileno(), size // PAGE * 8, addr // PAGE * 8)
     pm = np.frombuffer(raw, dtype=np.uint64)

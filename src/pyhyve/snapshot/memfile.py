@@ -14,13 +14,16 @@ import mmap
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
-import numpy.typing as npt
 import xxhash
 
 from ..machine.memory import PAGE, GuestMemory
 from ..pipeline.pages import RUN, Runs, chunks, extents, nonzero_runs
+
+if TYPE_CHECKING:  # numpy is imported when first used: it costs ~80 ms of every start
+    import numpy as np
+    import numpy.typing as npt
 
 CHUNK = 8 << 20          # large single writes are ~10x slower here than 8 MiB ones
 
@@ -120,6 +123,8 @@ def stray_data(fd: int, mm: mmap.mmap, runs: Runs, size: int) -> int | None:
 
 
 def _np_view(mm: mmap.mmap, start: int, end: int) -> npt.NDArray[np.uint8]:
+    import numpy as np
+
     return np.frombuffer(mm, dtype=np.uint8, count=end - start, offset=start)
 
 
