@@ -263,3 +263,39 @@ def test_checkpoint_resumes_the_guest_before_its_files_are_synced(make_vm, tmp_p
     assert stats.downtime < stats.seconds, (stats.downtime, stats.seconds)
     n = con.buf.count(b"B")
     con.wait_count(b"B", n + 2)  # and it makes progress
+
+
+@pytest.mark.kvm
+def test_staged_checkpoint_writes_the_same_memory_and_resumes_before_the_write(make_vm,
+                                                                             tmp_path):
+    """A checkpoint copies guest RAM aside and lets the guest go before writing the file:
+    the file is byte for byte what an unstaged save writes of the same paused guest, and
+    the guest's downtime ends before the memory file was written."""
+    from pyhyve.snapshot import staging as staging_mod
+    vm, con = make_vm("ab", "ws=32M", memory=128 * MB)
+    con.wait_count(b"B", 2)
+    vm.pause()  # the same memory for both saves
+    save(vm, str(tmp_path / "staged"), "checkpoint")
+    save(vm, str(tmp_path / "plain"), "checkpoint", stage=False)
+    a, b = (open_snapshot(str(tmp_path / n), verify_memory=True) for n in ("staged", "plain"))
+    try:
+        assert a.meta["memory"]["checksum"] == b.meta["memory"]["checksum"]
+        assert a.meta["memory"]["data_pages"] == b.meta["memory"]["data_pages"] >= 32 * MB // 4096
+    finally:
+        a.close()
+        b.close()
+    vm.resume()
+    writes: list[float] = []  # when the file was being written, against the held guest
+    real = staging_mod.Staging.write_out
+
+    def timed(self, *args, **kw):
+        writes.append(time.perf_counter())
+        return real(self, *args, **kw)
+    staging_mod.Staging.write_out = timed  # type: ignore[method-assign]
+    try:
+        t0 = time.perf_counter()
+        stats = save(vm, str(tmp_path / "live"), "checkpoint")
+    finally:
+        staging_mod.Staging.write_out = real  # type: ignore[method-assign]
+    assert writes and writes[0] - t0 >= stats.downtime, (writes, stats)  # guest went on first
+    assert vm.state == "running"

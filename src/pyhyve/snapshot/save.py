@@ -1,8 +1,9 @@
 """Save a VM into the three files: atomically, and without harming the VM on failure.
 
 Order of work: pause, capture vCPU/VM/device state, write memory (page cache) into an
-exclusive temporary, then for a checkpoint resume the guest at once (the memory bytes are
-already in the file), then fsync, write the state temporary, fsync, and commit (files.py:
+exclusive temporary -- for a checkpoint, copy it into a staging buffer (staging.py) instead,
+resume the guest at once, and write the file from the copy -- then fsync, write the state
+temporary, fsync, and commit (files.py:
 a new generation, FILE.meta renamed into place last, the old generation removed after).
 Any failure removes the temporaries, leaves the last good snapshot as it was and the VM
 running.
@@ -27,6 +28,7 @@ from ..pipeline.sections import device_list, to_sections
 from .files import SnapshotFiles, commit, create_temp, write_all
 from .format import FORMAT, FORMAT_VERSION, SnapshotError, checksum, kern_header, meta_checksum
 from .memfile import MemStats, write_memory
+from .staging import Staging
 
 if TYPE_CHECKING:
     from ..vm import MachineState, VirtualMachine
@@ -116,12 +118,16 @@ def _target(base: str) -> str:
 
 
 def _memory_file(temps: _Temps, vm: VirtualMachine, runs: Runs,
-                 progress: ProgressFactory | None) -> tuple[int, str, MemStats]:
-    """Guest RAM into a temporary (page cache; the caller fsyncs after a checkpoint resumes)."""
+                 progress: ProgressFactory | None,
+                 staging: Staging | None = None) -> tuple[int, str, MemStats]:
+    """Guest RAM (or its staged copy) into a temporary (page cache; the caller fsyncs)."""
     fd, tmp = temps.create(".mem")
     os.ftruncate(fd, vm.memory.size)
     data_bytes = sum(n for _, n in runs) * PAGE
-    return fd, tmp, write_memory(vm.memory, fd, runs, progress(data_bytes) if progress else None)
+    report = progress(data_bytes) if progress else None
+    if staging is not None:
+        return fd, tmp, staging.write_out(fd, runs, vm.memory.size, report)
+    return fd, tmp, write_memory(vm.memory, fd, runs, report)
 
 
 def _state_file(temps: _Temps, st: MachineState, runs: Runs) -> tuple[str, list[SectionRow], int]:
@@ -137,23 +143,51 @@ def _state_file(temps: _Temps, st: MachineState, runs: Runs) -> tuple[str, list[
     return ktmp, table, off
 
 
+def _staging(vm: VirtualMachine) -> Staging | None:
+    """A staging buffer for the guest's data, faulted in while it still runs; none when the
+    host could not spare the memory (the checkpoint then writes while the guest is held)."""
+    want = sum(n for _, n in guest_runs(vm.memory)) * PAGE
+    if want * 2 > available_memory():
+        return None
+    try:
+        return Staging(want)
+    except OSError:
+        return None
+
+
+def available_memory() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def save(vm: VirtualMachine, base: str, kind: str, progress: ProgressFactory | None = None,
-         keep_paused: bool = False) -> SaveStats:
+         keep_paused: bool = False, stage: bool = True) -> SaveStats:
     """Snapshot `vm` to `base` (FILE.meta naming FILE.gN and FILE.gN.kern). `kind` is
     "suspend" or "checkpoint"; a checkpoint resumes the guest as soon as its memory is
-    written (unless keep_paused). A suspended VM stays paused; the caller stops it."""
+    copied aside (a staging buffer, unless `stage` is False) or written (unless
+    keep_paused). A suspended VM stays paused; the caller stops it."""
     base = _target(base)
     t0 = time.perf_counter()
     if keep_paused and vm.state == "running":
         vm.pause()  # the caller's pause: it outlives the save
+    staging = _staging(vm) if stage and kind == "checkpoint" else None
     vm.hold()
     held, done, resumed_at = True, False, None
     try:
         with _Temps(base) as temps:
             st = vm.capture()
             runs = guest_runs(vm.memory)
-            fd, tmp, mem_stats = _memory_file(temps, vm, runs, progress)
-            if kind == "checkpoint":
+            if staging is not None and staging.fits(runs):
+                staging.copy_in(vm.memory, runs)
+                vm.release()  # the guest's memory is copied aside: it may go on
+                held, resumed_at = False, time.perf_counter()
+                fd, tmp, mem_stats = _memory_file(temps, vm, runs, progress, staging)
+            else:
+                fd, tmp, mem_stats = _memory_file(temps, vm, runs, progress)
+            if kind == "checkpoint" and held:
                 vm.release()  # the memory bytes are in the file: the guest may go on
                 held, resumed_at = False, time.perf_counter()
             os.fsync(fd)
@@ -168,6 +202,8 @@ def save(vm: VirtualMachine, base: str, kind: str, progress: ProgressFactory | N
     except OSError as e:
         raise SnapshotError(f"cannot save snapshot to {base}: {e.strerror or e}") from None
     finally:
+        if staging is not None:
+            staging.close()
         if held:
             if done and vm.state == "paused":
                 vm.pause()  # a suspend stays paused as if the user paused it
