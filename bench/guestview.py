@@ -43,6 +43,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from pyhyve import guestkit
 from pyhyve.control.client import ControlClient
@@ -416,15 +417,13 @@ def run_ws(ws: int, runs: int, kernel: str, qemu: str, only: set[str]) -> list[l
         for label in ("pyhyve", "QEMU"):
             work = tempfile.mkdtemp(dir=os.environ.get("BENCH_DIR"))
             try:
-                mk: Callable[[], Pyhyve | Qemu] = (
-                    (lambda: Pyhyve(kernel, ws, work)) if label == "pyhyve"  # noqa: B023
-                    else (lambda: Qemu(qemu, kernel, ws, work)))  # noqa: B023
+                side = (Pyhyve(kernel, ws, work) if label == "pyhyve"
+                        else Qemu(qemu, kernel, ws, work))
                 if "snapshot" in only:
-                    snap[label].append(attempt(lambda: floor_and_snapshots(mk(), work)))  # noqa: B023
+                    snap[label].append(attempt(partial(floor_and_snapshots, side, work)))
                 if "migration" in only:
                     for matched in (False, True):
-                        mig[(label, matched)].append(
-                            attempt(lambda: migration(mk(), matched)))  # noqa: B023
+                        mig[(label, matched)].append(attempt(partial(migration, side, matched)))
             finally:
                 shutil.rmtree(work, ignore_errors=True)
     rows: list[list[str]] = []
