@@ -190,7 +190,7 @@ def test_status_says_whether_the_vm_depends_on_its_snapshot(kit, tmp_path, rundi
     assert "depends_on_snapshot: False" in cli("pyhyvectl", "--vm", "s1", "--status").stdout
     assert cli("pyhyvectl", "--vm", "s1", "--suspend", str(tmp_path / "snap")).returncode == 0
     p.wait(20)
-    p = spawn("pyhyve", "run", "s2", "-r", str(tmp_path / "snap"), "--console", "null",
+    p = spawn("pyhyve", "run", "s2", "-r", str(tmp_path / "snap"), "--lazy", "--console", "null",
               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_socket(rundir, "s2")

@@ -82,8 +82,13 @@ def build_parser() -> Parser:
                    f"default {','.join(DEFAULT_HIDDEN)}")
     r.add_argument("-r", "--restore", metavar="FILE",
                    help="continue the guest saved in FILE (+ .kern, .meta)")
-    r.add_argument("--eager", action="store_true",
-                   help="with --restore: copy memory in now instead of mapping FILE lazily")
+    how = r.add_mutually_exclusive_group()
+    how.add_argument("--eager", action="store_true",
+                     help="with --restore: copy the snapshot's data into memory before the "
+                     "guest starts (the default: it reaches full speed soonest)")
+    how.add_argument("--lazy", action="store_true",
+                     help="with --restore: map FILE and pull its pages in while the guest "
+                     "runs (it starts sooner; full speed comes later)")
     r.add_argument("-R", "--receive", metavar="[HOST:]PORT",
                    help="wait for an incoming migration (PORT alone: every address; "
                    "HOST,PORT as bhyve and [V6]:PORT work too), then run that guest")
@@ -169,7 +174,7 @@ def cmd_restore(a: argparse.Namespace) -> int:
         with bar(f"restore {a.name}") as progress:
             snap = open_snapshot(a.restore, verify_memory=False)  # restore() verifies it
             try:
-                vm = restore(snap, name=a.name, lazy=not a.eager, progress=progress,
+                vm = restore(snap, name=a.name, lazy=a.lazy, progress=progress,
                              bindings=binds, reuse_paths=a.reuse_paths)
             finally:
                 snap.close()
@@ -185,7 +190,7 @@ def cmd_restore(a: argparse.Namespace) -> int:
     except KvmError as e:
         fail(PROG, f"KVM refused: {e}")
     data = snap.meta["memory"]["data_pages"] * 4096
-    mode = "eager" if a.eager else "lazy"
+    mode = "lazy" if a.lazy else "eager"
     return serve(vm, lambda: note(
         f"{PROG}: restored {a.name} from {snap.base} ({mode}): {vm.config.memory >> 20} MiB RAM, "
         f"{data / (1 << 20):.1f} MiB of data read, {snap.meta['memory']['zero_pages']} zero "

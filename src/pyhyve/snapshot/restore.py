@@ -140,9 +140,10 @@ def restore(snap: Snapshot, name: str | None = None, console: Console | None = N
             progress: ProgressFactory | None = None,
             bindings: dict[str, str] | None = None, reuse_paths: bool = False,
             prefetch: bool = True) -> VirtualMachine:
-    """Build a VM from a snapshot; returns it ready to start(). Lazily (the default) the
-    guest reads the memory file through a private mapping, and with `prefetch` a thread
-    pulls its data pages in while it runs. If the memory file has not
+    """Build a VM from a snapshot; returns it ready to start(). Lazily (this function's
+    default; the command line's is eager, which reaches full speed sooner) the guest reads
+    the memory file through a private mapping, and with `prefetch` a thread pulls its data
+    pages in while it runs. If the memory file has not
     been verified yet, it is verified here on another thread while the VM is built (the
     kernel work of building overlaps the hashing), and nothing is returned unless it passed."""
 
