@@ -70,3 +70,27 @@ def test_writes_into_holes_of_a_lazily_restored_vm_are_saved(make_vm, tmp_path):
             assert f.read(21) == b"written after restore"
     finally:
         vm2.close()
+
+
+@pytest.mark.kvm
+def test_status_says_what_backs_guest_ram(make_vm, tmp_path):
+    """--status names the backing and how much of it the host gave as 2 MiB pages."""
+    vm, con = make_vm("ab", "ws=16M", memory=64 * MB)
+    con.wait_count(b"B", 2)
+    st = vm.status()
+    assert st["memory_backing"] == "anonymous memory"
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+        thp = f.read()
+    if "[never]" in thp:
+        assert st["huge_pages"] == 0
+    else:  # asked for with MADV_HUGEPAGE: the written working set is mostly in 2 MiB pages
+        assert st["huge_pages"] >= 8 * MB, st
+    save(vm, str(tmp_path / "s"), "suspend")
+    vm.stop("suspended")
+    snap = open_snapshot(str(tmp_path / "s"))
+    vm2 = restore(snap, console=CaptureConsole())
+    snap.close()
+    try:
+        assert vm2.status()["memory_backing"] == "snapshot file, copy-on-write"
+    finally:
+        vm2.close()

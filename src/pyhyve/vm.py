@@ -390,7 +390,8 @@ class VirtualMachine:
         return {"name": self.config.name, "state": self.state, "pid": os.getpid(),
                 "memory": self.config.memory, "cpus": self.config.cpus,
                 "exits": sum(t.exits for t in self.threads),
-                "stop_reason": self.stop_reason, **self.snapshot_dependency()}
+                "stop_reason": self.stop_reason, **self.memory.backing(),
+                **self.snapshot_dependency()}
 
     def snapshot_dependency(self) -> dict[str, object]:
         """Whether the guest still reads pages from its snapshot's memory file."""

@@ -181,7 +181,7 @@ def format_status(reply: dict[str, Any]) -> str:
     for k, v in reply.items():
         if v in ("", None):
             continue
-        if k == "memory" and isinstance(v, int):
+        if k in ("memory", "huge_pages") and isinstance(v, int):
             v = human(v)
         lines.append(f"{k}: {v}")
     return "\n".join(lines)

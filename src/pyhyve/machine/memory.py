@@ -260,6 +260,23 @@ class GuestMemory:
                 yield from self.pieces(pos, off, 1 << 62)
             pos = off + length
 
+    def backing(self) -> dict[str, object]:
+        """For `--status`: what backs guest RAM, and how much of it is in 2 MiB pages
+        (transparent huge pages are asked for, not promised: the host decides)."""
+        spans = [(r.host_addr, r.host_addr + r.size) for r in self.regions]
+        huge, start = 0, None
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split(maxsplit=1)[0]
+                if "-" in head and not head.endswith(":"):  # a mapping's first line
+                    lo, _, hi = head.partition("-")
+                    a, b = int(lo, 16), int(hi, 16)
+                    start = a if any(s <= a and b <= e for s, e in spans) else None
+                elif start is not None and head == "AnonHugePages:":
+                    huge += int(line.split()[1]) * 1024
+        kind = "snapshot file, copy-on-write" if self.fd >= 0 else "anonymous memory"
+        return {"memory_backing": kind, "huge_pages": huge}
+
     def file_view(self, off: int, length: int) -> memoryview:
         """Guest RAM by file offset; the range must lie in one region."""
         for r in self.regions:
