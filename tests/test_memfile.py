@@ -52,15 +52,22 @@ def test_run_table_round_trip_and_checks():
         pagelib.decode_runs(b"\0" * 15, 105)
 
 
+def suspend_and_restore(vm, base: str):
+    """Suspend `vm` to `base` and restore it lazily (not started)."""
+    save(vm, base, "suspend")
+    vm.stop("suspended")
+    snap = open_snapshot(base)
+    try:
+        return restore(snap, console=CaptureConsole())
+    finally:
+        snap.close()
+
+
 @pytest.mark.kvm
 def test_writes_into_holes_of_a_lazily_restored_vm_are_saved(make_vm, tmp_path):
     vm, con = make_vm("hashchain", "", memory=256 * MB)
     con.wait_for("H0 3 ")
-    save(vm, str(tmp_path / "a"), "suspend")
-    vm.stop("x")
-    snap = open_snapshot(str(tmp_path / "a"))
-    vm2 = restore(snap, console=CaptureConsole())
-    snap.close()
+    vm2 = suspend_and_restore(vm, str(tmp_path / "a"))
     try:
         assert vm2.memory.fd >= 0 and list(vm2.memory.file_backed())  # reads the file
         vm2.memory.write(200 * MB + 4096 * 3, b"written after restore")  # a hole in the file
@@ -85,11 +92,7 @@ def test_status_says_what_backs_guest_ram(make_vm, tmp_path):
         assert st["huge_pages"] == 0
     else:  # asked for with MADV_HUGEPAGE: the written working set is mostly in 2 MiB pages
         assert st["huge_pages"] >= 8 * MB, st
-    save(vm, str(tmp_path / "s"), "suspend")
-    vm.stop("suspended")
-    snap = open_snapshot(str(tmp_path / "s"))
-    vm2 = restore(snap, console=CaptureConsole())
-    snap.close()
+    vm2 = suspend_and_restore(vm, str(tmp_path / "s"))
     try:
         assert vm2.status()["memory_backing"] == "snapshot file, copy-on-write"
     finally:

@@ -22,6 +22,15 @@ def hashchain_vm(make_vm):
     return vm, con
 
 
+def through(vm, rule, action: str, **opts):
+    """Migrate `vm` live through a FrameProxy acting on the frame `rule` names."""
+    dest = Destination()
+    proxy = FrameProxy(dest.port, lambda d, t, n: action if rule(d, t, n) else None)
+    stats = migrate(vm, dest, port=proxy.port, live=True, **opts)
+    assert proxy.acted == action
+    return dest, stats
+
+
 def continues(vm, con, steps: int = 5) -> None:
     """The guest makes progress from where it was, without a lost or repeated step."""
     n = guestkit.check_hashchain(con.text)[0]
@@ -35,10 +44,7 @@ def continues(vm, con, steps: int = 5) -> None:
                          ids=["first-state", "complete", "ready"])
 def test_cut_before_go_leaves_the_guest_running_on_the_source_only(make_vm, where):
     vm, con = hashchain_vm(make_vm)
-    dest = Destination()
-    proxy = FrameProxy(dest.port, lambda d, t, n: "cut" if (d, t, n) == where else None)
-    stats = migrate(vm, dest, port=proxy.port, live=True)
-    assert proxy.acted == "cut"
+    dest, stats = through(vm, lambda d, t, n: (d, t, n) == where, "cut")
     assert stats.state == "failed" and "stays paused" not in stats.error, stats.error
     assert vm.state == "running" and dest.vm is None
     continues(vm, con)
@@ -46,10 +52,7 @@ def test_cut_before_go_leaves_the_guest_running_on_the_source_only(make_vm, wher
 
 def test_go_lost_keeps_the_source_paused_and_the_destination_never_starts(make_vm):
     vm, con = hashchain_vm(make_vm)
-    dest = Destination()
-    proxy = FrameProxy(dest.port, lambda d, t, n: "drop" if (d, t) == ("S", T.GO) else None)
-    stats = migrate(vm, dest, port=proxy.port, live=True)
-    assert proxy.acted == "drop"
+    dest, stats = through(vm, lambda d, t, n: (d, t) == ("S", T.GO), "drop")
     assert stats.state == "failed" and "stays paused" in stats.error, stats.error
     assert vm.state == "paused" and vm.user_paused  # nothing resumes it behind the user
     assert dest.vm is None  # no GO: the destination freed its copy
@@ -59,10 +62,7 @@ def test_go_lost_keeps_the_source_paused_and_the_destination_never_starts(make_v
 
 def test_running_lost_keeps_the_source_paused_while_the_destination_runs(make_vm):
     vm, con = hashchain_vm(make_vm)
-    dest = Destination()
-    proxy = FrameProxy(dest.port, lambda d, t, n: "drop" if (d, t) == ("D", T.RUNNING) else None)
-    stats = migrate(vm, dest, port=proxy.port, live=True)
-    assert proxy.acted == "drop"
+    dest, stats = through(vm, lambda d, t, n: (d, t) == ("D", T.RUNNING), "drop")
     assert stats.state == "failed" and "stays paused" in stats.error, stats.error
     assert vm.state == "paused"
     assert dest.vm is not None and dest.vm.state == "running"
@@ -81,10 +81,8 @@ def test_a_flipped_byte_in_raw_guest_memory_is_refused(make_vm):
     is checked: a tampered one must still end the migration before that guest runs."""
     vm, con = make_vm("ab", "ws=8M", memory=64 * MB)
     con.wait_count(b"B", 2)
-    dest = Destination()
-    proxy = FrameProxy(dest.port, lambda d, t, n: "flip" if (d, t, n) == ("S", T.MEM, 2) else None)
-    stats = migrate(vm, dest, port=proxy.port, live=True, compress="none")
-    assert proxy.acted == "flip"
+    dest, stats = through(vm, lambda d, t, n: (d, t, n) == ("S", T.MEM, 2), "flip",
+                          compress="none")
     assert stats.state == "failed", stats.error  # the source may only see the connection go
     assert dest.vm is None and "authentication failed" in str(dest.error), dest.error
     assert vm.state == "running"

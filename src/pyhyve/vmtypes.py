@@ -78,12 +78,17 @@ class MachineState:
     devices: dict[str, DeviceState]
 
 
-def host_memory_bytes() -> int:
+def meminfo(field: str) -> int:
+    """A /proc/meminfo figure in bytes (0 where the kernel does not report it)."""
     with open("/proc/meminfo") as f:
         for line in f:
-            if line.startswith("MemTotal:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def host_memory_bytes() -> int:
+    return meminfo("MemTotal")
 
 
 def open_kvm() -> Kvm:

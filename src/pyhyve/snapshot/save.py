@@ -25,6 +25,7 @@ from ..machine.memory import PAGE
 from ..pipeline.pages import Runs, guest_runs
 from ..pipeline.record import machine_record
 from ..pipeline.sections import device_list, to_sections
+from ..vmtypes import meminfo
 from .files import SnapshotFiles, commit, create_temp, write_all
 from .format import FORMAT, FORMAT_VERSION, SnapshotError, checksum, kern_header, meta_checksum
 from .memfile import MemStats, write_memory
@@ -147,20 +148,12 @@ def _staging(vm: VirtualMachine) -> Staging | None:
     """A staging buffer for the guest's data, faulted in while it still runs; none when the
     host could not spare the memory (the checkpoint then writes while the guest is held)."""
     want = sum(n for _, n in guest_runs(vm.memory)) * PAGE
-    if want * 2 > available_memory():
+    if want * 2 > meminfo("MemAvailable"):
         return None
     try:
         return Staging(want)
     except OSError:
         return None
-
-
-def available_memory() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def save(vm: VirtualMachine, base: str, kind: str, progress: ProgressFactory | None = None,
