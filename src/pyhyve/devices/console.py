@@ -227,15 +227,17 @@ class UnixConsole(Console):
                 c, _ = self.sock.accept()
             except OSError:
                 return
-            with self.lock:
+            with self.lock:  # the backlog goes out before any newer output
                 old, self.client = self.client, c
                 backlog = b"".join(self.pending)
                 self.pending.clear()
                 self.pending_len = 0
+                try:
+                    c.sendall(backlog)
+                except OSError:
+                    self.client = None
             if old:
                 old.close()
-            with contextlib.suppress(OSError):
-                c.sendall(backlog)
             threading.Thread(target=self._pump, args=(c,), daemon=True).start()
 
     def _pump(self, c: socket.socket) -> None:
