@@ -5,6 +5,10 @@
  * for the rest, so a RAM image taken while paused proves memory was copied coherently.
  *
  * cmdline: ws=SIZE (default 64M)  start=ADDR (default 4M)  rate=MiB/s of dirtying (0: max)
+ *          genid: print "G<counter> <id>" whenever the VM generation ID changes (restore,
+ *                 clone; devices/genid.py), checked once per pass
+ *          ro=SIZE: a region after the working set, filled once, then only read and
+ *                 summed every pass (a clone shares it with its siblings)
  */
 #include "rt.h"
 
@@ -15,16 +19,43 @@ struct ab_info {
 static struct ab_info info __attribute__((aligned(4096)));
 
 #define AB_MAGIC 0x4241455659485950ULL /* "PYHYVEAB" */
+#define GENID 0xFED02000UL
+#define GENID_MAGIC 0x4449455659485950ULL /* "PYHYVEID" */
+
+static uint64_t genid_seen;
+
+static void genid_check(void)
+{
+	volatile uint64_t *g = (volatile uint64_t *)GENID;
+	if (g[3] != GENID_MAGIC || g[2] == genid_seen)
+		return;
+	genid_seen = g[2];
+	puts_("\nG");
+	putu(genid_seen);
+	putc_(' ');
+	for (int i = 0; i < 16; i++)  /* byte by byte: the order `pyhyvectl --status` shows */
+		puthex(((volatile uint8_t *)GENID)[i], 2);
+	putc_('\n');
+}
 
 void main(const char *cmdline)
 {
 	uint64_t start = arg_u64(cmdline, "start", 4 << 20);
 	uint64_t ws = arg_u64(cmdline, "ws", 64 << 20) & ~0xfffULL;
 	uint64_t rate = arg_u64(cmdline, "rate", 0);
+	uint64_t ro = arg_u64(cmdline, "ro", 0) & ~0xfffULL;
+	int genid = arg_flag(cmdline, "genid");
 	if (ram_top && start + ws > ram_top) {
 		puts_("A-B: working set beyond RAM, clamped\n");
 		ws = ram_top > start ? (ram_top - start) & ~0xfffULL : 0;
 	}
+	if (ram_top && start + ws + ro > ram_top) {
+		puts_("A-B: read-only region beyond RAM, dropped\n");
+		ro = 0;
+	}
+	volatile uint64_t *rop = (volatile uint64_t *)(start + ws);
+	for (uint64_t i = 0; i < ro / 8; i++)
+		rop[i] = i * 0x9E3779B97F4A7C15ULL + 1;
 	info.ws_start = start;
 	info.ws_size = ws;
 	info.magic_inv = ~AB_MAGIC;
@@ -45,8 +76,15 @@ void main(const char *cmdline)
 					cpu_relax();
 			}
 		}
+		uint64_t sum = 0;
+		for (uint64_t i = 0; i < ro / 8; i++)
+			sum += rop[i];
 		info.passes++;
+		if (ro && sum != ro / 8 * (ro / 8 - 1) / 2 * 0x9E3779B97F4A7C15ULL + ro / 8)
+			puts_("\nA-B: read-only region changed\n");
 		putc_('B');
+		if (genid)
+			genid_check();
 		if (!ws)
 			delay_us(10000);
 	}

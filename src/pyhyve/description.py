@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 from .errors import PyhyveError
 
-KINDS = {"uart16550", "i8042", "post", "pci-host"}
+KINDS = {"uart16550", "i8042", "post", "pci-host", "vmgenid"}
 BUSES = {"pio", "mmio"}
 MAX_DEVICES = 64
 _ID = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
@@ -100,14 +100,22 @@ class VmDescription:
         return cls(tuple(out))
 
 
-def default_description(console: str | None) -> VmDescription:
-    """The machine every pyhyve VM has had so far (and format 1 and 2 snapshots imply)."""
-    return VmDescription((
+GENID_ID = "genid"
+GENID_BASE, GENID_LENGTH = 0xFED0_2000, 0x1000  # devices/genid.py: the guest's view
+
+
+def default_description(console: str | None, genid: bool = True) -> VmDescription:
+    """The machine a new VM gets. Format 1 and 2 snapshots imply it without the generation
+    ID device (`genid=False`), which came later."""
+    devices = [
         DeviceDesc(CONSOLE_ID, "uart16550", "pio", 0x3F8, 8, 4, console),
         DeviceDesc("i8042", "i8042", "pio", 0x60, 5),
         DeviceDesc("post", "post", "pio", 0x80, 1),
         DeviceDesc("pci", "pci-host", "pio", 0xCF8, 8),
-    ))
+    ]
+    if genid:
+        devices.append(DeviceDesc(GENID_ID, "vmgenid", "mmio", GENID_BASE, GENID_LENGTH))
+    return VmDescription(tuple(devices))
 
 
 def bind(desc: VmDescription, bindings: dict[str, str], reuse_paths: bool) -> VmDescription:

@@ -19,6 +19,7 @@ from .description import CONSOLE_ID
 from .devices.base import Bus, Device, DeviceState
 from .devices.console import Console
 from .devices.factory import Wiring, make_device
+from .devices.genid import VmGenId
 from .kvm import KvmError, Vcpu
 from .kvm import ioctls as I
 from .kvm.structs import KvmCpuidEntry2
@@ -391,7 +392,15 @@ class VirtualMachine:
                 "memory": self.config.memory, "cpus": self.config.cpus,
                 "exits": sum(t.exits for t in self.threads),
                 "stop_reason": self.stop_reason, **self.memory.backing(),
+                **{k: v for d in self.devices.values() if isinstance(d, VmGenId)
+                   for k, v in d.status().items()},
                 **self.snapshot_dependency()}
+
+    def renew_generation(self) -> None:
+        """The guest's memory is a copy now (a restore, a clone): a new generation ID."""
+        for dev in self.devices.values():
+            if isinstance(dev, VmGenId):
+                dev.renew()
 
     def snapshot_dependency(self) -> dict[str, object]:
         """Whether the guest still reads pages from its snapshot's memory file."""

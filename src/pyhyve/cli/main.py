@@ -20,6 +20,8 @@ from ..devices.console import ConsoleError, eol
 from ..kvm import KvmError
 from ..machine.cpuid import DEFAULT_HIDDEN, CpuidError, parse_feature_list
 from ..vm import VirtualMachine, VmConfig, VmError
+from .clone import add_parser as add_clone_parser
+from .clone import cmd_clone
 from .common import Parser, UsageError, fail, guarded, parse_size
 
 PROG = "pyhyve"
@@ -57,7 +59,8 @@ def build_parser() -> Parser:
     p = Parser(prog=PROG, description="A VMM in Python on KVM, built for save, restore "
                "and migration.", epilog=EXIT_HELP)
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    sub = p.add_subparsers(dest="command", parser_class=Parser, metavar="{run,snapshot,migration-certs}")
+    sub = p.add_subparsers(dest="command", parser_class=Parser,
+                           metavar="{run,clone,snapshot,migration-certs}")
     r = sub.add_parser("run", help="create and run a VM", epilog=EXIT_HELP)
     r.add_argument("name", help="VM name (names its control socket)")
     r.add_argument("-m", "--memory",  # None: not given (a restore checks a given one)
@@ -89,6 +92,9 @@ def build_parser() -> Parser:
     how.add_argument("--lazy", action="store_true",
                      help="with --restore: map FILE and pull its pages in while the guest "
                      "runs (it starts sooner; full speed comes later)")
+    r.add_argument("--clone", action="store_true",
+                   help="with --restore: one of many guests from FILE at once: memory shared "
+                   "copy-on-write with every other clone (lazy), a new generation ID")
     r.add_argument("-R", "--receive", metavar="[HOST:]PORT",
                    help="wait for an incoming migration (PORT alone: every address; "
                    "HOST,PORT as bhyve and [V6]:PORT work too), then run that guest")
@@ -99,6 +105,7 @@ def build_parser() -> Parser:
     r.add_argument("--tls-dir", help="migrate over mutual TLS with DIR/cert.pem, DIR/key.pem")
     r.add_argument("--insecure", action="store_true",
                    help="with --receive: accept a migration without a key (unauthenticated)")
+    add_clone_parser(sub)
     certs = sub.add_parser("migration-certs", help="create a TLS certificate for migrations")
     certs.add_argument("dir", help="directory for cert.pem and key.pem (copy it to each host)")
     snap = sub.add_parser("snapshot", help="inspect snapshots")
@@ -123,6 +130,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     if a.restore and a.receive:
         fail(PROG, "--restore and --receive cannot be combined")
+    if a.clone and not a.restore:
+        fail(PROG, "--clone goes with --restore FILE")
     if a.restore:
         return cmd_restore(a)
     if a.receive:
@@ -168,6 +177,8 @@ def cmd_restore(a: argparse.Namespace) -> int:
     from ..snapshot.restore import open_snapshot, restore
 
     _no_config_flags(a, "--restore", "the snapshot carries the VM's configuration")
+    if a.clone and a.eager:
+        fail(PROG, "--clone shares the snapshot's memory: it cannot be combined with --eager")
     t0 = time.perf_counter()
     try:
         binds = _bindings(a)  # never the snapshot's: a file must not choose host paths
@@ -175,7 +186,7 @@ def cmd_restore(a: argparse.Namespace) -> int:
             snap = open_snapshot(a.restore, verify_memory=False)  # restore() verifies it
             try:
                 vm = restore(snap, name=a.name, lazy=a.lazy, progress=progress,
-                             bindings=binds, reuse_paths=a.reuse_paths)
+                             bindings=binds, reuse_paths=a.reuse_paths, clone=a.clone)
             finally:
                 snap.close()
         if a.memory is not None and parse_size(a.memory) != vm.config.memory:
@@ -190,7 +201,7 @@ def cmd_restore(a: argparse.Namespace) -> int:
     except KvmError as e:
         fail(PROG, f"KVM refused: {e}")
     data = snap.meta["memory"]["data_pages"] * 4096
-    mode = "lazy" if a.lazy else "eager"
+    mode = "clone" if a.clone else "lazy" if a.lazy else "eager"
     return serve(vm, lambda: note(
         f"{PROG}: restored {a.name} from {snap.base} ({mode}): {vm.config.memory >> 20} MiB RAM, "
         f"{data / (1 << 20):.1f} MiB of data read, {snap.meta['memory']['zero_pages']} zero "
@@ -375,7 +386,7 @@ def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.error("choose a command: run, snapshot or migration-certs")
+        parser.error("choose a command: run, clone, snapshot or migration-certs")
     if args.command == "snapshot" and args.snapcmd is None:
         parser.error("choose a snapshot command: info FILE or verify FILE")
     if args.command == "run":
@@ -388,6 +399,8 @@ def _main(argv: list[str] | None) -> int:
         return cmd_snapshot(args)
     if args.command == "migration-certs":
         return cmd_certs(args)
+    if args.command == "clone":
+        return cmd_clone(args)
     return 2
 
 

@@ -10,6 +10,7 @@ from ..description import CONSOLE_ID, DeviceDesc
 from ..errors import BootFailed
 from .base import Device
 from .console import Console, open_console
+from .genid import VmGenId
 from .misc import I8042, PostPort
 from .pci import PciHostBridge
 from .uart import Uart
@@ -43,4 +44,6 @@ def make_device(d: DeviceDesc, wiring: Wiring) -> tuple[Device, Console | None]:
         return PostPort(), None
     if d.kind == "pci-host":
         return PciHostBridge(), None
+    if d.kind == "vmgenid":
+        return VmGenId(), None
     raise DeviceBuildError(f"device {d.id}: kind {d.kind!r} cannot be built")

@@ -79,7 +79,7 @@ def recorded_description(rec: dict[str, Any]) -> VmDescription:
     machine, with the console they recorded as com1's backend."""
     if "description" not in rec:
         console = rec.get("vm", {}).get("console")
-        return default_description(console if isinstance(console, str) else None)
+        return default_description(console if isinstance(console, str) else None, genid=False)
     try:
         return VmDescription.from_dict(rec["description"])
     except DescriptionError as e:

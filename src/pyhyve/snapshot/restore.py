@@ -139,11 +139,14 @@ def restore(snap: Snapshot, name: str | None = None, console: Console | None = N
             console_spec: str | None = None, lazy: bool = True,
             progress: ProgressFactory | None = None,
             bindings: dict[str, str] | None = None, reuse_paths: bool = False,
-            prefetch: bool = True) -> VirtualMachine:
+            prefetch: bool = True, clone: bool = False) -> VirtualMachine:
     """Build a VM from a snapshot; returns it ready to start(). Lazily (this function's
     default; the command line's is eager, which reaches full speed sooner) the guest reads
     the memory file through a private mapping, and with `prefetch` a thread pulls its data
-    pages in while it runs. If the memory file has not
+    pages in while it runs. A `clone` is lazy and its prefetch only maps the file's pages
+    (the page cache, shared by every clone of the snapshot) instead of copying them: a
+    clone costs the host only the pages it writes. Every restore gets a new generation
+    ID (devices/genid.py). If the memory file has not
     been verified yet, it is verified here on another thread while the VM is built (the
     kernel work of building overlaps the hashing), and nothing is returned unless it passed."""
 
@@ -163,7 +166,8 @@ def restore(snap: Snapshot, name: str | None = None, console: Console | None = N
         binds = dict(bindings or {})
         if console_spec:
             binds[CONSOLE_ID] = console_spec  # --console is com1's --bind
-        vm = _build(snap, name, console, binds, reuse_paths, lazy, progress, prefetch)
+        vm = _build(snap, name, console, binds, reuse_paths, lazy or clone, progress,
+                    prefetch, clone)
     finally:
         if verifier is not None:
             verifier.join()
@@ -175,7 +179,7 @@ def restore(snap: Snapshot, name: str | None = None, console: Console | None = N
 
 def _build(snap: Snapshot, name: str | None, console: Console | None, bindings: dict[str, str],
            reuse_paths: bool, lazy: bool, progress: ProgressFactory | None,
-           prefetch: bool) -> VirtualMachine:
+           prefetch: bool, clone: bool) -> VirtualMachine:
     try:
         spec = MachineSpec.from_record(snap.meta, name, bindings, reuse_paths)
     except RecordError as e:
@@ -193,8 +197,9 @@ def _build(snap: Snapshot, name: str | None, console: Console | None, bindings: 
                 data = sum(n for _, n in snap.runs) * PAGE
                 load_eager(vm.memory, mm, snap.runs, progress(data) if progress else None)
         vm.apply(state)
+        vm.renew_generation()  # the guest's memory is a copy now: it may run twice
         if lazy:
-            _guard(vm, snap, prefetch)
+            _guard(vm, snap, prefetch, clone)
     except PyhyveError as e:  # the user's or the host's: said as it is
         vm.close()
         raise _loading_error(e) from None
@@ -223,15 +228,16 @@ def _lazy_memory(snap: Snapshot, size: int) -> GuestMemory:
     return memory
 
 
-def _guard(vm: VirtualMachine, snap: Snapshot, prefetch: bool) -> None:
+def _guard(vm: VirtualMachine, snap: Snapshot, prefetch: bool, clone: bool) -> None:
     """Watch the memory file's lease: a writer elsewhere detaches the guest from it."""
     guard = LeaseGuard(vm.memory, snap.mem_fd, snap.memory_path, snap.meta["memory"]["size"],
                        snap.lease_error, lambda why: vm.stop(why, 1), vm.paused)
     vm.memory.guard = guard
     guard.start()
     if prefetch and guard.depends:  # measured (docs/benchmarks.md): populating for writing
-        # reaches full speed 2.3x sooner at 512 MiB; for reading it is slower than nothing
-        guard.prefetch = Prefetcher(vm.memory, snap.runs, write=True)
+        # reaches full speed 2.3x sooner at 512 MiB; for reading it is slower than nothing,
+        # but a clone reads to keep the page cache's pages shared
+        guard.prefetch = Prefetcher(vm.memory, snap.runs, write=not clone)
         guard.prefetch.start()
 
 
