@@ -63,6 +63,7 @@ class Console:
     def __init__(self, stream: object, banner: bool) -> None:
         self.passes: list[float] = []
         self.text = bytearray()
+        self.first = 0.0  # when its first byte came
         self.cond = threading.Condition()
         self._in_banner = banner
         threading.Thread(target=self._read, args=(stream,), daemon=True).start()
@@ -72,6 +73,8 @@ class Console:
         while chunk := os.read(fd, 65536):
             t = time.monotonic()
             with self.cond:
+                if not self.text:
+                    self.first = t
                 self.text += chunk
                 if self._in_banner:  # "A-B start ws=..." has a B of its own
                     nl = chunk.find(b"\n")

@@ -211,7 +211,8 @@ def test_more_one_line_errors(kit, rundir, tmp_path):
     one_line_error(cli("pyhyvectl", "--vm", "x", "--status",
                        env={"PYHYVE_RUNDIR": "/etc/passwd"}), "not a directory")
     one_line_error(cli("pyhyvectl", "--vm", "v" * 120, "--status"), "longer than")
-    one_line_error(cli("pyhyve", "snapshot"), "choose a snapshot command: info FILE or verify FILE")
+    one_line_error(cli("pyhyve", "snapshot"),
+                   "choose a snapshot command: info FILE, verify FILE or merge FILE OUT")
     one_line_error(cli("pyhyve"), "choose a command")
 
 

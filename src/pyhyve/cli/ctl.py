@@ -35,6 +35,10 @@ def build_parser() -> Parser:
     acts.add_argument("--migrate-status", action="store_true", help="progress of a migration")
     acts.add_argument("--migrate-cancel", action="store_true",
                       help="cancel a migration; the guest keeps running here")
+    p.add_argument("--incremental", action="store_true",
+                   help="with --checkpoint/--suspend: write only the pages written since the "
+                   "VM's previous incremental snapshot, as a layer over it (the first one is "
+                   "full and starts the tracking)")
     m = p.add_argument_group("migration options")
     m.add_argument("--downtime-ms", type=float, help="downtime target (default 5)")
     m.add_argument("--bandwidth", metavar="SIZE", help="cap per second, e.g. 100M (default: none)")
@@ -81,8 +85,11 @@ def _main(argv: list[str] | None) -> int:
                            "migrate", "migrate_live", "migrate_status", "migrate_cancel")
                if getattr(args, c))
     extra: dict[str, Any] = {}
+    if args.incremental and cmd not in ("suspend", "checkpoint"):
+        fail(PROG, "--incremental goes with --checkpoint or --suspend", 2)
     if cmd in ("suspend", "checkpoint"):
         extra["path"] = os.path.abspath(getattr(args, cmd))  # the VMM has its own cwd
+        extra["incremental"] = args.incremental
     if cmd in ("migrate", "migrate_live"):
         extra = migrate_args(args, cmd)
         cmd = "migrate"

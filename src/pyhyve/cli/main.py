@@ -95,6 +95,10 @@ def build_parser() -> Parser:
     r.add_argument("--clone", action="store_true",
                    help="with --restore: one of many guests from FILE at once: memory shared "
                    "copy-on-write with every other clone (lazy), a new generation ID")
+    r.add_argument("--track-dirty", action="store_true",
+                   help="track written pages from the start, for incremental snapshots "
+                   "(pyhyvectl --checkpoint FILE --incremental); after --restore the first "
+                   "layer stacks on FILE. A restored layer tracks without it")
     r.add_argument("-R", "--receive", metavar="[HOST:]PORT",
                    help="wait for an incoming migration (PORT alone: every address; "
                    "HOST,PORT as bhyve and [V6]:PORT work too), then run that guest")
@@ -109,12 +113,17 @@ def build_parser() -> Parser:
     certs = sub.add_parser("migration-certs", help="create a TLS certificate for migrations")
     certs.add_argument("dir", help="directory for cert.pem and key.pem (copy it to each host)")
     snap = sub.add_parser("snapshot", help="inspect snapshots")
-    ssub = snap.add_subparsers(dest="snapcmd", parser_class=Parser, metavar="{info,verify}")
+    ssub = snap.add_subparsers(dest="snapcmd", parser_class=Parser,
+                               metavar="{info,verify,merge}")
     info = ssub.add_parser("info", help="print a snapshot's metadata")
     info.add_argument("file")
     info.add_argument("--json", action="store_true", help="the metadata as JSON")
     ver = ssub.add_parser("verify", help="check every checksum of a snapshot")
     ver.add_argument("file")
+    mrg = ssub.add_parser("merge", help="flatten an incremental snapshot's chain into a full "
+                          "snapshot")
+    mrg.add_argument("file", help="the newest layer")
+    mrg.add_argument("out", help="where the full snapshot goes (not a snapshot of the chain)")
     return p
 
 
@@ -132,6 +141,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         fail(PROG, "--restore and --receive cannot be combined")
     if a.clone and not a.restore:
         fail(PROG, "--clone goes with --restore FILE")
+    if a.track_dirty and a.receive:
+        fail(PROG, "--track-dirty goes with a boot or --restore (a received guest starts "
+             "tracking at its first --incremental checkpoint)")
     if a.restore:
         return cmd_restore(a)
     if a.receive:
@@ -150,6 +162,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         if "/" in a.name or not a.name or a.name.startswith("."):
             raise UsageError(f"bad VM name '{a.name}'")
         vm = VirtualMachine.create(config)
+        if a.track_dirty:
+            from ..snapshot.incremental import track
+
+            track(vm, None)
     except (UsageError, VmError, CpuidError, ConsoleError, BootError, DescriptionError) as e:
         fail(PROG, str(e))
     except KvmError as e:
@@ -186,7 +202,8 @@ def cmd_restore(a: argparse.Namespace) -> int:
             snap = open_snapshot(a.restore, verify_memory=False)  # restore() verifies it
             try:
                 vm = restore(snap, name=a.name, lazy=a.lazy, progress=progress,
-                             bindings=binds, reuse_paths=a.reuse_paths, clone=a.clone)
+                             bindings=binds, reuse_paths=a.reuse_paths, clone=a.clone,
+                             track_dirty=a.track_dirty)
             finally:
                 snap.close()
         if a.memory is not None and parse_size(a.memory) != vm.config.memory:
@@ -281,6 +298,15 @@ def cmd_snapshot(a: argparse.Namespace) -> int:
 
     base = resolve_base(a.file)
     try:
+        if a.snapcmd == "merge":
+            from ..snapshot.merge import merge
+
+            t0 = time.perf_counter()
+            files, n, pages = merge(base, a.out)
+            print(f"merged {n} layer(s) of {base} into {os.path.dirname(files.meta)}/"
+                  f"{os.path.basename(files.meta)[:-5]}: {pages} data pages, "
+                  f"{(time.perf_counter() - t0) * 1e3:.0f} ms")
+            return 0
         if a.snapcmd == "verify":
             t0 = time.perf_counter()
             try:
@@ -305,10 +331,13 @@ def cmd_snapshot(a: argparse.Namespace) -> int:
         fail(PROG, str(e))
 
 
-def info(base: str, as_json: bool, describe: Callable[[dict[str, Any], dict[str, str]], str]) -> int:
-    """Print what is readable; mark corrupt state sections instead of printing nothing."""
+def info(base: str, as_json: bool,
+         describe: Callable[[dict[str, Any], dict[str, str], list[str]], str]) -> int:
+    """Print what is readable; mark corrupt state sections and a missing or changed
+    parent instead of printing nothing."""
     from ..snapshot.files import generation_files, meta_path
     from ..snapshot.format import SnapshotError, checksum, read_meta, sections
+    from ..snapshot.incremental import parents
 
     meta = read_meta(meta_path(base))
     if as_json:
@@ -329,7 +358,9 @@ def info(base: str, as_json: bool, describe: Callable[[dict[str, Any], dict[str,
         marks[name] = "" if ok else "  CORRUPT"
         if not ok and kern:
             bad.append(f"state section '{name}' is corrupt")
-    print(describe(meta, marks))
+    chain, broken = parents(base, meta)
+    bad += broken
+    print(describe(meta, marks, chain))
     if bad:
         raise SnapshotError("; ".join(bad[:3]) + (" ..." if len(bad) > 3 else ""))
     return 0
@@ -388,7 +419,7 @@ def _main(argv: list[str] | None) -> int:
     if args.command is None:
         parser.error("choose a command: run, clone, snapshot or migration-certs")
     if args.command == "snapshot" and args.snapcmd is None:
-        parser.error("choose a snapshot command: info FILE or verify FILE")
+        parser.error("choose a snapshot command: info FILE, verify FILE or merge FILE OUT")
     if args.command == "run":
         try:
             return cmd_run(args)

@@ -47,7 +47,9 @@ class Session:
         threading.Thread(target=_warm_imports, daemon=True).start()
 
     def status(self, _msg: dict[str, Any]) -> dict[str, Any]:
-        return self.vm.status()
+        from ..snapshot.incremental import status
+
+        return {**self.vm.status(), **status(self.vm)}
 
     def _no_migration(self) -> None:
         """A migration owns the VM's run state until it ends: no pause, resume or save."""
@@ -78,11 +80,13 @@ class Session:
             if self.vm.state not in ("running", "paused"):
                 raise VmError(f"VM is {self.vm.state}")
             with bar(f"{kind} {self.vm.config.name}") as progress:
-                stats = save(self.vm, path, kind, progress)
+                stats = save(self.vm, path, kind, progress,
+                             incremental=msg.get("incremental") is True)
             if kind == "suspend":
                 self.vm.stop(f"suspended to {stats.path}", 0)
         return {"line": stats.line(), "downtime": stats.downtime, "seconds": stats.seconds,
-                "written_bytes": stats.written_bytes, "zero_pages": stats.zero_pages}
+                "written_bytes": stats.written_bytes, "zero_pages": stats.zero_pages,
+                "parent": stats.parent}
 
     def suspend(self, msg: dict[str, Any]) -> dict[str, Any]:
         """Save, then end the VM (bhyvectl --suspend)."""

@@ -114,6 +114,11 @@ class DirtyConsumer:
         """Pages written since this consumer's last fetch (or its creation)."""
         return self.tracker._fetch(self)
 
+    def give_back(self, mask: np.ndarray) -> None:
+        """Pages fetched for work that failed: they count as written again."""
+        with self.tracker._lock:
+            self.pending |= mask
+
     def stop(self) -> None:
         self.tracker._stop(self)
 

@@ -32,8 +32,9 @@ from .errors import SnapshotError as SnapshotError
 from .files import MAX_GENERATION
 
 FORMAT = "pyhyve-snapshot"
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)  # 2: no VM description; 1: no generations either
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)  # 3: no parent (layers); 2: no VM description; 1: nor generations
+MAX_CHAIN = 64  # layers over one full snapshot; `snapshot merge` flattens a longer chain
 KERN_MAGIC = b"PYHYVE-KERN\0"
 KERN_HEADER_SIZE = 16
 MAX_META_BYTES = 4 << 20
@@ -99,6 +100,15 @@ def _validate(meta: dict[str, Any]) -> None:
     else:
         _need("generation" not in meta, "a format-1 snapshot has no generation")
     _need(version < 3 or "description" in meta, "'description' is missing")
+    if version >= 4:
+        _need("parent" in meta, "'parent' is missing")
+        if meta["parent"] is not None:  # an incremental layer over the snapshot it names
+            parent = F.obj(meta, "parent")
+            _need(0 < len(_str(parent, "path")) <= 4096, "bad parent path")
+            _need(len(_str(parent, "meta_checksum")) == 32, "bad parent checksum")
+            _int(parent, "depth", 1, MAX_CHAIN)
+    else:
+        _need(meta.get("parent") is None, "a parent needs format version 4")
     try:  # the machine: the same checks a migration's HELLO gets
         validate_record(meta)
     except RecordError as e:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 
-def describe(meta: dict[str, Any], marks: dict[str, str] | None = None) -> str:
-    """`marks`: text to append to a state section's line (e.g. CORRUPT)."""
+def describe(meta: dict[str, Any], marks: dict[str, str] | None = None,
+             chain: list[str] | None = None) -> str:
+    """`marks`: text to append to a state section's line (e.g. CORRUPT); `chain`: a
+    layer's parents, one line each, nearest first."""
     marks = marks or {}
     vm, mem, host = meta["vm"], meta["memory"], meta["host"]
     data = mem["data_pages"] * 4096
@@ -20,8 +22,15 @@ def describe(meta: dict[str, Any], marks: dict[str, str] | None = None) -> str:
         f"cpuid hidden  {', '.join(vm['cpuid_hidden']) or '-'} ({len(meta['cpuid'])} leaves)",
         f"host          TSC {host['tsc_khz']} kHz, kernel {host.get('kernel', '?')}",
         f"memory        {mem['file']}: {data / (1 << 20):.1f} MiB data, {mem['zero_pages']} "
-        f"zero pages as holes, {mem['checksum_algo']} {mem['checksum']}",
+        f"zero pages as holes, {mem['checksum_algo']} {mem['checksum']}"
+        if not meta.get("parent") else
+        f"memory        {mem['file']}: {mem['data_pages']} pages written since the parent "
+        f"({data / (1 << 20):.1f} MiB), {mem['checksum_algo']} {mem['checksum']}",
     ]
+    if meta.get("parent"):
+        lines.append(f"layer         {meta['parent']['depth']} over a full snapshot; "
+                     "restore stacks the chain:")
+        lines += [f"  parent      {c}" for c in chain or []]
     for r in mem["regions"]:
         lines.append(f"  region      gpa {r['guest_phys_addr']:#x} size {r['size']:#x} "
                      f"file offset {r['file_offset']:#x}")

@@ -26,8 +26,10 @@ from ..pipeline.build import build_vm, decode_for
 from ..pipeline.pages import decode_runs
 from ..pipeline.record import MachineSpec
 from ..vm import VirtualMachine
+from .chain import layers, open_parents, root, stack
 from .files import dir_lock, generation_files, meta_path, resolve_base
 from .format import KERN_MAGIC, Section, SnapshotError, checksum, kern_header, read_meta, sections
+from .incremental import ParentRef, depth_of, track
 from .lease import LeaseGuard, take_lease
 from .memfile import hash_file_runs, load_eager, stray_data, zero_spans
 from .prefetch import Prefetcher
@@ -45,11 +47,14 @@ class Snapshot:
     lease_error: str = ""  # why no lease could be taken on the memory file ("" if held)
     verify_seconds: float = 0.0
     memory_verified: bool = False
+    parent: Snapshot | None = None  # an incremental layer's (chain.py)
 
     def close(self) -> None:
         if self.mem_fd >= 0:
             os.close(self.mem_fd)
             self.mem_fd = -1
+        if self.parent is not None:
+            self.parent.close()
 
 
 def _open_read(path: str, what: str) -> int:
@@ -62,10 +67,18 @@ def _open_read(path: str, what: str) -> int:
 
 
 def open_snapshot(base: str, verify_memory: bool = True,
-                  progress: ProgressFactory | None = None) -> Snapshot:
+                  progress: ProgressFactory | None = None, parents: bool = True) -> Snapshot:
     """Read and check FILE.meta and the state file, open the memory file; FILE may be
     given by any of its names. The files are opened under the directory's shared lock,
-    so a save committing to the same path at that moment cannot mix generations."""
+    so a save committing to the same path at that moment cannot mix generations. An
+    incremental layer's parents are opened and checked too (chain.py)."""
+    snap = _open_one(base, verify_memory, progress)
+    if parents and snap.meta.get("parent"):
+        open_parents(snap, lambda b: _open_one(b, verify_memory, progress))
+    return snap
+
+
+def _open_one(base: str, verify_memory: bool, progress: ProgressFactory | None) -> Snapshot:
     t0 = time.perf_counter()
     base = resolve_base(base)
     with dir_lock(base, exclusive=False):
@@ -139,14 +152,17 @@ def restore(snap: Snapshot, name: str | None = None, console: Console | None = N
             console_spec: str | None = None, lazy: bool = True,
             progress: ProgressFactory | None = None,
             bindings: dict[str, str] | None = None, reuse_paths: bool = False,
-            prefetch: bool = True, clone: bool = False) -> VirtualMachine:
+            prefetch: bool = True, clone: bool = False,
+            track_dirty: bool = False) -> VirtualMachine:
     """Build a VM from a snapshot; returns it ready to start(). Lazily (this function's
     default; the command line's is eager, which reaches full speed sooner) the guest reads
     the memory file through a private mapping, and with `prefetch` a thread pulls its data
     pages in while it runs. A `clone` is lazy and its prefetch only maps the file's pages
     (the page cache, shared by every clone of the snapshot) instead of copying them: a
     clone costs the host only the pages it writes. Every restore gets a new generation
-    ID (devices/genid.py). If the memory file has not
+    ID (devices/genid.py). A layer's chain is stacked (chain.py) and the VM goes on
+    tracking for the next layer over it, as `track_dirty` makes any restore do
+    (incremental.py). If the memory file has not
     been verified yet, it is verified here on another thread while the VM is built (the
     kernel work of building overlaps the hashing), and nothing is returned unless it passed."""
 
@@ -156,7 +172,9 @@ def restore(snap: Snapshot, name: str | None = None, console: Console | None = N
         def verify() -> None:
             t0 = time.perf_counter()
             try:
-                verify_memory_file(snap, progress)
+                for layer in layers(snap):
+                    if not layer.memory_verified:
+                        verify_memory_file(layer, progress)
             except BaseException as e:
                 verify_error.append(e)
             snap.verify_seconds += time.perf_counter() - t0
@@ -174,6 +192,8 @@ def restore(snap: Snapshot, name: str | None = None, console: Console | None = N
     if verify_error:
         vm.close()
         raise verify_error[0]
+    if track_dirty or snap.meta.get("parent"):  # before the guest runs: no write missed
+        track(vm, ParentRef(snap.base, snap.meta["meta_checksum"], depth_of(snap.meta)))
     return vm
 
 
@@ -185,7 +205,8 @@ def _build(snap: Snapshot, name: str | None, console: Console | None, bindings: 
     except RecordError as e:
         raise SnapshotError(f"metadata: {e}") from None
     try:
-        vm = build_vm(spec, console, (lambda size: _lazy_memory(snap, size)) if lazy else None)
+        bottom = root(snap)
+        vm = build_vm(spec, console, (lambda size: _lazy_memory(bottom, size)) if lazy else None)
     except PyhyveError as e:
         raise _loading_error(e) from None
     except OSError as e:  # the host refused something (memory, a mapping): not a bug
@@ -193,13 +214,14 @@ def _build(snap: Snapshot, name: str | None, console: Console | None, bindings: 
     try:
         state = decode_for(vm, snap.blobs, snap.meta["devices"])  # before any copying
         if not lazy:
-            with mmap.mmap(snap.mem_fd, spec.config.memory, prot=mmap.PROT_READ) as mm:
-                data = sum(n for _, n in snap.runs) * PAGE
-                load_eager(vm.memory, mm, snap.runs, progress(data) if progress else None)
+            with mmap.mmap(bottom.mem_fd, spec.config.memory, prot=mmap.PROT_READ) as mm:
+                data = sum(n for _, n in bottom.runs) * PAGE
+                load_eager(vm.memory, mm, bottom.runs, progress(data) if progress else None)
+        stack(vm.memory, snap)
         vm.apply(state)
         vm.renew_generation()  # the guest's memory is a copy now: it may run twice
         if lazy:
-            _guard(vm, snap, prefetch, clone)
+            _guard(vm, bottom, prefetch, clone)
     except PyhyveError as e:  # the user's or the host's: said as it is
         vm.close()
         raise _loading_error(e) from None

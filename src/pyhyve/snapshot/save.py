@@ -28,6 +28,7 @@ from ..pipeline.sections import device_list, to_sections
 from ..vmtypes import meminfo
 from .files import SnapshotFiles, commit, create_temp, write_all
 from .format import FORMAT, FORMAT_VERSION, SnapshotError, checksum, kern_header, meta_checksum
+from .incremental import Layer, begin
 from .memfile import MemStats, write_memory
 from .staging import Staging
 
@@ -49,17 +50,23 @@ class SaveStats:
     downtime: float
     generation: int = 0
     removed: tuple[str, ...] = ()  # leftovers of the old snapshot and interrupted saves
+    parent: str | None = None      # an incremental layer's parent
+    note: str = ""                 # why an incremental save wrote a full snapshot
 
     def line(self) -> str:
         extra = f", removed {len(self.removed)} stale file(s)" if self.removed else ""
+        if self.note:
+            extra += f", a full snapshot: {self.note}"
+        what = (f"{self.zero_pages} zero pages skipped" if not self.parent else
+                f"a layer over {self.parent}: {self.written_bytes // 4096} pages written since")
         return (f"{self.kind} to {self.path}: {self.ram_bytes >> 20} MiB RAM, "
-                f"{self.written_bytes / (1 << 20):.1f} MiB written, {self.zero_pages} zero pages "
-                f"skipped, {self.seconds:.3f} s, downtime {self.downtime * 1e3:.1f} ms{extra}")
+                f"{self.written_bytes / (1 << 20):.1f} MiB written, {what}, "
+                f"{self.seconds:.3f} s, downtime {self.downtime * 1e3:.1f} ms{extra}")
 
 
 def build_meta(vm: VirtualMachine, files: SnapshotFiles, kind: str, st: MachineState,
                sections: list[SectionRow], kern_size: int,
-               mem_stats: MemStats) -> dict[str, Any]:
+               mem_stats: MemStats, parent: dict[str, Any] | None = None) -> dict[str, Any]:
     """FILE.meta: the machine record (pipeline/record.py) plus what the files hold."""
     record = machine_record(vm)
     meta = {
@@ -67,6 +74,7 @@ def build_meta(vm: VirtualMachine, files: SnapshotFiles, kind: str, st: MachineS
         "generation": files.generation,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
         "kind": kind,
+        "parent": parent,  # incremental.py: the snapshot a layer stacks on
         **record,
         "memory": {
             **record["memory"], "file": os.path.basename(files.memory),
@@ -157,11 +165,13 @@ def _staging(vm: VirtualMachine) -> Staging | None:
 
 
 def save(vm: VirtualMachine, base: str, kind: str, progress: ProgressFactory | None = None,
-         keep_paused: bool = False, stage: bool = True) -> SaveStats:
+         keep_paused: bool = False, stage: bool = True, incremental: bool = False) -> SaveStats:
     """Snapshot `vm` to `base` (FILE.meta naming FILE.gN and FILE.gN.kern). `kind` is
     "suspend" or "checkpoint"; a checkpoint resumes the guest as soon as its memory is
     copied aside (a staging buffer, unless `stage` is False) or written (unless
-    keep_paused). A suspended VM stays paused; the caller stops it."""
+    keep_paused). A suspended VM stays paused; the caller stops it. `incremental`
+    writes only the pages written since the VM's previous incremental save, as a layer
+    over it (incremental.py)."""
     base = _target(base)
     t0 = time.perf_counter()
     if keep_paused and vm.state == "running":
@@ -169,10 +179,15 @@ def save(vm: VirtualMachine, base: str, kind: str, progress: ProgressFactory | N
     staging = _staging(vm) if stage and kind == "checkpoint" else None
     vm.hold()
     held, done, resumed_at = True, False, None
+    layer: Layer | None = None
     try:
         with _Temps(base) as temps:
             st = vm.capture()
-            runs = guest_runs(vm.memory)
+            if incremental:
+                layer = begin(vm, base, lambda: guest_runs(vm.memory))
+                runs = layer.runs
+            else:
+                runs = guest_runs(vm.memory)
             if staging is not None and staging.fits(runs):
                 staging.copy_in(vm.memory, runs)
                 vm.release()  # the guest's memory is copied aside: it may go on
@@ -186,15 +201,23 @@ def save(vm: VirtualMachine, base: str, kind: str, progress: ProgressFactory | N
             os.fsync(fd)
             ktmp, table, kern_size = _state_file(temps, st, runs)
 
+            written: dict[str, Any] = {}
+
             def make_meta(files: SnapshotFiles) -> bytes:
-                meta = build_meta(vm, files, kind, st, table, kern_size, mem_stats)
+                meta = build_meta(vm, files, kind, st, table, kern_size, mem_stats,
+                                  layer.record(base) if layer else None)
+                written.update(meta)
                 return json.dumps(meta, indent=1).encode() + b"\n"
 
             files, removed = commit(base, tmp, ktmp, make_meta)
             done = True
+            if layer is not None:
+                layer.committed(base, written)
     except OSError as e:
         raise SnapshotError(f"cannot save snapshot to {base}: {e.strerror or e}") from None
     finally:
+        if layer is not None and not done:
+            layer.failed()
         if staging is not None:
             staging.close()
         if held:
@@ -205,4 +228,6 @@ def save(vm: VirtualMachine, base: str, kind: str, progress: ProgressFactory | N
     data_bytes = mem_stats.data_pages * PAGE
     downtime = (resumed_at or end) - t0
     return SaveStats(base, kind, vm.memory.size, data_bytes, mem_stats.zero_pages, end - t0,
-                     downtime, files.generation, tuple(removed))
+                     downtime, files.generation, tuple(removed),
+                     layer.parent.base if layer and layer.parent else None,
+                     layer.note if layer else "")

@@ -1,0 +1,81 @@
+"""Incremental snapshots, the reading side: a layer's parents, checked, and stacked.
+
+A layer's FILE.meta names its parent by path (relative to the layer's directory) and by
+the parent's metadata checksum. Opening a layer opens every snapshot under it, each checked
+like any snapshot (structure, every checksum) plus: the parent is the one the layer was
+written over (its checksum), has the same memory size, sits one level lower, and no
+snapshot appears twice. A missing or changed parent is refused, naming it. The parent's
+path is the only host path a snapshot names; it is opened read-only, as a snapshot, and
+nothing in it is used unless every check passes (docs/security.md).
+
+Restoring stacks the chain: the full snapshot at the bottom is mapped (or copied) as usual,
+then each layer's pages are copied over it, oldest first (layers hold only what changed,
+so they are small); the newest layer's state is the VM's.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from ..machine.memory import GuestMemory
+from .format import MAX_CHAIN, SnapshotError
+from .incremental import depth_of, parent_base
+from .memfile import load_eager
+
+if TYPE_CHECKING:
+    from .restore import Snapshot
+
+Opener = Callable[[str], "Snapshot"]
+
+
+def open_parents(snap: Snapshot, opener: Opener) -> None:
+    """Open and check every snapshot `snap` stacks on; `opener` opens one (no parents)."""
+    seen = {os.path.realpath(snap.base)}
+    cur = snap
+    try:
+        while cur.meta.get("parent"):
+            rec = cur.meta["parent"]
+            base = parent_base(cur.base, rec)
+            if os.path.realpath(base) in seen or len(seen) > MAX_CHAIN:
+                raise SnapshotError(f"{cur.base}: its chain of parents loops back to {base}")
+            seen.add(os.path.realpath(base))
+            try:
+                parent = opener(base)
+            except SnapshotError as e:
+                raise SnapshotError(f"parent {base} of {cur.base}: {e}") from None
+            cur.parent = parent
+            if parent.meta["meta_checksum"] != rec["meta_checksum"]:
+                raise SnapshotError(f"parent {base} of {cur.base} has changed since the layer "
+                                    "was written (its checksum differs)")
+            if parent.meta["memory"]["size"] != cur.meta["memory"]["size"]:
+                raise SnapshotError(f"parent {base} of {cur.base} has a different memory size")
+            if depth_of(parent.meta) != rec["depth"] - 1:
+                raise SnapshotError(f"parent {base} of {cur.base} is not at the depth the "
+                                    "layer records")
+            cur = parent
+    except BaseException:
+        snap.close()
+        raise
+
+
+def layers(snap: Snapshot) -> list[Snapshot]:
+    """The chain, the full snapshot first and `snap` last."""
+    out = [snap]
+    while out[-1].parent is not None:
+        out.append(out[-1].parent)
+    return out[::-1]
+
+
+def root(snap: Snapshot) -> Snapshot:
+    return layers(snap)[0]
+
+
+def stack(memory: GuestMemory, snap: Snapshot) -> None:
+    """Copy every layer above the full snapshot into `memory`, oldest first."""
+    size = snap.meta["memory"]["size"]
+    for layer in layers(snap)[1:]:
+        with mmap.mmap(layer.mem_fd, size, prot=mmap.PROT_READ) as mm:
+            load_eager(memory, mm, layer.runs)
