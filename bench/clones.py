@@ -2,7 +2,8 @@
 
 Run: .venv/bin/python bench/clones.py [--runs 3] [--counts 1,10,50] [--only clones,incremental]
 
-clones: one A-B guest (1 GiB RAM, 32 MiB working set) suspended once, then N guests started
+clones: one A-B guest (1 GiB RAM) that writes 8 MiB and reads 120 MiB it filled once (a
+  runtime's code and data, say) every pass, checkpointed once, then N guests started
   from it at the same moment: pyhyve `run -r FILE --clone` (shared memory), QEMU 7.2 N
   separate `-incoming "exec:cat FILE"` restores (QEMU has no clones). Per guest: process
   start to its first console output and to its first full pass (the second `B` after the
@@ -33,7 +34,8 @@ from pyhyve import guestkit
 from common import PYHYVE, ensure_qemu, qemu_args, qemu_version, table, warm_memory
 
 MB = 1 << 20
-WS = 32
+WS = 8
+CMDLINE = f"ws={WS}M ro=120M"
 
 
 def pss(pid: int) -> int:
@@ -61,7 +63,7 @@ def start_clones(side: Pyhyve | Qemu, snap: str, n: int) -> list[Vm]:
             p = popen([PYHYVE, "run", name, "-r", snap, "--clone", "--console", "stdio"],
                       os.path.join(side.work, f"{name}.err"), env=side.env)
         else:  # saved from a running guest: QEMU runs it as soon as it is loaded
-            p = popen([*qemu_args(side.qemu, side.kernel, f"ws={WS}M"),
+            p = popen([*qemu_args(side.qemu, side.kernel, CMDLINE),
                        "-incoming", f"exec:cat {snap}"], os.path.join(side.work, f"{name}.err"))
         vms.append(Vm(p, Console(p.stdout, False), t, name=name))
     return vms
@@ -102,8 +104,9 @@ def run_clones(counts: list[int], runs: int, kernel: str, qemu: str) -> list[lis
             for label in ("pyhyve", "QEMU"):
                 work = tempfile.mkdtemp(prefix="pyhyve-clones-")
                 try:
-                    side: Pyhyve | Qemu = (Pyhyve(kernel, WS, work) if label == "pyhyve"
-                                           else Qemu(qemu, kernel, WS, work))
+                    side: Pyhyve | Qemu = (Pyhyve(kernel, WS, work, CMDLINE)
+                                           if label == "pyhyve"
+                                           else Qemu(qemu, kernel, WS, work, CMDLINE))
                     snap = snapshot_for(side, work)
                     res[label].append(clones(side, snap, n))
                 finally:
@@ -172,7 +175,7 @@ def main() -> None:
     if "clones" in only:
         qemu = ensure_qemu()
         rows = run_clones([int(c) for c in args.counts.split(",")], args.runs, kernel, qemu)
-        print(table(f"N guests from one snapshot (1 GiB, ws={WS}M; medians of {args.runs} "
+        print(table(f"N guests from one snapshot (1 GiB, {CMDLINE}; medians of {args.runs} "
                     f"runs; pyhyve --clone vs {qemu_version(qemu)} N restores; "
                     f"{time.strftime('%Y-%m-%d')})",
                     ["N", "figure", "pyhyve", "QEMU", "ratio"], rows))

@@ -168,8 +168,9 @@ class Vm:
 class Pyhyve:
     label = "pyhyve"
 
-    def __init__(self, kernel: str, ws: int, work: str) -> None:
+    def __init__(self, kernel: str, ws: int, work: str, cmdline: str | None = None) -> None:
         self.kernel, self.ws, self.work = kernel, ws, work
+        self.cmdline = cmdline or f"ws={ws}M"
         self.env = {**os.environ, "PYHYVE_RUNDIR": os.path.join(work, "run")}
         with open(os.path.join(work, "key"), "w") as f:
             f.write(KEY)
@@ -181,7 +182,7 @@ class Pyhyve:
         return Vm(p, Console(p.stdout, banner), t, name=name)
 
     def boot(self, name: str) -> Vm:
-        return self._spawn(name, ["-m", "1G", "-k", self.kernel, "--cmdline", f"ws={self.ws}M"],
+        return self._spawn(name, ["-m", "1G", "-k", self.kernel, "--cmdline", self.cmdline],
                            True)
 
     def ctl(self, vm: Vm, cmd: str, **args: object) -> dict:
@@ -220,13 +221,15 @@ class Pyhyve:
 class Qemu:
     label = "QEMU"
 
-    def __init__(self, qemu: str, kernel: str, ws: int, work: str) -> None:
+    def __init__(self, qemu: str, kernel: str, ws: int, work: str,
+                 cmdline: str | None = None) -> None:
         self.qemu, self.kernel, self.ws, self.work = qemu, kernel, ws, work
+        self.cmdline = cmdline or f"ws={ws}M"
 
     def _spawn(self, name: str, extra: list[str], banner: bool) -> Vm:
         sock = os.path.join(self.work, f"{name}.qmp")
         t = time.monotonic()
-        p = popen([*qemu_args(self.qemu, self.kernel, f"ws={self.ws}M"),
+        p = popen([*qemu_args(self.qemu, self.kernel, self.cmdline),
                    "-qmp", f"unix:{sock},server=on,wait=off", *extra],
                   os.path.join(self.work, f"{name}.err"))
         return Vm(p, Console(p.stdout, banner), t, Qmp(sock), name=name)

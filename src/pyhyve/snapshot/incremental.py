@@ -74,6 +74,17 @@ def track(vm: VirtualMachine, parent: ParentRef | None) -> Tracking:
     return t
 
 
+def pending_pages(vm: VirtualMachine) -> int | None:
+    """How many pages the next incremental save of `vm` would write as of now (None: it
+    will be a full one); for sizing its staging buffer before the guest is held."""
+    t = _tracking.get(vm)
+    if t is None or t.parent is None:
+        return None
+    mask = t.consumer.fetch()
+    t.consumer.give_back(mask)
+    return int(mask.sum())
+
+
 def status(vm: VirtualMachine) -> dict[str, object]:
     t = _tracking.get(vm)
     if t is None:

@@ -28,7 +28,7 @@ from ..pipeline.sections import device_list, to_sections
 from ..vmtypes import meminfo
 from .files import SnapshotFiles, commit, create_temp, write_all
 from .format import FORMAT, FORMAT_VERSION, SnapshotError, checksum, kern_header, meta_checksum
-from .incremental import Layer, begin
+from .incremental import Layer, begin, pending_pages
 from .memfile import MemStats, write_memory
 from .staging import Staging
 
@@ -152,10 +152,15 @@ def _state_file(temps: _Temps, st: MachineState, runs: Runs) -> tuple[str, list[
     return ktmp, table, off
 
 
-def _staging(vm: VirtualMachine) -> Staging | None:
-    """A staging buffer for the guest's data, faulted in while it still runs; none when the
-    host could not spare the memory (the checkpoint then writes while the guest is held)."""
-    want = sum(n for _, n in guest_runs(vm.memory)) * PAGE
+def _staging(vm: VirtualMachine, incremental: bool) -> Staging | None:
+    """A staging buffer for the guest's data (an incremental layer's: the pages written so
+    far, with slack for what the guest writes until it is held), faulted in while it still
+    runs; none when the host could not spare the memory (the checkpoint then writes while
+    the guest is held)."""
+    pages = pending_pages(vm) if incremental else None
+    if pages is None:
+        pages = sum(n for _, n in guest_runs(vm.memory))
+    want = pages * PAGE
     if want * 2 > meminfo("MemAvailable"):
         return None
     try:
@@ -176,7 +181,7 @@ def save(vm: VirtualMachine, base: str, kind: str, progress: ProgressFactory | N
     t0 = time.perf_counter()
     if keep_paused and vm.state == "running":
         vm.pause()  # the caller's pause: it outlives the save
-    staging = _staging(vm) if stage and kind == "checkpoint" else None
+    staging = _staging(vm, incremental) if stage and kind == "checkpoint" else None
     vm.hold()
     held, done, resumed_at = True, False, None
     layer: Layer | None = None
