@@ -166,6 +166,13 @@ def test_clone_refusals_and_a_failing_clone_is_named(make_vm, tmp_path, rundir, 
     wait_file(tmp_path / "f-1.console", "B")
     for name in ("f-1", "f-3"):
         assert cli("pyhyvectl", "--vm", name, "--destroy").returncode == 0
+    os.symlink(tmp_path / "elsewhere", tmp_path / "g-1.log")  # planted in a shared --dir
+    r = cli("pyhyve", "clone", base2, "--count", "2", "--name-prefix", "g", "--dir",
+            str(tmp_path), timeout=120)
+    assert r.returncode == 1 and "1 of 2 clones failed: g-1" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not os.path.exists(tmp_path / "elsewhere")
+    assert sorted(pids(r.stdout)) == ["g-2"]
+    assert cli("pyhyvectl", "--vm", "g-2", "--destroy").returncode == 0
 
 
 def test_generation_id_changes_on_restore_and_stays_across_a_migration(make_vm, tmp_path):

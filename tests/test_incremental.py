@@ -193,3 +193,107 @@ def test_incremental_from_the_command_line(kit, tmp_path, rundir):
     assert f"incremental_parent: {tmp_path}/c2" in st
     assert cli("pyhyvectl", "--vm", "inc2", "--destroy").returncode == 0
     p.wait(timeout=30)
+
+
+def test_layers_of_a_running_guest_miss_no_written_page(make_vm, tmp_path):
+    """Layers taken while the guest runs (no pause): a page the dirty log missed would
+    hold an older pass's value and break the A-B invariant of the stacked image."""
+    vm, con = make_vm("ab", "ws=16M", memory=64 * MB)
+    con.wait_count(b"B", 2, timeout=30)
+    for k in range(6):
+        con.wait_count(b"B", con.buf.count(b"B") + 1, timeout=30)
+        save(vm, str(tmp_path / f"R{k}"), "checkpoint", incremental=True)
+    for k in (2, 5):
+        merge(str(tmp_path / f"R{k}"), str(tmp_path / f"MR{k}"))
+        merged = guestkit.ab_check_file(str(tmp_path / f"MR{k}"))
+        snap = open_snapshot(str(tmp_path / f"R{k}"))
+        vm2 = restore(snap, console=CaptureConsole(), lazy=k == 2)
+        snap.close()
+        try:
+            assert guestkit.ab_check(vm2.memory.regions[0].array) == merged
+        finally:
+            vm2.close()
+
+
+def test_a_broken_chain_below_the_parent_makes_the_next_save_full(make_vm, tmp_path):
+    vm, con = make_vm("ab", "ws=2M", memory=64 * MB)
+    con.wait_count(b"B", 2, timeout=30)
+    for k in range(3):
+        save(vm, str(tmp_path / f"L{k}"), "checkpoint", incremental=True)
+    save(vm, str(tmp_path / "L1"), "checkpoint")  # a plain save over the grandparent
+    stats = save(vm, str(tmp_path / "L3"), "checkpoint", incremental=True)
+    assert stats.parent is None and "L1, under the new layer, was replaced" in stats.note
+    open_snapshot(str(tmp_path / "L3")).close()  # restorable on its own
+    stats = save(vm, str(tmp_path / "L4"), "checkpoint", incremental=True)
+    assert stats.parent == str(tmp_path / "L3")
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda p: p.update(path="/etc/passwd"), "bad parent path"),
+    (lambda p: p.update(path="L0\u0000x"), "bad parent path"),
+    (lambda p: p.update(path="not-a-snapshot"), "not-a-snapshot"),
+    (lambda p: p.update(depth=5), "depth"),
+])
+def test_a_hostile_parent_record_is_refused(make_vm, tmp_path, change, match):
+    import json
+
+    from pyhyve.snapshot.format import meta_checksum
+
+    vm, con = make_vm("ab", "ws=2M", memory=64 * MB)
+    con.wait_count(b"B", 2, timeout=30)
+    save(vm, str(tmp_path / "L0"), "checkpoint", incremental=True)
+    save(vm, str(tmp_path / "L1"), "checkpoint", incremental=True)
+    (tmp_path / "not-a-snapshot.meta").write_text("{}")
+    path = tmp_path / "L1.meta"
+    meta = json.loads(path.read_text())
+    change(meta["parent"])
+    meta["meta_checksum"] = meta_checksum(meta)
+    path.write_text(json.dumps(meta))
+    with pytest.raises(SnapshotError, match=match):
+        open_snapshot(str(tmp_path / "L1"))
+    for args in (["snapshot", "verify"], ["snapshot", "info"], ["run", "x", "-r"]):
+        r = cli("pyhyve", *args, str(tmp_path / "L1"))
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_parent_of_another_size_is_refused(make_vm, tmp_path):
+    import json
+
+    from pyhyve.snapshot.format import meta_checksum
+
+    vm, con = make_vm("ab", "ws=2M", memory=64 * MB)
+    con.wait_count(b"B", 2, timeout=30)
+    save(vm, str(tmp_path / "L0"), "checkpoint", incremental=True)
+    save(vm, str(tmp_path / "L1"), "checkpoint", incremental=True)
+    other, c2 = make_vm("ab", "ws=2M", memory=32 * MB)
+    c2.wait_count(b"B", 2, timeout=30)
+    save(other, str(tmp_path / "small"), "checkpoint")
+    path = tmp_path / "L1.meta"
+    meta = json.loads(path.read_text())
+    small = json.loads((tmp_path / "small.meta").read_text())
+    meta["parent"].update(path="small", meta_checksum=small["meta_checksum"], depth=1)
+    meta["meta_checksum"] = meta_checksum(meta)
+    path.write_text(json.dumps(meta))
+    with pytest.raises(SnapshotError, match="different memory size"):
+        open_snapshot(str(tmp_path / "L1"))
+
+
+def test_track_dirty_at_restore_and_no_clone_of_a_layer(make_vm, tmp_path, rundir):
+    vm, con = make_vm("ab", "ws=2M", memory=64 * MB)
+    con.wait_count(b"B", 2, timeout=30)
+    save(vm, str(tmp_path / "full"), "checkpoint")
+    save(vm, str(tmp_path / "L0"), "checkpoint", incremental=True)
+    save(vm, str(tmp_path / "L1"), "checkpoint", incremental=True)
+    p = spawn("pyhyve", "run", "td", "-r", str(tmp_path / "full"), "--console", "null",
+              "--track-dirty")
+    wait_socket(rundir, "td")
+    assert f"incremental_parent: {tmp_path}/full" in cli("pyhyvectl", "--vm", "td",
+                                                          "--status").stdout
+    r = cli("pyhyvectl", "--vm", "td", "--checkpoint", str(tmp_path / "over"), "--incremental")
+    assert r.returncode == 0 and f"a layer over {tmp_path}/full" in r.stdout, r.stderr
+    assert cli("pyhyvectl", "--vm", "td", "--destroy").returncode == 0
+    p.wait(timeout=30)
+    for cmd in (["run", "c", "-r", str(tmp_path / "L1"), "--clone"],
+                ["clone", str(tmp_path / "L1"), "--count", "2", "--name-prefix", "q"]):
+        r = cli("pyhyve", *cmd)
+        assert r.returncode == 1 and "incremental layer" in r.stderr, r.stderr

@@ -47,7 +47,7 @@ def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
 @dataclass
 class _Clone:
     name: str
-    proc: subprocess.Popen[bytes]
+    proc: subprocess.Popen[bytes] | None
     log: str
     t0: float
     started: float | None = None
@@ -62,10 +62,25 @@ def _check(a: argparse.Namespace) -> None:
     if a.timeout <= 0:
         raise UsageError("--timeout must be positive")
     taken = [f"{a.name_prefix}-{i}" for i in range(1, a.count + 1)
-             if os.path.exists(socket_path(f"{a.name_prefix}-{i}"))]
+             if _answers(f"{a.name_prefix}-{i}")]
     if taken:
-        raise UsageError(f"a VM named {taken[0]} may be running (its socket exists); "
-                         "choose another --name-prefix")
+        raise UsageError(f"a VM named {taken[0]} is running; choose another --name-prefix")
+
+
+def _answers(name: str) -> bool:
+    """A live VM owns the name (a socket a dead VMM left behind does not count: `run`
+    takes such a name over)."""
+    import socket
+
+    path = socket_path(name)
+    if not os.path.exists(path):
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+    return True
 
 
 def cmd_clone(a: argparse.Namespace) -> int:
@@ -76,20 +91,31 @@ def cmd_clone(a: argparse.Namespace) -> int:
         _check(a)
         snap = open_snapshot(a.file, verify_memory=False)  # each clone verifies it fully
         snap.close()
+        if snap.meta.get("parent"):
+            raise SnapshotError(f"{snap.base} is an incremental layer: clones share a full "
+                                "snapshot's memory (flatten it first: pyhyve snapshot merge)")
         out = os.path.abspath(a.dir or rundir())
         os.makedirs(out, mode=0o700, exist_ok=True)
     except (UsageError, SnapshotError) as e:
         fail(PROG, str(e))
     except OSError as e:
         fail(PROG, f"cannot use {a.dir or rundir()}: {e.strerror or e}")
-    clones = [_spawn(a, snap.base, out, i) for i in range(1, a.count + 1)]
-    _wait(clones, a.timeout)
+    clones: list[_Clone] = []
+    try:
+        for i in range(1, a.count + 1):
+            clones.append(_spawn(a, snap.base, out, i))
+        _wait(clones, a.timeout)
+    except BaseException:  # interrupted, or a bug: never leave clones half-started
+        for c in clones:
+            if not c.started:
+                _stop(c)
+        raise
     failed = [c for c in clones if c.error]
     for c in clones:
         if c.error:
             print(f"{c.name}: failed: {c.error} (log {c.log})", file=sys.stderr)
         else:
-            assert c.started is not None
+            assert c.started is not None and c.proc is not None
             print(f"{c.name}: running, pid {c.proc.pid}, started in "
                   f"{(c.started - c.t0) * 1e3:.0f} ms")
     if failed:
@@ -99,24 +125,50 @@ def cmd_clone(a: argparse.Namespace) -> int:
     return 0
 
 
+def _create(path: str) -> int:
+    """A log or console file of ours: a regular file, never through a symlink someone
+    planted in a shared --dir."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                   0o600)
+
+
 def _spawn(a: argparse.Namespace, base: str, out: str, i: int) -> _Clone:
+    """Start clone i; one that cannot even start is a failed clone, not a crash."""
     name = f"{a.name_prefix}-{i}"
     console = os.path.join(out, f"{name}.console")
-    if a.console == "unix":
-        console += ".sock"
     log = os.path.join(out, f"{name}.log")
-    argv = [sys.executable, "-m", "pyhyve.cli.main", "run", name, "-r", base, "--clone",
-            "--console", f"{a.console}:{console}"]
-    for b in a.bind or []:
-        argv += ["--bind", b]
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600)
+    t0 = time.monotonic()
     try:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
-                                start_new_session=True)
-    finally:
-        os.close(fd)
-    return _Clone(name, proc, log, time.monotonic())
+        if a.console == "unix":
+            console += ".sock"
+        else:
+            os.close(_create(console))
+        argv = [sys.executable, "-m", "pyhyve.cli.main", "run", name, "-r", base, "--clone",
+                "--console", f"{a.console}:{console}"]
+        for b in a.bind or []:
+            argv += ["--bind", b]
+        fd = _create(log)
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
+                                    start_new_session=True)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        return _Clone(name, None, log, t0, error=f"cannot start: {e.strerror or e} "
+                      f"({e.filename or ''})")
+    return _Clone(name, proc, log, t0)
+
+
+def _stop(c: _Clone) -> None:
+    """SIGTERM (the VMM removes its socket), then SIGKILL if it does not go."""
+    if c.proc is None or c.proc.poll() is not None:
+        return
+    c.proc.terminate()
+    try:
+        c.proc.wait(5)
+    except subprocess.TimeoutExpired:
+        c.proc.kill()
+        c.proc.wait()
 
 
 def _running(name: str) -> bool:
@@ -133,9 +185,10 @@ def _running(name: str) -> bool:
 
 def _wait(clones: list[_Clone], timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    pending = list(clones)
+    pending = [c for c in clones if c.proc is not None]
     while pending:
         for c in list(pending):
+            assert c.proc is not None
             if c.proc.poll() is not None:
                 c.error = f"exited with status {c.proc.returncode}: {_last_line(c.log)}"
             elif _running(c.name):
@@ -145,8 +198,7 @@ def _wait(clones: list[_Clone], timeout: float) -> None:
             pending.remove(c)
         if pending and time.monotonic() > deadline:
             for c in pending:
-                c.proc.kill()
-                c.proc.wait()
+                _stop(c)
                 c.error = f"not running after {timeout:g} s; stopped"
             return
         time.sleep(0.02)

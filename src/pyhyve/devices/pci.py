@@ -7,6 +7,7 @@ Bus 0, device 0 is the host bridge itself; the virtio work adds devices with
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -33,15 +34,22 @@ class PciFunction:
         self.wmask[0x0C] = 0xFF  # cache line size
         self.wmask[0x0D] = 0xFF  # latency timer
         self.wmask[0x3C] = 0xFF  # interrupt line
+        # told of every write: (register, size, the bytes before), for BARs and capabilities
+        self.on_write: Callable[[int, int, bytes], None] | None = None
 
     def read(self, reg: int, size: int) -> int:
         return int.from_bytes(self.config[reg:reg + size], "little")
 
     def write(self, reg: int, size: int, value: int) -> None:
+        if reg + size > len(self.config):
+            return
+        old = bytes(self.config[reg:reg + size])
         for i in range(size):
             b = (value >> (8 * i)) & 0xFF
             m = self.wmask[reg + i]
             self.config[reg + i] = (self.config[reg + i] & ~m) | (b & m)
+        if self.on_write is not None:
+            self.on_write(reg, size, old)
 
 
 class PciHostBridge(Device):

@@ -131,6 +131,12 @@ class Vm:
     def irq_line(self, irq: int, level: int) -> None:
         ioctl(self.fd, I.KVM_IRQ_LINE, S.KvmIrqLevel(irq, level))
 
+    def signal_msi(self, address: int, data: int) -> bool:
+        """Inject an MSI (a virtio device's MSI-X vector); False if the guest's APIC
+        refused it (masked or no destination)."""
+        msi = S.KvmMsi(address & 0xFFFF_FFFF, address >> 32, data & 0xFFFF_FFFF, 0, 0)
+        return ioctl(self.fd, I.KVM_SIGNAL_MSI, msi) > 0
+
     def get_irqchip(self, chip_id: int) -> S.KvmIrqchip:
         chip = S.KvmIrqchip(chip_id=chip_id)
         ioctl(self.fd, I.KVM_GET_IRQCHIP, chip)

@@ -180,6 +180,11 @@ class KvmIrqLevel(C.Structure):
     _fields_ = [("irq", u32), ("level", u32)]
 
 
+class KvmMsi(C.Structure):
+    _fields_ = [("address_lo", u32), ("address_hi", u32), ("data", u32), ("flags", u32),
+                ("devid", u32), ("pad", u8 * 12)]
+
+
 class KvmTranslation(C.Structure):
     _fields_ = [("linear_address", u64), ("physical_address", u64), ("valid", u8),
                 ("writeable", u8), ("usermode", u8), ("pad", u8 * 5)]
@@ -232,6 +237,6 @@ EXPECTED_SIZES = {
     KvmMsrEntry: 16, KvmCpuidEntry2: 40, KvmLapicState: 1024, KvmVcpuEvents: 64,
     KvmMpState: 4, KvmDebugregs: 128, KvmXsave: 4096, KvmXcrs: 392, KvmIrqchip: 520,
     KvmPitState2: 112, KvmPitConfig: 64, KvmClockData: 48, KvmUserspaceMemoryRegion: 32,
-    KvmDirtyLog: 16, KvmClearDirtyLog: 24, KvmIrqLevel: 8, KvmTranslation: 24,
+    KvmDirtyLog: 16, KvmClearDirtyLog: 24, KvmIrqLevel: 8, KvmTranslation: 24, KvmMsi: 32,
     KvmEnableCap: 104,
 }

@@ -9,8 +9,11 @@ path is the only host path a snapshot names; it is opened read-only, as a snapsh
 nothing in it is used unless every check passes (docs/security.md).
 
 Restoring stacks the chain: the full snapshot at the bottom is mapped (or copied) as usual,
-then each layer's pages are copied over it, oldest first (layers hold only what changed,
-so they are small); the newest layer's state is the VM's.
+then the layers' pages are copied over it, each page once, from the newest layer that has
+it (layers hold only what changed, so they are small); the newest layer's state is the
+VM's. Parents keep only their run tables once checked (their state sections are not
+needed), and the whole chain may hold at most MAX_CHAIN_RUNS runs, so a hostile chain
+cannot pin more than one snapshot's worth of memory.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..machine.memory import GuestMemory
+from ..machine.dirty import runs_of
+from ..machine.memory import PAGE, GuestMemory
 from .format import MAX_CHAIN, SnapshotError
 from .incremental import depth_of, parent_base
 from .memfile import load_eager
@@ -29,6 +33,7 @@ if TYPE_CHECKING:
     from .restore import Snapshot
 
 Opener = Callable[[str], "Snapshot"]
+MAX_CHAIN_RUNS = 1 << 22  # as many as one state file's largest run table holds
 
 
 def open_parents(snap: Snapshot, opener: Opener) -> None:
@@ -55,6 +60,11 @@ def open_parents(snap: Snapshot, opener: Opener) -> None:
             if depth_of(parent.meta) != rec["depth"] - 1:
                 raise SnapshotError(f"parent {base} of {cur.base} is not at the depth the "
                                     "layer records")
+            parent.blobs = {}  # only the newest layer's state is used
+            total = sum(len(s.runs) for s in layers(snap))
+            if total > MAX_CHAIN_RUNS:
+                raise SnapshotError(f"{snap.base}: its chain holds more than {MAX_CHAIN_RUNS} "
+                                    "memory runs (merge it)")
             cur = parent
     except BaseException:
         snap.close()
@@ -74,8 +84,17 @@ def root(snap: Snapshot) -> Snapshot:
 
 
 def stack(memory: GuestMemory, snap: Snapshot) -> None:
-    """Copy every layer above the full snapshot into `memory`, oldest first."""
+    """Copy the layers above the full snapshot into `memory`: each page once, from the
+    newest layer that holds it."""
+    import numpy as np
+
     size = snap.meta["memory"]["size"]
-    for layer in layers(snap)[1:]:
+    covered = np.zeros(size // PAGE, dtype=bool)
+    for layer in reversed(layers(snap)[1:]):
+        mine = np.zeros_like(covered)
+        for page, count in layer.runs:
+            mine[page:page + count] = True
+        todo = runs_of(mine & ~covered)
+        covered |= mine
         with mmap.mmap(layer.mem_fd, size, prot=mmap.PROT_READ) as mm:
-            load_eager(memory, mm, layer.runs)
+            load_eager(memory, mm, todo)

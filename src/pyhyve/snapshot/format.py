@@ -104,7 +104,9 @@ def _validate(meta: dict[str, Any]) -> None:
         _need("parent" in meta, "'parent' is missing")
         if meta["parent"] is not None:  # an incremental layer over the snapshot it names
             parent = F.obj(meta, "parent")
-            _need(0 < len(_str(parent, "path")) <= 4096, "bad parent path")
+            path = _str(parent, "path")
+            _need(0 < len(path) <= 4096 and path.isprintable() and not path.startswith("/"),
+                  "bad parent path (a relative path of printable characters)")
             _need(len(_str(parent, "meta_checksum")) == 32, "bad parent checksum")
             _int(parent, "depth", 1, MAX_CHAIN)
     else:

@@ -49,9 +49,10 @@ def depth_of(meta: dict[str, Any]) -> int:
 
 
 def parent_base(child_base: str, record: dict[str, Any]) -> str:
-    """The parent's FILE: recorded relative to the child's directory, so a chain moved
-    as a whole still resolves (a recorded absolute path is taken as it is)."""
-    return os.path.normpath(os.path.join(os.path.dirname(child_base), record["path"]))
+    """The parent's FILE: recorded relative to the child's real directory (format.py
+    refuses an absolute path), so a chain moved as a whole still resolves."""
+    here = os.path.realpath(os.path.dirname(child_base))
+    return os.path.normpath(os.path.join(here, record["path"]))
 
 
 class Tracking:
@@ -109,7 +110,8 @@ class Layer:
         """FILE.meta's `parent`."""
         if self.parent is None:
             return None
-        return {"path": os.path.relpath(self.parent.base, os.path.dirname(base)),
+        here = os.path.realpath(os.path.dirname(base))  # symlinks resolved on both ends
+        return {"path": os.path.relpath(os.path.realpath(self.parent.base), here),
                 "meta_checksum": self.parent.meta_checksum, "depth": self.parent.depth + 1}
 
     def failed(self) -> None:
@@ -129,20 +131,47 @@ def _forget(t: Tracking) -> None:
             del _tracking[vm]
 
 
-def ancestors(parent: ParentRef) -> list[str]:
-    """FILE of the parent and of every snapshot it stacks on (read leniently: a broken
-    chain just ends the list)."""
-    out, base = [parent.base], parent.base
-    for _ in range(MAX_CHAIN):
-        try:
-            rec = read_meta(meta_path(base)).get("parent")
-        except SnapshotError:
-            break
-        if not rec:
-            break
-        base = parent_base(base, rec)
+@dataclass(frozen=True)
+class Plan:
+    """What an incremental save found before the guest was held (file reads only)."""
+
+    note: str = ""            # why the next save must be full ("" : a layer can go on)
+
+
+def plan(vm: VirtualMachine, base: str) -> Plan:
+    """Check the VM's chain on disk, before the hold: every snapshot it stacks on must be
+    the one its child recorded (a layer over a broken chain could never be restored), and
+    `base` must not be one of them (saving there would break the chain)."""
+    t = _tracking.get(vm)
+    if t is None or t.parent is None:
+        return Plan()
+    chain, note = chain_on_disk(t.parent)
+    target = os.path.realpath(base)
+    if any(os.path.realpath(b) == target for b in chain):
+        raise SnapshotError(f"cannot save an incremental snapshot to {base}: the VM's chain "
+                            "stacks on it (give each layer a new path)")
+    return Plan(note)
+
+
+def chain_on_disk(parent: ParentRef) -> tuple[list[str], str]:
+    """FILE of the parent and of every snapshot under it, and what is wrong with the
+    chain ("" if every link holds)."""
+    out: list[str] = []
+    base, want, depth = parent.base, parent.meta_checksum, parent.depth
+    if depth + 1 > MAX_CHAIN:
+        return [base], f"the chain has {MAX_CHAIN} layers (merge it)"
+    while True:
         out.append(base)
-    return out
+        try:
+            meta = read_meta(meta_path(base))
+        except SnapshotError:
+            return out, f"{base}, under the new layer, is gone or unreadable"
+        if meta["meta_checksum"] != want or depth_of(meta) != depth:
+            return out, f"{base}, under the new layer, was replaced since"
+        rec = meta.get("parent")
+        if not rec:
+            return out, ""
+        base, want, depth = parent_base(base, rec), rec["meta_checksum"], depth - 1
 
 
 def parents(base: str, meta: dict[str, Any]) -> tuple[list[str], list[str]]:
@@ -163,47 +192,33 @@ def parents(base: str, meta: dict[str, Any]) -> tuple[list[str], list[str]]:
         if meta["meta_checksum"] != rec["meta_checksum"]:
             lines.append(f"{base}  CHANGED")
             return lines, [f"parent {base} has changed since the layer over it was written"]
+        if depth_of(meta) != rec["depth"] - 1:
+            lines.append(f"{base}  AT THE WRONG DEPTH")
+            return lines, [f"parent {base} is not at the depth the layer over it records"]
         what = f"layer {depth_of(meta)}" if meta.get("parent") else "full"
         lines.append(f"{base}  ({what}, {meta['kind']}, {meta['created']}, "
                      f"{meta['memory']['data_pages']} pages)")
     return lines, []
 
 
-def begin(vm: VirtualMachine, base: str, full_runs: Callable[[], Runs]) -> Layer:
-    """The layer an incremental save of `vm` to `base` writes; under the VM's hold."""
+def begin(vm: VirtualMachine, full_runs: Callable[[], Runs], ahead: Plan) -> Layer:
+    """The layer an incremental save of `vm` writes; under the VM's hold (no file is read
+    here: `ahead` holds what was checked before)."""
     t = _tracking.get(vm)
     fresh = t is None
     if t is None:
         t = track(vm, None)
-    parent = t.parent
-    if parent is not None and os.path.realpath(base) in map(os.path.realpath, ancestors(parent)):
-        if fresh:
-            t.consumer.stop()
-            _forget(t)
-        raise SnapshotError(f"cannot save an incremental snapshot to {base}: the VM's chain "
-                            "stacks on it (give each layer a new path)")
     given = None if fresh else t.consumer.fetch()
-    layer = Layer([], parent, t, given, fresh)
-    if parent is not None:
-        layer.note = _unusable(parent)
+    layer = Layer([], t.parent, t, given, fresh, ahead.note)
+    try:
         if layer.note:
             layer.parent = None
-    if layer.parent is None:
-        layer.runs = full_runs()
-    else:
-        assert given is not None
-        layer.runs = runs_of(given)
+        if layer.parent is None:
+            layer.runs = full_runs()
+        else:
+            assert given is not None
+            layer.runs = runs_of(given)
+    except BaseException:
+        layer.failed()
+        raise
     return layer
-
-
-def _unusable(parent: ParentRef) -> str:
-    """Why `parent` cannot carry a new layer ("" if it can)."""
-    if parent.depth + 1 > MAX_CHAIN:
-        return f"the chain has {MAX_CHAIN} layers (merge it)"
-    try:
-        meta = read_meta(meta_path(parent.base))
-    except SnapshotError:
-        return f"the parent {parent.base} is gone or unreadable"
-    if meta["meta_checksum"] != parent.meta_checksum:
-        return f"the parent {parent.base} was replaced since"
-    return ""

@@ -1,7 +1,8 @@
 """`pyhyve snapshot merge FILE OUT`: flatten a chain of layers into one full snapshot.
 
 The chain is opened and checked like a restore's; the pages are stacked (newest layer wins)
-into memory of our own, and OUT is written exactly as a full save of that guest would be:
+into memory of our own (refused up front when the host has not that much available),
+and OUT is written exactly as a full save of that guest would be:
 the same non-zero pages, run table and memory checksum, the newest layer's state. OUT is
 committed like any save (a new generation, the metadata renamed last), so the last good
 snapshot at OUT survives a failure; OUT may not be a snapshot of the chain itself.
@@ -17,9 +18,10 @@ import os
 from typing import Any
 
 from .. import __version__
-from ..machine.memory import GuestMemory
+from ..machine.memory import PAGE, GuestMemory
 from ..pipeline.pages import encode_runs, guest_runs
 from ..pipeline.sections import RUNS_SECTION
+from ..vmtypes import meminfo
 from .chain import layers, stack
 from .files import SnapshotFiles, commit, write_all
 from .format import SnapshotError, checksum, kern_header, meta_checksum
@@ -39,6 +41,10 @@ def merge(src: str, out: str) -> tuple[SnapshotFiles, int, int]:
         if os.path.realpath(out) in {os.path.realpath(s.base) for s in chain}:
             raise SnapshotError(f"cannot merge into {out}: it is part of the chain")
         size = snap.meta["memory"]["size"]
+        need = sum(n for s in chain for _, n in s.runs) * PAGE
+        if need > meminfo("MemAvailable"):
+            raise SnapshotError(f"cannot merge {snap.base}: its {need >> 20} MiB of pages "
+                                "are more than the host's available memory")
         memory = GuestMemory(size, name="pyhyve-merge")
         try:
             with mmap.mmap(chain[0].mem_fd, size, prot=mmap.PROT_READ) as mm:

@@ -192,7 +192,7 @@ def restore(snap: Snapshot, name: str | None = None, console: Console | None = N
     if verify_error:
         vm.close()
         raise verify_error[0]
-    if track_dirty or snap.meta.get("parent"):  # before the guest runs: no write missed
+    if track_dirty or (snap.meta.get("parent") and not clone):  # before the guest runs
         track(vm, ParentRef(snap.base, snap.meta["meta_checksum"], depth_of(snap.meta)))
     return vm
 
@@ -206,6 +206,9 @@ def _build(snap: Snapshot, name: str | None, console: Console | None, bindings: 
         raise SnapshotError(f"metadata: {e}") from None
     try:
         bottom = root(snap)
+        if clone and bottom is not snap:
+            raise SnapshotError(f"{snap.base} is an incremental layer: clones share a full "
+                                "snapshot's memory (flatten it first: pyhyve snapshot merge)")
         vm = build_vm(spec, console, (lambda size: _lazy_memory(bottom, size)) if lazy else None)
     except PyhyveError as e:
         raise _loading_error(e) from None

@@ -28,7 +28,7 @@ from ..pipeline.sections import device_list, to_sections
 from ..vmtypes import meminfo
 from .files import SnapshotFiles, commit, create_temp, write_all
 from .format import FORMAT, FORMAT_VERSION, SnapshotError, checksum, kern_header, meta_checksum
-from .incremental import Layer, begin, pending_pages
+from .incremental import Layer, begin, pending_pages, plan
 from .memfile import MemStats, write_memory
 from .staging import Staging
 
@@ -181,6 +181,7 @@ def save(vm: VirtualMachine, base: str, kind: str, progress: ProgressFactory | N
     t0 = time.perf_counter()
     if keep_paused and vm.state == "running":
         vm.pause()  # the caller's pause: it outlives the save
+    ahead = plan(vm, base) if incremental else None  # file checks, before the guest waits
     staging = _staging(vm, incremental) if stage and kind == "checkpoint" else None
     vm.hold()
     held, done, resumed_at = True, False, None
@@ -188,8 +189,8 @@ def save(vm: VirtualMachine, base: str, kind: str, progress: ProgressFactory | N
     try:
         with _Temps(base) as temps:
             st = vm.capture()
-            if incremental:
-                layer = begin(vm, base, lambda: guest_runs(vm.memory))
+            if ahead is not None:
+                layer = begin(vm, lambda: guest_runs(vm.memory), ahead)
                 runs = layer.runs
             else:
                 runs = guest_runs(vm.memory)
