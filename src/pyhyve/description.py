@@ -20,8 +20,10 @@ from typing import Any, ClassVar
 
 from .errors import PyhyveError
 
-KINDS = {"uart16550", "i8042", "post", "pci-host", "vmgenid"}
-BUSES = {"pio", "mmio"}
+KINDS = {"uart16550", "i8042", "post", "pci-host", "vmgenid", "virtio-blk", "virtio-rng"}
+VIRTIO_KINDS = {"virtio-blk", "virtio-rng"}
+BUSES = {"pio", "mmio", "pci"}  # pci: `base` is the slot on bus 0, the BAR is assigned from it
+PCI_SLOTS = 32
 MAX_DEVICES = 64
 _ID = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 CONSOLE_ID = "com1"
@@ -88,7 +90,10 @@ class VmDescription:
                                        "can build")
             if bus not in BUSES:
                 raise DescriptionError(f"device {dev_id}: bad bus {bus!r}")
-            base = _bounded(d.get("base"), 1 << 64, f"device {dev_id}: bad base")
+            base = _bounded(d.get("base"), PCI_SLOTS if bus == "pci" else 1 << 64,
+                            f"device {dev_id}: bad base")
+            if (bus == "pci") != (kind in VIRTIO_KINDS):
+                raise DescriptionError(f"device {dev_id}: {kind} cannot sit on bus {bus}")
             length = _bounded(d.get("length"), 1 << 32, f"device {dev_id}: bad length")
             irq, backend = d.get("irq"), d.get("backend")
             if irq is not None and (not isinstance(irq, int) or isinstance(irq, bool)
@@ -97,6 +102,9 @@ class VmDescription:
             if backend is not None and (not isinstance(backend, str) or len(backend) > 4096):
                 raise DescriptionError(f"device {dev_id}: bad backend")
             out.append(DeviceDesc(dev_id, kind, bus, base, length, irq, backend))
+        slots = [d.base for d in out if d.bus == "pci"]
+        if 0 in slots or len(set(slots)) != len(slots):
+            raise DescriptionError("VM description: PCI slot 0 or a slot used twice")
         return cls(tuple(out))
 
 
@@ -116,6 +124,23 @@ def default_description(console: str | None, genid: bool = True) -> VmDescriptio
     if genid:
         devices.append(DeviceDesc(GENID_ID, "vmgenid", "mmio", GENID_BASE, GENID_LENGTH))
     return VmDescription(tuple(devices))
+
+
+INTX_IRQS = (10, 11, 5, 9, 7, 6, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23)
+
+
+def with_virtio(desc: VmDescription, disks: list[str], rng: bool) -> VmDescription:
+    """`desc` plus virtio devices: disk0.. (backend PATH[,ro][,serial=ID]) and rng0, in PCI
+    slots 1.. with an INTx line each (MSI-X is what drivers use; INTx is the fallback)."""
+    wanted: list[tuple[str, str, str | None]] = [(f"disk{i}", "virtio-blk", spec)
+                                                 for i, spec in enumerate(disks)]
+    if rng:
+        wanted.append(("rng0", "virtio-rng", None))
+    if len(wanted) > len(INTX_IRQS):
+        raise DescriptionError(f"at most {len(INTX_IRQS)} virtio devices")
+    extra = [DeviceDesc(dev_id, kind, "pci", slot, 0x8000, INTX_IRQS[slot - 1], spec)
+             for slot, (dev_id, kind, spec) in enumerate(wanted, start=1)]
+    return VmDescription(desc.devices + tuple(extra))
 
 
 def bind(desc: VmDescription, bindings: dict[str, str], reuse_paths: bool) -> VmDescription:

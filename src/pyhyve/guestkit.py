@@ -40,7 +40,7 @@ def build(out: str | None = None) -> dict[str, str]:
         raise KitError("building the guest kit needs make and gcc") from None
     except subprocess.CalledProcessError as e:
         raise KitError(f"guest kit build failed:\n{e.stdout}{e.stderr}") from None
-    return {n: os.path.join(out, f"{n}.elf") for n in ("ab", "hashchain", "cpuinfo", "echo")}
+    return {n: os.path.join(out, f"{n}.elf") for n in ("ab", "hashchain", "cpuinfo", "echo", "virtio")}
 
 
 @dataclass(frozen=True)
@@ -133,3 +133,41 @@ def check_hashchain(text: str, rounds: int = 256) -> dict[int, int]:
             raise KitError(f"cpu{cpu}: step {n} hash {h:016x}, expected {want:016x}")
         state[cpu] = (n, h)
     return {cpu: n for cpu, (n, _h) in state.items()}
+
+
+# --- virtio device guest ----------------------------------------------------------------
+
+BLK_MAGIC = 0x4B4C425659485950
+BLOCK = 4096
+
+
+def _blk_words(rnd: int, block: int) -> np.ndarray:
+    k = np.arange(BLOCK // 8, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        h = np.uint64(BLK_MAGIC) ^ np.uint64((rnd * 0x9E3779B97F4A7C15) & MASK64) \
+            ^ np.uint64((block << 32) & MASK64) ^ k
+        h ^= h >> np.uint64(29)
+        h *= np.uint64(0xBF58476D1CE4E5B9)
+        return h ^ (h >> np.uint64(32))
+
+
+def check_blocks(path: str, blocks: int) -> tuple[int, int]:
+    """The virtio guest's disk image: every block whole and consistent (header and data of
+    one round), rounds r for blocks [0, k) and r-1 (or r) after, one boundary. Returns
+    (r, k)."""
+    data = np.fromfile(path, dtype=np.uint64, count=blocks * BLOCK // 8)
+    rounds = []
+    for b in range(blocks):
+        w = data[b * BLOCK // 8:(b + 1) * BLOCK // 8]
+        if int(w[0]) != BLK_MAGIC or int(w[2]) != b:
+            raise KitError(f"block {b}: bad header (magic {int(w[0]):#x}, index {int(w[2])})")
+        want = _blk_words(int(w[1]), b)
+        bad = np.nonzero(w[3:] != want[3:])[0]
+        if len(bad):
+            raise KitError(f"block {b} (round {int(w[1])}): word {int(bad[0]) + 3} is wrong")
+        rounds.append(int(w[1]))
+    top = rounds[0]
+    k = next((i for i, r in enumerate(rounds) if r != top), blocks)
+    if any(r != top - 1 for r in rounds[k:]):
+        raise KitError(f"blocks hold rounds {sorted(set(rounds))}: more than one boundary")
+    return top, k

@@ -16,7 +16,7 @@ from typing import Any
 from .boot.common import BootError, load_kernel
 from .boot.cpu import setup_boot_cpu
 from .description import CONSOLE_ID
-from .devices.base import Bus, Device, DeviceState
+from .devices.base import Bus, BusError, Device, DeviceState
 from .devices.console import Console
 from .devices.factory import Wiring, make_device
 from .devices.genid import VmGenId
@@ -111,12 +111,16 @@ class VirtualMachine:
         self.description = self.config.machine()
         self.console: Console = Console()
         wiring = Wiring(irq_line=lambda irq, level: self.vm.irq_line(irq, level),
-                        reset=self._guest_reset, console=console,
+                        reset=self._guest_reset, console=console, memory=self.memory,
+                        signal_msi=self.vm.signal_msi,
                         quit=lambda: self.stop("quit from the console (Ctrl-A x)", EXIT_DESTROYED))
         for d in self.description.devices:  # the machine is what its description says
             dev, con = make_device(d, wiring)
             if con is not None and d.id == CONSOLE_ID:
                 self.console = con
+            if d.bus == "pci":
+                self._add_pci(d.id, d.base, dev)
+                continue
             bus = self.pio if d.bus == "pio" else self.mmio
             self.add_device(d.id, bus, d.base, d.length, dev)
         self.cpuid = cpuid if cpuid is not None else build_cpuid(kvm.supported_cpuid(),
@@ -148,6 +152,23 @@ class VirtualMachine:
         bus.register(base, length, dev)
         self.devices[name] = dev
         dev.wrote = self.memory.mark_written
+
+    def _add_pci(self, name: str, slot: int, dev: Device) -> None:
+        """A PCI function in `slot` of the host bridge, its BAR0 on the MMIO bus (moved
+        where the guest moves it)."""
+        from .devices.pci import PciHostBridge
+        from .devices.virtio.pci import BAR_SIZE, VirtioPci
+
+        host = next((d for d in self.devices.values() if isinstance(d, PciHostBridge)), None)
+        if host is None or not isinstance(dev, VirtioPci):
+            raise VmError(f"device {name}: a PCI device needs the PCI host bridge")
+        host.add(slot, dev.function)
+        self.add_device(name, self.mmio, dev.bar, BAR_SIZE, dev)
+
+        def moved(old: int, new: int) -> None:
+            with contextlib.suppress(BusError):  # onto another device: it stops decoding
+                self.mmio.move(old, new)
+        dev.on_bar_move = moved
 
     def add_pio_device(self, name: str, base: int, length: int, dev: Device) -> None:
         self.add_device(name, self.pio, base, length, dev)

@@ -15,7 +15,7 @@ from .. import __version__
 from ..boot.common import BootError
 from ..control.server import ControlError
 from ..control.session import Session
-from ..description import CONSOLE_ID, DescriptionError, bind, default_description
+from ..description import CONSOLE_ID, DescriptionError, bind, default_description, with_virtio
 from ..devices.console import ConsoleError, eol
 from ..kvm import KvmError
 from ..machine.cpuid import DEFAULT_HIDDEN, CpuidError, parse_feature_list
@@ -80,6 +80,9 @@ def build_parser() -> Parser:
                    help="with --restore/--receive: reopen the backends the saved VM recorded "
                    "for devices not given --bind (shared storage); the console is stdout "
                    "otherwise")
+    r.add_argument("--disk", action="append", metavar="PATH[,ro][,serial=ID]",
+                   help="a virtio-blk disk on a raw image (disk0, disk1, ... in order)")
+    r.add_argument("--rng", action="store_true", help="a virtio-rng device (rng0): host entropy")
     r.add_argument("--cpuid-clear", default=None,
                    help="CPUID features hidden from the guest (comma list; '' for none); "
                    f"default {','.join(DEFAULT_HIDDEN)}")
@@ -152,7 +155,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if a.reuse_paths:
             raise UsageError("--reuse-paths goes with --restore or --receive")
         binds = _bindings(a)
-        machine = bind(default_description(binds.pop(CONSOLE_ID, "stdio")), binds, True)
+        machine = bind(with_virtio(default_description(binds.pop(CONSOLE_ID, "stdio")),
+                                   a.disk or [], a.rng), binds, True)
         config = VmConfig(name=a.name, memory=parse_size(a.memory or DEFAULT_MEMORY),
                           cpus=a.cpus if a.cpus is not None else 1,
                           kernel=a.kernel, initrd=a.initrd, cmdline=a.cmdline,
@@ -177,7 +181,7 @@ def _no_config_flags(a: argparse.Namespace, mode: str, why: str, sizes: bool = F
     """Guest configuration comes from the snapshot or the source, never the command line
     (a restore may repeat --memory/--cpus, and is refused if they disagree)."""
     flags = [("--kernel", a.kernel), ("--initrd", a.initrd), ("--cmdline", a.cmdline),
-             ("--cpuid-clear", a.cpuid_clear)]
+             ("--cpuid-clear", a.cpuid_clear), ("--disk", a.disk), ("--rng", a.rng or None)]
     if sizes:
         flags += [("--memory", a.memory), ("--cpus", a.cpus)]
     given = [flag for flag, v in flags if v is not None and v != ""]

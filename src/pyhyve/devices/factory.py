@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..description import CONSOLE_ID, DeviceDesc
 from ..errors import BootFailed
@@ -14,6 +15,9 @@ from .genid import VmGenId
 from .misc import I8042, PostPort
 from .pci import PciHostBridge
 from .uart import Uart
+
+if TYPE_CHECKING:
+    from ..machine.memory import GuestMemory
 
 
 class DeviceBuildError(BootFailed, ValueError):
@@ -28,6 +32,10 @@ class Wiring:
     reset: Callable[[], None]             # the guest asked for a reset
     quit: Callable[[], None]              # the user asked to quit from a console
     console: Console | None = None        # com1's console, when the caller made one
+    memory: GuestMemory | None = None     # what virtio devices read and write
+    signal_msi: Callable[[int, int], bool] | None = None  # (address, data): an MSI
+
+VIRTIO_BAR_BASE = 0xE000_0000  # slot N's BAR0 at + N * 0x10000, in the MMIO hole
 
 
 def make_device(d: DeviceDesc, wiring: Wiring) -> tuple[Device, Console | None]:
@@ -46,4 +54,26 @@ def make_device(d: DeviceDesc, wiring: Wiring) -> tuple[Device, Console | None]:
         return PciHostBridge(), None
     if d.kind == "vmgenid":
         return VmGenId(), None
+    if d.kind in ("virtio-blk", "virtio-rng"):
+        return _virtio(d, wiring), None
     raise DeviceBuildError(f"device {d.id}: kind {d.kind!r} cannot be built")
+
+
+def _virtio(d: DeviceDesc, wiring: Wiring) -> Device:
+    from .virtio.blk import Blk, DiskError
+    from .virtio.pci import VirtioPci
+    from .virtio.rng import Rng
+
+    assert wiring.memory is not None and wiring.signal_msi is not None
+    if d.kind == "virtio-blk":
+        if not d.backend:
+            raise DeviceBuildError(f"device {d.id}: no disk image (--disk PATH)")
+        try:
+            backend: Blk | Rng = Blk(d.backend)
+        except DiskError as e:
+            raise DeviceBuildError(f"device {d.id}: {e}") from None
+    else:
+        backend = Rng()
+    irq = d.irq if d.irq is not None else 10
+    return VirtioPci(backend, wiring.memory, VIRTIO_BAR_BASE + d.base * 0x10000, irq,
+                     wiring.irq_line, wiring.signal_msi)

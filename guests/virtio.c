@@ -1,0 +1,258 @@
+/*
+ * virtio device guest: finds virtio devices on PCI bus 0 through 0xCF8/0xCFC, drives them
+ * from ring 3 (BAR and rings on user pages, no interrupts: it polls the used ring), and
+ * reports on COM1.
+ *
+ * Each round r: on disk0 it writes `blocks` numbered 4 KiB blocks (header: magic, round,
+ * index; then data derived from all three), reads every one back and checks it; it reads
+ * 64 bytes from rng0. It prints "V<round> <blocks> <rng bytes>" per round, and
+ * "VIRTIO ERROR ..." with what went wrong (a device error, a wrong block, a timeout).
+ * Rounds continue from the disk's own content after a restore or migration: the round
+ * number lives in guest memory and is written into every block, so a lost or repeated
+ * write is caught when the block is read back.
+ *
+ * cmdline: blocks=N (default 64)  rounds=N (0: forever, default)
+ */
+#include "rt.h"
+
+void *memset(void *d, int c, size_t n);
+
+#define VENDOR 0x1AF4
+#define MAGIC 0x4B4C425659485950ULL /* "PYHYVBLK" */
+#define QSIZE 16
+#define BLOCK 4096
+
+static inline void outl(uint16_t port, uint32_t v) { __asm__ volatile("outl %0, %1" :: "a"(v), "Nd"(port)); }
+static inline uint32_t inl(uint16_t port) { uint32_t v; __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+#define barrier() __asm__ volatile("" ::: "memory")
+
+static uint32_t cfg32(int dev, int reg)
+{
+	outl(0xCF8, 0x80000000u | (uint32_t)dev << 11 | (uint32_t)(reg & 0xFC));
+	return inl(0xCFC);
+}
+
+static void cfg_write32(int dev, int reg, uint32_t v)
+{
+	outl(0xCF8, 0x80000000u | (uint32_t)dev << 11 | (uint32_t)(reg & 0xFC));
+	outl(0xCFC, v);
+}
+
+static uint8_t cfg8(int dev, int reg) { return (uint8_t)(cfg32(dev, reg) >> (8 * (reg & 3))); }
+
+struct desc { uint64_t addr; uint32_t len; uint16_t flags, next; };
+struct vq {
+	struct desc desc[QSIZE];
+	uint16_t avail_flags, avail_idx, avail_ring[QSIZE], used_event;
+	uint8_t pad[4096 - 16 * QSIZE - 6 - 2 * QSIZE];
+	uint16_t used_flags, used_idx;
+	struct { uint32_t id, len; } used_ring[QSIZE];
+	uint16_t avail_event;
+} __attribute__((aligned(4096)));
+
+struct dev {
+	int slot, type;
+	volatile uint8_t *common, *device, *notify;
+	struct vq *q;
+	uint16_t last_used;
+};
+
+static struct vq queues[2];
+static struct dev devs[2];
+static uint8_t blockbuf[BLOCK] __attribute__((aligned(4096)));
+static uint8_t rngbuf[64];
+static struct { uint32_t type, reserved; uint64_t sector; } req;
+static volatile uint8_t status;
+
+static void fail(const char *what, uint64_t a, uint64_t b)
+{
+	puts_("VIRTIO ERROR ");
+	puts_(what);
+	putc_(' ');
+	putu(a);
+	putc_(' ');
+	putu(b);
+	putc_('\n');
+	poweroff();
+}
+
+#define C8(d, o) (*(volatile uint8_t *)((d)->common + (o)))
+#define C16(d, o) (*(volatile uint16_t *)((d)->common + (o)))
+#define C32(d, o) (*(volatile uint32_t *)((d)->common + (o)))
+#define C64(d, o) (*(volatile uint64_t *)((d)->common + (o)))
+
+static int probe(struct dev *d, int slot, struct vq *q)
+{
+	uint32_t id = cfg32(slot, 0);
+	if ((id & 0xFFFF) != VENDOR || (id >> 16) < 0x1040)
+		return 0;
+	d->slot = slot;
+	d->type = (int)(id >> 16) - 0x1040;
+	uint64_t bar = cfg32(slot, 0x10) & ~0xFULL;
+	cfg_write32(slot, 4, cfg32(slot, 4) | 6);  /* memory space, bus master */
+	uint32_t notify_mult = 0;
+	uint64_t notify_off = 0;
+	for (int p = cfg8(slot, 0x34); p; p = cfg8(slot, p + 1)) {
+		if (cfg8(slot, p) != 0x09)
+			continue;
+		uint64_t off = cfg32(slot, p + 8);
+		switch (cfg8(slot, p + 3)) {
+		case 1: d->common = (volatile uint8_t *)(bar + off); break;
+		case 2: notify_off = off; notify_mult = cfg32(slot, p + 16); break;
+		case 4: d->device = (volatile uint8_t *)(bar + off); break;
+		}
+	}
+	if (!d->common || !notify_mult)
+		fail("capabilities missing on slot", (uint64_t)slot, 0);
+	C8(d, 0x14) = 0;                         /* reset */
+	C8(d, 0x14) = 1 | 2;                     /* ACKNOWLEDGE | DRIVER */
+	C32(d, 0x08) = 1;
+	C32(d, 0x0C) = 1;                        /* VIRTIO_F_VERSION_1, nothing else */
+	C32(d, 0x08) = 0;
+	C32(d, 0x0C) = 0;
+	C8(d, 0x14) = 1 | 2 | 8;                 /* FEATURES_OK */
+	if (!(C8(d, 0x14) & 8))
+		fail("features refused on slot", (uint64_t)slot, 0);
+	C16(d, 0x16) = 0;                        /* queue 0 */
+	C16(d, 0x18) = QSIZE;
+	C16(d, 0x1A) = 0xFFFF;                   /* no MSI-X vector: we poll */
+	C64(d, 0x20) = (uint64_t)q->desc;
+	C64(d, 0x28) = (uint64_t)&q->avail_flags;
+	C64(d, 0x30) = (uint64_t)&q->used_flags;
+	d->notify = (volatile uint8_t *)(bar + notify_off + C16(d, 0x1E) * notify_mult);
+	C16(d, 0x1C) = 1;                        /* queue enable */
+	C8(d, 0x14) = 1 | 2 | 8 | 4;             /* DRIVER_OK */
+	d->q = q;
+	d->last_used = q->used_idx;
+	return 1;
+}
+
+/* Offer descriptors 0..n-1 as one chain, wait for the device to use it; returns the
+ * length the device wrote. */
+static uint32_t submit(struct dev *d, int n)
+{
+	struct vq *q = d->q;
+	for (int i = 0; i < n - 1; i++) {
+		q->desc[i].flags |= 1;
+		q->desc[i].next = (uint16_t)(i + 1);
+	}
+	q->avail_ring[q->avail_idx % QSIZE] = 0;
+	barrier();
+	q->avail_idx++;
+	barrier();
+	*(volatile uint16_t *)d->notify = 0;
+	uint64_t deadline = rdtsc() + tsc_hz() * 10;
+	while (*(volatile uint16_t *)&q->used_idx == d->last_used) {
+		if (C8(d, 0x14) & 0x40)
+			fail("device needs a reset, type", (uint64_t)d->type, 0);
+		if (rdtsc() > deadline)
+			fail("request timed out, type", (uint64_t)d->type, d->last_used);
+		cpu_relax();
+	}
+	barrier();
+	uint32_t len = q->used_ring[d->last_used % QSIZE].len;
+	d->last_used++;
+	return len;
+}
+
+static void setd(struct vq *q, int i, void *addr, uint32_t len, int write)
+{
+	q->desc[i].addr = (uint64_t)addr;
+	q->desc[i].len = len;
+	q->desc[i].flags = write ? 2 : 0;
+	q->desc[i].next = 0;
+}
+
+static uint64_t word(uint64_t round, uint64_t block, uint64_t k)
+{
+	uint64_t h = MAGIC ^ round * 0x9E3779B97F4A7C15ULL ^ block << 32 ^ k;
+	h ^= h >> 29;
+	h *= 0xBF58476D1CE4E5B9ULL;
+	return h ^ h >> 32;
+}
+
+static void blk_io(struct dev *d, uint32_t type, uint64_t block)
+{
+	req.type = type;
+	req.reserved = 0;
+	req.sector = block * (BLOCK / 512);
+	status = 0xFF;
+	setd(d->q, 0, &req, sizeof req, 0);
+	setd(d->q, 1, blockbuf, BLOCK, type == 0);
+	setd(d->q, 2, (void *)&status, 1, 1);
+	submit(d, 3);
+	if (status != 0)
+		fail("block request failed, status", status, block);
+}
+
+static uint64_t round_no;  /* lives in guest memory: a restored guest goes on from it */
+
+void main(const char *cmdline)
+{
+	uint64_t blocks = arg_u64(cmdline, "blocks", 64);
+	uint64_t rounds = arg_u64(cmdline, "rounds", 0);
+	struct dev *blk = 0, *rng = 0;
+	int n = 0;
+	for (int slot = 1; slot < 32 && n < 2; slot++) {
+		if (probe(&devs[n], slot, &queues[n])) {
+			if (devs[n].type == 2)
+				blk = &devs[n];
+			else if (devs[n].type == 4)
+				rng = &devs[n];
+			n++;
+		}
+	}
+	puts_("virtio ready:");
+	if (blk) {
+		volatile uint64_t *cap = (volatile uint64_t *)blk->device;
+		puts_(" blk sectors=");
+		putu(*cap);
+		if (*cap < blocks * (BLOCK / 512))
+			blocks = *cap / (BLOCK / 512);
+	}
+	if (rng)
+		puts_(" rng");
+	putc_('\n');
+	for (;;) {
+		uint64_t r = ++round_no;
+		uint64_t *w = (uint64_t *)blockbuf;
+		for (uint64_t b = 0; blk && b < blocks; b++) {
+			for (uint64_t k = 0; k < BLOCK / 8; k++)
+				w[k] = word(r, b, k);
+			w[0] = MAGIC;
+			w[1] = r;
+			w[2] = b;
+			blk_io(blk, 1, b);
+		}
+		for (uint64_t b = 0; blk && b < blocks; b++) {
+			memset(blockbuf, 0, BLOCK);
+			blk_io(blk, 0, b);
+			if (w[0] != MAGIC || w[1] != r || w[2] != b)
+				fail("block header wrong: round, block", w[1], w[2]);
+			for (uint64_t k = 3; k < BLOCK / 8; k++)
+				if (w[k] != word(r, b, k))
+					fail("block data wrong: block, word", b, k);
+		}
+		uint32_t got = 0;
+		if (rng) {
+			setd(rng->q, 0, rngbuf, sizeof rngbuf, 1);
+			got = submit(rng, 1);
+			int zero = 1;
+			for (unsigned i = 0; i < sizeof rngbuf; i++)
+				zero &= rngbuf[i] == 0;
+			if (got != sizeof rngbuf || zero)
+				fail("rng gave, zero", got, (uint64_t)zero);
+		}
+		puts_("V");
+		putu(r);
+		putc_(' ');
+		putu(blk ? blocks : 0);
+		putc_(' ');
+		putu(got);
+		putc_('\n');
+		if (rounds && r >= rounds) {
+			puts_("virtio done\n");
+			poweroff();
+		}
+	}
+}

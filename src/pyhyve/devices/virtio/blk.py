@@ -1,0 +1,155 @@
+"""virtio-blk (virtio 1.x, 5.2) on a raw image file.
+
+Requests run on the transport's worker thread, never on a vCPU: read, write, flush
+(fdatasync), discard (a hole punched), write-zeroes, get-id (the serial). A request past
+the end of the disk, of a length that is not whole sectors, or a write to a read-only disk
+completes with VIRTIO_BLK_S_IOERR; an unknown type with UNSUPP; a host I/O error with
+IOERR: the guest sees an I/O error, the VMM carries on.
+
+Backend spec (the VM description's backend, --disk, --bind diskN=...):
+PATH[,ro][,serial=ID].
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+import ctypes.util
+import os
+import struct
+
+from ...errors import PyhyveError
+from .queue import Chain, Memory, QueueError
+
+SECTOR = 512
+T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
+S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
+F_SEG_MAX, F_RO, F_BLK_SIZE, F_FLUSH, F_DISCARD, F_WRITE_ZEROES = 4, 32, 64, 512, 1 << 13, 1 << 14
+QUEUE_SIZE = 256
+MAX_SEGMENTS = 256  # discard / write-zeroes ranges per request
+_FALLOC_PUNCH = 0x01 | 0x02  # KEEP_SIZE | PUNCH_HOLE
+_libc = C.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.fallocate.argtypes = [C.c_int, C.c_int, C.c_long, C.c_long]
+
+
+class DiskError(PyhyveError, ValueError):
+    pass
+
+
+def parse_disk(spec: str) -> tuple[str, bool, str]:
+    """PATH[,ro][,serial=ID] -> (path, read_only, serial)."""
+    path, *opts = spec.split(",")
+    ro, serial = False, ""
+    for o in opts:
+        if o == "ro":
+            ro = True
+        elif o.startswith("serial=") and len(o) <= 7 + 20 and o[7:].isprintable():
+            serial = o[7:]
+        else:
+            raise DiskError(f"bad disk option '{o}' in '{spec}': use PATH[,ro][,serial=ID] "
+                            "(ID at most 20 characters)")
+    if not path:
+        raise DiskError(f"bad disk '{spec}': no path")
+    return path, ro, serial
+
+
+class Blk:
+    device_type = 2
+    class_code = 0x018000
+    queue_sizes: tuple[int, ...] = (QUEUE_SIZE,)
+
+    def __init__(self, spec: str) -> None:
+        self.path, self.read_only, self.serial = parse_disk(spec)
+        flags = os.O_RDONLY if self.read_only else os.O_RDWR
+        try:
+            self.fd = os.open(self.path, flags | os.O_CLOEXEC)
+        except OSError as e:
+            raise DiskError(f"cannot open disk {self.path}: {e.strerror}") from None
+        size = os.fstat(self.fd).st_size
+        if size < SECTOR:
+            os.close(self.fd)
+            raise DiskError(f"disk {self.path} is smaller than one sector")
+        self.sectors = size // SECTOR
+
+    def features(self) -> int:
+        f = F_SEG_MAX | F_BLK_SIZE | F_FLUSH | F_DISCARD | F_WRITE_ZEROES
+        return f | F_RO if self.read_only else f
+
+    def config(self) -> bytes:
+        most = min(self.sectors, 0xFFFF_FFFF)
+        return struct.pack("<QIIHBBIBBHIBBHIIIIIB3x", self.sectors, 0, QUEUE_SIZE - 2, 0, 0, 0,
+                           SECTOR, 0, 0, 0, 0, 0, 0, 1, most, MAX_SEGMENTS, 1,
+                           most, MAX_SEGMENTS, 1)
+
+    def config_write(self, offset: int, data: bytes) -> None:
+        pass  # writeback toggling is not offered
+
+    def reset(self) -> None:
+        pass
+
+    def flush(self) -> None:
+        if self.fd >= 0 and not self.read_only:
+            os.fdatasync(self.fd)
+
+    def handle(self, queue: int, chain: Chain, mem: Memory) -> int:
+        if chain.in_bytes < 16 or chain.out_room < 1:
+            raise QueueError("virtio-blk request without a header or a status byte")
+        typ, _, sector = struct.unpack("<IIQ", chain.read(mem, 16))
+        room = chain.out_room - 1
+        written = 0
+        try:
+            if typ == T_IN:
+                status = self._check(sector, room)
+                if status == S_OK:
+                    written = chain.write(mem, os.pread(self.fd, room, sector * SECTOR))
+            elif typ == T_OUT:
+                data = chain.read(mem)[16:]
+                status = S_IOERR if self.read_only else self._check(sector, len(data))
+                if status == S_OK:
+                    _pwrite_all(self.fd, data, sector * SECTOR)
+            elif typ == T_FLUSH:
+                os.fdatasync(self.fd)
+                status = S_OK
+            elif typ == T_GET_ID:
+                ident = self.serial.encode()[:20].ljust(20, b"\0")
+                written = chain.write(mem, ident[:room])
+                status = S_OK
+            elif typ in (T_DISCARD, T_WRITE_ZEROES):
+                status = S_IOERR if self.read_only else self._ranges(chain, mem, typ)
+            else:
+                status = S_UNSUPP
+        except OSError:
+            status = S_IOERR
+        chain.write(mem, bytes([status]), room)
+        return written + 1
+
+    def _check(self, sector: int, length: int) -> int:
+        if length % SECTOR or sector + length // SECTOR > self.sectors:
+            return S_IOERR
+        return S_OK
+
+    def _ranges(self, chain: Chain, mem: Memory, typ: int) -> int:
+        body = chain.read(mem, 16 + 16 * MAX_SEGMENTS)[16:]
+        if len(body) % 16 or not body:
+            return S_IOERR
+        for sector, count, _flags in struct.iter_unpack("<QII", body):
+            if sector + count > self.sectors:
+                return S_IOERR
+            off, n = sector * SECTOR, count * SECTOR
+            if _libc.fallocate(self.fd, _FALLOC_PUNCH, off, n) != 0:
+                zeros = bytes(min(n, 1 << 20))  # no hole punching here: zeros, bounded
+                while n > 0:
+                    _pwrite_all(self.fd, zeros[:n], off)
+                    off, n = off + len(zeros[:n]), n - len(zeros[:n])
+        return S_OK
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    mv = memoryview(data)
+    while mv:
+        n = os.pwrite(fd, mv, offset)
+        mv, offset = mv[n:], offset + n

@@ -1,0 +1,481 @@
+"""virtio over PCI, the modern (1.x) transport: one class for every virtio device.
+
+A virtio device is a PCI function on the host bridge (vendor 0x1AF4, device 0x1040 + type,
+revision 1) with one 32-bit memory BAR laid out as below, found by the driver through
+vendor capabilities (cap id 0x09) and an MSI-X capability:
+
+    BAR0 + 0x0000  common configuration (features, status, queue registers)
+    BAR0 + 0x1000  ISR status (reading it clears it and lowers INTx)
+    BAR0 + 0x2000  device-specific configuration
+    BAR0 + 0x3000  queue notifications, 4 bytes per queue (notify_off_multiplier 4)
+    BAR0 + 0x4000  MSI-X table, BAR0 + 0x5000 its pending bits
+
+The VMM assigns the BAR (no firmware here); a guest that moves it is followed. Queue
+notifications arrive as MMIO exits on a vCPU thread and are handed to the device's worker
+thread, so requests never run on a vCPU. Interrupts: MSI-X through KVM_SIGNAL_MSI when the
+driver enabled it, else INTx (level, on the IRQ in the interrupt line register) with the
+ISR. A driver error (a broken ring) sets NEEDS_RESET and raises a configuration interrupt;
+the VMM carries on. (ioeventfd/irqfd are offered by our hosts and would spare the exit and
+the thread hop; docs/devices.md says what is used.)
+
+State (save/load_state): features, status, the queues' registers and ring positions, the
+MSI-X table and pending bits, the ISR, and the device's own part. Quiesce waits until no
+request is in flight: each popped request is either completed (in guest memory, in the used
+ring) or not yet taken, so a snapshot never holds half a request.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
+
+from ..base import Device, DeviceState
+from ..pci import PciFunction
+from .queue import Chain, Memory, QueueError, Virtqueue
+
+VENDOR = 0x1AF4
+ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK, NEEDS_RESET, FAILED = 1, 2, 4, 8, 0x40, 0x80
+F_INDIRECT_DESC, F_EVENT_IDX, F_VERSION_1 = 1 << 28, 1 << 29, 1 << 32
+NO_VECTOR = 0xFFFF
+BAR_SIZE = 0x8000
+COMMON, ISR, DEVICE, NOTIFY, MSIX_TABLE, MSIX_PBA = 0x0, 0x1000, 0x2000, 0x3000, 0x4000, 0x5000
+NOTIFY_MULT = 4
+MAX_VECTORS = 64
+_CAP_COMMON, _CAP_NOTIFY, _CAP_ISR, _CAP_DEVICE, _CAP_PCI = 1, 2, 3, 4, 5
+
+
+class Backend(Protocol):
+    """What a device type (blk, rng, ...) gives the transport."""
+
+    device_type: int
+    class_code: int
+    queue_sizes: tuple[int, ...]
+
+    def features(self) -> int: ...
+    def config(self) -> bytes: ...
+    def config_write(self, offset: int, data: bytes) -> None: ...
+    def handle(self, queue: int, chain: Chain, mem: Memory) -> int: ...
+    def reset(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class VirtioState(DeviceState):
+    """The transport's state; a device type's own state rides in `device` (its encoded
+    dataclass, or b"")."""
+
+    NAME: ClassVar[str] = "VirtioPciState"
+    device_features_sel: int = 0
+    driver_features_sel: int = 0
+    driver_features: int = 0
+    status: int = 0
+    config_generation: int = 0
+    config_vector: int = NO_VECTOR
+    queue_sel: int = 0
+    # per queue: size, ready, desc, avail, used, vector, last_avail, next_used, signalled
+    queues: tuple[tuple[int, ...], ...] = ()
+    msix_table: bytes = b""
+    msix_pending: int = 0
+    isr: int = 0
+    device: bytes = b""
+
+
+class VirtioPci(Device):
+    kind = "virtio-pci"
+    state_class = VirtioState
+
+    def __init__(self, backend: Backend, mem: Memory, bar: int, irq: int,
+                 irq_line: Callable[[int, int], None],
+                 signal_msi: Callable[[int, int], bool]) -> None:
+        super().__init__()
+        self.backend, self.mem, self.irq = backend, mem, irq
+        self.irq_line, self.signal_msi = irq_line, signal_msi
+        self.queues = [Virtqueue(max_size=n) for n in backend.queue_sizes]
+        self.nvec = min(MAX_VECTORS, len(self.queues) + 1)
+        self.function = self._function(bar)
+        self.bar = bar
+        self.on_bar_move: Callable[[int, int], None] = lambda old, new: None  # set by the VM
+        self.isr = 0
+        self.status = 0
+        self._reset_registers()
+        self.msix_table = bytearray(16 * self.nvec)
+        for v in range(self.nvec):  # every vector starts masked
+            struct.pack_into("<I", self.msix_table, 16 * v + 12, 1)
+        self.msix_pending = 0
+        self._work = threading.Condition(self.lock)
+        self._kicked: set[int] = set()
+        self._busy = False
+        self._paused = True
+        self._closing = False
+        self._thread: threading.Thread | None = None
+
+    # --- configuration space ---------------------------------------------------------
+    def _function(self, bar: int) -> PciFunction:
+        b = self.backend
+        f = PciFunction(VENDOR, 0x1040 + b.device_type, b.class_code)
+        cfg = f.config
+        cfg[0x08] = 1  # revision 1: a modern-only device
+        struct.pack_into("<HH", cfg, 0x2C, VENDOR, 0x40)  # subsystem
+        struct.pack_into("<I", cfg, 0x10, bar)
+        struct.pack_into("<I", f.wmask, 0x10, ~(BAR_SIZE - 1) & 0xFFFF_FFF0)
+        cfg[0x06] |= 0x10  # capability list
+        cfg[0x3C], cfg[0x3D] = self.irq, 1  # INTA# on `irq`
+        caps = [(_CAP_COMMON, COMMON, 0x38), (_CAP_NOTIFY, NOTIFY, NOTIFY_MULT * len(self.queues)),
+                (_CAP_ISR, ISR, 1), (_CAP_DEVICE, DEVICE, 0x1000), (_CAP_PCI, 0, 0)]
+        at, pos = [], 0x40
+        for kind, _, _ in caps:  # notify and pci-cfg carry 4 more bytes
+            at.append(pos)
+            pos += 20 if kind in (_CAP_NOTIFY, _CAP_PCI) else 16
+        self._msix_cap = pos
+        cfg[0x34] = at[0]
+        for i, (kind, off, length) in enumerate(caps):
+            p, nxt = at[i], at[i + 1] if i + 1 < len(caps) else pos
+            size = (at[i + 1] if i + 1 < len(caps) else pos) - p
+            cfg[p:p + 16] = struct.pack("<BBBBB3xII", 0x09, nxt, size, kind, 0, off, length)
+            if kind == _CAP_NOTIFY:
+                struct.pack_into("<I", cfg, p + 16, NOTIFY_MULT)
+            if kind == _CAP_PCI:  # bar, offset, length and data are the driver's to set
+                f.wmask[p + 4] = 0xFF
+                f.wmask[p + 8:p + 20] = b"\xff" * 12
+                self._pci_cap = p
+        struct.pack_into("<BBHII", cfg, pos, 0x11, 0, self.nvec - 1, MSIX_TABLE, MSIX_PBA)
+        f.wmask[pos + 3] = 0xC0  # enable, function mask
+        f.on_write = self._config_written
+        return f
+
+    def _config_written(self, reg: int, size: int, old: bytes) -> None:
+        """A config-space write (on the host bridge's lock; ours is taken here)."""
+        with self.lock:
+            self._config_changed(reg, size)
+
+    def _config_changed(self, reg: int, size: int) -> None:
+        cfg = self.function.config
+        if reg <= 0x10 < reg + size or reg <= 0x04 < reg + size:
+            new_bar = struct.unpack_from("<I", cfg, 0x10)[0] & ~0xF
+            if new_bar != self.bar and new_bar != ~(BAR_SIZE - 1) & 0xFFFF_FFF0:
+                old_bar, self.bar = self.bar, new_bar
+                self.on_bar_move(old_bar, new_bar)
+        c = self._pci_cap
+        if reg < c + 20 and reg + size > c + 16:  # the PCI config access window
+            bar, off, length = cfg[c + 4], *struct.unpack_from("<II", cfg, c + 8)
+            if bar == 0 and length in (1, 2, 4):
+                data = int.from_bytes(cfg[c + 16:c + 16 + length], "little")
+                self._write_bar(off, length, data)
+        if reg <= self._msix_cap + 3 < reg + size:
+            self._deliver_pending()
+
+    def _msix_enabled(self) -> bool:
+        return bool(self.function.config[self._msix_cap + 3] & 0x80)
+
+    def _msix_function_masked(self) -> bool:
+        return bool(self.function.config[self._msix_cap + 3] & 0x40)
+
+    # --- BAR0 ----------------------------------------------------------------------------
+    def read(self, offset: int, size: int) -> int:
+        if COMMON <= offset < COMMON + 0x38:
+            return self._common_read(offset, size)
+        if offset == ISR:
+            v: int = self.isr
+            self.isr = 0
+            self.irq_line(self.irq, 0)
+            return v
+        if DEVICE <= offset < DEVICE + 0x1000:
+            cfg = self.backend.config()
+            o = offset - DEVICE
+            return int.from_bytes(cfg[o:o + size].ljust(size, b"\0"), "little")
+        if MSIX_TABLE <= offset < MSIX_TABLE + len(self.msix_table):
+            o = offset - MSIX_TABLE
+            return int.from_bytes(self.msix_table[o:o + size], "little")
+        if MSIX_PBA <= offset < MSIX_PBA + 8:
+            return (self.msix_pending >> (8 * (offset - MSIX_PBA))) & ((1 << (8 * size)) - 1)
+        return 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self._write_bar(offset, size, value)
+
+    def _write_bar(self, offset: int, size: int, value: int) -> None:
+        if COMMON <= offset < COMMON + 0x38:
+            self._common_write(offset, size, value)
+        elif NOTIFY <= offset < NOTIFY + NOTIFY_MULT * len(self.queues):
+            self._kick((offset - NOTIFY) // NOTIFY_MULT)
+        elif DEVICE <= offset < DEVICE + 0x1000:
+            self.backend.config_write(offset - DEVICE, value.to_bytes(size, "little"))
+        elif MSIX_TABLE <= offset < MSIX_TABLE + len(self.msix_table):
+            o = offset - MSIX_TABLE
+            self.msix_table[o:o + size] = value.to_bytes(size, "little")
+            self._deliver_pending()
+
+    # --- common configuration -------------------------------------------------------
+    def _reset_registers(self) -> None:
+        self.device_features_sel = self.driver_features_sel = 0
+        self.driver_features = self.status = self.config_generation = self.queue_sel = 0
+        self.config_vector = NO_VECTOR
+        self.isr = 0
+        for q in self.queues:
+            q.reset()
+
+    def offered(self) -> int:
+        return self.backend.features() | F_VERSION_1 | F_INDIRECT_DESC | F_EVENT_IDX
+
+    def _queue(self) -> Virtqueue | None:
+        return self.queues[self.queue_sel] if self.queue_sel < len(self.queues) else None
+
+    def _common_read(self, offset: int, size: int) -> int:
+        q = self._queue()
+        regs = {
+            0x00: (4, self.device_features_sel),
+            0x04: (4, (self.offered() >> (32 * self.device_features_sel)) & 0xFFFF_FFFF
+                   if self.device_features_sel < 2 else 0),
+            0x08: (4, self.driver_features_sel),
+            0x0C: (4, (self.driver_features >> (32 * self.driver_features_sel)) & 0xFFFF_FFFF
+                   if self.driver_features_sel < 2 else 0),
+            0x10: (2, self.config_vector), 0x12: (2, len(self.queues)),
+            0x14: (1, self.status), 0x15: (1, self.config_generation),
+            0x16: (2, self.queue_sel),
+            0x18: (2, q.size if q else 0), 0x1A: (2, q.vector if q else NO_VECTOR),
+            0x1C: (2, int(q.ready) if q else 0), 0x1E: (2, self.queue_sel if q else 0),
+            0x20: (8, q.desc if q else 0), 0x28: (8, q.avail if q else 0),
+            0x30: (8, q.used if q else 0),
+        }
+        return _field_read(regs, offset, size)
+
+    def _common_write(self, offset: int, size: int, value: int) -> None:
+        q = self._queue()
+        if offset == 0x00:
+            self.device_features_sel = value
+        elif offset == 0x08:
+            self.driver_features_sel = value
+        elif offset == 0x0C and self.driver_features_sel < 2 and not self.status & FEATURES_OK:
+            shift = 32 * self.driver_features_sel
+            self.driver_features = (self.driver_features & ~(0xFFFF_FFFF << shift)) | (
+                (value & 0xFFFF_FFFF) << shift)
+        elif offset == 0x10:
+            self.config_vector = value if value < self.nvec else NO_VECTOR
+        elif offset == 0x14:
+            self._set_status(value & 0xFF)
+        elif offset == 0x16:
+            self.queue_sel = value
+        elif q is not None and not q.ready and offset in (0x18, 0x1A, 0x20, 0x24, 0x28, 0x2C,
+                                                          0x30, 0x34):
+            if offset == 0x18:
+                q.size = value
+            elif offset == 0x1A:
+                q.vector = value if value < self.nvec else NO_VECTOR
+            else:
+                attr = {0x20: "desc", 0x28: "avail", 0x30: "used"}[offset & ~7]
+                cur = getattr(q, attr)
+                shift = 32 * ((offset & 7) // 4)
+                if size == 8:
+                    setattr(q, attr, value)
+                else:
+                    setattr(q, attr, (cur & ~(0xFFFF_FFFF << shift)) | (value << shift))
+        elif q is not None and offset == 0x1A:
+            q.vector = value if value < self.nvec else NO_VECTOR
+        elif q is not None and offset == 0x1C and value == 1 and not q.ready:
+            try:
+                q.check_layout(self.mem)
+            except QueueError:
+                self._broken()
+                return
+            q.event_idx = bool(self.driver_features & F_EVENT_IDX)
+            q.ready = True
+
+    def _set_status(self, value: int) -> None:
+        if value == 0:
+            self._device_reset()
+            return
+        if value & FEATURES_OK and not self.status & FEATURES_OK:
+            ok = self.driver_features & ~self.offered() == 0 and self.driver_features & F_VERSION_1
+            if not ok:
+                value &= ~FEATURES_OK
+        self.status = value | (self.status & NEEDS_RESET)  # only a reset clears that one
+        if value & DRIVER_OK:
+            self._kicked.update(range(len(self.queues)))
+            self._work.notify_all()
+
+    def _device_reset(self) -> None:
+        while self._busy:  # a request in flight finishes before the queues go
+            self._work.wait()
+        self._reset_registers()
+        self._kicked.clear()
+        self.backend.reset()
+        self.irq_line(self.irq, 0)
+
+    def _broken(self) -> None:
+        """The driver broke the protocol: NEEDS_RESET and a configuration interrupt."""
+        self.status |= NEEDS_RESET
+        self.config_generation = (self.config_generation + 1) & 0xFF
+        self._interrupt(self.config_vector, 2)
+
+    # --- interrupts ------------------------------------------------------------------
+    def _interrupt(self, vector: int, isr_bit: int) -> None:
+        if self._msix_enabled():
+            if vector >= self.nvec:
+                return
+            masked = struct.unpack_from("<I", self.msix_table, 16 * vector + 12)[0] & 1
+            if masked or self._msix_function_masked():
+                self.msix_pending |= 1 << vector
+                return
+            addr, data = struct.unpack_from("<QI", self.msix_table, 16 * vector)
+            self.signal_msi(addr, data)
+            return
+        self.isr |= isr_bit
+        self.irq_line(self.irq, 1)
+
+    def _deliver_pending(self) -> None:
+        if not self._msix_enabled() or self._msix_function_masked():
+            return
+        for v in range(self.nvec):
+            if self.msix_pending >> v & 1 and not struct.unpack_from(
+                    "<I", self.msix_table, 16 * v + 12)[0] & 1:
+                self.msix_pending &= ~(1 << v)
+                addr, data = struct.unpack_from("<QI", self.msix_table, 16 * v)
+                self.signal_msi(addr, data)
+
+    # --- requests, on the worker thread -------------------------------------------------
+    def _kick(self, index: int) -> None:
+        if index < len(self.queues):
+            self._kicked.add(index)
+            self._work.notify_all()
+
+    def _run(self) -> None:
+        with self.lock:
+            while not self._closing:
+                if self._paused or not self._kicked or not self.status & DRIVER_OK \
+                        or self.status & NEEDS_RESET:
+                    self._work.wait()
+                    continue
+                index = self._kicked.pop()
+                self._serve(index)
+
+    def _serve(self, index: int) -> None:
+        """Take and complete what queue `index` holds; the lock is held except around each
+        request's own work."""
+        q = self.queues[index]
+        while not self._paused and q.ready and not self.status & NEEDS_RESET:
+            try:
+                chain = q.pop(self.mem)
+            except QueueError:
+                self._broken()
+                return
+            if chain is None:
+                break
+            self._busy = True
+            self.lock.release()
+            try:
+                written = self.backend.handle(index, chain, self.mem)
+            except QueueError:
+                written = -1
+            finally:
+                self.lock.acquire()
+                self._busy = False
+                self._work.notify_all()
+            if written < 0:
+                self._broken()
+                return
+            try:
+                q.push(self.mem, chain.head, written)
+                if q.should_signal(self.mem):
+                    self._interrupt(q.vector, 1)
+            except QueueError:
+                self._broken()
+                return
+
+    # --- life cycle --------------------------------------------------------------------
+    def start(self) -> None:
+        with self.lock:
+            self._paused = False
+            if self.status & DRIVER_OK:  # requests made before a save: look again
+                self._kicked.update(range(len(self.queues)))
+                if self.isr:
+                    self.irq_line(self.irq, 1)
+        self._thread = threading.Thread(target=self._run, name=f"virtio-{self.backend.device_type}",
+                                        daemon=True)
+        self._thread.start()
+
+    def quiesce(self) -> None:
+        """No request in flight when this returns; a disk's writes are on stable storage
+        (the destination of a migration may open the same image next)."""
+        with self.lock:
+            self._paused = True
+            while self._busy:
+                self._work.wait()
+        flush = getattr(self.backend, "flush", None)
+        if flush is not None:
+            flush()
+
+    def wake(self) -> None:
+        with self.lock:
+            self._paused = False
+            if self.status & DRIVER_OK:
+                self._kicked.update(range(len(self.queues)))
+            self._work.notify_all()
+
+    def close(self) -> None:
+        with self.lock:
+            self._closing = True
+            self._paused = True
+            self._work.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5)
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
+
+    # --- state ----------------------------------------------------------------------------
+    def save(self) -> VirtioState:
+        return self.transport_state(b"")
+
+    def load_state(self, state: DeviceState) -> None:
+        if not isinstance(state, VirtioState):
+            raise ValueError(f"{self.kind}: wrong state type")
+        self.load_transport(state)
+
+    def transport_state(self, device: bytes) -> VirtioState:
+        return VirtioState(
+            self.device_features_sel, self.driver_features_sel, self.driver_features,
+            self.status, self.config_generation, self.config_vector, self.queue_sel,
+            tuple((q.size, int(q.ready), q.desc, q.avail, q.used, q.vector, q.last_avail,
+                   q.next_used, q.signalled_used) for q in self.queues),
+            bytes(self.msix_table), self.msix_pending, self.isr, device)
+
+    def load_transport(self, st: VirtioState) -> None:
+        if len(st.queues) != len(self.queues) or len(st.msix_table) != len(self.msix_table):
+            raise ValueError(f"{self.kind}: saved state has {len(st.queues)} queues, this "
+                             f"device {len(self.queues)}")
+        self.device_features_sel, self.driver_features_sel = st.device_features_sel, \
+            st.driver_features_sel
+        self.driver_features, self.status = st.driver_features, st.status & 0xFF
+        self.config_generation, self.config_vector = st.config_generation & 0xFF, \
+            st.config_vector & 0xFFFF
+        self.queue_sel = st.queue_sel & 0xFFFF
+        for q, row in zip(self.queues, st.queues, strict=True):
+            if len(row) != 9:
+                raise ValueError(f"{self.kind}: bad queue state")
+            size, ready, q.desc, q.avail, q.used, vector, last, nxt, sig = row
+            q.size, q.ready, q.vector = size, bool(ready), vector & 0xFFFF
+            q.last_avail, q.next_used, q.signalled_used = last & 0xFFFF, nxt & 0xFFFF, \
+                sig & 0xFFFF
+            q.event_idx = bool(self.driver_features & F_EVENT_IDX)
+            if q.ready:
+                try:
+                    q.check_layout(self.mem)
+                except QueueError as e:
+                    raise ValueError(f"{self.kind}: saved queue is not valid here: {e}") from None
+        self.msix_table[:] = st.msix_table
+        self.msix_pending, self.isr = st.msix_pending & ((1 << self.nvec) - 1), st.isr & 3
+        self.bar = struct.unpack_from("<I", self.function.config, 0x10)[0] & ~0xF
+
+
+def _field_read(regs: dict[int, tuple[int, int]], offset: int, size: int) -> int:
+    """Read `size` bytes at `offset` out of registers {offset: (width, value)}."""
+    out = 0
+    for i in range(size):
+        o = offset + i
+        for start, (width, value) in regs.items():
+            if start <= o < start + width:
+                out |= ((value >> (8 * (o - start))) & 0xFF) << (8 * i)
+                break
+    return out

@@ -1,0 +1,333 @@
+"""virtio over PCI: the kit's device guest drives virtio-blk and virtio-rng from ring 3;
+suspend, restore and live migration taken while both are busy lose, repeat or corrupt no
+block; the transport refuses hostile drivers with NEEDS_RESET, never a crash."""
+
+from __future__ import annotations
+
+import re
+import struct
+
+import pytest
+
+from pyhyve import guestkit
+from pyhyve.description import VmDescription, default_description, with_virtio
+from pyhyve.devices.virtio.blk import Blk
+from pyhyve.devices.virtio.pci import (
+    COMMON,
+    DEVICE,
+    DRIVER_OK,
+    F_VERSION_1,
+    FEATURES_OK,
+    ISR,
+    MSIX_TABLE,
+    NEEDS_RESET,
+    NOTIFY,
+    VirtioPci,
+)
+from pyhyve.devices.virtio.rng import Rng
+from pyhyve.pipeline.codec import decode, encode
+from pyhyve.snapshot.restore import open_snapshot, restore
+from pyhyve.snapshot.save import save
+from pyhyve.vm import VirtualMachine, VmConfig
+from test_virtqueue import AVAIL, DESC, USED, FakeRam, desc, offer
+
+from conftest import CaptureConsole
+
+MB = 1 << 20
+BLOCKS = 32
+_V = re.compile(rb"V(\d+) (\d+) (\d+)\r?\n")
+
+
+def rounds(con) -> list[int]:
+    return [int(m.group(1)) for m in _V.finditer(bytes(con.buf))]
+
+
+@pytest.fixture
+def disk(tmp_path):
+    path = tmp_path / "disk.img"
+    with open(path, "wb") as f:
+        f.truncate(16 * MB)
+    return str(path)
+
+
+def device_vm(kit, disk: str, name: str = "vio") -> tuple[VirtualMachine, CaptureConsole]:
+    con = CaptureConsole()
+    desc_ = with_virtio(default_description("null"), [f"{disk},serial=kit-disk"], True)
+    vm = VirtualMachine.create(VmConfig(name, 64 * MB, 1, kernel=kit["virtio"],
+                                        cmdline=f"blocks={BLOCKS}", description=desc_),
+                               console=con)
+    return vm, con
+
+
+def wait_rounds(con, n: int, timeout: float = 60) -> None:
+    start = len(rounds(con))
+    deadline_count = start + n
+    con.wait_for("\n", timeout=timeout)
+    import time
+    end = time.monotonic() + timeout
+    while len(rounds(con)) < deadline_count:
+        assert b"VIRTIO ERROR" not in con.buf, bytes(con.buf[-300:])
+        assert time.monotonic() < end, bytes(con.buf[-300:])
+        time.sleep(0.02)
+    assert b"VIRTIO ERROR" not in con.buf, bytes(con.buf[-300:])
+
+
+@pytest.mark.kvm
+def test_the_device_guest_drives_blk_and_rng(kit, disk):
+    vm, con = device_vm(kit, disk)
+    try:
+        vm.start()
+        wait_rounds(con, 3)
+        assert b"virtio ready: blk sectors=32768 rng" in con.buf
+        assert rounds(con)[:3] == [1, 2, 3]
+        vm.pause()
+        top, _ = guestkit.check_blocks(disk, BLOCKS)  # the image, read on the host
+        assert top >= 3
+    finally:
+        vm.close()
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy"])
+def test_suspend_while_busy_then_restore_loses_no_block(kit, disk, tmp_path, lazy):
+    vm, con = device_vm(kit, disk)
+    try:
+        vm.start()
+        wait_rounds(con, 2)
+        save(vm, str(tmp_path / "s"), "suspend")  # mid-round: requests in flight
+        before = rounds(con)[-1]
+    finally:
+        vm.close()
+    guestkit.check_blocks(disk, BLOCKS)
+    snap = open_snapshot(str(tmp_path / "s"))
+    con2 = CaptureConsole()
+    vm2 = restore(snap, console=con2, lazy=lazy, bindings={"disk0": f"{disk},serial=kit-disk"})
+    snap.close()
+    try:
+        vm2.start()
+        wait_rounds(con2, 3)
+        got = rounds(con2)
+        assert got[0] in (before, before + 1) and got == list(range(got[0], got[0] + len(got)))
+        assert b"virtio ready" not in con2.buf  # it continued, not started over
+        vm2.pause()
+        guestkit.check_blocks(disk, BLOCKS)
+    finally:
+        vm2.close()
+
+
+@pytest.mark.kvm
+def test_restore_needs_the_disk_bound(kit, disk, tmp_path):
+    from pyhyve.snapshot.format import SnapshotError
+
+    vm, con = device_vm(kit, disk)
+    try:
+        vm.start()
+        wait_rounds(con, 1)
+        save(vm, str(tmp_path / "s"), "suspend")
+    finally:
+        vm.close()
+    snap = open_snapshot(str(tmp_path / "s"))
+    try:
+        with pytest.raises(SnapshotError, match="disk0"):
+            restore(snap, console=CaptureConsole())
+    finally:
+        snap.close()
+
+
+@pytest.mark.kvm
+def test_live_migration_while_busy_loses_no_block(kit, disk):
+    from migrate_helpers import Destination, migrate
+
+    vm, con = device_vm(kit, disk)
+    vm.start()
+    wait_rounds(con, 2)
+    dest = Destination(reuse_paths=True)  # shared storage: the same image
+    stats = migrate(vm, dest, live=True)
+    assert stats.state == "completed", stats.error
+    try:
+        wait_rounds(dest.console, 3)
+        got = rounds(dest.console)
+        assert got == list(range(got[0], got[0] + len(got)))
+        assert got[0] in (rounds(con)[-1], rounds(con)[-1] + 1)
+        dest.vm.pause()
+        guestkit.check_blocks(disk, BLOCKS)
+    finally:
+        dest.vm.close()
+        vm.close()
+
+
+# --- the transport against a hostile driver (no KVM) ---------------------------------------
+
+class Host:
+    """What a VirtioPci is wired to, recorded."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[int, int]] = []
+        self.msis: list[tuple[int, int]] = []
+
+    def irq_line(self, irq: int, level: int) -> None:
+        self.lines.append((irq, level))
+
+    def signal_msi(self, addr: int, data: int) -> bool:
+        self.msis.append((addr, data))
+        return True
+
+
+class Locked(VirtioPci):
+    """BAR accesses under the device's lock, as the MMIO bus makes them."""
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        with self.lock:
+            super().write(offset, size, value)
+
+    def read(self, offset: int, size: int) -> int:
+        with self.lock:
+            return super().read(offset, size)
+
+
+def rng_device() -> tuple[VirtioPci, FakeRam, Host]:
+    ram, host = FakeRam(), Host()
+    dev = Locked(Rng(), ram, 0xE001_0000, 10, host.irq_line, host.signal_msi)
+    return dev, ram, host
+
+
+def drive(dev: VirtioPci, size: int = 8, features: int = F_VERSION_1) -> None:
+    """A driver's bring-up of queue 0 (rings at the FakeRam's addresses)."""
+    w = dev.write
+    w(COMMON + 0x14, 1, 1 | 2)
+    w(COMMON + 0x08, 4, 1)
+    w(COMMON + 0x0C, 4, features >> 32)
+    w(COMMON + 0x08, 4, 0)
+    w(COMMON + 0x0C, 4, features & 0xFFFF_FFFF)
+    w(COMMON + 0x14, 1, 1 | 2 | FEATURES_OK)
+    w(COMMON + 0x16, 2, 0)
+    w(COMMON + 0x18, 2, size)
+    w(COMMON + 0x20, 8, DESC)
+    w(COMMON + 0x28, 8, AVAIL)
+    w(COMMON + 0x30, 8, USED)
+    w(COMMON + 0x1C, 2, 1)
+
+
+def serve(dev: VirtioPci) -> None:
+    """Run the worker's loop body once, here (no thread)."""
+    dev._paused = False
+    with dev.lock:
+        for i in sorted(dev._kicked):
+            dev._kicked.discard(i)
+            dev._serve(i)
+
+
+def test_requests_complete_and_interrupt_by_intx_then_msix():
+    dev, ram, host = rng_device()
+    drive(dev)
+    dev.write(COMMON + 0x14, 1, 1 | 2 | FEATURES_OK | DRIVER_OK)
+    desc(ram, 0, 0x10000, 32, 2)
+    offer(ram, dev.queues[0], 0)
+    dev.write(NOTIFY, 2, 0)
+    serve(dev)
+    assert struct.unpack_from("<HHII", ram.b, USED) == (0, 1, 0, 32)
+    assert any(ram.b[0x10000:0x10020]) and host.lines[-1] == (10, 1)
+    assert dev.read(ISR, 1) == 1 and host.lines[-1] == (10, 0) and dev.read(ISR, 1) == 0
+    # MSI-X: enable it, give queue 0 vector 1, leave the vector masked, then unmask
+    cap = dev._msix_cap
+    dev.function.write(cap + 2, 2, 0x8000)
+    dev.write(COMMON + 0x16, 2, 0)
+    dev.queues[0].ready = False
+    dev.write(COMMON + 0x1A, 2, 1)
+    dev.queues[0].ready = True
+    dev.write(MSIX_TABLE + 16, 8, 0xFEE0_0000)
+    dev.write(MSIX_TABLE + 24, 4, 0x41)
+    offer(ram, dev.queues[0], 0)
+    dev.write(NOTIFY, 2, 0)
+    serve(dev)
+    assert host.msis == [] and dev.msix_pending == 2  # masked: pending
+    dev.write(MSIX_TABLE + 28, 4, 0)
+    assert host.msis == [(0xFEE0_0000, 0x41)] and dev.msix_pending == 0
+
+
+@pytest.mark.parametrize("case", ["loop", "bad-size", "misaligned", "outside-ram"])
+def test_a_broken_queue_sets_needs_reset_and_the_device_lives_on(case):
+    dev, ram, host = rng_device()
+    size = 6 if case == "bad-size" else 8
+    drive(dev, size=size)
+    if case == "misaligned":
+        dev.queues[0].ready = False
+        dev.write(COMMON + 0x20, 8, DESC + 4)
+        dev.write(COMMON + 0x1C, 2, 1)
+    if case == "outside-ram":
+        dev.queues[0].ready = False
+        dev.write(COMMON + 0x30, 8, 1 << 40)
+        dev.write(COMMON + 0x1C, 2, 1)
+    dev.write(COMMON + 0x14, 1, 1 | 2 | FEATURES_OK | DRIVER_OK)
+    if case == "loop":
+        desc(ram, 0, 0x10000, 4, 1 | 2, 1)
+        desc(ram, 1, 0x10000, 4, 1 | 2, 0)
+        offer(ram, dev.queues[0], 0)
+        dev.write(NOTIFY, 2, 0)
+        serve(dev)
+    assert dev.read(COMMON + 0x14, 1) & NEEDS_RESET
+    assert (10, 1) in host.lines  # a configuration interrupt told the driver
+    dev.write(COMMON + 0x14, 1, 0)  # and a reset brings it back
+    assert dev.read(COMMON + 0x14, 1) == 0
+    drive(dev)
+    dev.write(COMMON + 0x14, 1, 1 | 2 | FEATURES_OK | DRIVER_OK)
+    assert not dev.read(COMMON + 0x14, 1) & NEEDS_RESET
+
+
+def test_nothing_is_served_before_driver_ok_and_features_are_checked():
+    dev, ram, _ = rng_device()
+    drive(dev, features=0)  # without VIRTIO_F_VERSION_1: FEATURES_OK does not stick
+    assert not dev.read(COMMON + 0x14, 1) & FEATURES_OK
+    drive(dev, features=F_VERSION_1 | (1 << 40))  # a feature never offered
+    assert not dev.read(COMMON + 0x14, 1) & FEATURES_OK
+    drive(dev)
+    desc(ram, 0, 0x10000, 32, 2)
+    offer(ram, dev.queues[0], 0)
+    dev.write(NOTIFY, 2, 0)
+    dev._paused = False
+    assert not dev.status & DRIVER_OK  # the worker waits for DRIVER_OK
+    assert struct.unpack_from("<H", ram.b, USED + 2)[0] == 0
+    dev.function.write(250, 16, 0xFFFF)  # past the config space: ignored
+    dev.write(DEVICE + 0x800, 4, 1)      # a device config write rng has no use for
+
+
+def test_transport_state_round_trips():
+    dev, _ram, _ = rng_device()
+    drive(dev)
+    dev.write(COMMON + 0x14, 1, 1 | 2 | FEATURES_OK | DRIVER_OK)
+    dev.write(MSIX_TABLE, 4, 0xFEE0_1000)
+    st = dev.save()
+    again = decode(type(st), encode(st))
+    other, _, _ = rng_device()
+    other.load_state(again)
+    assert other.save() == st
+
+
+def test_blk_refuses_out_of_range_and_read_only_writes(tmp_path):
+    path = tmp_path / "d.img"
+    path.write_bytes(bytes(8192))
+    ram = FakeRam()
+    for spec, typ, sector, status in ((f"{path}", 0, 16, 1), (f"{path},ro", 1, 0, 1),
+                                      (f"{path}", 99, 0, 2), (f"{path}", 0, 0, 0)):
+        blk = Blk(spec)
+        try:
+            from pyhyve.devices.virtio.queue import Chain, Segment
+            struct.pack_into("<IIQ", ram.b, 0x1000, typ, 0, sector)
+            chain = Chain(0, [Segment(0x1000, 16, False)] + (
+                [Segment(0x2000, 512, False)] if typ == 1 else []),
+                ([Segment(0x2000, 512, True)] if typ == 0 else []) + [Segment(0x3000, 1, True)])
+            blk.handle(0, chain, ram)
+            assert ram.b[0x3000] == status, (spec, typ, sector)
+        finally:
+            blk.close()
+
+
+def test_description_of_virtio_devices_is_validated():
+    d = with_virtio(default_description("null"), ["/x.img,ro"], True)
+    again = VmDescription.from_dict(d.to_dict())
+    assert [(x.id, x.bus, x.base) for x in again.devices[-2:]] == [("disk0", "pci", 1),
+                                                                   ("rng0", "pci", 2)]
+    raw = d.to_dict()
+    raw["devices"][-1]["base"] = 1  # two devices in one slot
+    with pytest.raises(ValueError, match="slot"):
+        VmDescription.from_dict(raw)
