@@ -331,3 +331,77 @@ def test_description_of_virtio_devices_is_validated():
     raw["devices"][-1]["base"] = 1  # two devices in one slot
     with pytest.raises(ValueError, match="slot"):
         VmDescription.from_dict(raw)
+
+
+# --- clones' disks -----------------------------------------------------------------------
+
+def test_an_overlay_reads_the_base_and_keeps_every_write_to_itself(tmp_path):
+    import hashlib
+    import os
+
+    from pyhyve.devices.virtio.image import CHUNK, Overlay
+
+    base = tmp_path / "base.img"
+    base.write_bytes(bytes(range(256)) * 64)  # 16 KiB, four chunks
+    before = hashlib.sha256(base.read_bytes()).hexdigest()
+    ov = Overlay(os.open(base, os.O_RDONLY), 16384, str(tmp_path))
+    try:
+        assert ov.read(0, 16384) == base.read_bytes()
+        ov.write(CHUNK + 100, b"x" * 10)           # part of chunk 1: copied up first
+        ov.write(2 * CHUNK, b"y" * CHUNK)          # all of chunk 2
+        ov.discard(3 * CHUNK, CHUNK)               # chunk 3 reads zeros now
+        want = bytearray(base.read_bytes())
+        want[CHUNK + 100:CHUNK + 110] = b"x" * 10
+        want[2 * CHUNK:3 * CHUNK] = b"y" * CHUNK
+        want[3 * CHUNK:] = bytes(CHUNK)
+        assert ov.read(0, 16384) == bytes(want)
+        assert ov.read(CHUNK + 95, 20) == bytes(want[CHUNK + 95:CHUNK + 115])  # across chunks
+        assert hashlib.sha256(base.read_bytes()).hexdigest() == before
+        assert not [f for f in os.listdir(tmp_path) if f.startswith(".pyhyve")]  # unlinked
+    finally:
+        ov.close()
+
+
+@pytest.mark.kvm
+def test_clones_write_their_own_disks_and_cannot_be_saved_or_migrated(kit, disk, tmp_path):
+    import hashlib
+
+    from pyhyve.migration.source import Migration, Options
+    from pyhyve.snapshot.format import SnapshotError
+
+    vm, con = device_vm(kit, disk)
+    try:
+        vm.start()
+        wait_rounds(con, 2)
+        save(vm, str(tmp_path / "s"), "suspend")
+    finally:
+        vm.close()
+    with open(disk, "rb") as f:
+        image = hashlib.sha256(f.read()).hexdigest()
+    clones = []
+    try:
+        for _ in range(2):
+            snap = open_snapshot(str(tmp_path / "s"))
+            c = CaptureConsole()
+            clones.append((restore(snap, console=c, clone=True, clone_dir=str(tmp_path),
+                                   bindings={"disk0": disk}), c))
+            snap.close()
+        for cvm, _ in clones:
+            cvm.start()
+        for _, c in clones:
+            wait_rounds(c, 3)  # each reads back what it wrote: no sibling's block
+        with open(disk, "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == image  # the image never written
+        cvm = clones[0][0]
+        with pytest.raises(SnapshotError, match="private copy-on-write disk"):
+            save(cvm, str(tmp_path / "again"), "checkpoint")
+        # refused before any connection: no destination needed
+        stats = Migration(cvm, "127.0.0.1", 9, b"k" * 32, Options(live=True)).run()
+        assert stats.state == "failed" and "copy-on-write" in stats.error
+        assert cvm.state == "running"
+        n = len(rounds(clones[0][1]))
+        wait_rounds(clones[0][1], 1)
+        assert len(rounds(clones[0][1])) > n
+    finally:
+        for cvm, _ in clones:
+            cvm.close()

@@ -417,6 +417,14 @@ class VirtualMachine:
                    for k, v in d.status().items()},
                 **self.snapshot_dependency()}
 
+    def save_refusal(self) -> str:
+        """Why this VM cannot be saved or migrated ("" if it can)."""
+        for name, dev in self.devices.items():
+            why = dev.save_refusal()
+            if why:
+                return f"device {name}: {why}"
+        return ""
+
     def renew_generation(self) -> None:
         """The guest's memory is a copy now (a restore, a clone): a new generation ID."""
         for dev in self.devices.values():

@@ -40,6 +40,9 @@ def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
                    "there to connect to")
     c.add_argument("--bind", action="append", metavar="ID=SPEC",
                    help="a device backend, given to every clone (as with run --bind)")
+    c.add_argument("--reuse-paths", action="store_true",
+                   help="reopen the disk images the snapshot recorded (each clone writes its "
+                   "own copy-on-write view, never the image)")
     c.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
                    help="a clone not running by then has failed (default %(default)g)")
 
@@ -147,6 +150,8 @@ def _spawn(a: argparse.Namespace, base: str, out: str, i: int) -> _Clone:
                 "--console", f"{a.console}:{console}"]
         for b in a.bind or []:
             argv += ["--bind", b]
+        if a.reuse_paths:
+            argv.append("--reuse-paths")
         fd = _create(log)
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,

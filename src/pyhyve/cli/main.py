@@ -13,6 +13,7 @@ from typing import Any
 
 from .. import __version__
 from ..boot.common import BootError
+from ..control import rundir
 from ..control.server import ControlError
 from ..control.session import Session
 from ..description import CONSOLE_ID, DescriptionError, bind, default_description, with_virtio
@@ -207,7 +208,7 @@ def cmd_restore(a: argparse.Namespace) -> int:
             try:
                 vm = restore(snap, name=a.name, lazy=a.lazy, progress=progress,
                              bindings=binds, reuse_paths=a.reuse_paths, clone=a.clone,
-                             track_dirty=a.track_dirty)
+                             track_dirty=a.track_dirty, clone_dir=rundir())
             finally:
                 snap.close()
         if a.memory is not None and parse_size(a.memory) != vm.config.memory:

@@ -76,6 +76,11 @@ class Device:
         if state is not None:
             raise ValueError(f"{self.kind} has no state to restore")
 
+    def save_refusal(self) -> str:
+        """Why this device's state cannot go into a snapshot or a migration ("" if it
+        can): a backend whose content lives only with this VM."""
+        return ""
+
     def close(self) -> None:
         """Release host resources (threads, sockets)."""
 

@@ -220,6 +220,9 @@ class Migration:
         vm, opts, st = self.vm, self.opts, self.stats
         if vm.state not in ("running", "paused"):
             raise MigrationError(f"VM is {vm.state}")
+        refusal = vm.save_refusal()
+        if refusal:
+            raise MigrationError(f"cannot migrate {vm.config.name}: {refusal}")
         was_paused = vm.user_paused  # migrated warm, and paused over there too
         self.ch = ch = self._connect()
         t = time.perf_counter()

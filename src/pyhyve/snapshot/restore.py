@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import mmap
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from ..description import CONSOLE_ID
+from ..description import CONSOLE_ID, VmDescription
 from ..devices.console import Console
 from ..errors import PyhyveError, RecordError
 from ..machine.memory import PAGE, GuestMemory
@@ -153,16 +154,17 @@ def restore(snap: Snapshot, name: str | None = None, console: Console | None = N
             progress: ProgressFactory | None = None,
             bindings: dict[str, str] | None = None, reuse_paths: bool = False,
             prefetch: bool = True, clone: bool = False,
-            track_dirty: bool = False) -> VirtualMachine:
+            track_dirty: bool = False, clone_dir: str | None = None) -> VirtualMachine:
     """Build a VM from a snapshot; returns it ready to start(). Lazily (this function's
     default; the command line's is eager, which reaches full speed sooner) the guest reads
     the memory file through a private mapping, and with `prefetch` a thread pulls its data
     pages in while it runs. A `clone` is lazy and its prefetch only maps the file's pages
     (the page cache, shared by every clone of the snapshot) instead of copying them: a
-    clone costs the host only the pages it writes. Every restore gets a new generation
-    ID (devices/genid.py). A layer's chain is stacked (chain.py) and the VM goes on
-    tracking for the next layer over it, as `track_dirty` makes any restore do
-    (incremental.py). If the memory file has not
+    clone costs the host only the pages it writes, and gets private copy-on-write disks
+    (scratch files in `clone_dir`, default the temporary directory; devices/virtio/
+    image.py). Every restore gets a new generation ID (devices/genid.py). A layer's chain
+    is stacked (chain.py) and the VM goes on tracking for the next layer over it, as
+    `track_dirty` makes any restore do (incremental.py). If the memory file has not
     been verified yet, it is verified here on another thread while the VM is built (the
     kernel work of building overlaps the hashing), and nothing is returned unless it passed."""
 
@@ -185,7 +187,7 @@ def restore(snap: Snapshot, name: str | None = None, console: Console | None = N
         if console_spec:
             binds[CONSOLE_ID] = console_spec  # --console is com1's --bind
         vm = _build(snap, name, console, binds, reuse_paths, lazy or clone, progress,
-                    prefetch, clone)
+                    prefetch, (clone_dir or tempfile.gettempdir()) if clone else None)
     finally:
         if verifier is not None:
             verifier.join()
@@ -199,11 +201,14 @@ def restore(snap: Snapshot, name: str | None = None, console: Console | None = N
 
 def _build(snap: Snapshot, name: str | None, console: Console | None, bindings: dict[str, str],
            reuse_paths: bool, lazy: bool, progress: ProgressFactory | None,
-           prefetch: bool, clone: bool) -> VirtualMachine:
+           prefetch: bool, clone_dir: str | None) -> VirtualMachine:
+    clone = clone_dir is not None
     try:
         spec = MachineSpec.from_record(snap.meta, name, bindings, reuse_paths)
     except RecordError as e:
         raise SnapshotError(f"metadata: {e}") from None
+    if clone_dir is not None:
+        spec = _clone_disks(spec, clone_dir)
     try:
         bottom = root(snap)
         if clone and bottom is not snap:
@@ -235,6 +240,14 @@ def _build(snap: Snapshot, name: str | None, console: Console | None, bindings: 
         vm.close()
         raise
     return vm
+
+
+def _clone_disks(spec: MachineSpec, directory: str) -> MachineSpec:
+    """A clone writes its own copy-on-write view of each disk, never the image."""
+    desc = spec.config.machine()
+    devices = tuple(replace(d, backend=f"{d.backend},clone={directory}")
+                    if d.kind == "virtio-blk" and d.backend else d for d in desc.devices)
+    return replace(spec, config=replace(spec.config, description=VmDescription(devices)))
 
 
 def _loading_error(e: PyhyveError) -> SnapshotError:

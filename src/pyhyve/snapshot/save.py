@@ -178,6 +178,9 @@ def save(vm: VirtualMachine, base: str, kind: str, progress: ProgressFactory | N
     writes only the pages written since the VM's previous incremental save, as a layer
     over it (incremental.py)."""
     base = _target(base)
+    refusal = vm.save_refusal()
+    if refusal:
+        raise SnapshotError(f"cannot save {vm.config.name}: {refusal}")
     t0 = time.perf_counter()
     if keep_paused and vm.state == "running":
         vm.pause()  # the caller's pause: it outlives the save

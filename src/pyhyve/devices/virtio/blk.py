@@ -7,17 +7,17 @@ completes with VIRTIO_BLK_S_IOERR; an unknown type with UNSUPP; a host I/O error
 IOERR: the guest sees an I/O error, the VMM carries on.
 
 Backend spec (the VM description's backend, --disk, --bind diskN=...):
-PATH[,ro][,serial=ID].
+PATH[,ro][,serial=ID][,clone=DIR]. `clone=DIR` (set by a clone's restore, not by users)
+gives the VM a private copy-on-write view of PATH (image.py), its scratch files in DIR.
 """
 
 from __future__ import annotations
 
-import ctypes as C
-import ctypes.util
 import os
 import struct
 
 from ...errors import PyhyveError
+from .image import Overlay, RawImage, clone_image
 from .queue import Chain, Memory, QueueError
 
 SECTOR = 512
@@ -26,30 +26,29 @@ S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
 F_SEG_MAX, F_RO, F_BLK_SIZE, F_FLUSH, F_DISCARD, F_WRITE_ZEROES = 4, 32, 64, 512, 1 << 13, 1 << 14
 QUEUE_SIZE = 256
 MAX_SEGMENTS = 256  # discard / write-zeroes ranges per request
-_FALLOC_PUNCH = 0x01 | 0x02  # KEEP_SIZE | PUNCH_HOLE
-_libc = C.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.fallocate.argtypes = [C.c_int, C.c_int, C.c_long, C.c_long]
 
 
 class DiskError(PyhyveError, ValueError):
     pass
 
 
-def parse_disk(spec: str) -> tuple[str, bool, str]:
-    """PATH[,ro][,serial=ID] -> (path, read_only, serial)."""
+def parse_disk(spec: str) -> tuple[str, bool, str, str]:
+    """PATH[,ro][,serial=ID][,clone=DIR] -> (path, read_only, serial, clone dir or "")."""
     path, *opts = spec.split(",")
-    ro, serial = False, ""
+    ro, serial, clone = False, "", ""
     for o in opts:
         if o == "ro":
             ro = True
         elif o.startswith("serial=") and len(o) <= 7 + 20 and o[7:].isprintable():
             serial = o[7:]
+        elif o.startswith("clone=") and len(o) > 6:
+            clone = o[6:]
         else:
             raise DiskError(f"bad disk option '{o}' in '{spec}': use PATH[,ro][,serial=ID] "
                             "(ID at most 20 characters)")
     if not path:
         raise DiskError(f"bad disk '{spec}': no path")
-    return path, ro, serial
+    return path, ro, serial, clone
 
 
 class Blk:
@@ -58,17 +57,28 @@ class Blk:
     queue_sizes: tuple[int, ...] = (QUEUE_SIZE,)
 
     def __init__(self, spec: str) -> None:
-        self.path, self.read_only, self.serial = parse_disk(spec)
-        flags = os.O_RDONLY if self.read_only else os.O_RDWR
+        self.path, self.read_only, self.serial, clone = parse_disk(spec)
         try:
-            self.fd = os.open(self.path, flags | os.O_CLOEXEC)
+            if clone and not self.read_only:
+                self.image: RawImage | Overlay = clone_image(self.path, clone)
+            else:
+                flags = os.O_RDONLY if self.read_only else os.O_RDWR
+                fd = os.open(self.path, flags | os.O_CLOEXEC)
+                self.image = RawImage(fd, os.fstat(fd).st_size)
         except OSError as e:
             raise DiskError(f"cannot open disk {self.path}: {e.strerror}") from None
-        size = os.fstat(self.fd).st_size
-        if size < SECTOR:
-            os.close(self.fd)
+        self.cloned = bool(clone) and not self.read_only
+        if self.image.size < SECTOR:
+            self.image.close()
             raise DiskError(f"disk {self.path} is smaller than one sector")
-        self.sectors = size // SECTOR
+        self.sectors = self.image.size // SECTOR
+
+    def save_refusal(self) -> str:
+        """Why this disk's content cannot go with a snapshot or migration ("" if it can)."""
+        if self.cloned:
+            return (f"{self.path} is a clone's private copy-on-write disk, which lives only "
+                    "as long as this VM")
+        return ""
 
     def features(self) -> int:
         f = F_SEG_MAX | F_BLK_SIZE | F_FLUSH | F_DISCARD | F_WRITE_ZEROES
@@ -87,8 +97,8 @@ class Blk:
         pass
 
     def flush(self) -> None:
-        if self.fd >= 0 and not self.read_only:
-            os.fdatasync(self.fd)
+        if not self.read_only:
+            self.image.sync()
 
     def handle(self, queue: int, chain: Chain, mem: Memory) -> int:
         if chain.in_bytes < 16 or chain.out_room < 1:
@@ -100,14 +110,14 @@ class Blk:
             if typ == T_IN:
                 status = self._check(sector, room)
                 if status == S_OK:
-                    written = chain.write(mem, os.pread(self.fd, room, sector * SECTOR))
+                    written = chain.write(mem, self.image.read(sector * SECTOR, room))
             elif typ == T_OUT:
                 data = chain.read(mem)[16:]
                 status = S_IOERR if self.read_only else self._check(sector, len(data))
                 if status == S_OK:
-                    _pwrite_all(self.fd, data, sector * SECTOR)
+                    self.image.write(sector * SECTOR, data)
             elif typ == T_FLUSH:
-                os.fdatasync(self.fd)
+                self.image.sync()
                 status = S_OK
             elif typ == T_GET_ID:
                 ident = self.serial.encode()[:20].ljust(20, b"\0")
@@ -134,22 +144,8 @@ class Blk:
         for sector, count, _flags in struct.iter_unpack("<QII", body):
             if sector + count > self.sectors:
                 return S_IOERR
-            off, n = sector * SECTOR, count * SECTOR
-            if _libc.fallocate(self.fd, _FALLOC_PUNCH, off, n) != 0:
-                zeros = bytes(min(n, 1 << 20))  # no hole punching here: zeros, bounded
-                while n > 0:
-                    _pwrite_all(self.fd, zeros[:n], off)
-                    off, n = off + len(zeros[:n]), n - len(zeros[:n])
+            self.image.discard(sector * SECTOR, count * SECTOR)
         return S_OK
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    mv = memoryview(data)
-    while mv:
-        n = os.pwrite(fd, mv, offset)
-        mv, offset = mv[n:], offset + n
+        self.image.close()

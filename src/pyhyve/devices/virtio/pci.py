@@ -425,6 +425,10 @@ class VirtioPci(Device):
             close()
 
     # --- state ----------------------------------------------------------------------------
+    def save_refusal(self) -> str:
+        refusal = getattr(self.backend, "save_refusal", None)
+        return str(refusal()) if refusal is not None else ""
+
     def save(self) -> VirtioState:
         return self.transport_state(b"")
 

@@ -1,0 +1,143 @@
+"""Disk images behind virtio-blk: a raw file, or a clone's copy-on-write overlay of one.
+
+A clone must never write its snapshot's disk image, nor see another clone's writes. Where
+the file system can share extents (FICLONE: btrfs, XFS) the clone gets a reflink copy, a
+raw image of its own. Elsewhere (ext4 here) the VMM keeps an overlay: a sparse file of the
+image's size that receives every write, and a bitmap of which 4 KiB chunks it holds; reads
+take each chunk from the overlay if written, else from the base (opened read-only). A write
+that covers part of a chunk first copies the chunk up. The overlay file is created
+exclusively and unlinked at once (it lives as long as the VMM): an overlay clone's disk is
+scratch space, and saving or migrating such a VM is refused (docs/devices.md).
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+import ctypes.util
+import fcntl
+import os
+import tempfile
+
+CHUNK = 4096
+FICLONE = 0x40049409
+_FALLOC_PUNCH = 0x01 | 0x02  # KEEP_SIZE | PUNCH_HOLE
+_libc = C.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.fallocate.argtypes = [C.c_int, C.c_int, C.c_long, C.c_long]
+
+
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    mv = memoryview(data)
+    while mv:
+        n = os.pwrite(fd, mv, offset)
+        mv, offset = mv[n:], offset + n
+
+
+def zero_range(fd: int, offset: int, length: int) -> None:
+    """Punch a hole, or write zeros (1 MiB at a time) where the file system cannot."""
+    if _libc.fallocate(fd, _FALLOC_PUNCH, offset, length) == 0:
+        return
+    zeros = bytes(min(length, 1 << 20))
+    while length > 0:
+        n = min(length, len(zeros))
+        pwrite_all(fd, zeros[:n], offset)
+        offset, length = offset + n, length - n
+
+
+class RawImage:
+    overlay = False
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd, self.size = fd, size
+
+    def read(self, offset: int, length: int) -> bytes:
+        return os.pread(self.fd, length, offset)
+
+    def write(self, offset: int, data: bytes) -> None:
+        pwrite_all(self.fd, data, offset)
+
+    def discard(self, offset: int, length: int) -> None:
+        zero_range(self.fd, offset, length)
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Overlay:
+    """Base read-only, writes into a private sparse file, chunk by chunk."""
+
+    overlay = True
+
+    def __init__(self, base_fd: int, size: int, directory: str) -> None:
+        self.base, self.size = base_fd, size
+        fd, path = tempfile.mkstemp(prefix=".pyhyve-overlay-", dir=directory)
+        os.unlink(path)  # nobody else can open it; it goes with us
+        self.fd = fd
+        os.ftruncate(fd, size)
+        self.chunks = bytearray((size + CHUNK - 1) // CHUNK)  # 1: the overlay holds it
+
+    def read(self, offset: int, length: int) -> bytes:
+        out = bytearray()
+        end = min(offset + length, self.size)
+        pos = offset
+        while pos < end:
+            c = pos // CHUNK
+            run_end = min(end, (c + 1) * CHUNK)
+            mine = self.chunks[c]
+            while run_end < end and self.chunks[run_end // CHUNK] == mine:
+                run_end = min(end, run_end + CHUNK)
+            out += os.pread(self.fd if mine else self.base, run_end - pos, pos)
+            pos = run_end
+        return bytes(out)
+
+    def _copy_up(self, c: int) -> None:
+        if not self.chunks[c]:
+            start = c * CHUNK
+            pwrite_all(self.fd, os.pread(self.base, min(CHUNK, self.size - start), start), start)
+            self.chunks[c] = 1
+
+    def write(self, offset: int, data: bytes) -> None:
+        end = offset + len(data)
+        first, last = offset // CHUNK, (end - 1) // CHUNK
+        if offset % CHUNK:
+            self._copy_up(first)
+        if end % CHUNK and end < self.size:
+            self._copy_up(last)
+        pwrite_all(self.fd, data, offset)
+        self.chunks[first:last + 1] = b"\1" * (last - first + 1)
+
+    def discard(self, offset: int, length: int) -> None:
+        pos, end = offset, offset + length
+        while pos < end:  # zeros written into the overlay, 1 MiB at a time
+            n = min(end - pos, 1 << 20)
+            self.write(pos, bytes(n))
+            pos += n
+
+    def sync(self) -> None:
+        pass  # scratch: nothing to keep across a crash
+
+    def close(self) -> None:
+        for fd in (self.fd, self.base):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self.base = -1
+
+
+def clone_image(path: str, directory: str) -> RawImage | Overlay:
+    """A clone's private disk from the image at `path`: a reflink copy in `directory`
+    where the file system shares extents, else an overlay."""
+    base = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    size = os.fstat(base).st_size
+    fd, copy = tempfile.mkstemp(prefix=".pyhyve-clone-", dir=directory)
+    os.unlink(copy)
+    try:
+        fcntl.ioctl(fd, FICLONE, base)
+    except OSError:
+        os.close(fd)
+        return Overlay(base, size, directory)
+    os.close(base)
+    return RawImage(fd, size)
