@@ -405,3 +405,34 @@ def test_clones_write_their_own_disks_and_cannot_be_saved_or_migrated(kit, disk,
     finally:
         for cvm, _ in clones:
             cvm.close()
+
+
+@pytest.mark.kvm
+def test_a_disk_changed_since_the_save_is_refused_unless_accepted(kit, disk, tmp_path):
+    from pyhyve.snapshot.format import SnapshotError
+
+    vm, con = device_vm(kit, disk)
+    try:
+        vm.start()
+        wait_rounds(con, 1)
+        save(vm, str(tmp_path / "cp"), "checkpoint")  # the guest goes on writing the disk
+        wait_rounds(con, 2)
+    finally:
+        vm.close()
+    other = tmp_path / "other.img"
+    other.write_bytes(bytes(8 * MB))
+    for path, match in ((disk, "has changed since"), (str(other), "bytes, the saved")):
+        snap = open_snapshot(str(tmp_path / "cp"))
+        try:
+            with pytest.raises(SnapshotError, match=match):
+                restore(snap, console=CaptureConsole(), bindings={"disk0": path})
+        finally:
+            snap.close()
+    r = __import__("conftest").cli("pyhyve", "run", "x", "-r", str(tmp_path / "cp"),
+                                   "--bind", f"disk0={disk}")
+    assert r.returncode == 1 and "has changed since" in r.stderr and r.stderr.count("\n") == 1
+    snap = open_snapshot(str(tmp_path / "cp"))
+    vm2 = restore(snap, console=CaptureConsole(), bindings={"disk0": disk},
+                  disk_changed_ok=True)
+    snap.close()
+    vm2.close()

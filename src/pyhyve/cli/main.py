@@ -99,6 +99,9 @@ def build_parser() -> Parser:
     r.add_argument("--clone", action="store_true",
                    help="with --restore: one of many guests from FILE at once: memory shared "
                    "copy-on-write with every other clone (lazy), a new generation ID")
+    r.add_argument("--disk-changed-ok", action="store_true",
+                   help="with --restore: accept disks that changed since the save (the guest "
+                   "may then see data it does not expect)")
     r.add_argument("--track-dirty", action="store_true",
                    help="track written pages from the start, for incremental snapshots "
                    "(pyhyvectl --checkpoint FILE --incremental); after --restore the first "
@@ -208,7 +211,8 @@ def cmd_restore(a: argparse.Namespace) -> int:
             try:
                 vm = restore(snap, name=a.name, lazy=a.lazy, progress=progress,
                              bindings=binds, reuse_paths=a.reuse_paths, clone=a.clone,
-                             track_dirty=a.track_dirty, clone_dir=rundir())
+                             track_dirty=a.track_dirty, clone_dir=rundir(),
+                             disk_changed_ok=a.disk_changed_ok)
             finally:
                 snap.close()
         if a.memory is not None and parse_size(a.memory) != vm.config.memory:

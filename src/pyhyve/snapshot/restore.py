@@ -154,7 +154,8 @@ def restore(snap: Snapshot, name: str | None = None, console: Console | None = N
             progress: ProgressFactory | None = None,
             bindings: dict[str, str] | None = None, reuse_paths: bool = False,
             prefetch: bool = True, clone: bool = False,
-            track_dirty: bool = False, clone_dir: str | None = None) -> VirtualMachine:
+            track_dirty: bool = False, clone_dir: str | None = None,
+            disk_changed_ok: bool = False) -> VirtualMachine:
     """Build a VM from a snapshot; returns it ready to start(). Lazily (this function's
     default; the command line's is eager, which reaches full speed sooner) the guest reads
     the memory file through a private mapping, and with `prefetch` a thread pulls its data
@@ -164,7 +165,8 @@ def restore(snap: Snapshot, name: str | None = None, console: Console | None = N
     (scratch files in `clone_dir`, default the temporary directory; devices/virtio/
     image.py). Every restore gets a new generation ID (devices/genid.py). A layer's chain
     is stacked (chain.py) and the VM goes on tracking for the next layer over it, as
-    `track_dirty` makes any restore do (incremental.py). If the memory file has not
+    `track_dirty` makes any restore do (incremental.py). A disk that changed since the
+    save is refused unless `disk_changed_ok` (devices/virtio/blk.py). If the memory file has not
     been verified yet, it is verified here on another thread while the VM is built (the
     kernel work of building overlaps the hashing), and nothing is returned unless it passed."""
 
@@ -186,8 +188,9 @@ def restore(snap: Snapshot, name: str | None = None, console: Console | None = N
         binds = dict(bindings or {})
         if console_spec:
             binds[CONSOLE_ID] = console_spec  # --console is com1's --bind
+        opts = f",clone={clone_dir or tempfile.gettempdir()}" if clone else ""
         vm = _build(snap, name, console, binds, reuse_paths, lazy or clone, progress,
-                    prefetch, (clone_dir or tempfile.gettempdir()) if clone else None)
+                    prefetch, opts + (",force" if disk_changed_ok else ""), clone)
     finally:
         if verifier is not None:
             verifier.join()
@@ -201,14 +204,13 @@ def restore(snap: Snapshot, name: str | None = None, console: Console | None = N
 
 def _build(snap: Snapshot, name: str | None, console: Console | None, bindings: dict[str, str],
            reuse_paths: bool, lazy: bool, progress: ProgressFactory | None,
-           prefetch: bool, clone_dir: str | None) -> VirtualMachine:
-    clone = clone_dir is not None
+           prefetch: bool, disk_opts: str, clone: bool) -> VirtualMachine:
     try:
         spec = MachineSpec.from_record(snap.meta, name, bindings, reuse_paths)
     except RecordError as e:
         raise SnapshotError(f"metadata: {e}") from None
-    if clone_dir is not None:
-        spec = _clone_disks(spec, clone_dir)
+    if disk_opts:
+        spec = _disk_options(spec, disk_opts)
     try:
         bottom = root(snap)
         if clone and bottom is not snap:
@@ -242,10 +244,11 @@ def _build(snap: Snapshot, name: str | None, console: Console | None, bindings: 
     return vm
 
 
-def _clone_disks(spec: MachineSpec, directory: str) -> MachineSpec:
-    """A clone writes its own copy-on-write view of each disk, never the image."""
+def _disk_options(spec: MachineSpec, opts: str) -> MachineSpec:
+    """Options for every disk of this restore: a clone writes its own copy-on-write view
+    of each disk, never the image (`,clone=DIR`); `,force` accepts a changed disk."""
     desc = spec.config.machine()
-    devices = tuple(replace(d, backend=f"{d.backend},clone={directory}")
+    devices = tuple(replace(d, backend=f"{d.backend}{opts}")
                     if d.kind == "virtio-blk" and d.backend else d for d in desc.devices)
     return replace(spec, config=replace(spec.config, description=VmDescription(devices)))
 

@@ -7,14 +7,24 @@ completes with VIRTIO_BLK_S_IOERR; an unknown type with UNSUPP; a host I/O error
 IOERR: the guest sees an I/O error, the VMM carries on.
 
 Backend spec (the VM description's backend, --disk, --bind diskN=...):
-PATH[,ro][,serial=ID][,clone=DIR]. `clone=DIR` (set by a clone's restore, not by users)
-gives the VM a private copy-on-write view of PATH (image.py), its scratch files in DIR.
+PATH[,ro][,serial=ID][,clone=DIR][,force]. `clone=DIR` (set by a clone's restore, not by
+users) gives the VM a private copy-on-write view of PATH (image.py), its scratch files in
+DIR.
+
+The disk's identity goes with the device's state: its size and an xxh3-128 of 64 blocks
+sampled across it, taken while the VM is paused for the save. A restore or migration whose
+disk differs (another image, or the same one written since: a checkpoint's VM went on
+running) is refused, naming the disk, unless `force` (restore --disk-changed-ok) says the
+user knows: the guest's caches would otherwise disagree with the disk and corrupt it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import struct
+
+import xxhash
 
 from ...errors import PyhyveError
 from .image import Overlay, RawImage, clone_image
@@ -26,19 +36,24 @@ S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
 F_SEG_MAX, F_RO, F_BLK_SIZE, F_FLUSH, F_DISCARD, F_WRITE_ZEROES = 4, 32, 64, 512, 1 << 13, 1 << 14
 QUEUE_SIZE = 256
 MAX_SEGMENTS = 256  # discard / write-zeroes ranges per request
+SAMPLES = 64
+BLOCK_SAMPLE = 4096
 
 
 class DiskError(PyhyveError, ValueError):
     pass
 
 
-def parse_disk(spec: str) -> tuple[str, bool, str, str]:
-    """PATH[,ro][,serial=ID][,clone=DIR] -> (path, read_only, serial, clone dir or "")."""
+def parse_disk(spec: str) -> tuple[str, bool, str, str, bool]:
+    """PATH[,ro][,serial=ID][,clone=DIR][,force] -> (path, read_only, serial, clone dir
+    or "", force)."""
     path, *opts = spec.split(",")
-    ro, serial, clone = False, "", ""
+    ro, serial, clone, force = False, "", "", False
     for o in opts:
         if o == "ro":
             ro = True
+        elif o == "force":
+            force = True
         elif o.startswith("serial=") and len(o) <= 7 + 20 and o[7:].isprintable():
             serial = o[7:]
         elif o.startswith("clone=") and len(o) > 6:
@@ -48,7 +63,7 @@ def parse_disk(spec: str) -> tuple[str, bool, str, str]:
                             "(ID at most 20 characters)")
     if not path:
         raise DiskError(f"bad disk '{spec}': no path")
-    return path, ro, serial, clone
+    return path, ro, serial, clone, force
 
 
 class Blk:
@@ -57,7 +72,7 @@ class Blk:
     queue_sizes: tuple[int, ...] = (QUEUE_SIZE,)
 
     def __init__(self, spec: str) -> None:
-        self.path, self.read_only, self.serial, clone = parse_disk(spec)
+        self.path, self.read_only, self.serial, clone, self.force = parse_disk(spec)
         try:
             if clone and not self.read_only:
                 self.image: RawImage | Overlay = clone_image(self.path, clone)
@@ -72,6 +87,35 @@ class Blk:
             self.image.close()
             raise DiskError(f"disk {self.path} is smaller than one sector")
         self.sectors = self.image.size // SECTOR
+
+    def identity(self) -> dict[str, object]:
+        size = self.image.size
+        step = max(BLOCK_SAMPLE, (size - BLOCK_SAMPLE) // (SAMPLES - 1) // 4096 * 4096)
+        h = xxhash.xxh3_128()
+        for i in range(SAMPLES):
+            h.update(self.image.read(min(i * step, max(0, size - BLOCK_SAMPLE)), BLOCK_SAMPLE))
+        return {"size": size, "sample": h.hexdigest()}
+
+    def state(self) -> bytes:
+        return json.dumps(self.identity(), sort_keys=True).encode()
+
+    def load(self, raw: bytes) -> None:
+        """Check the saved identity against this disk (module docstring)."""
+        try:
+            saved = json.loads(raw)
+            size, sample = int(saved["size"]), str(saved["sample"])
+        except (ValueError, KeyError, TypeError):
+            raise DiskError(f"disk {self.path}: saved identity is malformed") from None
+        if self.force:
+            return
+        now = self.identity()
+        if now["size"] != size:
+            raise DiskError(f"disk {self.path} is {now['size']} bytes, the saved VM's was "
+                             f"{size} (another image? --disk-changed-ok overrides)")
+        if now["sample"] != sample:
+            raise DiskError(f"disk {self.path} has changed since the VM was saved (written "
+                             "since, or another image); restoring would corrupt it "
+                             "(--disk-changed-ok overrides)")
 
     def save_refusal(self) -> str:
         """Why this disk's content cannot go with a snapshot or migration ("" if it can)."""

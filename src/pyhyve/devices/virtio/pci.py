@@ -430,11 +430,17 @@ class VirtioPci(Device):
         return str(refusal()) if refusal is not None else ""
 
     def save(self) -> VirtioState:
-        return self.transport_state(b"")
+        own = getattr(self.backend, "state", None)
+        return self.transport_state(own() if own is not None else b"")
 
     def load_state(self, state: DeviceState) -> None:
         if not isinstance(state, VirtioState):
             raise ValueError(f"{self.kind}: wrong state type")
+        own = getattr(self.backend, "load", None)
+        if own is not None:
+            own(state.device)
+        elif state.device:
+            raise ValueError(f"{self.kind}: saved device state this device does not have")
         self.load_transport(state)
 
     def transport_state(self, device: bytes) -> VirtioState:
