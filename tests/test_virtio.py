@@ -436,3 +436,28 @@ def test_a_disk_changed_since_the_save_is_refused_unless_accepted(kit, disk, tmp
                   disk_changed_ok=True)
     snap.close()
     vm2.close()
+
+
+def test_bhyve_style_slots_and_their_refusals():
+    d = with_virtio(default_description("null"), ["/b.img"], False,
+                    ["0,hostbridge", "31,lpc", "4,virtio-blk,/a.img,ro", "7,virtio-rnd"])
+    pci = [(x.id, x.base, x.backend) for x in d.devices if x.bus == "pci"]
+    assert pci == [("disk1", 1, "/b.img"), ("disk0", 4, "/a.img,ro"), ("rng0", 7, None)]
+    for bad, match in ((["0,virtio-blk,/a.img"], "slot 0"), (["40,virtio-rnd"], "slot below"),
+                       (["3,ahci-hd,/a.img"], "emulations here"),
+                       (["3,virtio-rnd", "3,virtio-blk,/a"], "one PCI slot"),
+                       (["2,virtio-rnd"], "one virtio-rng")):
+        with pytest.raises(ValueError, match=match):
+            with_virtio(default_description("null"), [], bad == ["2,virtio-rnd"], bad)
+
+
+@pytest.mark.kvm
+def test_bhyve_style_disk_on_the_command_line(kit, disk, tmp_path, rundir):
+    from conftest import cli
+
+    r = cli("pyhyve", "run", "bs", "-m", "64M", "-k", kit["virtio"], "--cmdline",
+            "blocks=8 rounds=2", "-s", "0,hostbridge", "-s", f"5,virtio-blk,{disk}", "-s",
+            "6,virtio-rnd", timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "virtio ready: blk sectors=32768 rng" in r.stdout and "V2 8 64" in r.stdout
+    guestkit.check_blocks(disk, 8)

@@ -129,18 +129,52 @@ def default_description(console: str | None, genid: bool = True) -> VmDescriptio
 INTX_IRQS = (10, 11, 5, 9, 7, 6, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23)
 
 
-def with_virtio(desc: VmDescription, disks: list[str], rng: bool) -> VmDescription:
-    """`desc` plus virtio devices: disk0.. (backend PATH[,ro][,serial=ID]) and rng0, in PCI
-    slots 1.. with an INTx line each (MSI-X is what drivers use; INTx is the fallback)."""
-    wanted: list[tuple[str, str, str | None]] = [(f"disk{i}", "virtio-blk", spec)
-                                                 for i, spec in enumerate(disks)]
+def with_virtio(desc: VmDescription, disks: list[str], rng: bool,
+                slots: list[str] | None = None) -> VmDescription:
+    """`desc` plus virtio devices: disk0.. (backend PATH[,ro][,serial=ID]) and rng0, each
+    in a PCI slot with an INTx line of its own (MSI-X is what drivers use; INTx is the
+    fallback). `slots` are bhyve's `-s SLOT,EMULATION[,CONF]` (virtio-blk,PATH...;
+    virtio-rnd; hostbridge and lpc, which every pyhyve VM has, are accepted and ignored);
+    they keep their slot, --disk and --rng devices take the free ones from 1 on."""
+    wanted: list[tuple[int | None, str, str | None]] = []
+    for item in slots or []:
+        slot_text, _, rest = item.partition(",")
+        emulation, _, conf = rest.partition(",")
+        slot_text = slot_text.split(":")[0]  # SLOT or SLOT:FUNCTION (function 0 only)
+        if not slot_text.isdigit() or not 0 <= int(slot_text) < PCI_SLOTS:
+            raise DescriptionError(f"bad -s '{item}': use SLOT,EMULATION[,CONF] with a slot "
+                                   f"below {PCI_SLOTS}")
+        slot = int(slot_text)
+        if emulation in ("hostbridge", "lpc"):
+            continue
+        if slot == 0:
+            raise DescriptionError(f"bad -s '{item}': slot 0 is the host bridge")
+        if emulation == "virtio-blk" and conf:
+            wanted.append((slot, "virtio-blk", conf))
+        elif emulation in ("virtio-rnd", "virtio-rng") and not conf:
+            wanted.append((slot, "virtio-rng", None))
+        else:
+            raise DescriptionError(f"bad -s '{item}': emulations here are virtio-blk,PATH"
+                                   "[,ro][,serial=ID] and virtio-rnd")
+    wanted += [(None, "virtio-blk", spec) for spec in disks]
     if rng:
-        wanted.append(("rng0", "virtio-rng", None))
+        wanted.append((None, "virtio-rng", None))
     if len(wanted) > len(INTX_IRQS):
         raise DescriptionError(f"at most {len(INTX_IRQS)} virtio devices")
-    extra = [DeviceDesc(dev_id, kind, "pci", slot, 0x8000, INTX_IRQS[slot - 1], spec)
-             for slot, (dev_id, kind, spec) in enumerate(wanted, start=1)]
-    return VmDescription(desc.devices + tuple(extra))
+    taken = [s for s, _, _ in wanted if s is not None]
+    if len(set(taken)) != len(taken):
+        raise DescriptionError("two devices in one PCI slot")
+    free = (n for n in range(1, PCI_SLOTS) if n not in taken)
+    extra, counts = [], {"virtio-blk": 0, "virtio-rng": 0}
+    for at, kind, spec in wanted:
+        n = at if at is not None else next(free)
+        prefix = "disk" if kind == "virtio-blk" else "rng"
+        extra.append(DeviceDesc(f"{prefix}{counts[kind]}", kind, "pci", n, 0x8000,
+                                INTX_IRQS[(n - 1) % len(INTX_IRQS)], spec))
+        counts[kind] += 1
+    if counts["virtio-rng"] > 1:
+        raise DescriptionError("one virtio-rng device is enough")
+    return VmDescription(desc.devices + tuple(sorted(extra, key=lambda d: d.base)))
 
 
 def bind(desc: VmDescription, bindings: dict[str, str], reuse_paths: bool) -> VmDescription:
