@@ -5,7 +5,8 @@
  *
  * Each round r: on disk0 it writes `blocks` numbered 4 KiB blocks (header: magic, round,
  * index; then data derived from all three), reads every one back and checks it; it reads
- * 64 bytes from rng0. It prints "V<round> <blocks> <rng bytes>" per round, and
+ * 64 bytes from rng0; it writes "vcon <round>" to vconsole0's port, and echoes what the
+ * port sent it as "echo:<bytes>". It prints "V<round> <blocks> <rng bytes>" per round, and
  * "VIRTIO ERROR ..." with what went wrong (a device error, a wrong block, a timeout).
  * Rounds continue from the disk's own content after a restore or migration: the round
  * number lives in guest memory and is written into every block, so a lost or repeated
@@ -16,6 +17,7 @@
 #include "rt.h"
 
 void *memset(void *d, int c, size_t n);
+void *memcpy(void *d, const void *s, size_t n);
 
 #define VENDOR 0x1AF4
 #define MAGIC 0x4B4C425659485950ULL /* "PYHYVBLK" */
@@ -51,14 +53,15 @@ struct vq {
 } __attribute__((aligned(4096)));
 
 struct dev {
-	int slot, type;
-	volatile uint8_t *common, *device, *notify;
-	struct vq *q;
-	uint16_t last_used;
+	int slot, type, nq;
+	volatile uint8_t *common, *device, *notify[2];
+	struct vq *q[2];
+	uint16_t last_used[2];
 };
 
-static struct vq queues[2];
-static struct dev devs[2];
+#define MAXDEV 3
+static struct vq queues[2 * MAXDEV];
+static struct dev devs[MAXDEV];
 static uint8_t blockbuf[BLOCK] __attribute__((aligned(4096)));
 static uint8_t rngbuf[64];
 static struct { uint32_t type, reserved; uint64_t sector; } req;
@@ -81,7 +84,7 @@ static void fail(const char *what, uint64_t a, uint64_t b)
 #define C32(d, o) (*(volatile uint32_t *)((d)->common + (o)))
 #define C64(d, o) (*(volatile uint64_t *)((d)->common + (o)))
 
-static int probe(struct dev *d, int slot, struct vq *q)
+static int probe(struct dev *d, int slot, struct vq *q)  /* q: room for two queues */
 {
 	uint32_t id = cfg32(slot, 0);
 	if ((id & 0xFFFF) != VENDOR || (id >> 16) < 0x1040)
@@ -113,25 +116,27 @@ static int probe(struct dev *d, int slot, struct vq *q)
 	C8(d, 0x14) = 1 | 2 | 8;                 /* FEATURES_OK */
 	if (!(C8(d, 0x14) & 8))
 		fail("features refused on slot", (uint64_t)slot, 0);
-	C16(d, 0x16) = 0;                        /* queue 0 */
-	C16(d, 0x18) = QSIZE;
-	C16(d, 0x1A) = 0xFFFF;                   /* no MSI-X vector: we poll */
-	C64(d, 0x20) = (uint64_t)q->desc;
-	C64(d, 0x28) = (uint64_t)&q->avail_flags;
-	C64(d, 0x30) = (uint64_t)&q->used_flags;
-	d->notify = (volatile uint8_t *)(bar + notify_off + C16(d, 0x1E) * notify_mult);
-	C16(d, 0x1C) = 1;                        /* queue enable */
+	d->nq = d->type == 3 ? 2 : 1;            /* console: receive and transmit */
+	for (int i = 0; i < d->nq; i++) {
+		C16(d, 0x16) = (uint16_t)i;
+		C16(d, 0x18) = QSIZE;
+		C16(d, 0x1A) = 0xFFFF;           /* no MSI-X vector: we poll */
+		C64(d, 0x20) = (uint64_t)q[i].desc;
+		C64(d, 0x28) = (uint64_t)&q[i].avail_flags;
+		C64(d, 0x30) = (uint64_t)&q[i].used_flags;
+		d->notify[i] = (volatile uint8_t *)(bar + notify_off + C16(d, 0x1E) * notify_mult);
+		C16(d, 0x1C) = 1;                /* queue enable */
+		d->q[i] = &q[i];
+		d->last_used[i] = q[i].used_idx;
+	}
 	C8(d, 0x14) = 1 | 2 | 8 | 4;             /* DRIVER_OK */
-	d->q = q;
-	d->last_used = q->used_idx;
 	return 1;
 }
 
-/* Offer descriptors 0..n-1 as one chain, wait for the device to use it; returns the
- * length the device wrote. */
-static uint32_t submit(struct dev *d, int n)
+/* Offer descriptors 0..n-1 of queue qi as one chain. */
+static void post(struct dev *d, int qi, int n)
 {
-	struct vq *q = d->q;
+	struct vq *q = d->q[qi];
 	for (int i = 0; i < n - 1; i++) {
 		q->desc[i].flags |= 1;
 		q->desc[i].next = (uint16_t)(i + 1);
@@ -140,22 +145,40 @@ static uint32_t submit(struct dev *d, int n)
 	barrier();
 	q->avail_idx++;
 	barrier();
-	*(volatile uint16_t *)d->notify = 0;
+	*(volatile uint16_t *)d->notify[qi] = (uint16_t)qi;
+}
+
+/* Whether the device used the request (its written length in *len). */
+static int used(struct dev *d, int qi, uint32_t *len)
+{
+	struct vq *q = d->q[qi];
+	if (*(volatile uint16_t *)&q->used_idx == d->last_used[qi])
+		return 0;
+	barrier();
+	*len = q->used_ring[d->last_used[qi] % QSIZE].len;
+	d->last_used[qi]++;
+	return 1;
+}
+
+/* post(), then wait for the device; returns the length it wrote. */
+static uint32_t submit_q(struct dev *d, int qi, int n)
+{
+	uint32_t len;
+	post(d, qi, n);
 	uint64_t deadline = rdtsc() + tsc_hz() * 10;
-	while (*(volatile uint16_t *)&q->used_idx == d->last_used) {
+	while (!used(d, qi, &len)) {
 		if (C8(d, 0x14) & 0x40)
 			fail("device needs a reset, type", (uint64_t)d->type, 0);
 		if (rdtsc() > deadline)
-			fail("request timed out, type", (uint64_t)d->type, d->last_used);
+			fail("request timed out, type", (uint64_t)d->type, d->last_used[qi]);
 		cpu_relax();
 	}
-	barrier();
-	uint32_t len = q->used_ring[d->last_used % QSIZE].len;
-	d->last_used++;
 	return len;
 }
 
-static void setd(struct vq *q, int i, void *addr, uint32_t len, int write)
+static uint32_t submit(struct dev *d, int n) { return submit_q(d, 0, n); }
+
+static void setd(struct vq *q, int i, const void *addr, uint32_t len, int write)
 {
 	q->desc[i].addr = (uint64_t)addr;
 	q->desc[i].len = len;
@@ -177,28 +200,59 @@ static void blk_io(struct dev *d, uint32_t type, uint64_t block)
 	req.reserved = 0;
 	req.sector = block * (BLOCK / 512);
 	status = 0xFF;
-	setd(d->q, 0, &req, sizeof req, 0);
-	setd(d->q, 1, blockbuf, BLOCK, type == 0);
-	setd(d->q, 2, (void *)&status, 1, 1);
+	setd(d->q[0], 0, &req, sizeof req, 0);
+	setd(d->q[0], 1, blockbuf, BLOCK, type == 0);
+	setd(d->q[0], 2, (const void *)&status, 1, 1);
 	submit(d, 3);
 	if (status != 0)
 		fail("block request failed, status", status, block);
 }
 
 static uint64_t round_no;  /* lives in guest memory: a restored guest goes on from it */
+static char rxbuf[64], txbuf[96];
+
+static void con_write(struct dev *c, const char *s, int n)
+{
+	memcpy(txbuf, s, (size_t)n);
+	setd(c->q[1], 0, txbuf, (uint32_t)n, 0);
+	submit_q(c, 1, 1);
+}
+
+static void con_line(struct dev *c, const char *prefix, uint64_t v)
+{
+	char b[48];
+	int n = 0;
+	while (*prefix)
+		b[n++] = *prefix++;
+	char d[21];
+	int k = 0;
+	do { d[k++] = (char)('0' + v % 10); v /= 10; } while (v);
+	while (k)
+		b[n++] = d[--k];
+	b[n++] = '\n';
+	con_write(c, b, n);
+}
+
+static void con_rx_post(struct dev *c)
+{
+	setd(c->q[0], 0, rxbuf, sizeof rxbuf, 1);
+	post(c, 0, 1);
+}
 
 void main(const char *cmdline)
 {
 	uint64_t blocks = arg_u64(cmdline, "blocks", 64);
 	uint64_t rounds = arg_u64(cmdline, "rounds", 0);
-	struct dev *blk = 0, *rng = 0;
+	struct dev *blk = 0, *rng = 0, *con = 0;
 	int n = 0;
-	for (int slot = 1; slot < 32 && n < 2; slot++) {
-		if (probe(&devs[n], slot, &queues[n])) {
+	for (int slot = 1; slot < 32 && n < MAXDEV; slot++) {
+		if (probe(&devs[n], slot, &queues[2 * n])) {
 			if (devs[n].type == 2)
 				blk = &devs[n];
 			else if (devs[n].type == 4)
 				rng = &devs[n];
+			else if (devs[n].type == 3)
+				con = &devs[n];
 			n++;
 		}
 	}
@@ -212,6 +266,10 @@ void main(const char *cmdline)
 	}
 	if (rng)
 		puts_(" rng");
+	if (con) {
+		puts_(" console");
+		con_rx_post(con);
+	}
 	putc_('\n');
 	for (;;) {
 		uint64_t r = ++round_no;
@@ -235,13 +293,24 @@ void main(const char *cmdline)
 		}
 		uint32_t got = 0;
 		if (rng) {
-			setd(rng->q, 0, rngbuf, sizeof rngbuf, 1);
+			setd(rng->q[0], 0, rngbuf, sizeof rngbuf, 1);
 			got = submit(rng, 1);
 			int zero = 1;
 			for (unsigned i = 0; i < sizeof rngbuf; i++)
 				zero &= rngbuf[i] == 0;
 			if (got != sizeof rngbuf || zero)
 				fail("rng gave, zero", got, (uint64_t)zero);
+		}
+		if (con) {
+			uint32_t len;
+			con_line(con, "vcon ", r);
+			if (used(con, 0, &len)) {  /* input came: echo it, offer the buffer again */
+				char e[5 + sizeof rxbuf];
+				memcpy(e, "echo:", 5);
+				memcpy(e + 5, rxbuf, len > sizeof rxbuf ? sizeof rxbuf : len);
+				con_write(con, e, 5 + (int)(len > sizeof rxbuf ? sizeof rxbuf : len));
+				con_rx_post(con);
+			}
 		}
 		puts_("V");
 		putu(r);

@@ -50,9 +50,11 @@ def disk(tmp_path):
     return str(path)
 
 
-def device_vm(kit, disk: str, name: str = "vio") -> tuple[VirtualMachine, CaptureConsole]:
+def device_vm(kit, disk: str, name: str = "vio",
+              port: str | None = None) -> tuple[VirtualMachine, CaptureConsole]:
     con = CaptureConsole()
-    desc_ = with_virtio(default_description("null"), [f"{disk},serial=kit-disk"], True)
+    desc_ = with_virtio(default_description("null"), [f"{disk},serial=kit-disk"], True,
+                        vconsoles=[port] if port else None)
     vm = VirtualMachine.create(VmConfig(name, 64 * MB, 1, kernel=kit["virtio"],
                                         cmdline=f"blocks={BLOCKS}", description=desc_),
                                console=con)
@@ -461,3 +463,74 @@ def test_bhyve_style_disk_on_the_command_line(kit, disk, tmp_path, rundir):
     assert r.returncode == 0, r.stderr
     assert "virtio ready: blk sectors=32768 rng" in r.stdout and "V2 8 64" in r.stdout
     guestkit.check_blocks(disk, 8)
+
+
+# --- virtio-console ----------------------------------------------------------------------
+
+def vcon_lines(path) -> list[int]:
+    with open(path, "rb") as f:
+        return [int(m.group(1)) for m in re.finditer(rb"vcon (\d+)\n", f.read())]
+
+
+@pytest.mark.kvm
+def test_console_stream_survives_a_suspend_while_busy_without_gap_or_repeat(kit, disk,
+                                                                           tmp_path):
+    port = tmp_path / "port.log"
+    vm, con = device_vm(kit, disk, port=f"file:{port}")
+    try:
+        vm.start()
+        wait_rounds(con, 3)
+        assert b"console" in con.buf
+        save(vm, str(tmp_path / "s"), "suspend")
+    finally:
+        vm.close()
+    snap = open_snapshot(str(tmp_path / "s"))
+    con2 = CaptureConsole()
+    vm2 = restore(snap, console=con2, bindings={"disk0": disk, "vconsole0": f"file:{port}"})
+    snap.close()
+    try:
+        vm2.start()
+        wait_rounds(con2, 3)
+        vm2.pause()
+        lines = vcon_lines(port)
+        assert lines == list(range(1, len(lines) + 1)) and len(lines) >= 5
+    finally:
+        vm2.close()
+
+
+@pytest.mark.kvm
+def test_console_input_reaches_the_guest(kit, disk, tmp_path):
+    import socket
+    import time
+
+    sock = tmp_path / "port.sock"
+    vm, con = device_vm(kit, disk, port=f"unix:{sock}")
+    try:
+        vm.start()
+        wait_rounds(con, 1)
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(sock))
+            s.settimeout(10)
+            s.sendall(b"ping-42")
+            got, end = b"", time.monotonic() + 20
+            while b"echo:ping-42" not in got and time.monotonic() < end:
+                got += s.recv(65536)
+            assert b"echo:ping-42" in got
+    finally:
+        vm.close()
+
+
+def test_console_input_waits_in_the_device_and_goes_with_its_state():
+    from pyhyve.devices.console import Console
+    from pyhyve.devices.virtio.console import MAX_PENDING, VConsole
+
+    a = VConsole(Console())
+    kicks = []
+    a.kick = kicks.append
+    a._input(b"x" * (MAX_PENDING + 10))  # more than it keeps: the rest is dropped, counted
+    assert kicks == [0] and len(a.pending) == MAX_PENDING and a.dropped == 10
+    b = VConsole(Console())
+    b.load(a.state())
+    assert b.pending == a.pending and b.dropped == 10
+    with pytest.raises(ValueError, match="malformed"):
+        b.load(b"{}")

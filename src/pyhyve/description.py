@@ -20,8 +20,8 @@ from typing import Any, ClassVar
 
 from .errors import PyhyveError
 
-KINDS = {"uart16550", "i8042", "post", "pci-host", "vmgenid", "virtio-blk", "virtio-rng"}
-VIRTIO_KINDS = {"virtio-blk", "virtio-rng"}
+VIRTIO_KINDS = {"virtio-blk", "virtio-rng", "virtio-console"}
+KINDS = {"uart16550", "i8042", "post", "pci-host", "vmgenid"} | VIRTIO_KINDS
 BUSES = {"pio", "mmio", "pci"}  # pci: `base` is the slot on bus 0, the BAR is assigned from it
 PCI_SLOTS = 32
 MAX_DEVICES = 64
@@ -130,7 +130,8 @@ INTX_IRQS = (10, 11, 5, 9, 7, 6, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23)
 
 
 def with_virtio(desc: VmDescription, disks: list[str], rng: bool,
-                slots: list[str] | None = None) -> VmDescription:
+                slots: list[str] | None = None,
+                vconsoles: list[str] | None = None) -> VmDescription:
     """`desc` plus virtio devices: disk0.. (backend PATH[,ro][,serial=ID]) and rng0, each
     in a PCI slot with an INTx line of its own (MSI-X is what drivers use; INTx is the
     fallback). `slots` are bhyve's `-s SLOT,EMULATION[,CONF]` (virtio-blk,PATH...;
@@ -153,10 +154,15 @@ def with_virtio(desc: VmDescription, disks: list[str], rng: bool,
             wanted.append((slot, "virtio-blk", conf))
         elif emulation in ("virtio-rnd", "virtio-rng") and not conf:
             wanted.append((slot, "virtio-rng", None))
+        elif emulation == "virtio-console" and conf:
+            wanted.append((slot, "virtio-console", "unix:" + conf[6:]
+                           if conf.startswith("port1=") else conf))
         else:
             raise DescriptionError(f"bad -s '{item}': emulations here are virtio-blk,PATH"
-                                   "[,ro][,serial=ID] and virtio-rnd")
+                                   "[,ro][,serial=ID], virtio-rnd and virtio-console,"
+                                   "unix:PATH|file:PATH|port1=PATH")
     wanted += [(None, "virtio-blk", spec) for spec in disks]
+    wanted += [(None, "virtio-console", spec) for spec in vconsoles or []]
     if rng:
         wanted.append((None, "virtio-rng", None))
     if len(wanted) > len(INTX_IRQS):
@@ -165,10 +171,11 @@ def with_virtio(desc: VmDescription, disks: list[str], rng: bool,
     if len(set(taken)) != len(taken):
         raise DescriptionError("two devices in one PCI slot")
     free = (n for n in range(1, PCI_SLOTS) if n not in taken)
-    extra, counts = [], {"virtio-blk": 0, "virtio-rng": 0}
+    extra, counts = [], {"virtio-blk": 0, "virtio-rng": 0, "virtio-console": 0}
+    prefixes = {"virtio-blk": "disk", "virtio-rng": "rng", "virtio-console": "vconsole"}
     for at, kind, spec in wanted:
         n = at if at is not None else next(free)
-        prefix = "disk" if kind == "virtio-blk" else "rng"
+        prefix = prefixes[kind]
         extra.append(DeviceDesc(f"{prefix}{counts[kind]}", kind, "pci", n, 0x8000,
                                 INTX_IRQS[(n - 1) % len(INTX_IRQS)], spec))
         counts[kind] += 1

@@ -54,14 +54,15 @@ def make_device(d: DeviceDesc, wiring: Wiring) -> tuple[Device, Console | None]:
         return PciHostBridge(), None
     if d.kind == "vmgenid":
         return VmGenId(), None
-    if d.kind in ("virtio-blk", "virtio-rng"):
+    if d.kind in ("virtio-blk", "virtio-rng", "virtio-console"):
         return _virtio(d, wiring), None
     raise DeviceBuildError(f"device {d.id}: kind {d.kind!r} cannot be built")
 
 
 def _virtio(d: DeviceDesc, wiring: Wiring) -> Device:
     from .virtio.blk import Blk, DiskError
-    from .virtio.pci import VirtioPci
+    from .virtio.console import VConsole
+    from .virtio.pci import Backend, VirtioPci
     from .virtio.rng import Rng
 
     assert wiring.memory is not None and wiring.signal_msi is not None
@@ -69,9 +70,13 @@ def _virtio(d: DeviceDesc, wiring: Wiring) -> Device:
         if not d.backend:
             raise DeviceBuildError(f"device {d.id}: no disk image (--disk PATH)")
         try:
-            backend: Blk | Rng = Blk(d.backend)
+            backend: Backend = Blk(d.backend)
         except DiskError as e:
             raise DeviceBuildError(f"device {d.id}: {e}") from None
+    elif d.kind == "virtio-console":
+        if not d.backend or not d.backend.startswith(("unix:", "file:")):
+            raise DeviceBuildError(f"device {d.id}: its port needs unix:PATH or file:PATH")
+        backend = VConsole(open_console(d.backend))
     else:
         backend = Rng()
     irq = d.irq if d.irq is not None else 10

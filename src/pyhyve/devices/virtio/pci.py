@@ -40,6 +40,7 @@ VENDOR = 0x1AF4
 ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK, NEEDS_RESET, FAILED = 1, 2, 4, 8, 0x40, 0x80
 F_INDIRECT_DESC, F_EVENT_IDX, F_VERSION_1 = 1 << 28, 1 << 29, 1 << 32
 NO_VECTOR = 0xFFFF
+WAIT = -2  # Backend.handle: not yet (a receive buffer with no input): put it back
 BAR_SIZE = 0x8000
 COMMON, ISR, DEVICE, NOTIFY, MSIX_TABLE, MSIX_PBA = 0x0, 0x1000, 0x2000, 0x3000, 0x4000, 0x5000
 NOTIFY_MULT = 4
@@ -110,6 +111,12 @@ class VirtioPci(Device):
         self._paused = True
         self._closing = False
         self._thread: threading.Thread | None = None
+        if hasattr(backend, "kick"):  # a backend with input of its own (console) wakes us
+            backend.kick = self._backend_kick
+
+    def _backend_kick(self, index: int) -> None:
+        with self.lock:
+            self._kick(index)
 
     # --- configuration space ---------------------------------------------------------
     def _function(self, bar: int) -> PciFunction:
@@ -372,6 +379,9 @@ class VirtioPci(Device):
                 self.lock.acquire()
                 self._busy = False
                 self._work.notify_all()
+            if written == WAIT:  # nothing for it yet: back into the ring until a kick
+                q.last_avail = (q.last_avail - 1) & 0xFFFF
+                return
             if written < 0:
                 self._broken()
                 return
@@ -385,6 +395,9 @@ class VirtioPci(Device):
 
     # --- life cycle --------------------------------------------------------------------
     def start(self) -> None:
+        begin = getattr(self.backend, "start", None)
+        if begin is not None:
+            begin()
         with self.lock:
             self._paused = False
             if self.status & DRIVER_OK:  # requests made before a save: look again
