@@ -12,7 +12,7 @@ import pytest
 from pyhyve import guestkit
 from pyhyve.description import VmDescription, default_description, with_virtio
 from pyhyve.devices.virtio.blk import Blk
-from pyhyve.devices.virtio.pci import (
+from pyhyve.devices.virtio.layout import (
     COMMON,
     DEVICE,
     DRIVER_OK,
@@ -22,8 +22,8 @@ from pyhyve.devices.virtio.pci import (
     MSIX_TABLE,
     NEEDS_RESET,
     NOTIFY,
-    VirtioPci,
 )
+from pyhyve.devices.virtio.pci import VirtioPci
 from pyhyve.devices.virtio.rng import Rng
 from pyhyve.pipeline.codec import decode, encode
 from pyhyve.snapshot.restore import open_snapshot, restore
@@ -231,7 +231,7 @@ def test_requests_complete_and_interrupt_by_intx_then_msix():
     assert any(ram.b[0x10000:0x10020]) and host.lines[-1] == (10, 1)
     assert dev.read(ISR, 1) == 1 and host.lines[-1] == (10, 0) and dev.read(ISR, 1) == 0
     # MSI-X: enable it, give queue 0 vector 1, leave the vector masked, then unmask
-    cap = dev._msix_cap
+    cap = dev.msix.cap
     dev.function.write(cap + 2, 2, 0x8000)
     dev.write(COMMON + 0x16, 2, 0)
     dev.queues[0].ready = False
@@ -242,9 +242,9 @@ def test_requests_complete_and_interrupt_by_intx_then_msix():
     offer(ram, dev.queues[0], 0)
     dev.write(NOTIFY, 2, 0)
     serve(dev)
-    assert host.msis == [] and dev.msix_pending == 2  # masked: pending
+    assert host.msis == [] and dev.msix.pending == 2  # masked: pending
     dev.write(MSIX_TABLE + 28, 4, 0)
-    assert host.msis == [(0xFEE0_0000, 0x41)] and dev.msix_pending == 0
+    assert host.msis == [(0xFEE0_0000, 0x41)] and dev.msix.pending == 0
 
 
 @pytest.mark.parametrize("case", ["loop", "bad-size", "misaligned", "outside-ram"])

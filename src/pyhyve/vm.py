@@ -157,7 +157,8 @@ class VirtualMachine:
         """A PCI function in `slot` of the host bridge, its BAR0 on the MMIO bus (moved
         where the guest moves it)."""
         from .devices.pci import PciHostBridge
-        from .devices.virtio.pci import BAR_SIZE, VirtioPci
+        from .devices.virtio.layout import BAR_SIZE
+        from .devices.virtio.pci import VirtioPci
 
         host = next((d for d in self.devices.values() if isinstance(d, PciHostBridge)), None)
         if host is None or not isinstance(dev, VirtioPci):

@@ -60,9 +60,10 @@ def make_device(d: DeviceDesc, wiring: Wiring) -> tuple[Device, Console | None]:
 
 
 def _virtio(d: DeviceDesc, wiring: Wiring) -> Device:
+    from .virtio.backend import Backend
     from .virtio.blk import Blk, DiskError
     from .virtio.console import VConsole
-    from .virtio.pci import Backend, VirtioPci
+    from .virtio.pci import VirtioPci
     from .virtio.rng import Rng
 
     assert wiring.memory is not None and wiring.signal_msi is not None

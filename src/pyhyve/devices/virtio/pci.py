@@ -29,58 +29,32 @@ from __future__ import annotations
 import struct
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import ClassVar, Protocol
 
 from ..base import Device, DeviceState
-from ..pci import PciFunction
-from .queue import Chain, Memory, QueueError, Virtqueue
-
-VENDOR = 0x1AF4
-ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK, NEEDS_RESET, FAILED = 1, 2, 4, 8, 0x40, 0x80
-F_INDIRECT_DESC, F_EVENT_IDX, F_VERSION_1 = 1 << 28, 1 << 29, 1 << 32
-NO_VECTOR = 0xFFFF
-WAIT = -2  # Backend.handle: not yet (a receive buffer with no input): put it back
-BAR_SIZE = 0x8000
-COMMON, ISR, DEVICE, NOTIFY, MSIX_TABLE, MSIX_PBA = 0x0, 0x1000, 0x2000, 0x3000, 0x4000, 0x5000
-NOTIFY_MULT = 4
-MAX_VECTORS = 64
-_CAP_COMMON, _CAP_NOTIFY, _CAP_ISR, _CAP_DEVICE, _CAP_PCI = 1, 2, 3, 4, 5
-
-
-class Backend(Protocol):
-    """What a device type (blk, rng, ...) gives the transport."""
-
-    device_type: int
-    class_code: int
-    queue_sizes: tuple[int, ...]
-
-    def features(self) -> int: ...
-    def config(self) -> bytes: ...
-    def config_write(self, offset: int, data: bytes) -> None: ...
-    def handle(self, queue: int, chain: Chain, mem: Memory) -> int: ...
-    def reset(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class VirtioState(DeviceState):
-    """The transport's state; a device type's own state rides in `device` (its encoded
-    dataclass, or b"")."""
-
-    NAME: ClassVar[str] = "VirtioPciState"
-    device_features_sel: int = 0
-    driver_features_sel: int = 0
-    driver_features: int = 0
-    status: int = 0
-    config_generation: int = 0
-    config_vector: int = NO_VECTOR
-    queue_sel: int = 0
-    # per queue: size, ready, desc, avail, used, vector, last_avail, next_used, signalled
-    queues: tuple[tuple[int, ...], ...] = ()
-    msix_table: bytes = b""
-    msix_pending: int = 0
-    isr: int = 0
-    device: bytes = b""
+from .backend import WAIT, Backend, VirtioState
+from .layout import (
+    BAR_SIZE,
+    COMMON,
+    COMMON_SIZE,
+    DEVICE,
+    DEVICE_SIZE,
+    DRIVER_OK,
+    F_EVENT_IDX,
+    F_INDIRECT_DESC,
+    F_VERSION_1,
+    FEATURES_OK,
+    ISR,
+    MAX_VECTORS,
+    MSIX_PBA,
+    MSIX_TABLE,
+    NEEDS_RESET,
+    NO_VECTOR,
+    NOTIFY,
+    NOTIFY_MULT,
+    config_space,
+)
+from .msix import Msix
+from .queue import Memory, QueueError, Virtqueue
 
 
 class VirtioPci(Device):
@@ -95,16 +69,15 @@ class VirtioPci(Device):
         self.irq_line, self.signal_msi = irq_line, signal_msi
         self.queues = [Virtqueue(max_size=n) for n in backend.queue_sizes]
         self.nvec = min(MAX_VECTORS, len(self.queues) + 1)
-        self.function = self._function(bar)
+        self.function, self._pci_cap, cap = config_space(
+            backend.device_type, backend.class_code, len(self.queues), self.nvec, bar, irq)
+        self.function.on_write = self._config_written
+        self.msix = Msix(self.nvec, self.function, cap, signal_msi)
         self.bar = bar
         self.on_bar_move: Callable[[int, int], None] = lambda old, new: None  # set by the VM
         self.isr = 0
         self.status = 0
         self._reset_registers()
-        self.msix_table = bytearray(16 * self.nvec)
-        for v in range(self.nvec):  # every vector starts masked
-            struct.pack_into("<I", self.msix_table, 16 * v + 12, 1)
-        self.msix_pending = 0
         self._work = threading.Condition(self.lock)
         self._kicked: set[int] = set()
         self._busy = False
@@ -117,40 +90,6 @@ class VirtioPci(Device):
     def _backend_kick(self, index: int) -> None:
         with self.lock:
             self._kick(index)
-
-    # --- configuration space ---------------------------------------------------------
-    def _function(self, bar: int) -> PciFunction:
-        b = self.backend
-        f = PciFunction(VENDOR, 0x1040 + b.device_type, b.class_code)
-        cfg = f.config
-        cfg[0x08] = 1  # revision 1: a modern-only device
-        struct.pack_into("<HH", cfg, 0x2C, VENDOR, 0x40)  # subsystem
-        struct.pack_into("<I", cfg, 0x10, bar)
-        struct.pack_into("<I", f.wmask, 0x10, ~(BAR_SIZE - 1) & 0xFFFF_FFF0)
-        cfg[0x06] |= 0x10  # capability list
-        cfg[0x3C], cfg[0x3D] = self.irq, 1  # INTA# on `irq`
-        caps = [(_CAP_COMMON, COMMON, 0x38), (_CAP_NOTIFY, NOTIFY, NOTIFY_MULT * len(self.queues)),
-                (_CAP_ISR, ISR, 1), (_CAP_DEVICE, DEVICE, 0x1000), (_CAP_PCI, 0, 0)]
-        at, pos = [], 0x40
-        for kind, _, _ in caps:  # notify and pci-cfg carry 4 more bytes
-            at.append(pos)
-            pos += 20 if kind in (_CAP_NOTIFY, _CAP_PCI) else 16
-        self._msix_cap = pos
-        cfg[0x34] = at[0]
-        for i, (kind, off, length) in enumerate(caps):
-            p, nxt = at[i], at[i + 1] if i + 1 < len(caps) else pos
-            size = (at[i + 1] if i + 1 < len(caps) else pos) - p
-            cfg[p:p + 16] = struct.pack("<BBBBB3xII", 0x09, nxt, size, kind, 0, off, length)
-            if kind == _CAP_NOTIFY:
-                struct.pack_into("<I", cfg, p + 16, NOTIFY_MULT)
-            if kind == _CAP_PCI:  # bar, offset, length and data are the driver's to set
-                f.wmask[p + 4] = 0xFF
-                f.wmask[p + 8:p + 20] = b"\xff" * 12
-                self._pci_cap = p
-        struct.pack_into("<BBHII", cfg, pos, 0x11, 0, self.nvec - 1, MSIX_TABLE, MSIX_PBA)
-        f.wmask[pos + 3] = 0xC0  # enable, function mask
-        f.on_write = self._config_written
-        return f
 
     def _config_written(self, reg: int, size: int, old: bytes) -> None:
         """A config-space write (on the host bridge's lock; ours is taken here)."""
@@ -170,49 +109,40 @@ class VirtioPci(Device):
             if bar == 0 and length in (1, 2, 4):
                 data = int.from_bytes(cfg[c + 16:c + 16 + length], "little")
                 self._write_bar(off, length, data)
-        if reg <= self._msix_cap + 3 < reg + size:
-            self._deliver_pending()
-
-    def _msix_enabled(self) -> bool:
-        return bool(self.function.config[self._msix_cap + 3] & 0x80)
-
-    def _msix_function_masked(self) -> bool:
-        return bool(self.function.config[self._msix_cap + 3] & 0x40)
+        if reg <= self.msix.cap + 3 < reg + size:
+            self.msix.deliver_pending()
 
     # --- BAR0 ----------------------------------------------------------------------------
     def read(self, offset: int, size: int) -> int:
-        if COMMON <= offset < COMMON + 0x38:
+        if COMMON <= offset < COMMON + COMMON_SIZE:
             return self._common_read(offset, size)
         if offset == ISR:
             v: int = self.isr
             self.isr = 0
             self.irq_line(self.irq, 0)
             return v
-        if DEVICE <= offset < DEVICE + 0x1000:
+        if DEVICE <= offset < DEVICE + DEVICE_SIZE:
             cfg = self.backend.config()
             o = offset - DEVICE
             return int.from_bytes(cfg[o:o + size].ljust(size, b"\0"), "little")
-        if MSIX_TABLE <= offset < MSIX_TABLE + len(self.msix_table):
-            o = offset - MSIX_TABLE
-            return int.from_bytes(self.msix_table[o:o + size], "little")
+        if MSIX_TABLE <= offset < MSIX_TABLE + len(self.msix.table):
+            return self.msix.read_table(offset - MSIX_TABLE, size)
         if MSIX_PBA <= offset < MSIX_PBA + 8:
-            return (self.msix_pending >> (8 * (offset - MSIX_PBA))) & ((1 << (8 * size)) - 1)
+            return self.msix.read_pending(offset - MSIX_PBA, size)
         return 0
 
     def write(self, offset: int, size: int, value: int) -> None:
         self._write_bar(offset, size, value)
 
     def _write_bar(self, offset: int, size: int, value: int) -> None:
-        if COMMON <= offset < COMMON + 0x38:
+        if COMMON <= offset < COMMON + COMMON_SIZE:
             self._common_write(offset, size, value)
         elif NOTIFY <= offset < NOTIFY + NOTIFY_MULT * len(self.queues):
             self._kick((offset - NOTIFY) // NOTIFY_MULT)
-        elif DEVICE <= offset < DEVICE + 0x1000:
+        elif DEVICE <= offset < DEVICE + DEVICE_SIZE:
             self.backend.config_write(offset - DEVICE, value.to_bytes(size, "little"))
-        elif MSIX_TABLE <= offset < MSIX_TABLE + len(self.msix_table):
-            o = offset - MSIX_TABLE
-            self.msix_table[o:o + size] = value.to_bytes(size, "little")
-            self._deliver_pending()
+        elif MSIX_TABLE <= offset < MSIX_TABLE + len(self.msix.table):
+            self.msix.write_table(offset - MSIX_TABLE, size, value)
 
     # --- common configuration -------------------------------------------------------
     def _reset_registers(self) -> None:
@@ -318,28 +248,12 @@ class VirtioPci(Device):
 
     # --- interrupts ------------------------------------------------------------------
     def _interrupt(self, vector: int, isr_bit: int) -> None:
-        if self._msix_enabled():
-            if vector >= self.nvec:
-                return
-            masked = struct.unpack_from("<I", self.msix_table, 16 * vector + 12)[0] & 1
-            if masked or self._msix_function_masked():
-                self.msix_pending |= 1 << vector
-                return
-            addr, data = struct.unpack_from("<QI", self.msix_table, 16 * vector)
-            self.signal_msi(addr, data)
+        """MSI-X when the driver enabled it, else INTx with the ISR bit."""
+        if self.msix.enabled:
+            self.msix.fire(vector)
             return
         self.isr |= isr_bit
         self.irq_line(self.irq, 1)
-
-    def _deliver_pending(self) -> None:
-        if not self._msix_enabled() or self._msix_function_masked():
-            return
-        for v in range(self.nvec):
-            if self.msix_pending >> v & 1 and not struct.unpack_from(
-                    "<I", self.msix_table, 16 * v + 12)[0] & 1:
-                self.msix_pending &= ~(1 << v)
-                addr, data = struct.unpack_from("<QI", self.msix_table, 16 * v)
-                self.signal_msi(addr, data)
 
     # --- requests, on the worker thread -------------------------------------------------
     def _kick(self, index: int) -> None:
@@ -462,10 +376,10 @@ class VirtioPci(Device):
             self.status, self.config_generation, self.config_vector, self.queue_sel,
             tuple((q.size, int(q.ready), q.desc, q.avail, q.used, q.vector, q.last_avail,
                    q.next_used, q.signalled_used) for q in self.queues),
-            bytes(self.msix_table), self.msix_pending, self.isr, device)
+            bytes(self.msix.table), self.msix.pending, self.isr, device)
 
     def load_transport(self, st: VirtioState) -> None:
-        if len(st.queues) != len(self.queues) or len(st.msix_table) != len(self.msix_table):
+        if len(st.queues) != len(self.queues) or len(st.msix_table) != len(self.msix.table):
             raise ValueError(f"{self.kind}: saved state has {len(st.queues)} queues, this "
                              f"device {len(self.queues)}")
         self.device_features_sel, self.driver_features_sel = st.device_features_sel, \
@@ -487,8 +401,8 @@ class VirtioPci(Device):
                     q.check_layout(self.mem)
                 except QueueError as e:
                     raise ValueError(f"{self.kind}: saved queue is not valid here: {e}") from None
-        self.msix_table[:] = st.msix_table
-        self.msix_pending, self.isr = st.msix_pending & ((1 << self.nvec) - 1), st.isr & 3
+        self.msix.load(st.msix_table, st.msix_pending)
+        self.isr = st.isr & 3
         self.bar = struct.unpack_from("<I", self.function.config, 0x10)[0] & ~0xF
 
 

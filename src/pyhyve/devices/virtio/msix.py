@@ -1,0 +1,63 @@
+"""MSI-X for a virtio function: the vector table and pending bits in BAR0, the enable and
+function-mask bits in its capability. A vector fires through KVM_SIGNAL_MSI; a masked one
+(or a masked function) is remembered in the pending bits and fires when unmasked."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+
+from ..pci import PciFunction
+
+
+class Msix:
+    def __init__(self, vectors: int, function: PciFunction, cap: int,
+                 signal: Callable[[int, int], bool]) -> None:
+        self.vectors, self.function, self.cap, self.signal = vectors, function, cap, signal
+        self.table = bytearray(16 * vectors)
+        for v in range(vectors):  # every vector starts masked
+            struct.pack_into("<I", self.table, 16 * v + 12, 1)
+        self.pending = 0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.function.config[self.cap + 3] & 0x80)
+
+    def _masked(self, vector: int) -> bool:
+        entry = struct.unpack_from("<I", self.table, 16 * vector + 12)[0] & 1
+        return bool(entry or self.function.config[self.cap + 3] & 0x40)
+
+    def read_table(self, offset: int, size: int) -> int:
+        return int.from_bytes(self.table[offset:offset + size], "little")
+
+    def write_table(self, offset: int, size: int, value: int) -> None:
+        self.table[offset:offset + size] = value.to_bytes(size, "little")
+        self.deliver_pending()
+
+    def read_pending(self, offset: int, size: int) -> int:
+        return (self.pending >> (8 * offset)) & ((1 << (8 * size)) - 1)
+
+    def fire(self, vector: int) -> None:
+        """Signal `vector` (MSI-X enabled): now, or when it is unmasked."""
+        if vector >= self.vectors:
+            return  # NO_VECTOR or out of range: the driver asked for no interrupt
+        if self._masked(vector):
+            self.pending |= 1 << vector
+            return
+        addr, data = struct.unpack_from("<QI", self.table, 16 * vector)
+        self.signal(addr, data)
+
+    def deliver_pending(self) -> None:
+        if not self.enabled:
+            return
+        for v in range(self.vectors):
+            if self.pending >> v & 1 and not self._masked(v):
+                self.pending &= ~(1 << v)
+                addr, data = struct.unpack_from("<QI", self.table, 16 * v)
+                self.signal(addr, data)
+
+    def load(self, table: bytes, pending: int) -> None:
+        if len(table) != len(self.table):
+            raise ValueError("virtio: saved MSI-X table has another size")
+        self.table[:] = table
+        self.pending = pending & ((1 << self.vectors) - 1)
