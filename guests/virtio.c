@@ -6,13 +6,15 @@
  * Each round r: on disk0 it writes `blocks` numbered 4 KiB blocks (header: magic, round,
  * index; then data derived from all three), reads every one back and checks it; it reads
  * 64 bytes from rng0; it writes "vcon <round>" to vconsole0's port, and echoes what the
- * port sent it as "echo:<bytes>". It prints "V<round> <blocks> <rng bytes>" per round, and
+ * port sent it as "echo:<bytes>"; on net0 (loop mode) it sends `frames` numbered frames
+ * and checks each comes back in order ("net <round> <frames>"). It prints
+ * "V<round> <blocks> <rng bytes>" per round, and
  * "VIRTIO ERROR ..." with what went wrong (a device error, a wrong block, a timeout).
  * Rounds continue from the disk's own content after a restore or migration: the round
  * number lives in guest memory and is written into every block, so a lost or repeated
  * write is caught when the block is read back.
  *
- * cmdline: blocks=N (default 64)  rounds=N (0: forever, default)
+ * cmdline: blocks=N (default 64)  rounds=N (0: forever, default)  frames=N (default 16)
  */
 #include "rt.h"
 
@@ -59,7 +61,7 @@ struct dev {
 	uint16_t last_used[2];
 };
 
-#define MAXDEV 3
+#define MAXDEV 4
 static struct vq queues[2 * MAXDEV];
 static struct dev devs[MAXDEV];
 static uint8_t blockbuf[BLOCK] __attribute__((aligned(4096)));
@@ -116,7 +118,7 @@ static int probe(struct dev *d, int slot, struct vq *q)  /* q: room for two queu
 	C8(d, 0x14) = 1 | 2 | 8;                 /* FEATURES_OK */
 	if (!(C8(d, 0x14) & 8))
 		fail("features refused on slot", (uint64_t)slot, 0);
-	d->nq = d->type == 3 ? 2 : 1;            /* console: receive and transmit */
+	d->nq = d->type == 3 || d->type == 1 ? 2 : 1;  /* console, net: receive, transmit */
 	for (int i = 0; i < d->nq; i++) {
 		C16(d, 0x16) = (uint16_t)i;
 		C16(d, 0x18) = QSIZE;
@@ -178,6 +180,18 @@ static uint32_t submit_q(struct dev *d, int qi, int n)
 
 static uint32_t submit(struct dev *d, int n) { return submit_q(d, 0, n); }
 
+/* Offer descriptor `head` of queue qi on its own. */
+static void post_head(struct dev *d, int qi, uint16_t head)
+{
+	struct vq *q = d->q[qi];
+	q->desc[head].flags &= (uint16_t)~1;
+	q->avail_ring[q->avail_idx % QSIZE] = head;
+	barrier();
+	q->avail_idx++;
+	barrier();
+	*(volatile uint16_t *)d->notify[qi] = (uint16_t)qi;
+}
+
 static void setd(struct vq *q, int i, const void *addr, uint32_t len, int write)
 {
 	q->desc[i].addr = (uint64_t)addr;
@@ -209,6 +223,59 @@ static void blk_io(struct dev *d, uint32_t type, uint64_t block)
 }
 
 static uint64_t round_no;  /* lives in guest memory: a restored guest goes on from it */
+#define RXN 8
+#define FRAME 78
+static uint8_t rxframes[RXN][2048];
+static uint8_t txframe[12 + FRAME];
+static uint64_t net_sent, net_got;  /* frames sent and received back, ever */
+
+static void net_start(struct dev *n)
+{
+	for (uint16_t i = 0; i < RXN; i++) {
+		setd(n->q[0], i, rxframes[i], sizeof rxframes[i], 1);
+		post_head(n, 0, i);
+	}
+}
+
+/* One numbered frame out and, looped back, in: in order, intact. */
+static void net_frame(struct dev *n, uint64_t r)
+{
+	volatile uint8_t *mac = n->device;
+	uint8_t *f = txframe + 12;
+	memset(txframe, 0, sizeof txframe);
+	for (int i = 0; i < 6; i++)
+		f[i] = f[6 + i] = mac[i];
+	f[12] = 0x88;
+	f[13] = 0xB5;
+	uint64_t *p = (uint64_t *)(f + 14);
+	p[0] = r;
+	p[1] = net_sent;
+	for (int k = 2; k < 8; k++)
+		p[k] = word(r, net_sent, (uint64_t)k);
+	net_sent++;
+	setd(n->q[1], 0, txframe, sizeof txframe, 0);
+	submit_q(n, 1, 1);
+	uint32_t len;
+	uint64_t deadline = rdtsc() + tsc_hz() * 10;
+	while (!used(n, 0, &len)) {
+		if (rdtsc() > deadline)
+			fail("net frame never came back, sent", net_sent, net_got);
+		cpu_relax();
+	}
+	struct vq *q = n->q[0];
+	uint16_t head = (uint16_t)q->used_ring[(uint16_t)(n->last_used[0] - 1) % QSIZE].id;
+	if (head >= RXN || len != 12 + FRAME)
+		fail("net receive: buffer, length", head, len);
+	uint8_t *g = rxframes[head] + 12;
+	uint64_t *gp = (uint64_t *)(g + 14);
+	if (g[12] != 0x88 || g[13] != 0xB5 || gp[1] != net_got)
+		fail("net frame out of order: got, expected", gp[1], net_got);
+	for (int k = 2; k < 8; k++)
+		if (gp[k] != word(gp[0], gp[1], (uint64_t)k))
+			fail("net frame corrupt: seq, word", gp[1], (uint64_t)k);
+	net_got++;
+	post_head(n, 0, head);
+}
 static char rxbuf[64], txbuf[96];
 
 static void con_write(struct dev *c, const char *s, int n)
@@ -243,7 +310,8 @@ void main(const char *cmdline)
 {
 	uint64_t blocks = arg_u64(cmdline, "blocks", 64);
 	uint64_t rounds = arg_u64(cmdline, "rounds", 0);
-	struct dev *blk = 0, *rng = 0, *con = 0;
+	uint64_t frames = arg_u64(cmdline, "frames", 16);
+	struct dev *blk = 0, *rng = 0, *con = 0, *net = 0;
 	int n = 0;
 	for (int slot = 1; slot < 32 && n < MAXDEV; slot++) {
 		if (probe(&devs[n], slot, &queues[2 * n])) {
@@ -253,6 +321,8 @@ void main(const char *cmdline)
 				rng = &devs[n];
 			else if (devs[n].type == 3)
 				con = &devs[n];
+			else if (devs[n].type == 1)
+				net = &devs[n];
 			n++;
 		}
 	}
@@ -269,6 +339,10 @@ void main(const char *cmdline)
 	if (con) {
 		puts_(" console");
 		con_rx_post(con);
+	}
+	if (net) {
+		puts_(" net");
+		net_start(net);
 	}
 	putc_('\n');
 	for (;;) {
@@ -311,6 +385,15 @@ void main(const char *cmdline)
 				con_write(con, e, 5 + (int)(len > sizeof rxbuf ? sizeof rxbuf : len));
 				con_rx_post(con);
 			}
+		}
+		if (net) {
+			for (uint64_t i = 0; i < frames; i++)
+				net_frame(net, r);
+			puts_("net ");
+			putu(r);
+			putc_(' ');
+			putu(net_got);
+			putc_('\n');
 		}
 		puts_("V");
 		putu(r);

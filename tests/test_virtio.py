@@ -4,6 +4,7 @@ block; the transport refuses hostile drivers with NEEDS_RESET, never a crash."""
 
 from __future__ import annotations
 
+import itertools
 import re
 import struct
 
@@ -50,13 +51,15 @@ def disk(tmp_path):
     return str(path)
 
 
-def device_vm(kit, disk: str, name: str = "vio",
-              port: str | None = None) -> tuple[VirtualMachine, CaptureConsole]:
+def device_vm(kit, disk: str, name: str = "vio", port: str | None = None,
+              net: str | None = None, frames: int = 16) -> tuple[VirtualMachine,
+                                                                CaptureConsole]:
     con = CaptureConsole()
     desc_ = with_virtio(default_description("null"), [f"{disk},serial=kit-disk"], True,
-                        vconsoles=[port] if port else None)
+                        vconsoles=[port] if port else None, nets=[net] if net else None)
     vm = VirtualMachine.create(VmConfig(name, 64 * MB, 1, kernel=kit["virtio"],
-                                        cmdline=f"blocks={BLOCKS}", description=desc_),
+                                        cmdline=f"blocks={BLOCKS} frames={frames}",
+                                        description=desc_),
                                console=con)
     return vm, con
 
@@ -534,3 +537,147 @@ def test_console_input_waits_in_the_device_and_goes_with_its_state():
     assert b.pending == a.pending and b.dropped == 10
     with pytest.raises(ValueError, match="malformed"):
         b.load(b"{}")
+
+
+# --- virtio-net ----------------------------------------------------------------------------
+
+_NET = re.compile(rb"net (\d+) (\d+)\r?\n")
+
+
+def net_counts(con) -> list[int]:
+    return [int(m.group(2)) for m in _NET.finditer(bytes(con.buf))]
+
+
+def guest_mac(vm) -> bytes:
+    return vm.devices["net0"].backend.mac
+
+
+@pytest.mark.kvm
+def test_frames_loop_back_in_order_across_a_suspend_while_busy(kit, disk, tmp_path):
+    vm, con = device_vm(kit, disk, net="loop,mac=02:00:00:00:00:42")
+    try:
+        vm.start()
+        wait_rounds(con, 2)
+        assert b" net\r\n" in con.buf or b" net\n" in con.buf
+        save(vm, str(tmp_path / "s"), "suspend")
+        sent = net_counts(con)[-1]
+    finally:
+        vm.close()
+    snap = open_snapshot(str(tmp_path / "s"))
+    con2 = CaptureConsole()
+    vm2 = restore(snap, console=con2, bindings={"disk0": disk, "net0": "loop"})
+    snap.close()
+    try:
+        assert guest_mac(vm2) == bytes.fromhex("020000000042")  # the guest's MAC came along
+        vm2.start()
+        wait_rounds(con2, 3)  # the guest checks every frame's number itself
+        counts = net_counts(con2)
+        assert counts[0] in (sent + 16, sent + 32) and all(
+            b - a == 16 for a, b in itertools.pairwise(counts))
+    finally:
+        vm2.close()
+
+
+@pytest.mark.kvm
+def test_a_clone_gets_a_fresh_mac_unless_one_is_bound(kit, disk, tmp_path):
+    vm, con = device_vm(kit, disk, net="loop")
+    try:
+        vm.start()
+        wait_rounds(con, 1)
+        mac = guest_mac(vm)
+        save(vm, str(tmp_path / "s"), "suspend")
+    finally:
+        vm.close()
+    macs = []
+    for bound in ("loop", "loop", "loop,mac=02:11:22:33:44:55"):
+        snap = open_snapshot(str(tmp_path / "s"))
+        c = restore(snap, console=CaptureConsole(), clone=True, clone_dir=str(tmp_path),
+                    bindings={"disk0": disk, "net0": bound})
+        snap.close()
+        macs.append(guest_mac(c))
+        c.close()
+    assert mac not in macs[:2] and macs[0] != macs[1] and macs[0][0] & 0x02
+    assert macs[2] == bytes.fromhex("021122334455")
+
+
+def _tap_name(tag: str) -> str:
+    import os
+    return f"pyh{tag}{os.getpid() % 100000}"
+
+
+@pytest.mark.kvm
+def test_the_destination_announces_the_mac_on_its_tap_right_after_migration(kit, disk):
+    import socket
+    import subprocess
+    import time
+
+    from migrate_helpers import Destination, migrate
+
+    src, dst = _tap_name("s"), _tap_name("d")
+    vm, con = device_vm(kit, disk, net=f"tap:{src},mac=02:00:00:00:00:77", frames=0)
+    vm.start()
+    wait_rounds(con, 1)
+    dest = Destination(bindings={"disk0": disk, "net0": f"tap:{dst}"})
+    # the destination's tap exists once its VM is built: capture there from then on
+    import threading
+    frames: list[tuple[float, bytes]] = []
+    done = threading.Event()
+
+    def capture() -> None:
+        deadline = time.monotonic() + 60
+        while not done.is_set() and time.monotonic() < deadline:
+            try:
+                subprocess.run(["ip", "link", "set", dst, "up"], check=True,
+                               capture_output=True)
+                break
+            except subprocess.CalledProcessError:
+                time.sleep(0.005)
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x8035)) as s:
+            s.bind((dst, 0))
+            s.settimeout(0.2)
+            while not done.is_set():
+                try:
+                    frames.append((time.monotonic(), s.recv(2048)))
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+    t = threading.Thread(target=capture, daemon=True)
+    t.start()
+    stats = migrate(vm, dest, live=True)
+    assert stats.state == "completed", stats.error
+    t_done = time.monotonic()
+    try:
+        wait_rounds(dest.console, 2)
+        done.set()
+        t.join(5)
+        rarps = [(at, f) for at, f in frames if f[12:14] == b"\x80\x35" and f[6:12] ==
+                 bytes.fromhex("020000000077")]
+        assert len(rarps) >= 1, frames
+        assert rarps[0][0] - t_done < 0.1  # peers learn the new place within 100 ms
+    finally:
+        done.set()
+        dest.vm.close()
+        vm.close()
+
+
+def test_net_specs_state_and_the_announce_frame():
+    from pyhyve.devices.virtio.net import MAX_PENDING, Net, NetError, parse_net, rarp
+
+    assert parse_net("tap:tap0,mac=02:aa:bb:cc:dd:ee") == ("tap", "tap0",
+                                                           bytes.fromhex("02aabbccddee"), False)
+    for bad in ("tap:", "tap:" + "x" * 16, "eth:0", "loop,mac=zz", "loop:x"):
+        with pytest.raises(NetError):
+            parse_net(bad)
+    f = rarp(bytes.fromhex("02aabbccddee"))
+    assert len(f) == 60 and f[:6] == b"\xff" * 6 and f[12:14] == b"\x80\x35"
+    a = Net("loop")
+    for i in range(MAX_PENDING + 3):
+        a._arrived(bytes([i % 256]) * 60)
+    assert len(a.pending) == MAX_PENDING and a.dropped == 3
+    b = Net("loop")
+    b.load(a.state())
+    assert b.mac == a.mac and list(b.pending) == list(a.pending)
+    c = Net("loop,newmac")
+    c.load(a.state())
+    assert c.mac != a.mac

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 from .errors import PyhyveError
 
-VIRTIO_KINDS = {"virtio-blk", "virtio-rng", "virtio-console"}
+VIRTIO_KINDS = {"virtio-blk", "virtio-rng", "virtio-console", "virtio-net"}
 KINDS = {"uart16550", "i8042", "post", "pci-host", "vmgenid"} | VIRTIO_KINDS
 BUSES = {"pio", "mmio", "pci"}  # pci: `base` is the slot on bus 0, the BAR is assigned from it
 PCI_SLOTS = 32
@@ -131,7 +131,8 @@ INTX_IRQS = (10, 11, 5, 9, 7, 6, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23)
 
 def with_virtio(desc: VmDescription, disks: list[str], rng: bool,
                 slots: list[str] | None = None,
-                vconsoles: list[str] | None = None) -> VmDescription:
+                vconsoles: list[str] | None = None,
+                nets: list[str] | None = None) -> VmDescription:
     """`desc` plus virtio devices: disk0.. (backend PATH[,ro][,serial=ID]) and rng0, each
     in a PCI slot with an INTx line of its own (MSI-X is what drivers use; INTx is the
     fallback). `slots` are bhyve's `-s SLOT,EMULATION[,CONF]` (virtio-blk,PATH...;
@@ -154,15 +155,19 @@ def with_virtio(desc: VmDescription, disks: list[str], rng: bool,
             wanted.append((slot, "virtio-blk", conf))
         elif emulation in ("virtio-rnd", "virtio-rng") and not conf:
             wanted.append((slot, "virtio-rng", None))
+        elif emulation == "virtio-net" and conf:  # bhyve: -s 2,virtio-net,tap0[,mac=M]
+            wanted.append((slot, "virtio-net", conf if conf.startswith(("tap:", "loop"))
+                           else "tap:" + conf))
         elif emulation == "virtio-console" and conf:
             wanted.append((slot, "virtio-console", "unix:" + conf[6:]
                            if conf.startswith("port1=") else conf))
         else:
             raise DescriptionError(f"bad -s '{item}': emulations here are virtio-blk,PATH"
-                                   "[,ro][,serial=ID], virtio-rnd and virtio-console,"
-                                   "unix:PATH|file:PATH|port1=PATH")
+                                   "[,ro][,serial=ID], virtio-net,TAP[,mac=MAC], virtio-rnd "
+                                   "and virtio-console,unix:PATH|file:PATH|port1=PATH")
     wanted += [(None, "virtio-blk", spec) for spec in disks]
     wanted += [(None, "virtio-console", spec) for spec in vconsoles or []]
+    wanted += [(None, "virtio-net", spec) for spec in nets or []]
     if rng:
         wanted.append((None, "virtio-rng", None))
     if len(wanted) > len(INTX_IRQS):
@@ -171,8 +176,9 @@ def with_virtio(desc: VmDescription, disks: list[str], rng: bool,
     if len(set(taken)) != len(taken):
         raise DescriptionError("two devices in one PCI slot")
     free = (n for n in range(1, PCI_SLOTS) if n not in taken)
-    extra, counts = [], {"virtio-blk": 0, "virtio-rng": 0, "virtio-console": 0}
-    prefixes = {"virtio-blk": "disk", "virtio-rng": "rng", "virtio-console": "vconsole"}
+    extra, counts = [], {k: 0 for k in VIRTIO_KINDS}
+    prefixes = {"virtio-blk": "disk", "virtio-rng": "rng", "virtio-console": "vconsole",
+                "virtio-net": "net"}
     for at, kind, spec in wanted:
         n = at if at is not None else next(free)
         prefix = prefixes[kind]

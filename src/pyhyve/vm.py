@@ -418,6 +418,14 @@ class VirtualMachine:
                    for k, v in d.status().items()},
                 **self.snapshot_dependency()}
 
+    def announce(self) -> None:
+        """Arrived by migration: devices that must tell the outside world do (a NIC's
+        MAC, so peers need not wait for the guest to speak)."""
+        for dev in self.devices.values():
+            tell = getattr(dev, "announce", None)
+            if tell is not None:
+                tell()
+
     def save_refusal(self) -> str:
         """Why this VM cannot be saved or migrated ("" if it can)."""
         for name, dev in self.devices.items():

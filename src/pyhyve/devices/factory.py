@@ -54,7 +54,7 @@ def make_device(d: DeviceDesc, wiring: Wiring) -> tuple[Device, Console | None]:
         return PciHostBridge(), None
     if d.kind == "vmgenid":
         return VmGenId(), None
-    if d.kind in ("virtio-blk", "virtio-rng", "virtio-console"):
+    if d.kind in ("virtio-blk", "virtio-rng", "virtio-console", "virtio-net"):
         return _virtio(d, wiring), None
     raise DeviceBuildError(f"device {d.id}: kind {d.kind!r} cannot be built")
 
@@ -63,6 +63,7 @@ def _virtio(d: DeviceDesc, wiring: Wiring) -> Device:
     from .virtio.backend import Backend
     from .virtio.blk import Blk, DiskError
     from .virtio.console import VConsole
+    from .virtio.net import Net, NetError
     from .virtio.pci import VirtioPci
     from .virtio.rng import Rng
 
@@ -73,6 +74,11 @@ def _virtio(d: DeviceDesc, wiring: Wiring) -> Device:
         try:
             backend: Backend = Blk(d.backend)
         except DiskError as e:
+            raise DeviceBuildError(f"device {d.id}: {e}") from None
+    elif d.kind == "virtio-net":
+        try:
+            backend = Net(d.backend or "loop")
+        except NetError as e:
             raise DeviceBuildError(f"device {d.id}: {e}") from None
     elif d.kind == "virtio-console":
         if not d.backend or not d.backend.startswith(("unix:", "file:")):

@@ -159,6 +159,7 @@ class Receiver:
         ch.recv(T.GO)
         self.vm = None  # ours from GO on, whatever happens to the connection
         vm.start(paused=paused)  # the source guest was paused: so is ours
+        vm.announce()
         try:
             ch.send_json(T.RUNNING, {})
         except ProtocolError as e:  # the source will say the hand-over is unconfirmed

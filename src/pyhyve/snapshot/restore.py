@@ -209,8 +209,8 @@ def _build(snap: Snapshot, name: str | None, console: Console | None, bindings: 
         spec = MachineSpec.from_record(snap.meta, name, bindings, reuse_paths)
     except RecordError as e:
         raise SnapshotError(f"metadata: {e}") from None
-    if disk_opts:
-        spec = _disk_options(spec, disk_opts)
+    if disk_opts or clone:
+        spec = _device_options(spec, disk_opts, clone)
     try:
         bottom = root(snap)
         if clone and bottom is not snap:
@@ -244,12 +244,16 @@ def _build(snap: Snapshot, name: str | None, console: Console | None, bindings: 
     return vm
 
 
-def _disk_options(spec: MachineSpec, opts: str) -> MachineSpec:
-    """Options for every disk of this restore: a clone writes its own copy-on-write view
-    of each disk, never the image (`,clone=DIR`); `,force` accepts a changed disk."""
-    desc = spec.config.machine()
-    devices = tuple(replace(d, backend=f"{d.backend}{opts}")
-                    if d.kind == "virtio-blk" and d.backend else d for d in desc.devices)
+def _device_options(spec: MachineSpec, disk_opts: str, clone: bool) -> MachineSpec:
+    """Backend options of this restore: a clone writes its own copy-on-write view of each
+    disk, never the image (`,clone=DIR`), and gets a fresh MAC unless one is bound
+    (`,newmac`); `,force` accepts a changed disk."""
+    def opts(kind: str) -> str:
+        if kind == "virtio-blk":
+            return disk_opts
+        return ",newmac" if kind == "virtio-net" and clone else ""
+    devices = tuple(replace(d, backend=f"{d.backend}{opts(d.kind)}") if d.backend else d
+                    for d in spec.config.machine().devices)
     return replace(spec, config=replace(spec.config, description=VmDescription(devices)))
 
 

@@ -352,6 +352,12 @@ class VirtioPci(Device):
             close()
 
     # --- state ----------------------------------------------------------------------------
+    def announce(self) -> None:
+        """The guest just arrived by live migration (net: tell the network)."""
+        tell = getattr(self.backend, "announce", None)
+        if tell is not None:
+            tell()
+
     def save_refusal(self) -> str:
         refusal = getattr(self.backend, "save_refusal", None)
         return str(refusal()) if refusal is not None else ""
