@@ -608,58 +608,55 @@ def _tap_name(tag: str) -> str:
 
 @pytest.mark.kvm
 def test_the_destination_announces_the_mac_on_its_tap_right_after_migration(kit, disk):
+    """The destination's tap is made (persistent, up) and watched before the migration
+    starts, so the capture cannot miss frames sent the moment the guest arrives."""
     import socket
     import subprocess
+    import threading
     import time
 
     from migrate_helpers import Destination, migrate
 
     src, dst = _tap_name("s"), _tap_name("d")
-    vm, con = device_vm(kit, disk, net=f"tap:{src},mac=02:00:00:00:00:77", frames=0)
-    vm.start()
-    wait_rounds(con, 1)
-    dest = Destination(bindings={"disk0": disk, "net0": f"tap:{dst}"})
-    # the destination's tap exists once its VM is built: capture there from then on
-    import threading
-    frames: list[tuple[float, bytes]] = []
-    done = threading.Event()
+    subprocess.run(["ip", "tuntap", "add", "dev", dst, "mode", "tap"], check=True)
+    try:
+        subprocess.run(["ip", "link", "set", dst, "up"], check=True)
+        frames: list[tuple[float, bytes]] = []
+        done = threading.Event()
+        cap = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x8035))
+        cap.bind((dst, 0))
+        cap.settimeout(0.1)
 
-    def capture() -> None:
-        deadline = time.monotonic() + 60
-        while not done.is_set() and time.monotonic() < deadline:
-            try:
-                subprocess.run(["ip", "link", "set", dst, "up"], check=True,
-                               capture_output=True)
-                break
-            except subprocess.CalledProcessError:
-                time.sleep(0.005)
-        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x8035)) as s:
-            s.bind((dst, 0))
-            s.settimeout(0.2)
+        def capture() -> None:
             while not done.is_set():
                 try:
-                    frames.append((time.monotonic(), s.recv(2048)))
+                    frames.append((time.monotonic(), cap.recv(2048)))
                 except TimeoutError:
                     continue
-                except OSError:
-                    return
-    t = threading.Thread(target=capture, daemon=True)
-    t.start()
-    stats = migrate(vm, dest, live=True)
-    assert stats.state == "completed", stats.error
-    t_done = time.monotonic()
-    try:
-        wait_rounds(dest.console, 2)
-        done.set()
-        t.join(5)
-        rarps = [(at, f) for at, f in frames if f[12:14] == b"\x80\x35" and f[6:12] ==
-                 bytes.fromhex("020000000077")]
-        assert len(rarps) >= 1, frames
-        assert rarps[0][0] - t_done < 0.1  # peers learn the new place within 100 ms
+        t = threading.Thread(target=capture, daemon=True)
+        t.start()
+        vm, con = device_vm(kit, disk, net=f"tap:{src},mac=02:00:00:00:00:77", frames=0)
+        vm.start()
+        wait_rounds(con, 1)
+        dest = Destination(bindings={"disk0": disk, "net0": f"tap:{dst}"})
+        stats = migrate(vm, dest, live=True)
+        assert stats.state == "completed", stats.error
+        t_done = time.monotonic()
+        try:
+            wait_rounds(dest.console, 2)
+            done.set()
+            t.join(5)
+            rarps = [at for at, f in frames if f[12:14] == b"\x80\x35"
+                     and f[6:12] == bytes.fromhex("020000000077")]
+            assert len(rarps) >= 1, frames
+            assert rarps[0] - t_done < 0.1  # peers learn the new place within 100 ms
+        finally:
+            done.set()
+            cap.close()
+            dest.vm.close()
+            vm.close()
     finally:
-        done.set()
-        dest.vm.close()
-        vm.close()
+        subprocess.run(["ip", "tuntap", "del", "dev", dst, "mode", "tap"], check=False)
 
 
 def test_net_specs_state_and_the_announce_frame():
@@ -682,3 +679,141 @@ def test_net_specs_state_and_the_announce_frame():
     c = Net("loop,newmac")
     c.load(a.state())
     assert c.mac != a.mac
+
+
+# --- review findings: each one a test ------------------------------------------------------
+
+@pytest.mark.kvm
+def test_a_moved_bar_is_decoded_there_after_restore(kit, disk, tmp_path):
+    vm, _ = device_vm(kit, disk)
+    rng = vm.devices["rng0"]
+    slot = next(d.base for d in vm.description.devices if d.id == "rng0")
+
+    def cfg_write(reg: int, value: int) -> None:
+        vm.pio.write(0xCF8, 4, 0x8000_0000 | slot << 11 | reg)
+        vm.pio.write(0xCFC, 4, value)
+    try:
+        cfg_write(0x10, 0xFFFF_FFFF)  # sizing, as a driver does
+        vm.pio.write(0xCF8, 4, 0x8000_0000 | slot << 11 | 0x10)
+        assert vm.pio.read(0xCFC, 4) == 0xFFFF_8000
+        cfg_write(0x10, 0xD000_0000)
+        cfg_write(0x04, 0x0006)  # memory decoding and bus mastering on
+        assert vm.mmio.find(0xD000_0000)[1] is rng and rng.decoded == 0xD000_0000
+        save(vm, str(tmp_path / "s"), "checkpoint")
+    finally:
+        vm.close()
+    snap = open_snapshot(str(tmp_path / "s"))
+    vm2 = restore(snap, console=CaptureConsole(), bindings={"disk0": disk})
+    snap.close()
+    try:
+        vm2.start()
+        rng2 = vm2.devices["rng0"]
+        assert vm2.mmio.find(0xD000_0000)[1] is rng2
+        hit = vm2.mmio.find(rng2.bar if rng2.bar != 0xD000_0000 else 0xE002_0000)
+        assert hit is None or hit[1] is not rng2
+    finally:
+        vm2.close()
+
+
+def test_msix_table_accesses_outside_it_or_unaligned_are_ignored():
+    dev, _, _host = rng_device()
+    n = len(dev.msix.table)
+    dev.write(MSIX_TABLE + n - 4, 8, 0xFFFF_FFFF_FFFF_FFFF)  # runs past the end
+    dev.write(MSIX_TABLE + 2, 4, 0x1234)                     # unaligned
+    assert len(dev.msix.table) == n and dev.msix.table[2:6] == b"\0\0\0\0"
+
+
+def test_a_request_made_while_the_device_looked_empty_is_not_lost():
+    """EVENT_IDX: the driver adds a request after the device saw an empty ring but before
+    its avail_event landed; the device must look again instead of sleeping."""
+    from test_virtqueue import queue as make_queue
+
+    ram = FakeRam()
+    q = make_queue(ram, event_idx=True)
+    desc(ram, 0, 0x10000, 4, 2)
+    real_write = ram.write
+
+    def racing_write(gpa, data):
+        if gpa == USED + 4 + 8 * q.size:  # the device publishes avail_event...
+            offer(ram, q, 0)              # ...just after the driver added a request
+        real_write(gpa, data)
+    ram.write = racing_write
+    assert q.pop(ram) is not None
+
+
+def test_an_msi_the_host_cannot_deliver_does_not_kill_the_device():
+    dev, ram, _host = rng_device()
+
+    def refuse(addr, data):
+        raise OSError("KVM_SIGNAL_MSI: Operation not permitted")
+    dev.msix.signal = refuse
+    drive(dev)
+    dev.write(COMMON + 0x14, 1, 1 | 2 | FEATURES_OK | DRIVER_OK)
+    dev.function.write(dev.msix.cap + 2, 2, 0x8000)
+    dev.queues[0].ready = False
+    dev.write(COMMON + 0x1A, 2, 0)
+    dev.queues[0].ready = True
+    dev.write(MSIX_TABLE, 8, 0xFEEF_F004)
+    dev.write(MSIX_TABLE + 12, 4, 0)
+    for _ in range(2):
+        desc(ram, 0, 0x10000, 32, 2)
+        offer(ram, dev.queues[0], 0)
+        dev.write(NOTIFY, 2, 0)
+        serve(dev)
+    assert struct.unpack_from("<H", ram.b, USED + 2)[0] == 2  # both served
+    assert not dev.read(COMMON + 0x14, 1) & NEEDS_RESET
+
+
+def test_common_config_writes_of_the_wrong_width_are_ignored():
+    dev, _, _ = rng_device()
+    dev.write(COMMON + 0x16, 4, 0x0001_0000)  # a 4-byte store over queue_select
+    dev.write(COMMON + 0x14, 2, 0x0001)       # a 2-byte store over the status byte
+    assert dev.read(COMMON + 0x16, 2) == 0 and dev.read(COMMON + 0x14, 1) == 0
+
+
+def test_overlay_discard_punches_instead_of_writing(tmp_path):
+    import os
+
+    from pyhyve.devices.virtio.image import CHUNK, Overlay
+
+    base = tmp_path / "base.img"
+    base.write_bytes(b"\xAA" * (64 * CHUNK))
+    ov = Overlay(os.open(base, os.O_RDONLY), 64 * CHUNK, str(tmp_path))
+    try:
+        ov.discard(100, 60 * CHUNK)
+        assert os.fstat(ov.fd).st_blocks * 512 <= 4 * CHUNK  # only the two edge chunks
+        assert ov.read(0, 100) == b"\xAA" * 100 and ov.read(100, 60 * CHUNK) == bytes(60 * CHUNK)
+        assert ov.read(100 + 60 * CHUNK, 10) == b"\xAA" * 10
+    finally:
+        ov.close()
+
+
+@pytest.mark.kvm
+def test_console_output_with_no_client_survives_a_suspend(kit, disk, tmp_path):
+    import socket
+    import time
+
+    sock = tmp_path / "p.sock"
+    vm, con = device_vm(kit, disk, port=f"unix:{sock}")
+    try:
+        vm.start()
+        wait_rounds(con, 3)  # "vcon 1..3" wait in the port, nobody has read them
+        save(vm, str(tmp_path / "s"), "suspend")
+    finally:
+        vm.close()
+    snap = open_snapshot(str(tmp_path / "s"))
+    vm2 = restore(snap, console=CaptureConsole(),
+                  bindings={"disk0": disk, "vconsole0": f"unix:{sock}"})
+    snap.close()
+    try:
+        vm2.start()
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(sock))
+            s.settimeout(10)
+            got, end = b"", time.monotonic() + 20
+            while len(re.findall(rb"vcon (\d+)\n", got)) < 6 and time.monotonic() < end:
+                got += s.recv(65536)
+        nums = [int(x) for x in re.findall(rb"vcon (\d+)\n", got)]
+        assert nums[:6] == [1, 2, 3, 4, 5, 6], nums[:10]
+    finally:
+        vm2.close()

@@ -166,9 +166,16 @@ class VirtualMachine:
         host.add(slot, dev.function)
         self.add_device(name, self.mmio, dev.bar, BAR_SIZE, dev)
 
-        def moved(old: int, new: int) -> None:
-            with contextlib.suppress(BusError):  # onto another device: it stops decoding
-                self.mmio.move(old, new)
+        def moved(old: int | None, new: int | None) -> bool:
+            if old is not None:
+                self.mmio.unregister(old)
+            if new is None:
+                return True
+            try:
+                self.mmio.register(new, BAR_SIZE, dev)
+            except BusError:  # onto another device: it does not decode until moved again
+                return False
+            return True
         dev.on_bar_move = moved
 
     def add_pio_device(self, name: str, base: int, length: int, dev: Device) -> None:

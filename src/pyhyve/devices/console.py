@@ -46,6 +46,15 @@ class Console:
     def start_input(self, on_input: Callable[[bytes], None]) -> None:
         self.on_input = on_input
 
+    def unsent(self) -> bytes:
+        """Output accepted but not yet delivered anywhere (a socket with no client)."""
+        return b""
+
+    def requeue(self, data: bytes) -> None:
+        """Take back what `unsent` returned before a save; plain consoles just write it."""
+        if data:
+            self.write(data)
+
     def close(self) -> None:
         pass
 
@@ -200,8 +209,11 @@ class FileConsole(Console):
 class UnixConsole(Console):
     """A listening UNIX socket; one client at a time gets output and gives input.
 
-    Output produced while no client is attached is kept (the last 64 KiB) and replayed
-    to the next client, so nothing the guest printed at boot is lost.
+    Output produced while no client is attached, or that a slow client has not taken yet,
+    is kept (the last 64 KiB) and sent when it can be, so nothing the guest printed at boot
+    is lost and a client that stops reading never blocks the guest: sends never wait
+    (MSG_DONTWAIT). A device may carry what is still unsent across a save (`unsent`,
+    `requeue`).
     """
 
     BACKLOG = 64 * 1024
@@ -229,13 +241,7 @@ class UnixConsole(Console):
                 return
             with self.lock:  # the backlog goes out before any newer output
                 old, self.client = self.client, c
-                backlog = b"".join(self.pending)
-                self.pending.clear()
-                self.pending_len = 0
-                try:
-                    c.sendall(backlog)
-                except OSError:
-                    self.client = None
+                self._flush()
             if old:
                 old.close()
             threading.Thread(target=self._pump, args=(c,), daemon=True).start()
@@ -253,16 +259,39 @@ class UnixConsole(Console):
 
     def write(self, data: bytes) -> None:
         with self.lock:
-            if self.client is not None:
-                try:
-                    self.client.sendall(data)
-                    return
-                except OSError:
-                    self.client = None
             self.pending.append(data)
             self.pending_len += len(data)
+            self._flush()
             while self.pending_len > self.BACKLOG:
                 self.pending_len -= len(self.pending.popleft())
+
+    def _flush(self) -> None:
+        """Send what is pending, in order, as far as the client takes it now."""
+        while self.client is not None and self.pending:
+            chunk = self.pending[0]
+            try:
+                n = self.client.send(chunk, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.client = None
+                return
+            self.pending_len -= n
+            if n < len(chunk):
+                self.pending[0] = chunk[n:]
+                return
+            self.pending.popleft()
+
+    def unsent(self) -> bytes:
+        with self.lock:
+            return b"".join(self.pending)
+
+    def requeue(self, data: bytes) -> None:
+        """Output a save carried over: it goes out before anything newer."""
+        with self.lock:
+            self.pending.appendleft(data[-self.BACKLOG:])
+            self.pending_len += len(self.pending[0])
+            self._flush()
 
     def close(self) -> None:
         if self.closed:

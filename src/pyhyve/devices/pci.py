@@ -36,8 +36,11 @@ class PciFunction:
         self.wmask[0x3C] = 0xFF  # interrupt line
         # told of every write: (register, size, the bytes before), for BARs and capabilities
         self.on_write: Callable[[int, int, bytes], None] | None = None
+        self.on_read: Callable[[int, int], None] | None = None  # may refresh bytes first
 
     def read(self, reg: int, size: int) -> int:
+        if self.on_read is not None:
+            self.on_read(reg, size)
         return int.from_bytes(self.config[reg:reg + size], "little")
 
     def write(self, reg: int, size: int, value: int) -> None:

@@ -135,7 +135,10 @@ class Vm:
         """Inject an MSI (a virtio device's MSI-X vector); False if the guest's APIC
         refused it (masked or no destination)."""
         msi = S.KvmMsi(address & 0xFFFF_FFFF, address >> 32, data & 0xFFFF_FFFF, 0, 0)
-        return ioctl(self.fd, I.KVM_SIGNAL_MSI, msi) > 0
+        try:  # the address and data are the guest's: a bad one is its problem, not ours
+            return ioctl(self.fd, I.KVM_SIGNAL_MSI, msi) > 0
+        except KvmError:
+            return False
 
     def get_irqchip(self, chip_id: int) -> S.KvmIrqchip:
         chip = S.KvmIrqchip(chip_id=chip_id)

@@ -33,7 +33,10 @@ from .queue import Chain, Memory, QueueError
 SECTOR = 512
 T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
 S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
-F_SEG_MAX, F_RO, F_BLK_SIZE, F_FLUSH, F_DISCARD, F_WRITE_ZEROES = 4, 32, 64, 512, 1 << 13, 1 << 14
+F_SIZE_MAX, F_SEG_MAX, F_RO, F_BLK_SIZE, F_FLUSH = 2, 4, 32, 64, 512
+F_DISCARD, F_WRITE_ZEROES = 1 << 13, 1 << 14
+SIZE_MAX = 256 << 10  # x seg_max (254) stays under the queue's 64 MiB request bound
+MAX_RANGE_SECTORS = 1 << 21  # 1 GiB a discard or write-zeroes range, at most
 QUEUE_SIZE = 256
 MAX_SEGMENTS = 256  # discard / write-zeroes ranges per request
 SAMPLES = 64
@@ -125,12 +128,13 @@ class Blk:
         return ""
 
     def features(self) -> int:
-        f = F_SEG_MAX | F_BLK_SIZE | F_FLUSH | F_DISCARD | F_WRITE_ZEROES
+        f = F_SIZE_MAX | F_SEG_MAX | F_BLK_SIZE | F_FLUSH | F_DISCARD | F_WRITE_ZEROES
         return f | F_RO if self.read_only else f
 
     def config(self) -> bytes:
-        most = min(self.sectors, 0xFFFF_FFFF)
-        return struct.pack("<QIIHBBIBBHIBBHIIIIIB3x", self.sectors, 0, QUEUE_SIZE - 2, 0, 0, 0,
+        most = min(self.sectors, MAX_RANGE_SECTORS)
+        return struct.pack("<QIIHBBIBBHIBBHIIIIIB3x", self.sectors, SIZE_MAX, QUEUE_SIZE - 2,
+                           0, 0, 0,
                            SECTOR, 0, 0, 0, 0, 0, 0, 1, most, MAX_SEGMENTS, 1,
                            most, MAX_SEGMENTS, 1)
 
@@ -182,12 +186,16 @@ class Blk:
         return S_OK
 
     def _ranges(self, chain: Chain, mem: Memory, typ: int) -> int:
-        body = chain.read(mem, 16 + 16 * MAX_SEGMENTS)[16:]
-        if len(body) % 16 or not body:
-            return S_IOERR
-        for sector, count, _flags in struct.iter_unpack("<QII", body):
-            if sector + count > self.sectors:
+        body = chain.read(mem, 16 + 16 * MAX_SEGMENTS + 1)[16:]
+        if len(body) % 16 or not body or len(body) > 16 * MAX_SEGMENTS:
+            return S_IOERR  # ragged, empty, or more ranges than max_discard_seg allows
+        ranges = list(struct.iter_unpack("<QII", body))
+        for sector, count, flags in ranges:
+            if typ == T_DISCARD and flags & 1:
+                return S_UNSUPP  # the unmap flag is for write-zeroes only
+            if sector + count > self.sectors or count > MAX_RANGE_SECTORS:
                 return S_IOERR
+        for sector, count, _flags in ranges:
             self.image.discard(sector * SECTOR, count * SECTOR)
         return S_OK
 

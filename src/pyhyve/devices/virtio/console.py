@@ -1,7 +1,9 @@
 """virtio-console (virtio 1.x, 5.3), one port: the guest's stream to a host UNIX socket or
 file, and the socket's bytes back to the guest.
 
-Transmit requests are written to the backend as they come. Receive buffers the guest
+Transmit requests are written to the backend as they come, never blocking (a UNIX socket
+keeps what its client has not taken, at most 64 KiB, and that goes with the state too).
+Receive buffers the guest
 offers stay in its ring until input arrives (the transport puts a request back when
 `handle` returns WAIT, and the input kicks the queue again), so no request is held across
 a save: the only state is the input not yet delivered, at most MAX_PENDING bytes (more is
@@ -75,20 +77,24 @@ class VConsole:
             self.pending.clear()
 
     def state(self) -> bytes:
+        """Input not yet delivered, and output not yet taken by the port's client."""
         with self._lock:
             return json.dumps({"pending": base64.b64encode(bytes(self.pending)).decode(),
-                               "dropped": self.dropped}).encode()
+                               "dropped": self.dropped,
+                               "unsent": base64.b64encode(self.con.unsent()).decode()}).encode()
 
     def load(self, raw: bytes) -> None:
         try:
             st = json.loads(raw)
             pending = base64.b64decode(st["pending"], validate=True)
+            unsent = base64.b64decode(st.get("unsent", ""), validate=True)
             dropped = int(st["dropped"])
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise ValueError("vconsole: saved state is malformed") from None
-        if len(pending) > MAX_PENDING:
-            raise ValueError("vconsole: saved input is larger than the device keeps")
+        if len(pending) > MAX_PENDING or len(unsent) > MAX_PENDING:
+            raise ValueError("vconsole: saved input or output is larger than the device keeps")
         self.pending, self.dropped = bytearray(pending), dropped
+        self.con.requeue(unsent)
 
     def close(self) -> None:
         self.con.close()

@@ -111,11 +111,20 @@ class Overlay:
         self.chunks[first:last + 1] = b"\1" * (last - first + 1)
 
     def discard(self, offset: int, length: int) -> None:
-        pos, end = offset, offset + length
-        while pos < end:  # zeros written into the overlay, 1 MiB at a time
-            n = min(end - pos, 1 << 20)
-            self.write(pos, bytes(n))
-            pos += n
+        """Whole chunks become holes of the overlay (zeros, costing nothing); the partial
+        chunks at the edges get zeros written after a copy-up."""
+        end = offset + length
+        first = (offset + CHUNK - 1) // CHUNK
+        last = end // CHUNK  # whole chunks [first, last)
+        if first >= last:
+            self.write(offset, bytes(length))
+            return
+        if offset < first * CHUNK:
+            self.write(offset, bytes(first * CHUNK - offset))
+        zero_range(self.fd, first * CHUNK, (last - first) * CHUNK)
+        self.chunks[first:last] = b"\1" * (last - first)
+        if last * CHUNK < end:
+            self.write(last * CHUNK, bytes(end - last * CHUNK))
 
     def sync(self) -> None:
         pass  # scratch: nothing to keep across a crash

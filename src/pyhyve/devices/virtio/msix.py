@@ -4,6 +4,7 @@ function-mask bits in its capability. A vector fires through KVM_SIGNAL_MSI; a m
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from collections.abc import Callable
 
@@ -28,9 +29,14 @@ class Msix:
         return bool(entry or self.function.config[self.cap + 3] & 0x40)
 
     def read_table(self, offset: int, size: int) -> int:
+        if size not in (4, 8) or offset % size or offset + size > len(self.table):
+            return 0
         return int.from_bytes(self.table[offset:offset + size], "little")
 
     def write_table(self, offset: int, size: int, value: int) -> None:
+        """Aligned 4- and 8-byte stores inside the table; anything else is ignored."""
+        if size not in (4, 8) or offset % size or offset + size > len(self.table):
+            return
         self.table[offset:offset + size] = value.to_bytes(size, "little")
         self.deliver_pending()
 
@@ -44,8 +50,12 @@ class Msix:
         if self._masked(vector):
             self.pending |= 1 << vector
             return
+        self._send(vector)
+
+    def _send(self, vector: int) -> None:
         addr, data = struct.unpack_from("<QI", self.table, 16 * vector)
-        self.signal(addr, data)
+        with contextlib.suppress(Exception):  # a message KVM cannot route: the guest's loss
+            self.signal(addr, data)
 
     def deliver_pending(self) -> None:
         if not self.enabled:
@@ -53,8 +63,7 @@ class Msix:
         for v in range(self.vectors):
             if self.pending >> v & 1 and not self._masked(v):
                 self.pending &= ~(1 << v)
-                addr, data = struct.unpack_from("<QI", self.table, 16 * v)
-                self.signal(addr, data)
+                self._send(v)
 
     def load(self, table: bytes, pending: int) -> None:
         if len(table) != len(self.table):

@@ -72,15 +72,19 @@ class VirtioPci(Device):
         self.function, self._pci_cap, cap = config_space(
             backend.device_type, backend.class_code, len(self.queues), self.nvec, bar, irq)
         self.function.on_write = self._config_written
+        self.function.on_read = self._config_read
         self.msix = Msix(self.nvec, self.function, cap, signal_msi)
-        self.bar = bar
-        self.on_bar_move: Callable[[int, int], None] = lambda old, new: None  # set by the VM
+        self.bar = bar  # what the config space says
+        self.decoded: int | None = bar  # where the MMIO bus has us (None: nowhere)
+        # (old, new) -> whether the bus took the new place (None: stop decoding); the VM's
+        self.on_bar_move: Callable[[int | None, int | None], bool] = lambda old, new: True
         self.isr = 0
         self.status = 0
         self._reset_registers()
         self._work = threading.Condition(self.lock)
         self._kicked: set[int] = set()
         self._busy = False
+        self._resetting = False
         self._paused = True
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -96,13 +100,31 @@ class VirtioPci(Device):
         with self.lock:
             self._config_changed(reg, size)
 
+    def _sync_bar(self) -> None:
+        """Decode BAR0 where the config space says, while memory decoding is on; a place
+        another device holds is not taken (retried at the next BAR or command write)."""
+        cfg = self.function.config
+        self.bar = struct.unpack_from("<I", cfg, 0x10)[0] & ~0xF
+        sizing = self.bar == ~(BAR_SIZE - 1) & 0xFFFF_FFF0
+        want = self.bar if cfg[0x04] & 0x02 and not sizing and self.bar else None
+        if want != self.decoded:
+            old, self.decoded = self.decoded, None
+            if self.on_bar_move(old, want):
+                self.decoded = want
+
+    def _config_read(self, reg: int, size: int) -> None:
+        """Before a config read: the PCI-config access window shows BAR0 (virtio 4.1.4.9)."""
+        c, cfg = self._pci_cap, self.function.config
+        if reg < c + 20 and reg + size > c + 16:
+            with self.lock:
+                bar, off, length = cfg[c + 4], *struct.unpack_from("<II", cfg, c + 8)
+                if bar == 0 and length in (1, 2, 4):
+                    cfg[c + 16:c + 20] = self.read(off, length).to_bytes(4, "little")
+
     def _config_changed(self, reg: int, size: int) -> None:
         cfg = self.function.config
-        if reg <= 0x10 < reg + size or reg <= 0x04 < reg + size:
-            new_bar = struct.unpack_from("<I", cfg, 0x10)[0] & ~0xF
-            if new_bar != self.bar and new_bar != ~(BAR_SIZE - 1) & 0xFFFF_FFF0:
-                old_bar, self.bar = self.bar, new_bar
-                self.on_bar_move(old_bar, new_bar)
+        if (reg < 0x14 and reg + size > 0x10) or (reg < 0x06 and reg + size > 0x04):
+            self._sync_bar()
         c = self._pci_cap
         if reg < c + 20 and reg + size > c + 16:  # the PCI config access window
             bar, off, length = cfg[c + 4], *struct.unpack_from("<II", cfg, c + 8)
@@ -114,6 +136,13 @@ class VirtioPci(Device):
 
     # --- BAR0 ----------------------------------------------------------------------------
     def read(self, offset: int, size: int) -> int:
+        try:
+            return self._read_bar(offset, size)
+        except Exception:  # a device bug must not reach the vCPU loop and stop the VM
+            self._broken()
+            return 0
+
+    def _read_bar(self, offset: int, size: int) -> int:
         if COMMON <= offset < COMMON + COMMON_SIZE:
             return self._common_read(offset, size)
         if offset == ISR:
@@ -132,7 +161,10 @@ class VirtioPci(Device):
         return 0
 
     def write(self, offset: int, size: int, value: int) -> None:
-        self._write_bar(offset, size, value)
+        try:
+            self._write_bar(offset, size, value)
+        except Exception:  # as in read()
+            self._broken()
 
     def _write_bar(self, offset: int, size: int, value: int) -> None:
         if COMMON <= offset < COMMON + COMMON_SIZE:
@@ -178,7 +210,13 @@ class VirtioPci(Device):
         }
         return _field_read(regs, offset, size)
 
+    _WIDTHS = {0x00: 4, 0x08: 4, 0x0C: 4, 0x10: 2, 0x14: 1, 0x16: 2, 0x18: 2, 0x1A: 2,
+               0x1C: 2, 0x20: 8, 0x24: 4, 0x28: 8, 0x2C: 4, 0x30: 8, 0x34: 4}
+
     def _common_write(self, offset: int, size: int, value: int) -> None:
+        want = self._WIDTHS.get(offset)
+        if want is None or (size != want and not (want == 8 and size == 4)):
+            return  # a field's own width only (64-bit ones also as two 32-bit halves)
         q = self._queue()
         if offset == 0x00:
             self.device_features_sel = value
@@ -233,8 +271,12 @@ class VirtioPci(Device):
             self._work.notify_all()
 
     def _device_reset(self) -> None:
-        while self._busy:  # a request in flight finishes before the queues go
-            self._work.wait()
+        self._resetting = True  # the worker takes no new request meanwhile
+        try:
+            while self._busy:  # a request in flight finishes before the queues go
+                self._work.wait()
+        finally:
+            self._resetting = False
         self._reset_registers()
         self._kicked.clear()
         self.backend.reset()
@@ -269,13 +311,18 @@ class VirtioPci(Device):
                     self._work.wait()
                     continue
                 index = self._kicked.pop()
-                self._serve(index)
+                try:
+                    self._serve(index)
+                except Exception:  # never let the worker die: the device needs a reset
+                    self._busy = False
+                    self._broken()
 
     def _serve(self, index: int) -> None:
         """Take and complete what queue `index` holds; the lock is held except around each
         request's own work."""
         q = self.queues[index]
-        while not self._paused and q.ready and not self.status & NEEDS_RESET:
+        while not self._paused and not self._resetting and q.ready \
+                and not self.status & NEEDS_RESET:
             try:
                 chain = q.pop(self.mem)
             except QueueError:
@@ -287,7 +334,7 @@ class VirtioPci(Device):
             self.lock.release()
             try:
                 written = self.backend.handle(index, chain, self.mem)
-            except QueueError:
+            except (QueueError, OSError):
                 written = -1
             finally:
                 self.lock.acquire()
@@ -313,6 +360,7 @@ class VirtioPci(Device):
         if begin is not None:
             begin()
         with self.lock:
+            self._sync_bar()  # a restored config space may have the BAR elsewhere
             self._paused = False
             if self.status & DRIVER_OK:  # requests made before a save: look again
                 self._kicked.update(range(len(self.queues)))
@@ -346,7 +394,9 @@ class VirtioPci(Device):
             self._paused = True
             self._work.notify_all()
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(5)
+            self._thread.join(30)
+            if self._thread.is_alive():  # still inside host I/O: closing its fds under it
+                return  # could send its writes to another file; leave them to exit
         close = getattr(self.backend, "close", None)
         if close is not None:
             close()
@@ -386,8 +436,9 @@ class VirtioPci(Device):
 
     def load_transport(self, st: VirtioState) -> None:
         if len(st.queues) != len(self.queues) or len(st.msix_table) != len(self.msix.table):
-            raise ValueError(f"{self.kind}: saved state has {len(st.queues)} queues, this "
-                             f"device {len(self.queues)}")
+            raise ValueError(f"{self.kind}: saved state has {len(st.queues)} queues and "
+                             f"{len(st.msix_table) // 16} MSI-X vectors, this device "
+                             f"{len(self.queues)} and {self.nvec}")
         self.device_features_sel, self.driver_features_sel = st.device_features_sel, \
             st.driver_features_sel
         self.driver_features, self.status = st.driver_features, st.status & 0xFF
@@ -410,6 +461,7 @@ class VirtioPci(Device):
         self.msix.load(st.msix_table, st.msix_pending)
         self.isr = st.isr & 3
         self.bar = struct.unpack_from("<I", self.function.config, 0x10)[0] & ~0xF
+        # (where it is decoded is settled in start(), once the PCI config space is back)
 
 
 def _field_read(regs: dict[int, tuple[int, int]], offset: int, size: int) -> int:

@@ -17,6 +17,7 @@ used_event asks.
 from __future__ import annotations
 
 import struct
+import threading
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -27,6 +28,16 @@ MAX_CHAIN_BYTES = 64 << 20      # one request's buffers, at most
 _DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
 _USED = struct.Struct("<II")
+
+
+_FENCE = threading.Lock()
+
+
+def _fence() -> None:
+    """A full memory barrier: x86 may let a load overtake an earlier store to another
+    address; a locked instruction (taking a lock is one) forbids it."""
+    _FENCE.acquire()
+    _FENCE.release()
 
 
 class QueueError(ValueError):
@@ -154,10 +165,17 @@ class Virtqueue:
 
     def pop(self, mem: Memory) -> Chain | None:
         """The next available request, checked, or None."""
-        if not self.ready or self.pending(mem) == 0:
-            if self.ready and self.event_idx:  # tell the driver to notify for the next one
-                _write(mem, self.used + 4 + 8 * self.size, _U16.pack(self.last_avail))
+        if not self.ready:
             return None
+        if self.pending(mem) == 0:
+            if not self.event_idx:
+                return None
+            # ask the driver to notify for the next one, then look again: a request it
+            # made before it could see avail_event would otherwise wait forever
+            _write(mem, self.used + 4 + 8 * self.size, _U16.pack(self.last_avail))
+            _fence()
+            if self.pending(mem) == 0:
+                return None
         head = self._u16(mem, self.avail + 4 + 2 * (self.last_avail % self.size))
         chain = self._walk(mem, head)
         self.last_avail = (self.last_avail + 1) & 0xFFFF
@@ -208,6 +226,7 @@ class Virtqueue:
         """Whether the driver wants an interrupt for what was pushed since the last one."""
         if self.next_used == self.signalled_used:
             return False
+        _fence()  # the used index is out before the driver's wishes are read
         if self.event_idx:
             event = self._u16(mem, self.avail + 4 + 2 * self.size)
             old, new = self.signalled_used, self.next_used
