@@ -7,7 +7,10 @@
  * index; then data derived from all three), reads every one back and checks it; it reads
  * 64 bytes from rng0; it writes "vcon <round>" to vconsole0's port, and echoes what the
  * port sent it as "echo:<bytes>"; on net0 (loop mode) it sends `frames` numbered frames
- * and checks each comes back in order ("net <round> <frames>"). It prints
+ * and checks each comes back in order ("net <round> <frames>"); over vsock0 it connects to
+ * the host's port 5000, sends "ping <round>", expects "pong <round>" and closes
+ * ("vsock <round> ok"), answers host connections to its port 6000 by echoing ("echo:"), and
+ * on a transport reset (restore, migration) prints "vsock reset" and connects again. It prints
  * "V<round> <blocks> <rng bytes>" per round, and
  * "VIRTIO ERROR ..." with what went wrong (a device error, a wrong block, a timeout).
  * Rounds continue from the disk's own content after a restore or migration: the round
@@ -56,13 +59,13 @@ struct vq {
 
 struct dev {
 	int slot, type, nq;
-	volatile uint8_t *common, *device, *notify[2];
-	struct vq *q[2];
-	uint16_t last_used[2];
+	volatile uint8_t *common, *device, *notify[3];
+	struct vq *q[3];
+	uint16_t last_used[3];
 };
 
-#define MAXDEV 4
-static struct vq queues[2 * MAXDEV];
+#define MAXDEV 5
+static struct vq queues[3 * MAXDEV];
 static struct dev devs[MAXDEV];
 static uint8_t blockbuf[BLOCK] __attribute__((aligned(4096)));
 static uint8_t rngbuf[64];
@@ -86,7 +89,7 @@ static void fail(const char *what, uint64_t a, uint64_t b)
 #define C32(d, o) (*(volatile uint32_t *)((d)->common + (o)))
 #define C64(d, o) (*(volatile uint64_t *)((d)->common + (o)))
 
-static int probe(struct dev *d, int slot, struct vq *q)  /* q: room for two queues */
+static int probe(struct dev *d, int slot, struct vq *q)  /* q: room for three queues */
 {
 	uint32_t id = cfg32(slot, 0);
 	if ((id & 0xFFFF) != VENDOR || (id >> 16) < 0x1040)
@@ -118,7 +121,7 @@ static int probe(struct dev *d, int slot, struct vq *q)  /* q: room for two queu
 	C8(d, 0x14) = 1 | 2 | 8;                 /* FEATURES_OK */
 	if (!(C8(d, 0x14) & 8))
 		fail("features refused on slot", (uint64_t)slot, 0);
-	d->nq = d->type == 3 || d->type == 1 ? 2 : 1;  /* console, net: receive, transmit */
+	d->nq = d->type == 19 ? 3 : d->type == 3 || d->type == 1 ? 2 : 1;
 	for (int i = 0; i < d->nq; i++) {
 		C16(d, 0x16) = (uint16_t)i;
 		C16(d, 0x18) = QSIZE;
@@ -229,6 +232,150 @@ static uint8_t rxframes[RXN][2048];
 static uint8_t txframe[12 + FRAME];
 static uint64_t net_sent, net_got;  /* frames sent and received back, ever */
 
+/* --- vsock ------------------------------------------------------------------------------ */
+struct vhdr {
+	uint64_t src_cid, dst_cid;
+	uint32_t src_port, dst_port, len;
+	uint16_t type, op;
+	uint32_t flags, buf_alloc, fwd_cnt;
+} __attribute__((packed));
+#define VRX 8
+static uint8_t vsrx[VRX][4096];
+static uint8_t vstx[4096];
+static uint32_t vsev;
+static uint64_t vs_fwd, vs_resets;
+static uint32_t echo_peer;  /* the host port of a connection to our port 6000 */
+
+static void vs_send(struct dev *v, uint16_t op, uint32_t lport, uint32_t rport,
+		    const char *data, uint32_t len, uint32_t flags)
+{
+	struct vhdr *h = (struct vhdr *)vstx;
+	h->src_cid = *(volatile uint64_t *)v->device;
+	h->dst_cid = 2;
+	h->src_port = lport;
+	h->dst_port = rport;
+	h->len = len;
+	h->type = 1;
+	h->op = op;
+	h->flags = flags;
+	h->buf_alloc = 65536;
+	h->fwd_cnt = (uint32_t)vs_fwd;
+	memcpy(vstx + sizeof *h, data, len);
+	setd(v->q[1], 0, vstx, (uint32_t)sizeof *h + len, 0);
+	submit_q(v, 1, 1);
+}
+
+static void vs_start(struct dev *v)
+{
+	for (uint16_t i = 0; i < VRX; i++) {
+		setd(v->q[0], i, vsrx[i], sizeof vsrx[i], 1);
+		post_head(v, 0, i);
+	}
+	setd(v->q[2], 0, &vsev, sizeof vsev, 1);
+	post_head(v, 2, 0);
+}
+
+/* Serve the host's side: a transport reset (returns 1), connections to our port 6000
+ * (accepted and echoed); anything else for `want_port` is copied to *out (returns 2). */
+static int vs_poll(struct dev *v, uint32_t want_port, struct vhdr *out, char *data)
+{
+	uint32_t len;
+	if (used(v, 2, &len)) {
+		vs_resets++;
+		puts_("vsock reset\n");
+		post_head(v, 2, 0);
+		echo_peer = 0;
+		return 1;
+	}
+	if (!used(v, 0, &len))
+		return 0;
+	struct vq *q = v->q[0];
+	uint16_t head = (uint16_t)q->used_ring[(uint16_t)(v->last_used[0] - 1) % QSIZE].id;
+	if (head >= VRX)
+		fail("vsock receive buffer", head, len);
+	struct vhdr *h = (struct vhdr *)vsrx[head];
+	char *payload = (char *)vsrx[head] + sizeof *h;
+	int got = 0;
+	if (h->op == 5)
+		vs_fwd += h->len;
+	if (h->dst_port == 6000) {
+		if (h->op == 1) {                       /* REQUEST: accept */
+			echo_peer = h->src_port;
+			vs_send(v, 2, 6000, h->src_port, "", 0, 0);
+		} else if (h->op == 5 && h->len <= 64) {  /* RW: echo it */
+			char e[70];
+			memcpy(e, "echo:", 5);
+			memcpy(e + 5, payload, h->len);
+			vs_send(v, 5, 6000, h->src_port, e, 5 + h->len, 0);
+		}
+	} else if (h->dst_port == want_port) {
+		*out = *h;
+		memcpy(data, payload, h->len > 64 ? 64 : h->len);
+		got = 2;
+	}
+	post_head(v, 0, head);
+	return got;
+}
+
+/* Wait for a packet to `port`: 0 with it in *h, 1 if a transport reset came first. */
+static int vs_wait(struct dev *v, uint32_t port, struct vhdr *h, char *data)
+{
+	uint64_t deadline = rdtsc() + tsc_hz() * 10;
+	for (;;) {
+		int r = vs_poll(v, port, h, data);
+		if (r == 1)
+			return 1;
+		if (r == 2)
+			return 0;
+		if (rdtsc() > deadline)
+			fail("vsock: nothing came for port", port, 0);
+		cpu_relax();
+	}
+}
+
+/* One connection to the host's port 5000: ping, pong, close. 1: a reset cut it. */
+static int vs_round(struct dev *v, uint64_t r)
+{
+	/* a new local port after each reset: what the old connection left in the ring
+	 * (delivered before the reset, read after it) is for another port */
+	uint32_t lport = 1024 + (uint32_t)((r * 8 + vs_resets) % 60000);
+	struct vhdr h;
+	char data[64], msg[32];
+	vs_send(v, 1, lport, 5000, "", 0, 0);            /* REQUEST */
+	do {
+		if (vs_wait(v, lport, &h, data))
+			return 1;
+	} while (h.op != 2 && h.op != 3);                 /* stale traffic is dropped */
+	if (h.op != 2)
+		fail("vsock connect refused, op", h.op, r);
+	int n = 0;
+	const char *p = "ping ";
+	while (*p)
+		msg[n++] = *p++;
+	char d[21];
+	int k = 0;
+	uint64_t x = r;
+	do { d[k++] = (char)('0' + x % 10); x /= 10; } while (x);
+	while (k)
+		msg[n++] = d[--k];
+	vs_send(v, 5, lport, 5000, msg, (uint32_t)n, 0);   /* RW */
+	do {
+		if (vs_wait(v, lport, &h, data))
+			return 1;
+	} while (h.op == 6);                              /* credit updates */
+	if (h.op != 5 || h.len != (uint32_t)n || data[0] != 'p' || data[1] != 'o')
+		fail("vsock reply wrong: op, len", h.op, h.len);
+	for (int i = 4; i < n; i++)
+		if (data[i] != msg[i])
+			fail("vsock reply wrong at byte", (uint64_t)i, r);
+	vs_send(v, 4, lport, 5000, "", 0, 3);             /* SHUTDOWN both */
+	do {
+		if (vs_wait(v, lport, &h, data))
+			return 1;
+	} while (h.op != 3);                              /* until RST */
+	return 0;
+}
+
 static void net_start(struct dev *n)
 {
 	for (uint16_t i = 0; i < RXN; i++) {
@@ -311,10 +458,10 @@ void main(const char *cmdline)
 	uint64_t blocks = arg_u64(cmdline, "blocks", 64);
 	uint64_t rounds = arg_u64(cmdline, "rounds", 0);
 	uint64_t frames = arg_u64(cmdline, "frames", 16);
-	struct dev *blk = 0, *rng = 0, *con = 0, *net = 0;
+	struct dev *blk = 0, *rng = 0, *con = 0, *net = 0, *vs = 0;
 	int n = 0;
 	for (int slot = 1; slot < 32 && n < MAXDEV; slot++) {
-		if (probe(&devs[n], slot, &queues[2 * n])) {
+		if (probe(&devs[n], slot, &queues[3 * n])) {
 			if (devs[n].type == 2)
 				blk = &devs[n];
 			else if (devs[n].type == 4)
@@ -323,6 +470,8 @@ void main(const char *cmdline)
 				con = &devs[n];
 			else if (devs[n].type == 1)
 				net = &devs[n];
+			else if (devs[n].type == 19)
+				vs = &devs[n];
 			n++;
 		}
 	}
@@ -343,6 +492,10 @@ void main(const char *cmdline)
 	if (net) {
 		puts_(" net");
 		net_start(net);
+	}
+	if (vs) {
+		puts_(" vsock");
+		vs_start(vs);
 	}
 	putc_('\n');
 	for (;;) {
@@ -394,6 +547,13 @@ void main(const char *cmdline)
 			putc_(' ');
 			putu(net_got);
 			putc_('\n');
+		}
+		if (vs) {
+			while (vs_round(vs, r))
+				;  /* a reset cut the connection: connect again */
+			puts_("vsock ");
+			putu(r);
+			puts_(" ok\n");
 		}
 		puts_("V");
 		putu(r);

@@ -817,3 +817,167 @@ def test_console_output_with_no_client_survives_a_suspend(kit, disk, tmp_path):
         assert nums[:6] == [1, 2, 3, 4, 5, 6], nums[:10]
     finally:
         vm2.close()
+
+
+# --- virtio-vsock ----------------------------------------------------------------------------
+
+class EchoHost:
+    """The host's side of the guest's connections: UDS_5000 answers "ping N" with "pong N"."""
+
+    def __init__(self, uds: str) -> None:
+        import socket
+        import threading
+
+        self.srv = socket.socket(socket.AF_UNIX)
+        self.srv.bind(f"{uds}_5000")
+        self.srv.listen(16)
+        self.accepted = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                c, _ = self.srv.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    @staticmethod
+    def _serve(c) -> None:
+        import contextlib
+
+        with c, contextlib.suppress(OSError):  # the VMM drops connections at a reset
+            while data := c.recv(4096):
+                c.sendall(data.replace(b"ping", b"pong"))
+
+    def close(self) -> None:
+        self.srv.close()
+
+
+def host_connect(uds: str, port: int = 6000) -> bytes:
+    """A host program's connection into the guest: CONNECT, OK, then an echo."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(20)
+        s.connect(uds)
+        s.sendall(f"CONNECT {port}\n".encode())
+        hello = b""
+        while b"\n" not in hello:
+            hello += s.recv(64)
+        assert re.match(rb"OK \d+\n", hello), hello
+        s.sendall(b"hello-vsock")
+        got = b""
+        while b"echo:hello-vsock" not in got:
+            chunk = s.recv(64)
+            assert chunk, got
+            got += chunk
+        return got
+
+
+_VS = re.compile(rb"vsock (\d+) ok")
+
+
+@pytest.mark.kvm
+def test_vsock_both_ways_and_a_reset_after_restore(kit, disk, tmp_path):
+    uds = str(tmp_path / "v.sock")
+    host = EchoHost(uds)
+    con = CaptureConsole()
+    desc_ = with_virtio(default_description("null"), [disk], False,
+                        vsocks=[f"cid=7,uds={uds}"])
+    vm = VirtualMachine.create(VmConfig("vs", 64 * MB, 1, kernel=kit["virtio"],
+                                        cmdline="blocks=2 frames=0", description=desc_),
+                               console=con)
+    try:
+        vm.start()
+        wait_rounds(con, 3)
+        assert len(_VS.findall(bytes(con.buf))) >= 3 and host.accepted >= 3
+        assert b"echo:hello-vsock" in host_connect(uds)
+        save(vm, str(tmp_path / "s"), "suspend")  # connections open, traffic flowing
+    finally:
+        vm.close()
+    snap = open_snapshot(str(tmp_path / "s"))
+    con2 = CaptureConsole()
+    vm2 = restore(snap, console=con2, bindings={"disk0": disk, "vsock0": f"cid=7,uds={uds}"})
+    snap.close()
+    try:
+        vm2.start()
+        wait_rounds(con2, 3)
+        assert b"vsock reset" in con2.buf  # the guest was told its connections are gone
+        continued(con, con2)
+        assert b"echo:hello-vsock" in host_connect(uds)  # and new ones work right after
+    finally:
+        vm2.close()
+        host.close()
+
+
+def test_vsock_refuses_what_it_must(tmp_path):
+    from pyhyve.devices.virtio.vsock import (
+        BUF_ALLOC,
+        HDR,
+        OP_REQUEST,
+        OP_RST,
+        OP_RW,
+        Vsock,
+        VsockError,
+        parse_vsock,
+    )
+
+    for bad in ("cid=2,uds=/x", "cid=3", "uds=/x,cid=3", "cid=99999999999,uds=/x"):
+        with pytest.raises(VsockError):
+            parse_vsock(bad)
+    v = Vsock(f"cid=9,uds={tmp_path}/v.sock")
+    try:
+        def pkt(op, sport, dport, data=b"", dst=2):
+            return HDR.pack(9, dst, sport, dport, len(data), 1, op, 0, 1 << 16, 0) + data
+        v._from_guest(pkt(OP_RW, 1000, 5000, b"x"))          # no such connection
+        v._from_guest(pkt(OP_REQUEST, 1001, 5000))           # nobody listens at uds_5000
+        v._from_guest(pkt(OP_REQUEST, 1002, 5000, dst=42))   # not the host's CID
+        ops = [HDR.unpack_from(p)[6] for p in v.queued]
+        assert ops == [OP_RST, OP_RST, OP_RST]
+        v.queued.clear()
+        import socket
+        srv = socket.socket(socket.AF_UNIX)
+        srv.bind(f"{tmp_path}/v.sock_5000")
+        srv.listen(1)
+        v._from_guest(pkt(OP_REQUEST, 1003, 5000))           # accepted
+        peer, _ = srv.accept()
+        v._from_guest(pkt(OP_RW, 1003, 5000, b"y" * (BUF_ALLOC + 1)))  # over its credit
+        assert HDR.unpack_from(v.queued[-1])[6] == OP_RST and not v.conns
+        peer.close()
+        srv.close()
+    finally:
+        v.close()
+
+
+@pytest.mark.kvm
+def test_vsock_resets_and_reconnects_after_a_live_migration(kit, disk, tmp_path):
+    from migrate_helpers import Destination, migrate
+
+    a, b = str(tmp_path / "a.sock"), str(tmp_path / "b.sock")
+    hosts = [EchoHost(a), EchoHost(b)]
+    con = CaptureConsole()
+    desc_ = with_virtio(default_description("null"), [disk], False, vsocks=[f"cid=7,uds={a}"])
+    vm = VirtualMachine.create(VmConfig("vsm", 64 * MB, 1, kernel=kit["virtio"],
+                                        cmdline="blocks=2 frames=0", description=desc_),
+                               console=con)
+    try:
+        vm.start()
+        wait_rounds(con, 2)
+        dest = Destination(bindings={"disk0": disk, "vsock0": f"cid=7,uds={b}"})
+        stats = migrate(vm, dest, live=True)
+        assert stats.state == "completed", stats.error
+        try:
+            wait_rounds(dest.console, 3)
+            assert b"vsock reset" in dest.console.buf and hosts[1].accepted >= 2
+            continued(con, dest.console)
+            assert b"echo:hello-vsock" in host_connect(b)
+        finally:
+            dest.vm.close()
+    finally:
+        vm.close()
+        for h in hosts:
+            h.close()

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 from .errors import PyhyveError
 
-VIRTIO_KINDS = {"virtio-blk", "virtio-rng", "virtio-console", "virtio-net"}
+VIRTIO_KINDS = {"virtio-blk", "virtio-rng", "virtio-console", "virtio-net", "virtio-vsock"}
 KINDS = {"uart16550", "i8042", "post", "pci-host", "vmgenid"} | VIRTIO_KINDS
 BUSES = {"pio", "mmio", "pci"}  # pci: `base` is the slot on bus 0, the BAR is assigned from it
 PCI_SLOTS = 32
@@ -132,7 +132,8 @@ INTX_IRQS = (10, 11, 5, 9, 7, 6, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23)
 def with_virtio(desc: VmDescription, disks: list[str], rng: bool,
                 slots: list[str] | None = None,
                 vconsoles: list[str] | None = None,
-                nets: list[str] | None = None) -> VmDescription:
+                nets: list[str] | None = None,
+                vsocks: list[str] | None = None) -> VmDescription:
     """`desc` plus virtio devices: disk0.. (backend PATH[,ro][,serial=ID]) and rng0, each
     in a PCI slot with an INTx line of its own (MSI-X is what drivers use; INTx is the
     fallback). `slots` are bhyve's `-s SLOT,EMULATION[,CONF]` (virtio-blk,PATH...;
@@ -168,6 +169,7 @@ def with_virtio(desc: VmDescription, disks: list[str], rng: bool,
     wanted += [(None, "virtio-blk", spec) for spec in disks]
     wanted += [(None, "virtio-console", spec) for spec in vconsoles or []]
     wanted += [(None, "virtio-net", spec) for spec in nets or []]
+    wanted += [(None, "virtio-vsock", spec) for spec in vsocks or []]
     if rng:
         wanted.append((None, "virtio-rng", None))
     if len(wanted) > len(INTX_IRQS):
@@ -178,15 +180,15 @@ def with_virtio(desc: VmDescription, disks: list[str], rng: bool,
     free = (n for n in range(1, PCI_SLOTS) if n not in taken)
     extra, counts = [], {k: 0 for k in VIRTIO_KINDS}
     prefixes = {"virtio-blk": "disk", "virtio-rng": "rng", "virtio-console": "vconsole",
-                "virtio-net": "net"}
+                "virtio-net": "net", "virtio-vsock": "vsock"}
     for at, kind, spec in wanted:
         n = at if at is not None else next(free)
         prefix = prefixes[kind]
         extra.append(DeviceDesc(f"{prefix}{counts[kind]}", kind, "pci", n, 0x8000,
                                 INTX_IRQS[(n - 1) % len(INTX_IRQS)], spec))
         counts[kind] += 1
-    if counts["virtio-rng"] > 1:
-        raise DescriptionError("one virtio-rng device is enough")
+    if counts["virtio-rng"] > 1 or counts["virtio-vsock"] > 1:
+        raise DescriptionError("one virtio-rng device is enough, and one virtio-vsock")
     return VmDescription(desc.devices + tuple(sorted(extra, key=lambda d: d.base)))
 
 

@@ -84,6 +84,9 @@ def build_parser() -> Parser:
     r.add_argument("--rng", action="store_true", help="a virtio-rng device (rng0): host entropy")
     r.add_argument("--net", action="append", metavar="tap:NAME[,mac=MAC]|loop",
                    help="a virtio-net device (net0, ...) on a tap interface, or looped back")
+    r.add_argument("--vsock", metavar="cid=N,uds=PATH",
+                   help="a virtio-vsock device (vsock0): guest CID N; host programs connect "
+                   "through the UNIX socket PATH (CONNECT <port>), the guest reaches PATH_<port>")
     r.add_argument("--vconsole", action="append", metavar="unix:PATH|file:PATH",
                    help="a virtio-console port (vconsole0, ...) to a UNIX socket or a file")
     r.add_argument("-s", dest="slots", action="append", metavar="SLOT,EMULATION[,CONF]",
@@ -164,8 +167,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise UsageError("--reuse-paths goes with --restore or --receive")
         binds = _bindings(a)
         machine = bind(with_virtio(default_description(binds.pop(CONSOLE_ID, "stdio")),
-                                   a.disk or [], a.rng, a.slots, a.vconsole, a.net), binds,
-                       True)
+                                   a.disk or [], a.rng, a.slots, a.vconsole, a.net,
+                                   [a.vsock] if a.vsock else None), binds, True)
         config = VmConfig(name=a.name, memory=parse_size(a.memory or DEFAULT_MEMORY),
                           cpus=a.cpus if a.cpus is not None else 1,
                           kernel=a.kernel, initrd=a.initrd, cmdline=a.cmdline,
@@ -191,7 +194,8 @@ def _no_config_flags(a: argparse.Namespace, mode: str, why: str, sizes: bool = F
     (a restore may repeat --memory/--cpus, and is refused if they disagree)."""
     flags = [("--kernel", a.kernel), ("--initrd", a.initrd), ("--cmdline", a.cmdline),
              ("--cpuid-clear", a.cpuid_clear), ("--disk", a.disk), ("--rng", a.rng or None),
-             ("-s", a.slots), ("--vconsole", a.vconsole), ("--net", a.net)]
+             ("-s", a.slots), ("--vconsole", a.vconsole), ("--net", a.net),
+             ("--vsock", a.vsock)]
     if sizes:
         flags += [("--memory", a.memory), ("--cpus", a.cpus)]
     given = [flag for flag, v in flags if v is not None and v != ""]

@@ -54,7 +54,7 @@ def make_device(d: DeviceDesc, wiring: Wiring) -> tuple[Device, Console | None]:
         return PciHostBridge(), None
     if d.kind == "vmgenid":
         return VmGenId(), None
-    if d.kind in ("virtio-blk", "virtio-rng", "virtio-console", "virtio-net"):
+    if d.kind.startswith("virtio-"):
         return _virtio(d, wiring), None
     raise DeviceBuildError(f"device {d.id}: kind {d.kind!r} cannot be built")
 
@@ -66,6 +66,7 @@ def _virtio(d: DeviceDesc, wiring: Wiring) -> Device:
     from .virtio.net import Net, NetError
     from .virtio.pci import VirtioPci
     from .virtio.rng import Rng
+    from .virtio.vsock import Vsock, VsockError
 
     assert wiring.memory is not None and wiring.signal_msi is not None
     if d.kind == "virtio-blk":
@@ -79,6 +80,11 @@ def _virtio(d: DeviceDesc, wiring: Wiring) -> Device:
         try:
             backend = Net(d.backend or "loop")
         except NetError as e:
+            raise DeviceBuildError(f"device {d.id}: {e}") from None
+    elif d.kind == "virtio-vsock":
+        try:
+            backend = Vsock(d.backend or "")
+        except VsockError as e:
             raise DeviceBuildError(f"device {d.id}: {e}") from None
     elif d.kind == "virtio-console":
         if not d.backend or not d.backend.startswith(("unix:", "file:")):
