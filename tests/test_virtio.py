@@ -92,6 +92,10 @@ def test_the_device_guest_drives_blk_and_rng(kit, disk):
         wait_rounds(con, 3)
         assert b"virtio ready: blk sectors=32768 rng" in con.buf
         assert rounds(con)[:3] == [1, 2, 3]
+        # notifications came through KVM's ioeventfds, not MMIO exits (docs/devices.md)
+        for name in ("disk0", "rng0"):
+            bells = vm.devices[name].doorbells
+            assert bells is not None and bells.active and bells.rung >= 3, name
         vm.pause()
         top, _ = guestkit.check_blocks(disk, BLOCKS)  # the image, read on the host
         assert top >= 3
@@ -699,6 +703,7 @@ def test_a_moved_bar_is_decoded_there_after_restore(kit, disk, tmp_path):
         cfg_write(0x10, 0xD000_0000)
         cfg_write(0x04, 0x0006)  # memory decoding and bus mastering on
         assert vm.mmio.find(0xD000_0000)[1] is rng and rng.decoded == 0xD000_0000
+        assert rng.doorbells is not None and rng.doorbells.base == 0xD000_0000
         save(vm, str(tmp_path / "s"), "checkpoint")
     finally:
         vm.close()

@@ -113,6 +113,8 @@ class VirtualMachine:
         wiring = Wiring(irq_line=lambda irq, level: self.vm.irq_line(irq, level),
                         reset=self._guest_reset, console=console, memory=self.memory,
                         signal_msi=self.vm.signal_msi,
+                        ioeventfd=(self.vm.ioeventfd
+                                   if self.kvm.check_extension(I.KVM_CAP_IOEVENTFD) else None),
                         quit=lambda: self.stop("quit from the console (Ctrl-A x)", EXIT_DESTROYED))
         for d in self.description.devices:  # the machine is what its description says
             dev, con = make_device(d, wiring)

@@ -34,6 +34,7 @@ class Wiring:
     console: Console | None = None        # com1's console, when the caller made one
     memory: GuestMemory | None = None     # what virtio devices read and write
     signal_msi: Callable[[int, int], bool] | None = None  # (address, data): an MSI
+    ioeventfd: Callable[[int, int, int, bool], bool] | None = None  # KVM's, where offered
 
 VIRTIO_BAR_BASE = 0xE000_0000  # slot N's BAR0 at + N * 0x10000, in the MMIO hole
 
@@ -94,4 +95,4 @@ def _virtio(d: DeviceDesc, wiring: Wiring) -> Device:
         backend = Rng()
     irq = d.irq if d.irq is not None else 10
     return VirtioPci(backend, wiring.memory, VIRTIO_BAR_BASE + d.base * 0x10000, irq,
-                     wiring.irq_line, wiring.signal_msi)
+                     wiring.irq_line, wiring.signal_msi, wiring.ioeventfd)

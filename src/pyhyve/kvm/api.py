@@ -140,6 +140,16 @@ class Vm:
         except KvmError:
             return False
 
+    def ioeventfd(self, addr: int, length: int, fd: int, assign: bool = True) -> bool:
+        """Let KVM turn a guest's MMIO write of `length` bytes at `addr` into a signal on
+        eventfd `fd`, with no exit to us (or undo it). False if KVM refused."""
+        flags = 0 if assign else I.KVM_IOEVENTFD_FLAG_DEASSIGN
+        try:
+            ioctl(self.fd, I.KVM_IOEVENTFD, S.KvmIoeventfd(0, addr, length, fd, flags))
+        except KvmError:
+            return False
+        return True
+
     def get_irqchip(self, chip_id: int) -> S.KvmIrqchip:
         chip = S.KvmIrqchip(chip_id=chip_id)
         ioctl(self.fd, I.KVM_GET_IRQCHIP, chip)

@@ -185,6 +185,11 @@ class KvmMsi(C.Structure):
                 ("devid", u32), ("pad", u8 * 12)]
 
 
+class KvmIoeventfd(C.Structure):
+    _fields_ = [("datamatch", u64), ("addr", u64), ("len", u32), ("fd", C.c_int32),
+                ("flags", u32), ("pad", u8 * 36)]
+
+
 class KvmTranslation(C.Structure):
     _fields_ = [("linear_address", u64), ("physical_address", u64), ("valid", u8),
                 ("writeable", u8), ("usermode", u8), ("pad", u8 * 5)]
@@ -237,6 +242,6 @@ EXPECTED_SIZES = {
     KvmMsrEntry: 16, KvmCpuidEntry2: 40, KvmLapicState: 1024, KvmVcpuEvents: 64,
     KvmMpState: 4, KvmDebugregs: 128, KvmXsave: 4096, KvmXcrs: 392, KvmIrqchip: 520,
     KvmPitState2: 112, KvmPitConfig: 64, KvmClockData: 48, KvmUserspaceMemoryRegion: 32,
-    KvmDirtyLog: 16, KvmClearDirtyLog: 24, KvmIrqLevel: 8, KvmTranslation: 24, KvmMsi: 32,
+    KvmDirtyLog: 16, KvmClearDirtyLog: 24, KvmIrqLevel: 8, KvmTranslation: 24, KvmMsi: 32, KvmIoeventfd: 64,
     KvmEnableCap: 104,
 }

@@ -32,6 +32,7 @@ from collections.abc import Callable
 
 from ..base import Device, DeviceState
 from .backend import WAIT, Backend, VirtioState
+from .doorbell import Doorbells, Register
 from .layout import (
     BAR_SIZE,
     COMMON,
@@ -63,7 +64,8 @@ class VirtioPci(Device):
 
     def __init__(self, backend: Backend, mem: Memory, bar: int, irq: int,
                  irq_line: Callable[[int, int], None],
-                 signal_msi: Callable[[int, int], bool]) -> None:
+                 signal_msi: Callable[[int, int], bool],
+                 ioeventfd: Register | None = None) -> None:
         super().__init__()
         self.backend, self.mem, self.irq = backend, mem, irq
         self.irq_line, self.signal_msi = irq_line, signal_msi
@@ -90,6 +92,8 @@ class VirtioPci(Device):
         self._thread: threading.Thread | None = None
         if hasattr(backend, "kick"):  # a backend with input of its own (console) wakes us
             backend.kick = self._backend_kick
+        self.doorbells = (Doorbells(len(self.queues), ioeventfd, self._backend_kick)
+                          if ioeventfd is not None else None)
 
     def _backend_kick(self, index: int) -> None:
         with self.lock:
@@ -111,6 +115,8 @@ class VirtioPci(Device):
             old, self.decoded = self.decoded, None
             if self.on_bar_move(old, want):
                 self.decoded = want
+        if self.doorbells is not None and not self._closing:
+            self.doorbells.place(self.decoded)
 
     def _config_read(self, reg: int, size: int) -> None:
         """Before a config read: the PCI-config access window shows BAR0 (virtio 4.1.4.9)."""
@@ -369,6 +375,8 @@ class VirtioPci(Device):
         self._thread = threading.Thread(target=self._run, name=f"virtio-{self.backend.device_type}",
                                         daemon=True)
         self._thread.start()
+        if self.doorbells is not None:
+            self.doorbells.start()
 
     def quiesce(self) -> None:
         """No request in flight when this returns; a disk's writes are on stable storage
@@ -389,6 +397,8 @@ class VirtioPci(Device):
             self._work.notify_all()
 
     def close(self) -> None:
+        if self.doorbells is not None:
+            self.doorbells.close()
         with self.lock:
             self._closing = True
             self._paused = True
