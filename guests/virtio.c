@@ -170,7 +170,7 @@ static uint32_t submit_q(struct dev *d, int qi, int n)
 {
 	uint32_t len;
 	post(d, qi, n);
-	uint64_t deadline = rdtsc() + tsc_hz() * 10;
+	uint64_t deadline = rdtsc() + tsc_hz() * 30;  /* generous: a loaded host may starve the VMM for seconds */
 	while (!used(d, qi, &len)) {
 		if (C8(d, 0x14) & 0x40)
 			fail("device needs a reset, type", (uint64_t)d->type, 0);
@@ -320,7 +320,7 @@ static int vs_poll(struct dev *v, uint32_t want_port, struct vhdr *out, char *da
 /* Wait for a packet to `port`: 0 with it in *h, 1 if a transport reset came first. */
 static int vs_wait(struct dev *v, uint32_t port, struct vhdr *h, char *data)
 {
-	uint64_t deadline = rdtsc() + tsc_hz() * 10;
+	uint64_t deadline = rdtsc() + tsc_hz() * 30;  /* generous: a loaded host may starve the VMM for seconds */
 	for (;;) {
 		int r = vs_poll(v, port, h, data);
 		if (r == 1)
@@ -403,7 +403,7 @@ static void net_frame(struct dev *n, uint64_t r)
 	setd(n->q[1], 0, txframe, sizeof txframe, 0);
 	submit_q(n, 1, 1);
 	uint32_t len;
-	uint64_t deadline = rdtsc() + tsc_hz() * 10;
+	uint64_t deadline = rdtsc() + tsc_hz() * 30;  /* generous: a loaded host may starve the VMM for seconds */
 	while (!used(n, 0, &len)) {
 		if (rdtsc() > deadline)
 			fail("net frame never came back, sent", net_sent, net_got);

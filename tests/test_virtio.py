@@ -84,6 +84,28 @@ def wait_rounds(con, n: int, timeout: float = 60) -> None:
     assert b"VIRTIO ERROR" not in con.buf, bytes(con.buf[-300:])
 
 
+def suspended_busy(kit, disk, path, n: int, **kw) -> CaptureConsole:
+    """The device guest, suspended to `path` after `n` rounds while its devices are busy;
+    returns its console."""
+    vm, con = device_vm(kit, disk, **kw)
+    try:
+        vm.start()
+        wait_rounds(con, n)
+        save(vm, str(path), "suspend")
+    finally:
+        vm.close()
+    return con
+
+
+def restored(path, bindings: dict[str, str], **kw) -> tuple[VirtualMachine, CaptureConsole]:
+    snap = open_snapshot(str(path))
+    con = CaptureConsole()
+    try:
+        return restore(snap, console=con, bindings=bindings, **kw), con
+    finally:
+        snap.close()
+
+
 @pytest.mark.kvm
 def test_the_device_guest_drives_blk_and_rng(kit, disk):
     vm, con = device_vm(kit, disk)
@@ -106,18 +128,9 @@ def test_the_device_guest_drives_blk_and_rng(kit, disk):
 @pytest.mark.kvm
 @pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy"])
 def test_suspend_while_busy_then_restore_loses_no_block(kit, disk, tmp_path, lazy):
-    vm, con = device_vm(kit, disk)
-    try:
-        vm.start()
-        wait_rounds(con, 2)
-        save(vm, str(tmp_path / "s"), "suspend")  # mid-round: requests in flight
-    finally:
-        vm.close()
+    con = suspended_busy(kit, disk, tmp_path / "s", 2)  # mid-round: requests in flight
     guestkit.check_blocks(disk, BLOCKS)
-    snap = open_snapshot(str(tmp_path / "s"))
-    con2 = CaptureConsole()
-    vm2 = restore(snap, console=con2, lazy=lazy, bindings={"disk0": f"{disk},serial=kit-disk"})
-    snap.close()
+    vm2, con2 = restored(tmp_path / "s", {"disk0": f"{disk},serial=kit-disk"}, lazy=lazy)
     try:
         vm2.start()
         wait_rounds(con2, 3)
@@ -132,13 +145,7 @@ def test_suspend_while_busy_then_restore_loses_no_block(kit, disk, tmp_path, laz
 def test_restore_needs_the_disk_bound(kit, disk, tmp_path):
     from pyhyve.snapshot.format import SnapshotError
 
-    vm, con = device_vm(kit, disk)
-    try:
-        vm.start()
-        wait_rounds(con, 1)
-        save(vm, str(tmp_path / "s"), "suspend")
-    finally:
-        vm.close()
+    suspended_busy(kit, disk, tmp_path / "s", 1)
     snap = open_snapshot(str(tmp_path / "s"))
     try:
         with pytest.raises(SnapshotError, match="disk0"):
@@ -380,13 +387,7 @@ def test_clones_write_their_own_disks_and_cannot_be_saved_or_migrated(kit, disk,
     from pyhyve.migration.source import Migration, Options
     from pyhyve.snapshot.format import SnapshotError
 
-    vm, con = device_vm(kit, disk)
-    try:
-        vm.start()
-        wait_rounds(con, 2)
-        save(vm, str(tmp_path / "s"), "suspend")
-    finally:
-        vm.close()
+    suspended_busy(kit, disk, tmp_path / "s", 2)
     with open(disk, "rb") as f:
         image = hashlib.sha256(f.read()).hexdigest()
     clones = []
@@ -493,10 +494,7 @@ def test_console_stream_survives_a_suspend_while_busy_without_gap_or_repeat(kit,
         save(vm, str(tmp_path / "s"), "suspend")
     finally:
         vm.close()
-    snap = open_snapshot(str(tmp_path / "s"))
-    con2 = CaptureConsole()
-    vm2 = restore(snap, console=con2, bindings={"disk0": disk, "vconsole0": f"file:{port}"})
-    snap.close()
+    vm2, con2 = restored(tmp_path / "s", {"disk0": disk, "vconsole0": f"file:{port}"})
     try:
         vm2.start()
         wait_rounds(con2, 3)
@@ -568,10 +566,7 @@ def test_frames_loop_back_in_order_across_a_suspend_while_busy(kit, disk, tmp_pa
         save(vm, str(tmp_path / "s"), "suspend")
     finally:
         vm.close()
-    snap = open_snapshot(str(tmp_path / "s"))
-    con2 = CaptureConsole()
-    vm2 = restore(snap, console=con2, bindings={"disk0": disk, "net0": "loop"})
-    snap.close()
+    vm2, con2 = restored(tmp_path / "s", {"disk0": disk, "net0": "loop"})
     try:
         assert guest_mac(vm2) == bytes.fromhex("020000000042")  # the guest's MAC came along
         vm2.start()
@@ -799,13 +794,8 @@ def test_console_output_with_no_client_survives_a_suspend(kit, disk, tmp_path):
     import time
 
     sock = tmp_path / "p.sock"
-    vm, con = device_vm(kit, disk, port=f"unix:{sock}")
-    try:
-        vm.start()
-        wait_rounds(con, 3)  # "vcon 1..3" wait in the port, nobody has read them
-        save(vm, str(tmp_path / "s"), "suspend")
-    finally:
-        vm.close()
+    # "vcon 1..3" wait in the port, nobody has read them
+    suspended_busy(kit, disk, tmp_path / "s", 3, port=f"unix:{sock}")
     snap = open_snapshot(str(tmp_path / "s"))
     vm2 = restore(snap, console=CaptureConsole(),
                   bindings={"disk0": disk, "vconsole0": f"unix:{sock}"})
@@ -904,10 +894,7 @@ def test_vsock_both_ways_and_a_reset_after_restore(kit, disk, tmp_path):
         save(vm, str(tmp_path / "s"), "suspend")  # connections open, traffic flowing
     finally:
         vm.close()
-    snap = open_snapshot(str(tmp_path / "s"))
-    con2 = CaptureConsole()
-    vm2 = restore(snap, console=con2, bindings={"disk0": disk, "vsock0": f"cid=7,uds={uds}"})
-    snap.close()
+    vm2, con2 = restored(tmp_path / "s", {"disk0": disk, "vsock0": f"cid=7,uds={uds}"})
     try:
         vm2.start()
         wait_rounds(con2, 3)
@@ -986,3 +973,26 @@ def test_vsock_resets_and_reconnects_after_a_live_migration(kit, disk, tmp_path)
         vm.close()
         for h in hosts:
             h.close()
+
+
+def test_vsock_splits_data_to_fit_the_guests_buffers(tmp_path):
+    from pyhyve.devices.virtio.queue import Chain, Segment
+    from pyhyve.devices.virtio.vsock import HDR, OP_RW, RX, Conn, Vsock
+
+    v = Vsock(f"cid=9,uds={tmp_path}/v.sock")
+    try:
+        import socket
+        a, _b = socket.socketpair()
+        c = Conn(a, 1 << 30, 6000, connected=True)
+        v.queued.append(v._packet(c, OP_RW, bytes(range(256)) * 40))  # 10240 bytes
+        ram, got = FakeRam(), b""
+        for _ in range(3):  # 4 KiB buffers, as Linux offers
+            n = v.handle(RX, Chain(0, [], [Segment(0x1000, 4096, True)]), ram)
+            hdr = HDR.unpack_from(bytes(ram.b[0x1000:0x1000 + HDR.size]))
+            assert hdr[6] == OP_RW and hdr[4] == n - HDR.size <= 4096 - HDR.size
+            got += bytes(ram.b[0x1000 + HDR.size:0x1000 + n])
+        assert got == bytes(range(256)) * 40 and not v.queued
+        a.close()
+        _b.close()
+    finally:
+        v.close()

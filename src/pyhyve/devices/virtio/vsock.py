@@ -135,8 +135,17 @@ class Vsock:
                 return WAIT
             pkt = self.queued[0]
             if chain.out_room < len(pkt):
-                return 0  # a buffer too small for the next packet: given back empty
-            self.queued.popleft()
+                if chain.out_room <= HDR.size or HDR.unpack_from(pkt)[6] != OP_RW:
+                    return 0  # a buffer too small even for a header: given back empty
+                # data in pieces the guest's buffers hold (Linux offers 4 KiB ones)
+                take = chain.out_room - HDR.size
+                fields = list(HDR.unpack_from(pkt))
+                fields[4] = take
+                self.queued[0] = HDR.pack(*fields[:4], len(pkt) - HDR.size - take,
+                                          *fields[5:]) + pkt[HDR.size + take:]
+                pkt = HDR.pack(*fields) + pkt[HDR.size:HDR.size + take]
+            else:
+                self.queued.popleft()
         self._wake_poller()
         return chain.write(mem, pkt)
 
