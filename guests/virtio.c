@@ -18,6 +18,7 @@
  * write is caught when the block is read back.
  *
  * cmdline: blocks=N (default 64)  rounds=N (0: forever, default)  frames=N (default 16)
+ *          ecam: reach configuration space through ECAM at 0xF0000000 instead of 0xCF8
  */
 #include "rt.h"
 
@@ -33,14 +34,23 @@ static inline void outl(uint16_t port, uint32_t v) { __asm__ volatile("outl %0, 
 static inline uint32_t inl(uint16_t port) { uint32_t v; __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port)); return v; }
 #define barrier() __asm__ volatile("" ::: "memory")
 
+#define ECAM 0xF0000000UL
+static int use_ecam;
+
 static uint32_t cfg32(int dev, int reg)
 {
+	if (use_ecam)
+		return *(volatile uint32_t *)(ECAM + ((uint64_t)dev << 15) + (uint64_t)(reg & 0xFFC));
 	outl(0xCF8, 0x80000000u | (uint32_t)dev << 11 | (uint32_t)(reg & 0xFC));
 	return inl(0xCFC);
 }
 
 static void cfg_write32(int dev, int reg, uint32_t v)
 {
+	if (use_ecam) {
+		*(volatile uint32_t *)(ECAM + ((uint64_t)dev << 15) + (uint64_t)(reg & 0xFFC)) = v;
+		return;
+	}
 	outl(0xCF8, 0x80000000u | (uint32_t)dev << 11 | (uint32_t)(reg & 0xFC));
 	outl(0xCFC, v);
 }
@@ -458,6 +468,7 @@ void main(const char *cmdline)
 	uint64_t blocks = arg_u64(cmdline, "blocks", 64);
 	uint64_t rounds = arg_u64(cmdline, "rounds", 0);
 	uint64_t frames = arg_u64(cmdline, "frames", 16);
+	use_ecam = arg_flag(cmdline, "ecam");
 	struct dev *blk = 0, *rng = 0, *con = 0, *net = 0, *vs = 0;
 	int n = 0;
 	for (int slot = 1; slot < 32 && n < MAXDEV; slot++) {
@@ -475,7 +486,7 @@ void main(const char *cmdline)
 			n++;
 		}
 	}
-	puts_("virtio ready:");
+	puts_(use_ecam ? "virtio ready (ecam):" : "virtio ready:");
 	if (blk) {
 		volatile uint64_t *cap = (volatile uint64_t *)blk->device;
 		puts_(" blk sectors=");

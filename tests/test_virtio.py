@@ -59,13 +59,13 @@ def disk(tmp_path):
 
 
 def device_vm(kit, disk: str, name: str = "vio", port: str | None = None,
-              net: str | None = None, frames: int = 16) -> tuple[VirtualMachine,
-                                                                CaptureConsole]:
+              net: str | None = None, frames: int = 16,
+              extra: str = "") -> tuple[VirtualMachine, CaptureConsole]:
     con = CaptureConsole()
     desc_ = with_virtio(default_description("null"), [f"{disk},serial=kit-disk"], True,
                         vconsoles=[port] if port else None, nets=[net] if net else None)
     vm = VirtualMachine.create(VmConfig(name, 64 * MB, 1, kernel=kit["virtio"],
-                                        cmdline=f"blocks={BLOCKS} frames={frames}",
+                                        cmdline=f"blocks={BLOCKS} frames={frames} {extra}",
                                         description=desc_),
                                console=con)
     return vm, con
@@ -996,3 +996,32 @@ def test_vsock_splits_data_to_fit_the_guests_buffers(tmp_path):
         _b.close()
     finally:
         v.close()
+
+
+@pytest.mark.kvm
+def test_the_device_guest_finds_everything_through_ecam_too(kit, disk):
+    vm, con = device_vm(kit, disk, net="loop", extra="ecam")
+    try:
+        vm.start()
+        wait_rounds(con, 2)
+        assert b"virtio ready (ecam): blk sectors=32768 rng net" in con.buf
+    finally:
+        vm.close()
+
+
+def test_ecam_and_port_cf8_show_the_same_configuration_spaces():
+    from pyhyve.devices.pci import PciEcam, PciFunction, PciHostBridge
+
+    host = PciHostBridge()
+    host.add(3, PciFunction(0x1AF4, 0x1042, 0x018000))
+    ecam = PciEcam(host)
+    def cf8(dev, reg):
+        host.write(0, 4, 0x8000_0000 | dev << 11 | reg)
+        return host.read(4, 4)
+    for dev in (0, 3):
+        for reg in (0x00, 0x08, 0x3C):
+            assert ecam.read(dev << 15 | reg, 4) == cf8(dev, reg)
+    assert ecam.read(5 << 15, 4) == 0xFFFF_FFFF  # absent
+    assert ecam.read(3 << 15 | 0x100, 4) == 0    # extended space: none
+    ecam.write(3 << 15 | 0x3C, 1, 0x42)           # interrupt line, through ECAM
+    assert cf8(3, 0x3C) & 0xFF == 0x42

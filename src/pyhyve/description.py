@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 from .errors import PyhyveError
 
 VIRTIO_KINDS = {"virtio-blk", "virtio-rng", "virtio-console", "virtio-net", "virtio-vsock"}
-KINDS = {"uart16550", "i8042", "post", "pci-host", "vmgenid"} | VIRTIO_KINDS
+KINDS = {"uart16550", "i8042", "post", "pci-host", "pci-ecam", "vmgenid"} | VIRTIO_KINDS
 BUSES = {"pio", "mmio", "pci"}  # pci: `base` is the slot on bus 0, the BAR is assigned from it
 PCI_SLOTS = 32
 MAX_DEVICES = 64
@@ -112,9 +112,13 @@ GENID_ID = "genid"
 GENID_BASE, GENID_LENGTH = 0xFED0_2000, 0x1000  # devices/genid.py: the guest's view
 
 
+ECAM_ID = "ecam"
+ECAM_BASE, ECAM_LENGTH = 0xF000_0000, 1 << 20  # in the MMIO hole; devices/pci.py PciEcam
+
+
 def default_description(console: str | None, genid: bool = True) -> VmDescription:
     """The machine a new VM gets. Format 1 and 2 snapshots imply it without the generation
-    ID device (`genid=False`), which came later."""
+    ID and ECAM devices (`genid=False`), which came later."""
     devices = [
         DeviceDesc(CONSOLE_ID, "uart16550", "pio", 0x3F8, 8, 4, console),
         DeviceDesc("i8042", "i8042", "pio", 0x60, 5),
@@ -123,6 +127,7 @@ def default_description(console: str | None, genid: bool = True) -> VmDescriptio
     ]
     if genid:
         devices.append(DeviceDesc(GENID_ID, "vmgenid", "mmio", GENID_BASE, GENID_LENGTH))
+        devices.append(DeviceDesc(ECAM_ID, "pci-ecam", "mmio", ECAM_BASE, ECAM_LENGTH))
     return VmDescription(tuple(devices))
 
 

@@ -20,6 +20,7 @@ from .devices.base import Bus, BusError, Device, DeviceState
 from .devices.console import Console
 from .devices.factory import Wiring, make_device
 from .devices.genid import VmGenId
+from .devices.pci import PciHostBridge
 from .kvm import KvmError, Vcpu
 from .kvm import ioctls as I
 from .kvm.structs import KvmCpuidEntry2
@@ -115,6 +116,7 @@ class VirtualMachine:
                         signal_msi=self.vm.signal_msi,
                         ioeventfd=(self.vm.ioeventfd
                                    if self.kvm.check_extension(I.KVM_CAP_IOEVENTFD) else None),
+                        pci_host=self._pci_host,
                         quit=lambda: self.stop("quit from the console (Ctrl-A x)", EXIT_DESTROYED))
         for d in self.description.devices:  # the machine is what its description says
             dev, con = make_device(d, wiring)
@@ -155,14 +157,16 @@ class VirtualMachine:
         self.devices[name] = dev
         dev.wrote = self.memory.mark_written
 
+    def _pci_host(self) -> PciHostBridge | None:
+        return next((d for d in self.devices.values() if isinstance(d, PciHostBridge)), None)
+
     def _add_pci(self, name: str, slot: int, dev: Device) -> None:
         """A PCI function in `slot` of the host bridge, its BAR0 on the MMIO bus (moved
         where the guest moves it)."""
-        from .devices.pci import PciHostBridge
         from .devices.virtio.layout import BAR_SIZE
         from .devices.virtio.pci import VirtioPci
 
-        host = next((d for d in self.devices.values() if isinstance(d, PciHostBridge)), None)
+        host = self._pci_host()
         if host is None or not isinstance(dev, VirtioPci):
             raise VmError(f"device {name}: a PCI device needs the PCI host bridge")
         host.add(slot, dev.function)

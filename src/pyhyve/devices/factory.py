@@ -13,7 +13,7 @@ from .base import Device
 from .console import Console, open_console
 from .genid import VmGenId
 from .misc import I8042, PostPort
-from .pci import PciHostBridge
+from .pci import PciEcam, PciHostBridge
 from .uart import Uart
 
 if TYPE_CHECKING:
@@ -35,6 +35,7 @@ class Wiring:
     memory: GuestMemory | None = None     # what virtio devices read and write
     signal_msi: Callable[[int, int], bool] | None = None  # (address, data): an MSI
     ioeventfd: Callable[[int, int, int, bool], bool] | None = None  # KVM's, where offered
+    pci_host: Callable[[], PciHostBridge | None] = lambda: None  # the VM's, for ECAM
 
 VIRTIO_BAR_BASE = 0xE000_0000  # slot N's BAR0 at + N * 0x10000, in the MMIO hole
 
@@ -53,6 +54,11 @@ def make_device(d: DeviceDesc, wiring: Wiring) -> tuple[Device, Console | None]:
         return PostPort(), None
     if d.kind == "pci-host":
         return PciHostBridge(), None
+    if d.kind == "pci-ecam":
+        host = wiring.pci_host()
+        if host is None:
+            raise DeviceBuildError(f"device {d.id}: ECAM needs the PCI host bridge before it")
+        return PciEcam(host), None
     if d.kind == "vmgenid":
         return VmGenId(), None
     if d.kind.startswith("virtio-"):

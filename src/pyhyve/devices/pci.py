@@ -1,4 +1,5 @@
-"""PCI host bridge on configuration mechanism #1 (ports 0xCF8 address, 0xCFC data).
+"""PCI host bridge on configuration mechanism #1 (ports 0xCF8 address, 0xCFC data), and
+the same configuration spaces through ECAM (PciEcam: memory-mapped, 4 KiB per function).
 
 Bus 0, device 0 is the host bridge itself; the virtio work adds devices with
 `add()`. Absent functions read as all ones, which is how a guest discovers them missing.
@@ -113,3 +114,35 @@ class PciHostBridge(Device):
                 raise ValueError(f"pci-host: saved function {b:02x}:{d:02x}.{f} does not exist here")
             fn.config[:] = cfg
         self.address = state.address & 0x80FF_FFFC
+
+
+class PciEcam(Device):
+    """ECAM (PCIe enhanced configuration access) for bus 0: function (d, f)'s space at
+    base + (d << 15 | f << 12). Only the first 256 bytes exist (conventional functions);
+    the extended space reads as zero. The functions are the host bridge's, under its lock."""
+
+    kind = "pci-ecam"
+    BASE, LENGTH = 0xF000_0000, 1 << 20  # bus 0 only (description.ECAM_BASE)
+
+    def __init__(self, host: PciHostBridge) -> None:
+        super().__init__()
+        self.host = host
+
+    def _target(self, offset: int) -> tuple[PciFunction | None, int]:
+        dev, fn, reg = (offset >> 15) & 0x1F, (offset >> 12) & 0x7, offset & 0xFFF
+        return self.host.functions.get((0, dev, fn)), reg
+
+    def read(self, offset: int, size: int) -> int:
+        f, reg = self._target(offset)
+        if f is None:
+            return (1 << (8 * size)) - 1
+        if reg + size > 256:
+            return 0
+        with self.host.lock:
+            return f.read(reg, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        f, reg = self._target(offset)
+        if f is not None and reg + size <= 256:
+            with self.host.lock:
+                f.write(reg, size, value)
