@@ -19,6 +19,8 @@
  *
  * cmdline: blocks=N (default 64)  rounds=N (0: forever, default)  frames=N (default 16)
  *          ecam: reach configuration space through ECAM at 0xF0000000 instead of 0xCF8
+ *          evidx: negotiate VIRTIO_RING_F_EVENT_IDX (and notify only as avail_event asks)
+ *          indirect: negotiate VIRTIO_RING_F_INDIRECT_DESC; disk requests use an indirect table
  */
 #include "rt.h"
 
@@ -35,7 +37,7 @@ static inline uint32_t inl(uint16_t port) { uint32_t v; __asm__ volatile("inl %1
 #define barrier() __asm__ volatile("" ::: "memory")
 
 #define ECAM 0xF0000000UL
-static int use_ecam;
+static int use_ecam, use_evidx, use_indirect;
 
 static uint32_t cfg32(int dev, int reg)
 {
@@ -125,9 +127,9 @@ static int probe(struct dev *d, int slot, struct vq *q)  /* q: room for three qu
 	C8(d, 0x14) = 0;                         /* reset */
 	C8(d, 0x14) = 1 | 2;                     /* ACKNOWLEDGE | DRIVER */
 	C32(d, 0x08) = 1;
-	C32(d, 0x0C) = 1;                        /* VIRTIO_F_VERSION_1, nothing else */
+	C32(d, 0x0C) = 1;                        /* VIRTIO_F_VERSION_1 */
 	C32(d, 0x08) = 0;
-	C32(d, 0x0C) = 0;
+	C32(d, 0x0C) = (use_evidx ? 1u << 29 : 0) | (use_indirect ? 1u << 28 : 0);
 	C8(d, 0x14) = 1 | 2 | 8;                 /* FEATURES_OK */
 	if (!(C8(d, 0x14) & 8))
 		fail("features refused on slot", (uint64_t)slot, 0);
@@ -148,6 +150,17 @@ static int probe(struct dev *d, int slot, struct vq *q)  /* q: room for three qu
 	return 1;
 }
 
+/* Notify the device of queue qi, unless EVENT_IDX says it does not want to know yet. */
+static void notify(struct dev *d, int qi, uint16_t old)
+{
+	struct vq *q = d->q[qi];
+	__asm__ volatile("mfence" ::: "memory");
+	uint16_t event = *(volatile uint16_t *)&q->avail_event, now = q->avail_idx;
+	if (use_evidx && (uint16_t)(now - event - 1) >= (uint16_t)(now - old))
+		return;
+	*(volatile uint16_t *)d->notify[qi] = (uint16_t)qi;
+}
+
 /* Offer descriptors 0..n-1 of queue qi as one chain. */
 static void post(struct dev *d, int qi, int n)
 {
@@ -158,9 +171,9 @@ static void post(struct dev *d, int qi, int n)
 	}
 	q->avail_ring[q->avail_idx % QSIZE] = 0;
 	barrier();
-	q->avail_idx++;
+	uint16_t old = q->avail_idx++;
 	barrier();
-	*(volatile uint16_t *)d->notify[qi] = (uint16_t)qi;
+	notify(d, qi, old);
 }
 
 /* Whether the device used the request (its written length in *len). */
@@ -200,9 +213,9 @@ static void post_head(struct dev *d, int qi, uint16_t head)
 	q->desc[head].flags &= (uint16_t)~1;
 	q->avail_ring[q->avail_idx % QSIZE] = head;
 	barrier();
-	q->avail_idx++;
+	uint16_t old = q->avail_idx++;
 	barrier();
-	*(volatile uint16_t *)d->notify[qi] = (uint16_t)qi;
+	notify(d, qi, old);
 }
 
 static void setd(struct vq *q, int i, const void *addr, uint32_t len, int write)
@@ -227,10 +240,19 @@ static void blk_io(struct dev *d, uint32_t type, uint64_t block)
 	req.reserved = 0;
 	req.sector = block * (BLOCK / 512);
 	status = 0xFF;
-	setd(d->q[0], 0, &req, sizeof req, 0);
-	setd(d->q[0], 1, blockbuf, BLOCK, type == 0);
-	setd(d->q[0], 2, (const void *)&status, 1, 1);
-	submit(d, 3);
+	if (use_indirect) {  /* the three buffers in a table of their own, one ring slot */
+		static struct desc table[3] __attribute__((aligned(16)));
+		table[0] = (struct desc){(uint64_t)&req, sizeof req, 1, 1};
+		table[1] = (struct desc){(uint64_t)blockbuf, BLOCK, (uint16_t)(1 | (type == 0 ? 2 : 0)), 2};
+		table[2] = (struct desc){(uint64_t)&status, 1, 2, 0};
+		d->q[0]->desc[0] = (struct desc){(uint64_t)table, sizeof table, 4, 0};
+		submit(d, 1);
+	} else {
+		setd(d->q[0], 0, &req, sizeof req, 0);
+		setd(d->q[0], 1, blockbuf, BLOCK, type == 0);
+		setd(d->q[0], 2, (const void *)&status, 1, 1);
+		submit(d, 3);
+	}
 	if (status != 0)
 		fail("block request failed, status", status, block);
 }
@@ -469,6 +491,8 @@ void main(const char *cmdline)
 	uint64_t rounds = arg_u64(cmdline, "rounds", 0);
 	uint64_t frames = arg_u64(cmdline, "frames", 16);
 	use_ecam = arg_flag(cmdline, "ecam");
+	use_evidx = arg_flag(cmdline, "evidx");
+	use_indirect = arg_flag(cmdline, "indirect");
 	struct dev *blk = 0, *rng = 0, *con = 0, *net = 0, *vs = 0;
 	int n = 0;
 	for (int slot = 1; slot < 32 && n < MAXDEV; slot++) {

@@ -1025,3 +1025,23 @@ def test_ecam_and_port_cf8_show_the_same_configuration_spaces():
     assert ecam.read(3 << 15 | 0x100, 4) == 0    # extended space: none
     ecam.write(3 << 15 | 0x3C, 1, 0x42)           # interrupt line, through ECAM
     assert cf8(3, 0x3C) & 0xFF == 0x42
+
+
+@pytest.mark.kvm
+def test_event_index_and_indirect_descriptors_end_to_end_across_a_suspend(kit, disk,
+                                                                         tmp_path):
+    """The guest negotiates EVENT_IDX (and notifies only as avail_event asks) and sends
+    its disk requests through indirect tables: no request may stall or go astray."""
+    con = suspended_busy(kit, disk, tmp_path / "s", 3, net="loop", extra="evidx indirect")
+    vm2, con2 = restored(tmp_path / "s", {"disk0": disk, "net0": "loop"})
+    try:
+        for name in ("disk0", "net0", "rng0"):  # what the guest really negotiated
+            assert vm2.devices[name].driver_features & (3 << 28) == 3 << 28, name
+            assert all(q.event_idx for q in vm2.devices[name].queues if q.ready)
+        vm2.start()
+        wait_rounds(con2, 3)
+        continued(con, con2)
+        vm2.pause()
+        guestkit.check_blocks(disk, BLOCKS)
+    finally:
+        vm2.close()
