@@ -275,7 +275,7 @@ struct vhdr {
 static uint8_t vsrx[VRX][4096];
 static uint8_t vstx[4096];
 static uint32_t vsev;
-static uint64_t vs_fwd, vs_resets;
+static uint64_t vs_fwd, echo_fwd, vs_resets;  /* bytes taken, per connection (spec 5.10) */
 static uint32_t echo_peer;  /* the host port of a connection to our port 6000 */
 
 static void vs_send(struct dev *v, uint16_t op, uint32_t lport, uint32_t rport,
@@ -291,7 +291,7 @@ static void vs_send(struct dev *v, uint16_t op, uint32_t lport, uint32_t rport,
 	h->op = op;
 	h->flags = flags;
 	h->buf_alloc = 65536;
-	h->fwd_cnt = (uint32_t)vs_fwd;
+	h->fwd_cnt = (uint32_t)(lport == 6000 ? echo_fwd : vs_fwd);
 	memcpy(vstx + sizeof *h, data, len);
 	setd(v->q[1], 0, vstx, (uint32_t)sizeof *h + len, 0);
 	submit_q(v, 1, 1);
@@ -313,6 +313,8 @@ static int vs_poll(struct dev *v, uint32_t want_port, struct vhdr *out, char *da
 {
 	uint32_t len;
 	if (used(v, 2, &len)) {
+		if (len != 4 || vsev != 0)
+			fail("vsock event: length, id", len, vsev);
 		vs_resets++;
 		puts_("vsock reset\n");
 		post_head(v, 2, 0);
@@ -328,11 +330,16 @@ static int vs_poll(struct dev *v, uint32_t want_port, struct vhdr *out, char *da
 	struct vhdr *h = (struct vhdr *)vsrx[head];
 	char *payload = (char *)vsrx[head] + sizeof *h;
 	int got = 0;
-	if (h->op == 5)
-		vs_fwd += h->len;
+	if (h->op == 5) {  /* credit: only this connection's bytes (not a stale one's) */
+		if (h->dst_port == 6000)
+			echo_fwd += h->len;
+		else if (h->dst_port == want_port)
+			vs_fwd += h->len;
+	}
 	if (h->dst_port == 6000) {
 		if (h->op == 1) {                       /* REQUEST: accept */
 			echo_peer = h->src_port;
+			echo_fwd = 0;
 			vs_send(v, 2, 6000, h->src_port, "", 0, 0);
 		} else if (h->op == 5 && h->len <= 64) {  /* RW: echo it */
 			char e[70];
@@ -373,6 +380,7 @@ static int vs_round(struct dev *v, uint64_t r)
 	uint32_t lport = 1024 + (uint32_t)((r * 8 + vs_resets) % 60000);
 	struct vhdr h;
 	char data[64], msg[32];
+	vs_fwd = 0;                                       /* a new connection's count */
 	vs_send(v, 1, lport, 5000, "", 0, 0);            /* REQUEST */
 	do {
 		if (vs_wait(v, lport, &h, data))

@@ -709,6 +709,7 @@ def test_a_moved_bar_is_decoded_there_after_restore(kit, disk, tmp_path):
         vm2.start()
         rng2 = vm2.devices["rng0"]
         assert vm2.mmio.find(0xD000_0000)[1] is rng2
+        assert rng2.doorbells is not None and rng2.doorbells.base == 0xD000_0000
         hit = vm2.mmio.find(rng2.bar if rng2.bar != 0xD000_0000 else 0xE002_0000)
         assert hit is None or hit[1] is not rng2
     finally:
@@ -936,8 +937,11 @@ def test_vsock_refuses_what_it_must(tmp_path):
         srv.bind(f"{tmp_path}/v.sock_5000")
         srv.listen(1)
         v._from_guest(pkt(OP_REQUEST, 1003, 5000))           # accepted
-        peer, _ = srv.accept()
-        v._from_guest(pkt(OP_RW, 1003, 5000, b"y" * (BUF_ALLOC + 1)))  # over its credit
+        peer, _ = srv.accept()                              # ... and never read
+        for _ in range(64):  # more than the credit it was given, once the socket is full
+            v._from_guest(pkt(OP_RW, 1003, 5000, b"y" * (BUF_ALLOC // 4)))
+            if not v.conns:
+                break
         assert HDR.unpack_from(v.queued[-1])[6] == OP_RST and not v.conns
         peer.close()
         srv.close()
@@ -1045,3 +1049,137 @@ def test_event_index_and_indirect_descriptors_end_to_end_across_a_suspend(kit, d
         guestkit.check_blocks(disk, BLOCKS)
     finally:
         vm2.close()
+
+
+class FakeGuest:
+    """Drives a Vsock as its guest would: packets in through TX, out of the queue."""
+
+    def __init__(self, v) -> None:
+        from pyhyve.devices.virtio.vsock import HDR
+
+        self.v, self.HDR = v, HDR
+
+    def send(self, op, gport, hport, data=b"", flags=0, buf_alloc=1 << 16, fwd=0):
+        self.v._from_guest(self.HDR.pack(9, 2, gport, hport, len(data), 1, op, flags,
+                                         buf_alloc, fwd) + data)
+
+    def take(self, timeout=10.0):
+        import time
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            with self.v._lock:
+                if self.v.queued:
+                    pkt = self.v.queued.popleft()
+                    f = self.HDR.unpack_from(pkt)
+                    return f[6], f[2], f[3], pkt[self.HDR.size:]
+            time.sleep(0.005)
+        raise AssertionError("nothing for the guest")
+
+
+def test_vsock_host_side_order_credit_and_closing(tmp_path):
+    import socket
+    import time
+
+    from pyhyve.devices.virtio.vsock import (
+        OP_REQUEST,
+        OP_RESPONSE,
+        OP_RST,
+        OP_RW,
+        OP_SHUTDOWN,
+        Conn,
+        Vsock,
+    )
+
+    v = Vsock(f"cid=9,uds={tmp_path}/v.sock")
+    v.start()
+    g = FakeGuest(v)
+    try:
+        # a host program: CONNECT with bytes right behind it; the guest accepts and writes
+        # at once: the program reads OK before the guest's bytes, the guest gets its early
+        # bytes
+        h = socket.socket(socket.AF_UNIX)
+        h.connect(f"{tmp_path}/v.sock")
+        h.sendall(b"CONNECT 7\nearly-bytes")
+        op, hport, gport, _ = g.take()
+        assert (op, gport) == (OP_REQUEST, 7)
+        g.send(OP_RESPONSE, 7, hport)
+        g.send(OP_RW, 7, hport, b"BANNER\n")
+        h.settimeout(5)
+        got = b""
+        while b"BANNER" not in got:
+            got += h.recv(100)
+        assert got == f"OK {hport}\n".encode() + b"BANNER\n"
+        assert g.take()[0::3] == (OP_RW, b"early-bytes")
+        # a guest that writes then closes: the program gets every byte before EOF
+        big = bytes(range(256)) * 1000
+        g.send(OP_RW, 7, hport, big)
+        g.send(OP_SHUTDOWN, 7, hport, flags=3)
+        time.sleep(0.2)
+        rest = b""
+        while chunk := h.recv(65536):
+            rest += chunk
+        assert rest == big
+        ops = []
+        while v.queued:
+            ops.append(g.take()[0])
+        assert OP_RST in ops
+        h.close()
+        # a service that is not accepting: refused at once, nothing blocks
+        slow = socket.socket(socket.AF_UNIX)
+        slow.bind(f"{tmp_path}/v.sock_80")
+        slow.listen(0)
+        fillers = []
+        for _ in range(4):
+            f = socket.socket(socket.AF_UNIX)
+            f.setblocking(False)
+            with __import__("contextlib").suppress(BlockingIOError):
+                f.connect(f"{tmp_path}/v.sock_80")
+            fillers.append(f)
+        t0 = time.monotonic()
+        for port in range(1000, 1004):
+            g.send(OP_REQUEST, port, 80)
+        assert time.monotonic() - t0 < 1.0
+        for f in fillers:
+            f.close()
+        slow.close()
+        # credit counted modulo 2^32, and no credit is not an end of stream
+        a, b = socket.socketpair()
+        c = Conn(a, 5, 6, connected=True, peer_buf=4096, peer_fwd=0xFFFF_FF00,
+                 sent=0x10)  # 0x110 in flight across the wrap
+        assert c.room() == 4096 - 0x110
+        c.peer_buf = 0
+        with v._lock:
+            v.conns[c.key] = c
+        b.sendall(b"x")
+        v._host_data(c)
+        assert v.conns.get(c.key) is c  # still open
+        a.close()
+        b.close()
+    finally:
+        v.close()
+
+
+def test_a_unix_console_catches_a_slow_client_up_and_keeps_the_newest_output(tmp_path):
+    import socket
+    import time
+
+    from pyhyve.devices.console import UnixConsole
+
+    con = UnixConsole(str(tmp_path / "c.sock"))
+    try:
+        con.write(bytes(70000))
+        assert con.unsent() == bytes(65536)  # one big write with no client: its last 64 KiB
+        con.requeue(b"")
+        with socket.socket(socket.AF_UNIX) as c:
+            c.connect(str(tmp_path / "c.sock"))
+            time.sleep(0.2)
+            got = b""
+            for i in range(40):  # more than the socket holds while the client is not reading
+                con.write(b"%05d" % i * 1000)
+            con.write(b"PROMPT> ")  # and then the guest waits for input
+            c.settimeout(5)
+            while not got.endswith(b"PROMPT> "):
+                got += c.recv(1 << 20)
+        assert got.endswith(b"PROMPT> ") and con.unsent() == b""
+    finally:
+        con.close()

@@ -247,7 +247,21 @@ class UnixConsole(Console):
             threading.Thread(target=self._pump, args=(c,), daemon=True).start()
 
     def _pump(self, c: socket.socket) -> None:
+        """The client's input to the guest; and output the client could not take at once
+        goes out as soon as it can (not only at the guest's next write)."""
         while True:
+            with self.lock:
+                behind = bool(self.pending) and self.client is c
+            try:
+                readable, writable, _ = select.select([c], [c] if behind else [], [], 1.0)
+            except (OSError, ValueError):
+                return
+            if writable:
+                with self.lock:
+                    if self.client is c:
+                        self._flush()
+            if not readable:
+                continue
             try:
                 data = c.recv(4096)
             except OSError:
@@ -262,8 +276,13 @@ class UnixConsole(Console):
             self.pending.append(data)
             self.pending_len += len(data)
             self._flush()
-            while self.pending_len > self.BACKLOG:
-                self.pending_len -= len(self.pending.popleft())
+            while self.pending_len > self.BACKLOG:  # keep the newest BACKLOG bytes
+                extra = self.pending_len - self.BACKLOG
+                if len(self.pending[0]) <= extra:
+                    self.pending_len -= len(self.pending.popleft())
+                else:
+                    self.pending[0] = self.pending[0][extra:]
+                    self.pending_len -= extra
 
     def _flush(self) -> None:
         """Send what is pending, in order, as far as the client takes it now."""
@@ -298,9 +317,11 @@ class UnixConsole(Console):
             return
         self.closed = True
         unixsock.release(self.path, self.ident)
-        self.sock.close()
-        if self.client:
-            self.client.close()
+        for sock in (self.sock, self.client):  # shutdown wakes the threads blocked on them
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
 
 
 def open_console(spec: str) -> Console:

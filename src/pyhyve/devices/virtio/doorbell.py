@@ -73,6 +73,8 @@ class Doorbells:
         os.write(self._stop_w, b"x")
         if self._thread is not None:
             self._thread.join(5)
+            if self._thread.is_alive():
+                return  # still using these fds: closing them could hand it others' numbers
         for fd in [*self.fds, self._stop_r, self._stop_w]:
             with contextlib.suppress(OSError):
                 os.close(fd)

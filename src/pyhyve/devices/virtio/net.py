@@ -197,6 +197,8 @@ class Net:
             os.write(self._stop_w, b"x")
         if self._reader is not None:
             self._reader.join(5)
+            if self._reader.is_alive():
+                return  # still reading: its fds stay open until the process ends
         for fd in (self.tap, self._stop_r, self._stop_w):
             if fd >= 0:
                 os.close(fd)

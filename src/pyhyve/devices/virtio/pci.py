@@ -397,12 +397,12 @@ class VirtioPci(Device):
             self._work.notify_all()
 
     def close(self) -> None:
-        if self.doorbells is not None:
-            self.doorbells.close()
-        with self.lock:
+        with self.lock:  # no BAR move can place the doorbells again after this
             self._closing = True
             self._paused = True
             self._work.notify_all()
+        if self.doorbells is not None:
+            self.doorbells.close()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(30)
             if self._thread.is_alive():  # still inside host I/O: closing its fds under it
