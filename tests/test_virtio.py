@@ -97,6 +97,18 @@ def suspended_busy(kit, disk, path, n: int, **kw) -> CaptureConsole:
     return con
 
 
+def runs_on(vm, before, after, disk: str | None = None) -> None:
+    """Start a restored or received guest, let it make three rounds, and check that its
+    console continued `before`'s (and, with `disk`, that the image is whole)."""
+    if vm.state == "created":
+        vm.start()
+    wait_rounds(after, 3)
+    continued(before, after)
+    if disk is not None:
+        vm.pause()
+        guestkit.check_blocks(disk, BLOCKS)
+
+
 def restored(path, bindings: dict[str, str], **kw) -> tuple[VirtualMachine, CaptureConsole]:
     snap = open_snapshot(str(path))
     con = CaptureConsole()
@@ -132,11 +144,7 @@ def test_suspend_while_busy_then_restore_loses_no_block(kit, disk, tmp_path, laz
     guestkit.check_blocks(disk, BLOCKS)
     vm2, con2 = restored(tmp_path / "s", {"disk0": f"{disk},serial=kit-disk"}, lazy=lazy)
     try:
-        vm2.start()
-        wait_rounds(con2, 3)
-        continued(con, con2)
-        vm2.pause()
-        guestkit.check_blocks(disk, BLOCKS)
+        runs_on(vm2, con, con2, disk)
     finally:
         vm2.close()
 
@@ -165,10 +173,7 @@ def test_live_migration_while_busy_loses_no_block(kit, disk):
     stats = migrate(vm, dest, live=True)
     assert stats.state == "completed", stats.error
     try:
-        wait_rounds(dest.console, 3)
-        continued(con, dest.console)
-        dest.vm.pause()
-        guestkit.check_blocks(disk, BLOCKS)
+        runs_on(dest.vm, con, dest.console, disk)
     finally:
         dest.vm.close()
         vm.close()
@@ -569,9 +574,7 @@ def test_frames_loop_back_in_order_across_a_suspend_while_busy(kit, disk, tmp_pa
     vm2, con2 = restored(tmp_path / "s", {"disk0": disk, "net0": "loop"})
     try:
         assert guest_mac(vm2) == bytes.fromhex("020000000042")  # the guest's MAC came along
-        vm2.start()
-        wait_rounds(con2, 3)  # the guest checks every frame's number itself
-        continued(con, con2)
+        runs_on(vm2, con, con2)  # the guest checks every frame's number itself
         both = [int(m.group(2)) for m in _NET.finditer(bytes(con.buf) + bytes(con2.buf))]
         assert both == [16 * (i + 1) for i in range(len(both))], both
     finally:
@@ -897,10 +900,8 @@ def test_vsock_both_ways_and_a_reset_after_restore(kit, disk, tmp_path):
         vm.close()
     vm2, con2 = restored(tmp_path / "s", {"disk0": disk, "vsock0": f"cid=7,uds={uds}"})
     try:
-        vm2.start()
-        wait_rounds(con2, 3)
+        runs_on(vm2, con, con2)
         assert b"vsock reset" in con2.buf  # the guest was told its connections are gone
-        continued(con, con2)
         assert b"echo:hello-vsock" in host_connect(uds)  # and new ones work right after
     finally:
         vm2.close()
@@ -967,9 +968,8 @@ def test_vsock_resets_and_reconnects_after_a_live_migration(kit, disk, tmp_path)
         stats = migrate(vm, dest, live=True)
         assert stats.state == "completed", stats.error
         try:
-            wait_rounds(dest.console, 3)
+            runs_on(dest.vm, con, dest.console)
             assert b"vsock reset" in dest.console.buf and hosts[1].accepted >= 2
-            continued(con, dest.console)
             assert b"echo:hello-vsock" in host_connect(b)
         finally:
             dest.vm.close()
@@ -1042,11 +1042,7 @@ def test_event_index_and_indirect_descriptors_end_to_end_across_a_suspend(kit, d
         for name in ("disk0", "net0", "rng0"):  # what the guest really negotiated
             assert vm2.devices[name].driver_features & (3 << 28) == 3 << 28, name
             assert all(q.event_idx for q in vm2.devices[name].queues if q.ready)
-        vm2.start()
-        wait_rounds(con2, 3)
-        continued(con, con2)
-        vm2.pause()
-        guestkit.check_blocks(disk, BLOCKS)
+        runs_on(vm2, con, con2, disk)
     finally:
         vm2.close()
 
@@ -1183,3 +1179,19 @@ def test_a_unix_console_catches_a_slow_client_up_and_keeps_the_newest_output(tmp
         assert got.endswith(b"PROMPT> ") and con.unsent() == b""
     finally:
         con.close()
+
+
+def test_a_restores_own_backend_options_are_never_recorded():
+    """`force` (--disk-changed-ok), `clone=DIR` and `newmac` serve one restore; a snapshot
+    taken later must not carry them (with --reuse-paths they would skip the next disk
+    check, or choose a directory for scratch files)."""
+    from dataclasses import replace
+
+    d = with_virtio(default_description("null"), ["/img,ro,serial=x"], False,
+                    nets=["tap:t0,mac=02:00:00:00:00:01"])
+    opts = {"virtio-blk": ",clone=/tmp/x,force", "virtio-net": ",newmac"}
+    changed = VmDescription(tuple(replace(x, backend=x.backend + opts[x.kind])
+                                  if x.kind in opts else x for x in d.devices))
+    backends = {x["id"]: x["backend"] for x in changed.to_dict()["devices"]}
+    assert backends["disk0"] == "/img,ro,serial=x"
+    assert backends["net0"] == "tap:t0,mac=02:00:00:00:00:01"

@@ -33,6 +33,13 @@ class DescriptionError(PyhyveError, ValueError):
     pass
 
 
+_RESTORE_OPTIONS = re.compile(r",(?:clone=[^,]*|force|newmac)(?=,|$)")
+
+
+def _without_restore_options(backend: str | None) -> str | None:
+    return _RESTORE_OPTIONS.sub("", backend) if backend else backend
+
+
 def _bounded(v: object, hi: int, what: str) -> int:
     if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < hi:
         raise DescriptionError(what)
@@ -59,9 +66,13 @@ class VmDescription:
         return next((d for d in self.devices if d.id == dev_id), None)
 
     def to_dict(self) -> dict[str, Any]:
+        """The record snapshots and streams carry: backends without the options one
+        restore gave itself (`clone=DIR`, `force`, `newmac`), which must not steer a later
+        one."""
         return {"version": self.VERSION,
                 "devices": [{"id": d.id, "kind": d.kind, "bus": d.bus, "base": d.base,
-                             "length": d.length, "irq": d.irq, "backend": d.backend}
+                             "length": d.length, "irq": d.irq,
+                             "backend": _without_restore_options(d.backend)}
                             for d in self.devices]}
 
     @classmethod
