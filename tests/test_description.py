@@ -61,7 +61,8 @@ def test_the_snapshot_records_the_machine(make_vm, tmp_path):
     snap.close()
     assert snap.meta["format_version"] == 4
     desc = VmDescription.from_dict(snap.meta["description"])
-    assert [d.id for d in desc.devices] == ["com1", "i8042", "post", "pci", "genid", "ecam"]
+    assert [d.id for d in desc.devices] == ["com1", "i8042", "post", "pci", "genid", "ecam",
+                                          "acpi-pm", "rtc"]
 
 
 @pytest.mark.kvm

@@ -21,7 +21,8 @@ from typing import Any, ClassVar
 from .errors import PyhyveError
 
 VIRTIO_KINDS = {"virtio-blk", "virtio-rng", "virtio-console", "virtio-net", "virtio-vsock"}
-KINDS = {"uart16550", "i8042", "post", "pci-host", "pci-ecam", "vmgenid"} | VIRTIO_KINDS
+KINDS = {"uart16550", "i8042", "post", "pci-host", "pci-ecam", "vmgenid",
+         "acpi-pm", "cmos-rtc"} | VIRTIO_KINDS
 BUSES = {"pio", "mmio", "pci"}  # pci: `base` is the slot on bus 0, the BAR is assigned from it
 PCI_SLOTS = 32
 MAX_DEVICES = 64
@@ -127,9 +128,15 @@ ECAM_ID = "ecam"
 ECAM_BASE, ECAM_LENGTH = 0xF000_0000, 1 << 20  # in the MMIO hole; devices/pci.py PciEcam
 
 
+ACPI_PM_ID = "acpi-pm"
+ACPI_PM_BASE, ACPI_PM_LENGTH = 0x600, 6      # PM1a event + control blocks (FADT)
+SCI_IRQ = 9
+
+
 def default_description(console: str | None, genid: bool = True) -> VmDescription:
     """The machine a new VM gets. Format 1 and 2 snapshots imply it without the generation
-    ID and ECAM devices (`genid=False`), which came later."""
+    ID, ECAM, ACPI PM and RTC devices (`genid=False`), which came later (later records
+    list their devices)."""
     devices = [
         DeviceDesc(CONSOLE_ID, "uart16550", "pio", 0x3F8, 8, 4, console),
         DeviceDesc("i8042", "i8042", "pio", 0x60, 5),
@@ -139,10 +146,15 @@ def default_description(console: str | None, genid: bool = True) -> VmDescriptio
     if genid:
         devices.append(DeviceDesc(GENID_ID, "vmgenid", "mmio", GENID_BASE, GENID_LENGTH))
         devices.append(DeviceDesc(ECAM_ID, "pci-ecam", "mmio", ECAM_BASE, ECAM_LENGTH))
+        devices.append(DeviceDesc(ACPI_PM_ID, "acpi-pm", "pio", ACPI_PM_BASE, ACPI_PM_LENGTH,
+                                  SCI_IRQ))
+        devices.append(DeviceDesc("rtc", "cmos-rtc", "pio", 0x70, 2, 8))
     return VmDescription(tuple(devices))
 
 
-INTX_IRQS = (10, 11, 5, 9, 7, 6, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23)
+# INTx lines for virtio functions: not 4 (COM1), 9 (the ACPI SCI), 0-2, 8, 12, 13 (the
+# PIT, the PIC cascade, the RTC's, mouse and FPU lines PCs keep)
+INTX_IRQS = (10, 11, 5, 7, 6, 14, 15, 3, 16, 17, 18, 19, 20, 21, 22, 23)
 
 
 def with_virtio(desc: VmDescription, disks: list[str], rng: bool,

@@ -13,9 +13,12 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from .boot.acpi import write_acpi_tables
 from .boot.common import BootError, load_kernel
 from .boot.cpu import setup_boot_cpu
+from .boot.mptable import write_mp_table
 from .description import CONSOLE_ID
+from .devices.acpipm import AcpiPm
 from .devices.base import Bus, BusError, Device, DeviceState
 from .devices.console import Console
 from .devices.factory import Wiring, make_device
@@ -33,6 +36,7 @@ from .machine.state import (
     apply_vm,
     capture_vcpu,
     capture_vm,
+    elapsed_since,
     readable_msrs,
     wire_lapic,
 )
@@ -113,6 +117,7 @@ class VirtualMachine:
         self.console: Console = Console()
         wiring = Wiring(irq_line=lambda irq, level: self.vm.irq_line(irq, level),
                         reset=self._guest_reset, console=console, memory=self.memory,
+                        power_off=lambda: self.control.stop("guest powered off", 0, False),
                         signal_msi=self.vm.signal_msi,
                         ioeventfd=(self.vm.ioeventfd
                                    if self.kvm.check_extension(I.KVM_CAP_IOEVENTFD) else None),
@@ -194,7 +199,11 @@ class VirtualMachine:
             raise VmError("no kernel given (--kernel FILE)")
         vm = cls(config, console)
         try:
-            info = load_kernel(vm.memory, config.kernel, config.cmdline, config.initrd)
+            rsdp = 0
+            if any(d.kind == "acpi-pm" for d in vm.description.devices):
+                rsdp = write_acpi_tables(vm.memory, config.cpus)
+            write_mp_table(vm.memory, config.cpus)
+            info = load_kernel(vm.memory, config.kernel, config.cmdline, config.initrd, rsdp)
             setup_boot_cpu(vm.vcpus[0], info.mode, info.entry, info.regs)
         except BootError as e:
             vm.close()
@@ -231,14 +240,15 @@ class VirtualMachine:
         if len(st.vcpus) != len(self.vcpus):
             raise VmError(f"state has {len(st.vcpus)} vCPUs, VM has {len(self.vcpus)}")
         apply_vm(self.vm, st.vm)
+        gap = elapsed_since(st.vm.realtime)
         for v, vs in zip(self.vcpus, st.vcpus, strict=True):
-            apply_vcpu(v, vs)
+            apply_vcpu(v, vs, gap * self.tsc_khz // 1_000_000)
         for name, dst in st.devices.items():
             dev = self.devices.get(name)
             if dev is None:
                 raise VmError(f"state has device '{name}', which this VM does not have")
             dev.load_state(dst)
-        apply_clock(self.vm, st.vm.clock, self.vcpus)
+        apply_clock(self.vm, st.vm.clock + gap, self.vcpus)
 
     # --- life cycle ------------------------------------------------------------------
     def start(self, paused: bool = False) -> None:
@@ -430,6 +440,14 @@ class VirtualMachine:
                 **{k: v for d in self.devices.values() if isinstance(d, VmGenId)
                    for k, v in d.status().items()},
                 **self.snapshot_dependency()}
+
+    def press_power_button(self) -> None:
+        """The ACPI power button (pyhyvectl --powerdown)."""
+        pm = next((d for d in self.devices.values() if isinstance(d, AcpiPm)), None)
+        if pm is None:
+            raise VmError("this VM has no ACPI power button (it comes from a snapshot of a "
+                          "machine built without one)")
+        pm.press_power_button()
 
     def announce(self) -> None:
         """Arrived by migration: devices that must tell the outside world do (a NIC's

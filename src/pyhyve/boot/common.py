@@ -87,17 +87,19 @@ def read_image(path: str, what: str, limit: int) -> bytes:
         raise BootError(str(e)) from None
 
 
-def load_kernel(mem: GuestMemory, path: str, cmdline: str, initrd_path: str | None) -> BootInfo:
-    """Load a PVH ELF or a bzImage, whichever `path` is."""
+def load_kernel(mem: GuestMemory, path: str, cmdline: str, initrd_path: str | None,
+                rsdp: int = 0) -> BootInfo:
+    """Load a PVH ELF or a bzImage, whichever `path` is; `rsdp` is the ACPI root table's
+    address (0: none) for the kernel's boot information."""
     from .linux import is_bzimage, load_bzimage
     from .pvh import is_pvh_elf, load_pvh
 
     image = read_image(path, "kernel", mem.size)
     initrd = read_image(initrd_path, "initrd", mem.size) if initrd_path else None
     if is_pvh_elf(image):
-        return load_pvh(mem, image, cmdline, initrd)
+        return load_pvh(mem, image, cmdline, initrd, rsdp)
     if is_bzimage(image):
-        return load_bzimage(mem, image, cmdline, initrd)
+        return load_bzimage(mem, image, cmdline, initrd, rsdp)
     if image[:4] == b"\x7fELF":
         raise BootError(f"{path}: ELF kernel without a PVH entry note")
     raise BootError(f"{path}: not a bootable kernel (neither a PVH ELF nor a bzImage)")

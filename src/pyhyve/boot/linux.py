@@ -30,6 +30,7 @@ LOADER_UNDEFINED = 0xFF
 PML4_ADDR, PDPT_ADDR, PD_ADDR = 0x9000, 0xA000, 0xB000
 
 # offsets in boot_params (struct boot_params, arch/x86/include/uapi/asm/bootparam.h)
+BP_ACPI_RSDP_ADDR = 0x070
 BP_EXT_RAMDISK_IMAGE = 0x0C0
 BP_EXT_RAMDISK_SIZE = 0x0C4
 BP_EXT_CMD_LINE_PTR = 0x0C8
@@ -104,7 +105,7 @@ def _identity_map(mem: GuestMemory) -> None:
 
 
 def load_bzimage(mem: GuestMemory, image: bytes, cmdline: str,
-                 initrd: bytes | None) -> BootInfo:
+                 initrd: bytes | None, rsdp: int = 0) -> BootInfo:
     if not is_bzimage(image):
         raise BootError("not a bzImage (no HdrS setup header)")
     version = _u(image, "<H", H_VERSION)
@@ -132,6 +133,7 @@ def load_bzimage(mem: GuestMemory, image: bytes, cmdline: str,
         limit = _u(image, "<I", H_INITRD_ADDR_MAX) or 0x37FFFFFF
         initrd_loc = (place_initrd(mem, initrd, load_addr + init_size, limit), len(initrd))
     bp = build_boot_params(image, mem.size, e820_map(mem), n, load_addr, initrd_loc)
+    struct.pack_into("<Q", bp, BP_ACPI_RSDP_ADDR, rsdp)
     mem.write(ZERO_PAGE_ADDR, bytes(bp))
     _identity_map(mem)
     write_gdt(mem, long_mode=True)

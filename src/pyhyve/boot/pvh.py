@@ -87,7 +87,8 @@ def is_pvh_elf(image: bytes) -> bool:
         return False
 
 
-def load_pvh(mem: GuestMemory, image: bytes, cmdline: str, initrd: bytes | None) -> BootInfo:
+def load_pvh(mem: GuestMemory, image: bytes, cmdline: str, initrd: bytes | None,
+             rsdp: int = 0) -> BootInfo:
     entry = find_pvh_entry(image)
     if entry is None:
         raise BootError("ELF kernel has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)")
@@ -117,7 +118,7 @@ def load_pvh(mem: GuestMemory, image: bytes, cmdline: str, initrd: bytes | None)
         mem.write(PVH_MODLIST_ADDR, struct.pack("<QQQQ", addr, len(initrd), 0, 0))
         nr_modules, modlist = 1, PVH_MODLIST_ADDR
     info = struct.pack("<IIIIQQQQII", HVM_START_MAGIC, 1, 0, nr_modules, modlist,
-                       CMDLINE_ADDR, 0, mm_addr, len(memmap), 0)
+                       CMDLINE_ADDR, rsdp, mm_addr, len(memmap), 0)
     mem.write(PVH_INFO_ADDR, info)
     return BootInfo(entry=entry, mode="pvh32", regs={"rbx": PVH_INFO_ADDR},
                     kernel_end=kernel_end)

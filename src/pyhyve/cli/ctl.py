@@ -24,6 +24,9 @@ def build_parser() -> Parser:
     acts.add_argument("--status", action="store_true", help="show the VM's state")
     acts.add_argument("--pause", action="store_true", help="pause every vCPU")
     acts.add_argument("--resume", action="store_true", help="resume a paused VM")
+    acts.add_argument("--powerdown", action="store_true",
+                      help="press the ACPI power button: the guest shuts down cleanly (waits "
+                      "up to --timeout seconds for the VM to end)")
     acts.add_argument("--destroy", action="store_true",
                       help="stop the VM and its process; returns once the process is gone")
     acts.add_argument("--suspend", metavar="FILE", help="save to FILE (+.kern, .meta); the VM exits")
@@ -50,6 +53,9 @@ def build_parser() -> Parser:
     m.add_argument("--tls-dir", help="use mutual TLS with DIR/cert.pem and DIR/key.pem")
     m.add_argument("--insecure", action="store_true",
                    help="allow a destination that does not authenticate")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="with --powerdown: seconds to wait for the guest to power off "
+                   "(default 60; 0 returns at once)")
     p.add_argument("--json", action="store_true", help="print the reply as JSON")
     return p
 
@@ -81,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `pyhyvectl --status | head` ends quietly
     args = build_parser().parse_args(argv)
-    cmd = next(c for c in ("status", "pause", "resume", "destroy", "suspend", "checkpoint",
+    cmd = next(c for c in ("status", "pause", "resume", "powerdown", "destroy", "suspend",
+                           "checkpoint",
                            "migrate", "migrate_live", "migrate_status", "migrate_cancel")
                if getattr(args, c))
     extra: dict[str, Any] = {}
@@ -122,6 +129,11 @@ def _main(argv: list[str] | None) -> int:
         print(f"{args.vm}: {reply.get('state', 'done')}")
     if cmd == "destroy" and isinstance(reply.get("pid"), int) and not wait_gone(reply["pid"]):
         fail(PROG, f"{args.vm}: the VMM process {reply['pid']} did not exit within 30 s")
+    if cmd == "powerdown" and args.timeout > 0 and isinstance(reply.get("pid"), int):
+        if not wait_gone(reply["pid"], args.timeout):
+            fail(PROG, f"{args.vm}: the guest did not power off within {args.timeout:g} s "
+                 "(it is still running; --destroy ends it)")
+        print(f"{args.vm}: powered off")
     return 0
 
 

@@ -32,7 +32,8 @@ class Session:
         self.lock = threading.Lock()  # one state-changing command at a time
         self.handlers: dict[str, Handler] = {
             "status": self.status, "pause": self.pause, "resume": self.resume,
-            "destroy": self.destroy, "suspend": self.suspend, "checkpoint": self.checkpoint,
+            "powerdown": self.powerdown, "destroy": self.destroy, "suspend": self.suspend,
+            "checkpoint": self.checkpoint,
             "migrate": self.migrate, "migrate-status": self.migrate_status,
             "migrate-cancel": self.migrate_cancel,
         }
@@ -61,6 +62,16 @@ class Session:
             self._no_migration()
             self.vm.pause()
         return {"state": self.vm.state}
+
+    def powerdown(self, _msg: dict[str, Any]) -> dict[str, Any]:
+        """Press the ACPI power button; the guest decides (a paused guest sees it when
+        resumed). Returns at once: the caller waits for the process to end."""
+        with self.lock:
+            self._no_migration()
+            if self.vm.state not in ("running", "paused"):
+                raise VmError(f"VM is {self.vm.state}")
+            self.vm.press_power_button()
+        return {"line": "power button pressed", "state": self.vm.state, "pid": os.getpid()}
 
     def resume(self, _msg: dict[str, Any]) -> dict[str, Any]:
         with self.lock:

@@ -7,13 +7,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..description import CONSOLE_ID, DeviceDesc
+from ..description import CONSOLE_ID, SCI_IRQ, DeviceDesc
 from ..errors import BootFailed
+from .acpipm import AcpiPm
 from .base import Device
 from .console import Console, open_console
 from .genid import VmGenId
 from .misc import I8042, PostPort
 from .pci import PciEcam, PciHostBridge
+from .rtc import CmosRtc
 from .uart import Uart
 
 if TYPE_CHECKING:
@@ -30,6 +32,7 @@ class Wiring:
 
     irq_line: Callable[[int, int], None]  # (irq, level)
     reset: Callable[[], None]             # the guest asked for a reset
+    power_off: Callable[[], None]         # the guest powered itself off (ACPI S5)
     quit: Callable[[], None]              # the user asked to quit from a console
     console: Console | None = None        # com1's console, when the caller made one
     memory: GuestMemory | None = None     # what virtio devices read and write
@@ -61,6 +64,11 @@ def make_device(d: DeviceDesc, wiring: Wiring) -> tuple[Device, Console | None]:
         return PciEcam(host), None
     if d.kind == "vmgenid":
         return VmGenId(), None
+    if d.kind == "cmos-rtc":
+        return CmosRtc(), None
+    if d.kind == "acpi-pm":
+        sci = d.irq if d.irq is not None else SCI_IRQ
+        return AcpiPm(lambda level: wiring.irq_line(sci, level), wiring.power_off), None
     if d.kind.startswith("virtio-"):
         return _virtio(d, wiring), None
     raise DeviceBuildError(f"device {d.id}: kind {d.kind!r} cannot be built")

@@ -23,6 +23,12 @@ _ioctl.argtypes = [C.c_int, C.c_ulong, C.c_void_p]
 _ioctl.restype = C.c_int
 
 
+
+def backend_is_pvm() -> bool:
+    """KVM here runs on the PVM software back end (kvm_pvm: our CI machines), not on
+    VMX/SVM hardware; docs/platform.md lists what that changes."""
+    return os.path.isdir("/sys/module/kvm_pvm")
+
 class KvmError(PyhyveError, OSError):
     """An ioctl on a KVM file descriptor failed."""
 

@@ -8,6 +8,7 @@ The same table is recorded in snapshots and checked on restore and migration.
 from __future__ import annotations
 
 from ..errors import BootFailed
+from ..kvm.api import backend_is_pvm
 from ..kvm.structs import KvmCpuidEntry2
 
 # name -> (leaf, subleaf, register, bit)
@@ -25,10 +26,18 @@ FEATURES: dict[str, tuple[int, int, str, int]] = {
     "smap": (7, 0, "ebx", 20), "umip": (7, 0, "ecx", 2), "pku": (7, 0, "ecx", 3),
     "la57": (7, 0, "ecx", 16), "rdpid": (7, 0, "ecx", 22), "pdpe1gb": (0x80000001, 0, "edx", 26),
     "rdtscp": (0x80000001, 0, "edx", 27), "lm": (0x80000001, 0, "edx", 29),
+    # KVM's paravirtual features (leaf 0x40000001 EAX) that a guest uses by hypercall
+    "kvm-pv-unhalt": (0x40000001, 0, "eax", 7), "kvm-pv-send-ipi": (0x40000001, 0, "eax", 11),
+    "kvm-pv-sched-yield": (0x40000001, 0, "eax", 13),
 }
 # Hidden by default: these cannot work at CPL0 on the software back end we run on, and a
 # guest that believes in them dies (platform.md). On other hosts --cpuid-clear '' undoes it.
-DEFAULT_HIDDEN = ("cx16", "xsave", "osxsave", "avx", "avx2")
+# On a kvm_pvm host also the hypercall-based PV features: a `vmcall` there never returns
+# (measured 2026-11-29: Linux's second vCPU hung in its first PV IPI, KVM_HC_SEND_IPI,
+# holding a lock the first one spun on). Hidden only on such a host; on VMX/SVM they work.
+PVM_HIDDEN = ("kvm-pv-unhalt", "kvm-pv-send-ipi", "kvm-pv-sched-yield")
+DEFAULT_HIDDEN = ("cx16", "xsave", "osxsave", "avx", "avx2") + \
+    (PVM_HIDDEN if backend_is_pvm() else ())
 
 
 class CpuidError(BootFailed, ValueError):

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import ctypes as C
 import errno
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import ClassVar, TypeVar
 
 from ..kvm import KvmError, Vcpu, Vm
@@ -38,12 +39,14 @@ class VcpuState:
 @dataclass(frozen=True)
 class VmKvmState:
     NAME: ClassVar[str] = "VmKvmState"
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
     pic_master: bytes
     pic_slave: bytes
     ioapic: bytes
     pit: bytes
     clock: int            # kvmclock, ns
+    # the host's CLOCK_REALTIME (ns) when `clock` was read; 0 in version-1 records
+    realtime: int = field(default=0, metadata={"since": 2})
 
 
 def _raw(obj: C.Structure) -> bytes:
@@ -84,9 +87,12 @@ def capture_vcpu(vcpu: Vcpu, msr_indices: list[int], has_xsave: bool) -> VcpuSta
     )
 
 
-def apply_vcpu(vcpu: Vcpu, st: VcpuState) -> None:
+def apply_vcpu(vcpu: Vcpu, st: VcpuState, tsc_advance: int = 0) -> None:
     """Order matters: sregs before LAPIC (APIC base/mode), LAPIC before MSRs (TSC deadline),
-    TSC before the deadline, events and MP state last."""
+    TSC before the deadline, events and MP state last. `tsc_advance` ticks are added to
+    the TSC, the time the guest was away: a guest whose clocksource is the TSC rather than
+    kvmclock (Linux prefers it on hosts with an invariant TSC) then keeps the right time
+    too; a TSC deadline already passed fires at once, as a late timer."""
     vcpu.set_sregs(_into(S.KvmSregs, st.sregs))
     vcpu.set_regs(_into(S.KvmRegs, st.regs))
     if st.xsave:
@@ -97,7 +103,8 @@ def apply_vcpu(vcpu: Vcpu, st: VcpuState) -> None:
     vcpu.set_lapic(_into(S.KvmLapicState, st.lapic))
     msrs = dict(st.msrs)
     deadline = msrs.pop(MSR_IA32_TSC_DEADLINE, None)
-    ordered = {MSR_IA32_TSC: msrs.pop(MSR_IA32_TSC)} if MSR_IA32_TSC in msrs else {}
+    ordered = {MSR_IA32_TSC: (msrs.pop(MSR_IA32_TSC) + tsc_advance) % (1 << 64)} \
+        if MSR_IA32_TSC in msrs else {}
     ordered.update(msrs)
     if deadline is not None:
         ordered[MSR_IA32_TSC_DEADLINE] = deadline
@@ -111,11 +118,23 @@ def apply_vcpu(vcpu: Vcpu, st: VcpuState) -> None:
     vcpu.set_debugregs(_into(S.KvmDebugregs, st.debugregs))
 
 
+KVM_CLOCK_REALTIME = 1 << 2
+
+
+def read_clock(vm: Vm) -> tuple[int, int]:
+    """(kvmclock ns, host CLOCK_REALTIME ns at that moment): KVM's own pair where the host
+    kernel gives one (KVM_CLOCK_REALTIME, Linux 5.16+), else the time read right after."""
+    data = vm.get_clock()
+    realtime = data.realtime if data.flags & KVM_CLOCK_REALTIME else time.time_ns()
+    return data.clock, realtime
+
+
 def capture_vm(vm: Vm) -> VmKvmState:
+    clock, realtime = read_clock(vm)
     return VmKvmState(
         pic_master=_raw(vm.get_irqchip(PIC_MASTER)), pic_slave=_raw(vm.get_irqchip(PIC_SLAVE)),
         ioapic=_raw(vm.get_irqchip(IOAPIC)), pit=_raw(vm.get_pit2()),
-        clock=vm.get_clock().clock)
+        clock=clock, realtime=realtime)
 
 
 def apply_vm(vm: Vm, st: VmKvmState) -> None:
@@ -128,9 +147,20 @@ def apply_vm(vm: Vm, st: VmKvmState) -> None:
     vm.set_pit2(_into(S.KvmPitState2, st.pit))
 
 
+def elapsed_since(realtime: int, now: int | None = None) -> int:
+    """Host nanoseconds since a state's clock was read: how far a continuing guest's
+    clocks are advanced (as QEMU does for kvmclock), so its wall clock stays right and
+    its monotonic clock jumps forward over the gap, never back. 0 for a version-1 record
+    (realtime 0) or a host clock that went backwards."""
+    if realtime <= 0:
+        return 0
+    now = time.time_ns() if now is None else now
+    return max(0, now - realtime)
+
+
 def apply_clock(vm: Vm, clock: int, vcpus: list[Vcpu]) -> None:
-    """kvmclock continues from the saved value: the guest sees no time pass while it was
-    saved, and never a jump backwards. Guests using kvmclock are told they were paused."""
+    """Set kvmclock (see restored_clock). Guests using kvmclock are told they were paused
+    (their soft-lockup detectors then ignore the gap)."""
     vm.set_clock(S.KvmClockData(clock=clock))
     for v in vcpus:
         try:

@@ -1,0 +1,122 @@
+"""ACPI tables (ACPI 6.x): RSDP -> XSDT -> FADT (-> FACS, DSDT) and MADT, so an OS finds
+every vCPU and the IOAPIC through the MADT, powers off through PM1a (\\_S5), and sees a
+fixed-feature power button (the FADT's PWR_BUTTON flag clear) that `pyhyvectl
+--powerdown` presses.
+
+Placed in the reserved BIOS area at 0xE0000 (Linux also scans there for the RSDP); the
+PVH start info and the bzImage boot_params carry the RSDP's address as well. Interrupts
+follow KVM's default routing (ISA IRQ n on GSI n, as in the MP table); the only override
+makes the SCI (IRQ 9) level-triggered, active high, as chipsets wire it.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from ..machine.memory import GuestMemory
+from .mptable import IOAPIC_ADDR, LAPIC_ADDR
+
+RSDP_ADDR = 0xE0000
+OEM_ID, OEM_TABLE = b"PYHYVE", b"PYHYVEVM"
+CREATOR = b"PYHV"
+PM1A_EVT, PM1A_CNT = 0x600, 0x604          # devices/acpipm.py
+SCI_IRQ = 9
+I8042_CMD = 0x64                          # reset register: 0xFE pulses the reset line
+
+# FADT flags
+WBINVD, PROC_C1, SLP_BUTTON, RESET_REG_SUP = 1 << 0, 1 << 2, 1 << 5, 1 << 10
+# IAPC_BOOT_ARCH: an 8042, no VGA (the CMOS RTC is there: devices/rtc.py)
+BOOT_8042, BOOT_NO_VGA = 1 << 1, 1 << 2
+
+
+def _checksum(data: bytes) -> int:
+    return -sum(data) & 0xFF
+
+
+def _table(sig: bytes, revision: int, body: bytes) -> bytes:
+    length = 36 + len(body)
+    head = bytearray(struct.pack("<4sIBB6s8sI4sI", sig, length, revision, 0, OEM_ID,
+                                 OEM_TABLE, 1, CREATOR, 1))
+    head[9] = _checksum(bytes(head) + body)
+    return bytes(head) + body
+
+
+def _gas(space: int, bits: int, address: int, access: int) -> bytes:
+    """Generic Address Structure: space 1 is system I/O; access 1 byte, 2 word."""
+    return struct.pack("<BBBBQ", space, bits, 0, access, address)
+
+
+def dsdt() -> bytes:
+    """AML: Name (_S5, Package () { 5, 5, 0, 0 }), the S5 sleep type PM1a_CNT takes."""
+    s5 = b"\x08_S5_" + bytes([0x12, 0x08, 0x04, 0x0A, 0x05, 0x0A, 0x05, 0x00, 0x00])
+    return _table(b"DSDT", 2, s5)
+
+
+def facs() -> bytes:
+    return struct.pack("<4sIIIIIQB3sI24s", b"FACS", 64, 0, 0, 0, 0, 0, 2, b"", 0, b"")
+
+
+def fadt(facs_addr: int, dsdt_addr: int) -> bytes:
+    body = bytearray(276 - 36)
+
+    def put(off: int, fmt: str, *v: int | bytes) -> None:
+        struct.pack_into(fmt, body, off - 36, *v)
+    put(36, "<II", facs_addr, dsdt_addr)
+    put(46, "<H", SCI_IRQ)
+    put(56, "<I", PM1A_EVT)
+    put(64, "<I", PM1A_CNT)
+    put(88, "<BB", 4, 2)                       # PM1_EVT_LEN, PM1_CNT_LEN
+    put(108, "<B", 0x32)                       # CENTURY: the RTC's CMOS byte
+    put(109, "<H", BOOT_8042 | BOOT_NO_VGA)
+    put(112, "<I", WBINVD | PROC_C1 | SLP_BUTTON | RESET_REG_SUP)
+    put(116, "<12sB", _gas(1, 8, I8042_CMD, 1), 0xFE)
+    put(131, "<B", 0)                          # FADT minor version (6.0)
+    put(132, "<QQ", facs_addr, dsdt_addr)      # X_FIRMWARE_CTRL, X_DSDT
+    put(148, "<12s", _gas(1, 32, PM1A_EVT, 2))
+    put(172, "<12s", _gas(1, 16, PM1A_CNT, 2))
+    put(268, "<8s", b"PYHYVE\0\0")             # hypervisor vendor identity
+    return _table(b"FACP", 6, bytes(body))
+
+
+def madt(cpus: int) -> bytes:
+    ioapic_id = cpus
+    entries = [struct.pack("<BBBBI", 0, 8, i, i, 1) for i in range(cpus)]  # enabled
+    entries.append(struct.pack("<BBBBII", 1, 12, ioapic_id, 0, IOAPIC_ADDR, 0))
+    # SCI: ISA IRQ 9 -> GSI 9, active high (1), level (3 << 2)
+    entries.append(struct.pack("<BBBBIH", 2, 10, 0, SCI_IRQ, SCI_IRQ, 0x1 | 0x3 << 2))
+    entries.append(struct.pack("<BBBHB", 4, 6, 0xFF, 0, 1))  # LINT1 is NMI, all CPUs
+    return _table(b"APIC", 5, struct.pack("<II", LAPIC_ADDR, 1) + b"".join(entries))
+
+
+def acpi_tables(cpus: int) -> tuple[bytes, int]:
+    """The whole block to place at RSDP_ADDR, and the RSDP's address."""
+    at = RSDP_ADDR + 64                        # RSDP (36 bytes), then 16-aligned tables
+    blobs: list[tuple[int, bytes]] = []
+
+    def place(data: bytes, align: int = 16) -> int:
+        nonlocal at
+        at = (at + align - 1) & ~(align - 1)
+        addr = at
+        blobs.append((addr, data))
+        at += len(data)
+        return addr
+    facs_addr = place(facs(), 64)
+    dsdt_addr = place(dsdt())
+    fadt_addr = place(fadt(facs_addr, dsdt_addr))
+    madt_addr = place(madt(cpus))
+    xsdt_addr = place(_table(b"XSDT", 1, struct.pack("<QQ", fadt_addr, madt_addr)))
+    rsdp = bytearray(struct.pack("<8sB6sBIIQB3s", b"RSD PTR ", 0, OEM_ID, 2, 0, 36,
+                                 xsdt_addr, 0, b""))
+    rsdp[8] = _checksum(bytes(rsdp[:20]))
+    rsdp[32] = _checksum(bytes(rsdp))
+    out = bytearray(at - RSDP_ADDR)
+    out[0:36] = rsdp
+    for addr, data in blobs:
+        out[addr - RSDP_ADDR:addr - RSDP_ADDR + len(data)] = data
+    return bytes(out), RSDP_ADDR
+
+
+def write_acpi_tables(mem: GuestMemory, cpus: int) -> int:
+    block, rsdp = acpi_tables(cpus)
+    mem.write(RSDP_ADDR, block)
+    return rsdp
