@@ -1,0 +1,201 @@
+/*
+ * The Linux guest's workload: proof, printed once a second, that memory, time and disk
+ * survived whatever the VMM did to the guest (suspend, restore, checkpoint, migration).
+ *
+ *   tick SEQ pass P sum C up MONO_MS wall REAL_MS [disk D]
+ *
+ * - It rewrites a buffer over and over (pass P writes pattern(P, i) into word i, after
+ *   checking that word i still holds pattern(P - 1, i)); a wrong word prints
+ *   "CORRUPT pass P word I" and exits. C chains every pass: C(P) = mix(C(P - 1) ^ P),
+ *   which a test recomputes.
+ * - SEQ counts the lines: a gap or repeat means lost or replayed guest time.
+ * - MONO_MS (CLOCK_MONOTONIC) must never go backwards; REAL_MS (CLOCK_REALTIME) should
+ *   stay within a second of the host's clock.
+ * - With `disk=PATH blocks=N` (a virtio disk), each tick writes record SEQ % N, a
+ *   512-byte block holding (magic, SEQ, index, 61 words derived from both) and fsyncs.
+ *
+ * No libc: raw system calls, so the initramfs needs only this and busybox.
+ * Arguments: [kib=N] [disk=PATH blocks=N].
+ */
+typedef unsigned long u64;
+typedef long s64;
+
+#define SYS_write 1
+#define SYS_open 2
+#define SYS_pwrite64 18
+#define SYS_fsync 74
+#define SYS_clock_gettime 228
+#define SYS_exit_group 231
+#define O_RDWR 2
+#define CLOCK_REALTIME 0
+#define CLOCK_MONOTONIC 1
+#define MAX_KIB 65536
+#define REC_MAGIC 0x4c494e5552454331UL /* "LINUREC1" */
+
+static u64 buf[MAX_KIB * 1024 / 8];
+
+static s64 sys3(s64 n, s64 a, s64 b, s64 c)
+{
+	s64 r;
+	__asm__ volatile("syscall" : "=a"(r) : "a"(n), "D"(a), "S"(b), "d"(c)
+			 : "rcx", "r11", "memory");
+	return r;
+}
+
+static s64 sys4(s64 n, s64 a, s64 b, s64 c, s64 d)
+{
+	s64 r;
+	register s64 r10 __asm__("r10") = d;
+	__asm__ volatile("syscall" : "=a"(r) : "a"(n), "D"(a), "S"(b), "d"(c), "r"(r10)
+			 : "rcx", "r11", "memory");
+	return r;
+}
+
+static u64 mix(u64 z)
+{
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9UL;
+	z = (z ^ (z >> 27)) * 0x94d049bb133111ebUL;
+	return z ^ (z >> 31);
+}
+
+static u64 pattern(u64 pass, u64 i)
+{
+	return (pass * 0x9e3779b97f4a7c15UL) ^ (i * 0xd1b54a32d192ed03UL);
+}
+
+static u64 now_ms(int clock)
+{
+	s64 ts[2];
+	sys3(SYS_clock_gettime, clock, (s64)ts, 0);
+	return (u64)ts[0] * 1000 + (u64)ts[1] / 1000000;
+}
+
+static char line[160];
+static int len;
+
+static void put(const char *s)
+{
+	while (*s)
+		line[len++] = *s++;
+}
+
+static void num(u64 v, int base)
+{
+	char tmp[24];
+	int n = 0;
+	do {
+		tmp[n++] = "0123456789abcdef"[v % base];
+		v /= base;
+	} while (v);
+	while (n)
+		line[len++] = tmp[--n];
+}
+
+static void flush(void)
+{
+	sys3(SYS_write, 1, (s64)line, len);
+	len = 0;
+}
+
+static u64 atou(const char *s)
+{
+	u64 v = 0;
+	while (*s >= '0' && *s <= '9')
+		v = v * 10 + (u64)(*s++ - '0');
+	return v;
+}
+
+static int prefix(const char *s, const char *p)
+{
+	while (*p)
+		if (*s++ != *p++)
+			return 0;
+	return 1;
+}
+
+static void record(int fd, u64 seq, u64 blocks)
+{
+	u64 rec[64], index = seq % blocks;
+	rec[0] = REC_MAGIC;
+	rec[1] = seq;
+	rec[2] = index;
+	for (int w = 3; w < 64; w++)
+		rec[w] = mix(seq * 64 + (u64)w);
+	sys4(SYS_pwrite64, fd, (s64)rec, sizeof(rec), (s64)(index * sizeof(rec)));
+	sys3(SYS_fsync, fd, 0, 0);
+}
+
+int main(int argc, char **argv)
+{
+	u64 kib = 4096, blocks = 0, words, pass, sum = 0, seq = 0, next;
+	const char *disk = 0;
+	int fd = -1;
+
+	for (int a = 1; a < argc; a++) {
+		if (prefix(argv[a], "kib="))
+			kib = atou(argv[a] + 4);
+		else if (prefix(argv[a], "disk="))
+			disk = argv[a] + 5;
+		else if (prefix(argv[a], "blocks="))
+			blocks = atou(argv[a] + 7);
+	}
+	if (kib < 4 || kib > MAX_KIB)
+		kib = 4096;
+	words = kib * 1024 / 8;
+	if (disk && blocks) {
+		fd = (int)sys3(SYS_open, (s64)disk, O_RDWR, 0);
+		if (fd < 0) {
+			put("workload: cannot open disk\n");
+			flush();
+		}
+	}
+	next = now_ms(CLOCK_MONOTONIC);
+	for (pass = 1;; pass++) {
+		for (u64 i = 0; i < words; i++) {
+			if (pass > 1 && buf[i] != pattern(pass - 1, i)) {
+				put("CORRUPT pass ");
+				num(pass, 10);
+				put(" word ");
+				num(i, 10);
+				put("\n");
+				flush();
+				sys3(SYS_exit_group, 1, 0, 0);
+			}
+			buf[i] = pattern(pass, i);
+		}
+		sum = mix(sum ^ pass);
+		u64 mono = now_ms(CLOCK_MONOTONIC);
+		if (mono < next)
+			continue;
+		next = mono + 1000;
+		seq++;
+		if (fd >= 0)
+			record(fd, seq, blocks);
+		put("tick ");
+		num(seq, 10);
+		put(" pass ");
+		num(pass, 10);
+		put(" sum ");
+		num(sum, 16);
+		put(" up ");
+		num(mono, 10);
+		put(" wall ");
+		num(now_ms(CLOCK_REALTIME), 10);
+		if (fd >= 0) {
+			put(" disk ");
+			num(seq % blocks, 10);
+		}
+		put("\n");
+		flush();
+	}
+}
+
+__asm__(".globl _start\n"
+	"_start:\n"
+	"	movq (%rsp), %rdi\n"
+	"	leaq 8(%rsp), %rsi\n"
+	"	andq $-16, %rsp\n"
+	"	call main\n"
+	"	movl %eax, %edi\n"
+	"	movl $231, %eax\n"
+	"	syscall\n");
