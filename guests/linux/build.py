@@ -6,14 +6,15 @@ busybox-static plus the workload. Prints the paths as JSON.
     guests/linux/build.py [--cache DIR] [--jobs N] [--quiet]
 
 The kernel is cached under $PYHYVE_CACHE (default /var/cache/pyhyve) keyed by a hash of
-the installed source package's version, the fragment, the patches and this file, so a
-rebuild happens only when one of them changes (about 4 minutes on 2 cores). See
+the installed source package's version, the fragment, the patches and this file's
+RECIPE, so a rebuild happens only when one of them changes (about 4 minutes on 2 cores). See
 docs/linux.md for each change and why.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -73,13 +74,26 @@ def ensure_packages(quiet: bool) -> None:
                              f"{r.stderr.strip().splitlines()[-1:]}")
 
 
+# bump when build_kernel() changes what it produces (the key covers the rest)
+RECIPE = "1"
+KEEP = 3        # cached kernels kept (the newest), so a cache does not grow without end
+
+
 def kernel_key() -> str:
     h = hashlib.sha256()
-    h.update(f"{SOURCE_PKG} {package_version(SOURCE_PKG)}\n".encode())
-    for f in [HERE / "pyhyve.config", Path(__file__).resolve(),
-              *sorted((HERE / "patches").glob("*.patch"))]:
+    h.update(f"{SOURCE_PKG} {package_version(SOURCE_PKG)} recipe {RECIPE}\n".encode())
+    for f in [HERE / "pyhyve.config", *sorted((HERE / "patches").glob("*.patch"))]:
         h.update(f.name.encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:16]
+
+
+def prune(cache: Path, keep: Path) -> None:
+    """Remove all but the newest KEEP kernels (and initramfs images)."""
+    for pattern in ("kernel-*", "initramfs-*.cpio"):
+        entries = sorted(cache.glob(pattern), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in entries[KEEP:]:
+            if old != keep:
+                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
 
 
 def fragment_settings() -> dict[str, str]:
@@ -199,10 +213,15 @@ def main() -> int:
     try:
         ensure_packages(a.quiet)
         cache.mkdir(parents=True, exist_ok=True)
-        kdir = cache / f"kernel-{kernel_key()}"
-        if not (kdir / "vmlinux").exists():
-            build_kernel(kdir, a.jobs, a.quiet)
-        rd = build_initramfs(cache, a.quiet)
+        with open(cache / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)     # one build at a time; others wait for it
+            kdir = cache / f"kernel-{kernel_key()}"
+            if not (kdir / "vmlinux").exists():
+                build_kernel(kdir, a.jobs, a.quiet)
+            os.utime(kdir)
+            rd = build_initramfs(cache, a.quiet)
+            os.utime(rd)
+            prune(cache, kdir)
     except (BuildError, OSError) as e:
         print(f"linux-lane: {e}", file=sys.stderr)
         return 1

@@ -123,3 +123,30 @@ def check_ticks(output: bytes, chain: SumChain | None = None) -> list[Tick]:
             raise LaneError(f"tick {t.seq}: monotonic clock went back "
                             f"({prev.up_ms} -> {t.up_ms} ms)")
     return ts
+
+
+REC_MAGIC = 0x4C494E5552454331      # "LINUREC1"
+REC_SIZE = 512
+
+
+def check_disk_records(path: str, blocks: int) -> int:
+    """The workload's disk records on the image at `path`: every block is either never
+    written (zeros) or whole and right for its sequence number (magic, SEQ, SEQ % blocks,
+    61 words derived from SEQ). Returns the highest SEQ found (0: none)."""
+    with open(path, "rb") as f:
+        data = f.read(blocks * REC_SIZE)
+    top = 0
+    for i in range(blocks):
+        rec = data[i * REC_SIZE:(i + 1) * REC_SIZE]
+        if len(rec) < REC_SIZE or not any(rec):
+            continue
+        words = [int.from_bytes(rec[w * 8:w * 8 + 8], "little") for w in range(64)]
+        magic, seq, index = words[:3]
+        if magic != REC_MAGIC or index != i or seq % blocks != i:
+            raise LaneError(f"disk record {i}: bad header (magic {magic:#x}, seq {seq}, "
+                            f"index {index})")
+        bad = next((w for w in range(3, 64) if words[w] != _mix((seq * 64 + w) & MASK64)), None)
+        if bad is not None:
+            raise LaneError(f"disk record {i} (seq {seq}): word {bad} is wrong")
+        top = max(top, seq)
+    return top

@@ -46,10 +46,23 @@ def _gas(space: int, bits: int, address: int, access: int) -> bytes:
     return struct.pack("<BBBBQ", space, bits, 0, access, address)
 
 
+def _eisa_id(text: str) -> bytes:
+    """An EISA ID ("PNP0A03") in AML's compressed 32-bit form, as a DWordConst."""
+    a, b, c = (ord(ch) - 0x40 for ch in text[:3])
+    vendor = (a << 10 | b << 5 | c).to_bytes(2, "big")
+    return b"\x0C" + vendor + bytes.fromhex(text[3:])
+
+
 def dsdt() -> bytes:
-    """AML: Name (_S5, Package () { 5, 5, 0, 0 }), the S5 sleep type PM1a_CNT takes."""
+    """AML: Name (\\_S5, Package () { 5, 5, 0, 0 }), the sleep type PM1a_CNT takes to
+    power off, and Device (\\_SB.PCI0) { _HID PNP0A03, _UID 0 }: with ACPI on, Linux
+    scans only the PCI root bridges the namespace declares (resources: the defaults,
+    everything; interrupts: MSI-X, no _PRT)."""
     s5 = b"\x08_S5_" + bytes([0x12, 0x08, 0x04, 0x0A, 0x05, 0x0A, 0x05, 0x00, 0x00])
-    return _table(b"DSDT", 2, s5)
+    body = b"\x08_HID" + _eisa_id("PNP0A03") + b"\x08_UID\x00"
+    name = b"\\\x2E_SB_PCI0"
+    pci0 = b"\x5B\x82" + bytes([1 + len(name) + len(body)]) + name + body
+    return _table(b"DSDT", 2, s5 + pci0)
 
 
 def facs() -> bytes:

@@ -1,0 +1,182 @@
+"""The Linux lane's guest (docs/linux.md) under pyhyve and QEMU 7.2: cold boot to the
+ready marker, and time to a working shell by restoring a snapshot of the booted guest.
+
+Run: .venv/bin/python bench/linux.py [--runs N]
+
+Same vmlinux, initramfs, command line (the MP-table machine: `acpi=off`), 128 MiB and one
+vCPU on both sides; QEMU is `-M microvm` as in every benchmark here. Clocks run from
+spawning the process:
+- cold boot: until the guest prints PYHYVE-READY on its console;
+- working shell: a command is typed on the console at once (`echo ok-$((40+2))`) and the
+  clock stops when the guest's answer (`ok-42`) comes back, so the restore counts only
+  once the guest runs a shell command again, not when the VMM says "running". pyhyve
+  restores with its defaults (eager); QEMU loads `-incoming "exec:cat FILE"` and gets
+  `cont` as soon as it is paused.
+The booted snapshots are taken once per side, at the ready marker plus one workload tick.
+Runs are interleaved (pyhyve, QEMU, pyhyve, ...) so drift on a noisy host hits both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import subprocess
+import tempfile
+import time
+
+from pyhyve import linuxguest
+from qmp import Qmp
+
+from common import PYHYVE, PYHYVECTL, QEMU_CPU, ensure_qemu, median, qemu_version, table
+
+READY = linuxguest.READY.encode()
+ASK, ANSWER = b"echo ok-$((40+2))\n", b"ok-42"
+TIMEOUT = 300.0
+
+
+def qemu_cmd(qemu: str, lane: dict[str, str], cmdline: str, qmp: str) -> list[str]:
+    return [qemu, "-M", "microvm,isa-serial=on,rtc=off", "-enable-kvm", "-cpu", QEMU_CPU,
+            "-m", "128M", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic",
+            "-serial", "stdio", "-kernel", lane["vmlinux"], "-initrd", lane["initramfs"],
+            "-append", cmdline, "-qmp", f"unix:{qmp},server=on,wait=off"]
+
+
+def pyhyve_cmd(name: str, lane: dict[str, str], cmdline: str) -> list[str]:
+    return [PYHYVE, "run", name, "-m", "128M", "-c", "1", "-k", lane["vmlinux"], "--initrd",
+            lane["initramfs"], "--cmdline", cmdline, "--console", "stdio"]
+
+
+def until(p: subprocess.Popen, needle: bytes, t0: float, out: bytearray,
+          timeout: float = TIMEOUT) -> float:
+    """Seconds from t0 until `needle` appears in p's stdout (kept in `out`)."""
+    assert p.stdout is not None
+    fd = p.stdout.fileno()
+    deadline = time.monotonic() + timeout
+    while needle not in out:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"{needle!r} not seen in {timeout:.0f} s: {bytes(out[-300:])!r}")
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise RuntimeError(f"the VMM exited: {bytes(out[-300:])!r}")
+            out += chunk
+    return time.perf_counter() - t0
+
+
+def spawn(argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, env=env)
+
+
+def end(p: subprocess.Popen) -> None:
+    if p.poll() is None:
+        p.kill()
+    p.wait()
+
+
+class Side:
+    def __init__(self, kind: str, qemu: str, lane: dict[str, str], work: str) -> None:
+        self.kind, self.qemu, self.lane, self.work = kind, qemu, lane, work
+        self.cmdline = linuxguest.cmdline(acpi=False)
+        self.env = {**os.environ, "PYHYVE_RUNDIR": os.path.join(work, "run")}
+        self.snapshot = os.path.join(work, f"{kind}-booted")
+        self.n = 0
+
+    def _boot(self) -> tuple[subprocess.Popen, float, bytearray, str]:
+        self.n += 1
+        name = f"lx{self.n}"
+        qmp = os.path.join(self.work, f"{name}.qmp")
+        argv = qemu_cmd(self.qemu, self.lane, self.cmdline, qmp) if self.kind == "qemu" \
+            else pyhyve_cmd(name, self.lane, self.cmdline)
+        t0 = time.perf_counter()
+        p = spawn(argv, self.env)
+        out = bytearray()
+        return p, until(p, READY, t0, out), out, name if self.kind == "pyhyve" else qmp
+
+    def cold_boot(self) -> float:
+        p, t, _, _ = self._boot()
+        end(p)
+        return t
+
+    def make_snapshot(self) -> None:
+        p, _, out, handle = self._boot()
+        try:
+            until(p, b"tick 1 ", time.perf_counter(), out)
+            if self.kind == "pyhyve":
+                subprocess.run([PYHYVECTL, "--vm", handle, "--suspend", self.snapshot],
+                               check=True, env=self.env, capture_output=True)
+                p.wait(60)
+            else:
+                q = Qmp(handle)
+                q.cmd("stop")
+                q.cmd("migrate", uri=f"exec:cat > {self.snapshot}")
+                if q.wait_migration(TIMEOUT) is None:
+                    raise TimeoutError("QEMU's snapshot did not complete")
+                q.close()
+        finally:
+            end(p)
+
+    def shell_by_restore(self) -> float:
+        self.n += 1
+        name = f"lx{self.n}"
+        qmp = os.path.join(self.work, f"{name}.qmp")
+        if self.kind == "pyhyve":
+            argv = [PYHYVE, "run", name, "-r", self.snapshot, "--console", "stdio"]
+        else:
+            argv = [*qemu_cmd(self.qemu, self.lane, self.cmdline, qmp), "-incoming",
+                    f"exec:cat {self.snapshot}"]
+        t0 = time.perf_counter()
+        p = spawn(argv, self.env)
+        try:
+            assert p.stdin is not None
+            p.stdin.write(ASK)
+            p.stdin.flush()
+            if self.kind == "qemu":
+                q = Qmp(qmp)
+                while (status := q.cmd("query-status")["status"]) != "running":  # type: ignore[index]
+                    if status == "paused":
+                        q.cmd("cont")
+                    time.sleep(0.005)
+                q.close()
+            return until(p, ANSWER, t0, bytearray())
+        finally:
+            end(p)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=5)
+    args = ap.parse_args()
+    lane = linuxguest.build()
+    qemu = ensure_qemu()
+    work = tempfile.mkdtemp(prefix="bench-linux-")
+    sides = {k: Side(k, qemu, lane, work) for k in ("pyhyve", "qemu")}
+    boots: dict[str, list[float]] = {k: [] for k in sides}
+    shells: dict[str, list[float]] = {k: [] for k in sides}
+    for s in sides.values():
+        s.make_snapshot()
+    for _ in range(args.runs):
+        for k, s in sides.items():
+            boots[k].append(s.cold_boot())
+            shells[k].append(s.shell_by_restore())
+    b = {k: median(v) for k, v in boots.items()}
+    sh = {k: median(v) for k, v in shells.items()}
+    print(table(f"Linux lane guest ({lane['source']}, 128 MiB, 1 vCPU), median of "
+                f"{args.runs} ({qemu_version(qemu)})",
+                ["", "pyhyve", "QEMU", "pyhyve/QEMU"],
+                [["cold boot to ready marker (s)", f"{b['pyhyve']:.2f}", f"{b['qemu']:.2f}",
+                  f"{b['pyhyve'] / b['qemu']:.2f}x"],
+                 ["working shell by restore (s)", f"{sh['pyhyve']:.3f}", f"{sh['qemu']:.3f}",
+                  f"{sh['pyhyve'] / sh['qemu']:.2f}x"],
+                 ["restore / cold boot", f"{sh['pyhyve'] / b['pyhyve']:.1%}",
+                  f"{sh['qemu'] / b['qemu']:.1%}", ""]]))
+    for k in sides:
+        print(f"{k} boots (s): {', '.join(f'{x:.2f}' for x in boots[k])}; "
+              f"shells (s): {', '.join(f'{x:.3f}' for x in shells[k])}")
+
+
+if __name__ == "__main__":
+    main()

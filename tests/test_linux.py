@@ -1,0 +1,324 @@
+"""The Linux lane (guests/linux, docs/linux.md): a small Linux built from Debian's sources
+boots to a shell, and is suspended, restored, checkpointed, cloned, live-migrated between
+two network namespaces and powered down through ACPI, with its memory, clocks, console
+and disk intact.
+
+Each machine (1 vCPU found through the MP table; 2 vCPUs through ACPI's MADT, with a
+virtio disk) boots once per run and is suspended at its ready marker: the booted
+snapshot every other test starts from (what `guests/linux` offers users as the fast way to
+a shell). The workload's ticks prove continuity (pyhyve.linuxguest.check_ticks).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pyhyve import linuxguest
+from pyhyve.description import default_description, with_virtio
+from pyhyve.linuxguest import READY, SumChain, check_disk_records, check_ticks, ticks
+from pyhyve.snapshot.restore import open_snapshot, restore
+from pyhyve.snapshot.save import save
+from pyhyve.vm import VirtualMachine, VmConfig
+
+from conftest import CaptureConsole, cli, wait_file, wait_socket
+from test_migration_hosts import hosts, in_ns, keyfile  # noqa: F401 (fixtures)
+
+pytestmark = [pytest.mark.kvm, pytest.mark.linux]
+
+MB = 1 << 20
+MEMORY = 128 * MB
+BLOCKS = 64
+BOOT_TIMEOUT = 300           # a cold boot takes 30-40 s here; CI hosts are shared
+
+
+class TimedConsole(CaptureConsole):
+    """Guest output with the host's wall clock at each write (for the guest-clock check)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stamps: list[tuple[int, float]] = []
+
+    def write(self, data: bytes) -> None:
+        with self.cond:
+            self.stamps.append((len(self.buf) + len(data), time.time()))
+        super().write(data)
+
+    def host_time_at(self, offset: int) -> float:
+        return next(t for end, t in self.stamps if end > offset)
+
+    def type(self, line: str) -> None:
+        assert self.on_input is not None
+        self.on_input(line.encode() + b"\n")
+
+
+@pytest.fixture(scope="session")
+def lane() -> dict[str, str]:
+    return linuxguest.build()
+
+
+@dataclass(frozen=True)
+class Booted:
+    snapshot: str
+    output: bytes
+    cpus: int
+    disk: str | None          # the image as of the snapshot (copy it before writing)
+
+
+def boot(lane: dict[str, str], where: Path, cpus: int, acpi: bool, disk: bool) -> Booted:
+    image = None
+    disks = []
+    if disk:
+        image = str(where / "disk.img")
+        with open(image, "wb") as f:
+            f.truncate(BLOCKS * 512 * 16)
+        disks = [image]
+    desc = with_virtio(default_description("null"), disks, False)
+    con = TimedConsole()
+    vm = VirtualMachine.create(VmConfig(f"lx{cpus}", MEMORY, cpus, kernel=lane["vmlinux"],
+                                        initrd=lane["initramfs"],
+                                        cmdline=linuxguest.cmdline(acpi),
+                                        description=desc), console=con)
+    try:
+        vm.start()
+        con.wait_for(READY, timeout=BOOT_TIMEOUT)
+        con.wait_for("tick 2 ", timeout=60)
+        ready = con.text[con.text.index(READY):].split("\n")[0]
+        assert f"cpus={cpus}" in ready and ("disk=vda" in ready) == disk, ready
+        con.type("echo hi-$((6*7))")
+        con.wait_for("hi-42", timeout=60)
+        base = str(where / "booted")
+        save(vm, base, "suspend")
+    finally:
+        vm.close()
+    check_ticks(bytes(con.buf))
+    return Booted(base, bytes(con.buf), cpus, image)
+
+
+@pytest.fixture(scope="session")
+def mp1(lane, tmp_path_factory) -> Booted:
+    """1 vCPU, `acpi=off`: Linux finds the machine through the MP table."""
+    return boot(lane, tmp_path_factory.mktemp("mp1"), 1, False, False)
+
+
+@pytest.fixture(scope="session")
+def acpi2(lane, tmp_path_factory) -> Booted:
+    """2 vCPUs through ACPI (MADT), a virtio disk with the workload's records."""
+    return boot(lane, tmp_path_factory.mktemp("acpi2"), 2, True, True)
+
+
+@pytest.fixture(params=["mp1", "acpi2"])
+def booted(request) -> Booted:
+    return request.getfixturevalue(request.param)
+
+
+def own_disk(b: Booted, tmp_path: Path) -> dict[str, str]:
+    """Bindings for a restore of `b`: a copy of its disk as of the snapshot."""
+    if b.disk is None:
+        return {}
+    mine = str(tmp_path / "disk.img")
+    shutil.copy(b.disk, mine)
+    return {"disk0": mine}
+
+
+def resumed(path: str, bindings: dict[str, str], **kw) -> tuple[VirtualMachine, TimedConsole]:
+    snap = open_snapshot(path)
+    con = TimedConsole()
+    try:
+        vm = restore(snap, console=con, bindings=bindings, **kw)
+    finally:
+        snap.close()
+    vm.start()
+    return vm, con
+
+
+def wait_ticks(con: TimedConsole, n: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while len(ticks(bytes(con.buf))) < n:
+        assert b"CORRUPT" not in con.buf and b"Kernel panic" not in con.buf, con.text[-500:]
+        assert time.monotonic() < deadline, f"{n} ticks not seen in {timeout}s: {con.text[-500:]}"
+        time.sleep(0.05)
+
+
+def shell_answers(con: TimedConsole) -> None:
+    start = len(con.buf)
+    con.type("echo ok-$((40+2))")
+    con.wait_for("ok-42", timeout=30, start=start)
+
+
+def clock_error_ms(con: TimedConsole) -> float:
+    """The largest gap between the guest's wall clock and the host's, over the ticks
+    printed: each tick's time against the host's time when it arrived (which is later,
+    so a guest that runs behind looks slightly further behind, never better)."""
+    return max(abs(t.wall_ms - con.host_time_at(t.at) * 1000) for t in ticks(bytes(con.buf)))
+
+
+def test_suspend_and_restore_continue(booted: Booted, tmp_path: Path) -> None:
+    binds = own_disk(booted, tmp_path)
+    vm, con = resumed(booted.snapshot, binds)
+    try:
+        wait_ticks(con, 2)
+        shell_answers(con)
+        save(vm, str(tmp_path / "s"), "suspend")
+    finally:
+        vm.close()
+    time.sleep(2.0)                      # time away, which the guest's clocks must see
+    vm2, con2 = resumed(str(tmp_path / "s"), binds)
+    try:
+        wait_ticks(con2, 3)
+        shell_answers(con2)
+        vm2.pause()
+        chain = SumChain()
+        before = check_ticks(booted.output + bytes(con.buf), chain)
+        after = check_ticks(booted.output + bytes(con.buf) + bytes(con2.buf), chain)
+        assert len(after) >= len(before) + 3
+        gap = after[len(before)].up_ms - before[-1].up_ms
+        assert gap >= 2000, f"the guest's monotonic clock skipped only {gap} ms of 2 s away"
+        # its wall clock within a second of the host's (RTC at boot, advanced kvmclock
+        # and TSC after the restore)
+        assert clock_error_ms(con2) < 1000, [(t.wall_ms, t.at) for t in ticks(bytes(con2.buf))]
+        if booted.disk is not None:
+            top = check_disk_records(binds["disk0"], BLOCKS)
+            assert top >= after[-1].seq - 1   # every tick's record is on disk (fsync)
+    finally:
+        vm2.close()
+
+
+def test_checkpoint_and_continue(mp1: Booted, tmp_path: Path) -> None:
+    vm, con = resumed(mp1.snapshot, {})
+    try:
+        wait_ticks(con, 2)
+        save(vm, str(tmp_path / "c"), "checkpoint")
+        n = len(ticks(bytes(con.buf)))
+        wait_ticks(con, n + 2)               # it kept running
+        shell_answers(con)
+        check_ticks(mp1.output + bytes(con.buf))
+    finally:
+        vm.close()
+    vm2, con2 = resumed(str(tmp_path / "c"), {})
+    try:
+        wait_ticks(con2, 2)
+        vm2.pause()
+        mine = ticks(bytes(con2.buf))
+        # the checkpoint's guest goes on from the moment of the checkpoint: its first
+        # tick follows one the running guest printed before it, with the same history
+        first = mine[0].seq
+        earlier = [t for t in ticks(mp1.output + bytes(con.buf)) if t.seq < first]
+        joined = b"".join(f"tick {t.seq} pass {t.passes} sum {t.sum:x} up {t.up_ms} wall "
+                          f"{t.wall_ms}\n".encode() for t in earlier)
+        check_ticks(joined + bytes(con2.buf))
+    finally:
+        vm2.close()
+
+
+def test_clones_run_side_by_side(acpi2: Booted, tmp_path: Path) -> None:
+    clones = []
+    try:
+        for i in range(2):
+            (tmp_path / str(i)).mkdir()
+            clones.append(resumed(acpi2.snapshot, {"disk0": acpi2.disk or ""}, clone=True,
+                                  clone_dir=str(tmp_path / str(i))))
+        ids = set()
+        for vm, con in clones:
+            wait_ticks(con, 3)
+            shell_answers(con)
+            check_ticks(acpi2.output + bytes(con.buf))
+            ids.add(vm.status()["generation_id"])
+        assert len(ids) == 2
+        assert check_disk_records(acpi2.disk or "", BLOCKS) <= ticks(acpi2.output)[-1].seq
+    finally:
+        for vm, _ in clones:
+            vm.close()
+
+
+def test_acpi_power_button_shuts_down_cleanly(acpi2: Booted, tmp_path: Path,
+                                               rundir: str) -> None:
+    disk = own_disk(acpi2, tmp_path)["disk0"]
+    log = tmp_path / "con.log"
+    p = subprocess_run("pyhyve", "run", "pd", "-r", acpi2.snapshot, "--bind", f"disk0={disk}",
+                       "--console", f"file:{log}")
+    try:
+        wait_socket(rundir, "pd")
+        wait_file(log, "tick ", timeout=60)
+        r = cli("pyhyvectl", "--vm", "pd", "--powerdown", "--timeout", "60")
+        assert r.returncode == 0, r.stderr
+        assert "power button pressed" in r.stdout and "powered off" in r.stdout
+        assert p.wait(10) == 0                       # a clean power-off is a 0 exit
+        out = log.read_bytes()
+        assert b"PYHYVE-POWERDOWN" in out and b"reboot: Power down" in out
+        check_ticks(acpi2.output + out)
+        assert check_disk_records(disk, BLOCKS) >= ticks(out)[-1].seq
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def subprocess_run(*args: str):
+    from conftest import spawn
+
+    return spawn(*args, stdout=open(os.devnull, "w"), stderr=open(os.devnull, "w"))
+
+
+def console_client(path: str, timeout: float = 20) -> socket.socket:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(path)
+            s.settimeout(30)
+            return s
+        except OSError:
+            s.close()
+            assert time.monotonic() < deadline, f"no console socket at {path}"
+            time.sleep(0.05)
+
+
+@pytest.mark.parametrize("name", ["mp1", "acpi2"])
+def test_live_migration_between_namespaces(name, request, hosts, keyfile, tmp_path,  # noqa: F811
+                                           rundir) -> None:
+    b: Booted = request.getfixturevalue(name)
+    (ns_a, _), (ns_b, ip_b) = hosts["a"], hosts["b"]
+    binds = own_disk(b, tmp_path)            # one image, shared by both "hosts"
+    bind = [f"--bind=disk0={binds['disk0']}"] if binds else []
+    src_log, dst_sock = tmp_path / "src.log", str(tmp_path / "dst.sock")
+    src = in_ns(ns_a, "pyhyve", "run", "src", "-r", b.snapshot, *bind, "--console",
+                f"file:{src_log}")
+    dst = in_ns(ns_b, "pyhyve", "run", "dst", "-R", f"{ip_b},7798", "--key-file", keyfile,
+                *bind, "--console", f"unix:{dst_sock}")
+    try:
+        wait_socket(rundir, "src")
+        wait_file(src_log, "tick ", timeout=60)
+        r = cli("pyhyvectl", "--vm", "src", "--migrate-live", f"{ip_b}:7798", "--key-file",
+                keyfile, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert src.wait(30) == 0
+        # the destination's console socket exists once the guest arrived; it keeps what
+        # the guest printed before a client connects
+        client = console_client(dst_sock)
+        out = b""
+        deadline = time.monotonic() + 60
+        while len(ticks(out)) < 3:
+            assert time.monotonic() < deadline, out[-500:]
+            out += client.recv(65536)
+        client.sendall(b"echo mig-$((40+2))\n")      # the console works both ways
+        while b"mig-42" not in out:
+            assert time.monotonic() < deadline, out[-500:]
+            out += client.recv(65536)
+        cli("pyhyvectl", "--vm", "dst", "--pause")
+        check_ticks(b.output + src_log.read_bytes() + out)
+        if binds:
+            assert check_disk_records(binds["disk0"], BLOCKS) >= ticks(out)[-1].seq - 1
+        cli("pyhyvectl", "--vm", "dst", "--destroy")
+        client.close()
+    finally:
+        for p in (src, dst):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
