@@ -11,6 +11,7 @@ a shell). The workload's ticks prove continuity (pyhyve.linuxguest.check_ticks).
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import socket
@@ -79,7 +80,8 @@ def boot(lane: dict[str, str], where: Path, cpus: int, acpi: bool, disk: bool) -
         with open(image, "wb") as f:
             f.truncate(BLOCKS * 512 * 16)
         disks = [image]
-    desc = with_virtio(default_description("null"), disks, False)
+    desc = with_virtio(default_description("null"), disks, False,
+                       nets=["loop"] if disk else None)   # acpi2 has the devices
     con = TimedConsole()
     vm = VirtualMachine.create(VmConfig(f"lx{cpus}", MEMORY, cpus, kernel=lane["vmlinux"],
                                         initrd=lane["initramfs"],
@@ -91,6 +93,7 @@ def boot(lane: dict[str, str], where: Path, cpus: int, acpi: bool, disk: bool) -
         con.wait_for("tick 2 ", timeout=60)
         ready = con.text[con.text.index(READY):].split("\n")[0]
         assert f"cpus={cpus}" in ready and ("disk=vda" in ready) == disk, ready
+        assert ("net=eth0" in ready) == disk, ready
         con.type("echo hi-$((6*7))")
         con.wait_for("hi-42", timeout=60)
         base = str(where / "booted")
@@ -119,12 +122,20 @@ def booted(request) -> Booted:
 
 
 def own_disk(b: Booted, tmp_path: Path) -> dict[str, str]:
-    """Bindings for a restore of `b`: a copy of its disk as of the snapshot."""
+    """Bindings for a restore of `b`: a copy of its disk as of the snapshot (and the NIC's
+    loop backend)."""
     if b.disk is None:
         return {}
     mine = str(tmp_path / "disk.img")
     shutil.copy(b.disk, mine)
-    return {"disk0": mine}
+    return {"disk0": mine, "net0": "loop"}
+
+
+def frames_pass(output: bytes) -> None:
+    """With a NIC, the frames the workload sends keep coming back (loop backend)."""
+    ts = [t for t in ticks(output) if t.net is not None]
+    if ts:
+        assert ts[-1].net > ts[0].net, [t.net for t in ts]
 
 
 def resumed(path: str, bindings: dict[str, str], **kw) -> tuple[VirtualMachine, TimedConsole]:
@@ -149,14 +160,21 @@ def wait_ticks(con: TimedConsole, n: int, timeout: float = 60) -> None:
 def shell_answers(con: TimedConsole) -> None:
     start = len(con.buf)
     con.type("echo ok-$((40+2))")
-    con.wait_for("ok-42", timeout=30, start=start)
+    con.wait_for("ok-42", timeout=60, start=start)
 
 
-def clock_error_ms(con: TimedConsole) -> float:
-    """The largest gap between the guest's wall clock and the host's, over the ticks
-    printed: each tick's time against the host's time when it arrived (which is later,
-    so a guest that runs behind looks slightly further behind, never better)."""
-    return max(abs(t.wall_ms - con.host_time_at(t.at) * 1000) for t in ticks(bytes(con.buf)))
+def wall_clock_ok(stamped: list[tuple[int, float]], output: bytes, skip: int = 1) -> None:
+    """The guest's wall clock is within a second of the host's: over the ticks (all but
+    the first `skip`, which may carry times read before a save), no tick is a second
+    ahead of the host's time at its arrival, and at least one arrived within a second of
+    its time (arrival comes later than the print: console latency on a loaded host only
+    makes the guest look behind, so the closest one is the fair measure)."""
+    ts = ticks(output)[skip:]
+    assert ts, output[-300:]
+    arrival = [next(t for end, t in stamped if end > tk.at) * 1000 for tk in ts]
+    ahead = max(tk.wall_ms - a for tk, a in zip(ts, arrival, strict=True))
+    behind = min(a - tk.wall_ms for tk, a in zip(ts, arrival, strict=True))
+    assert ahead < 1000 and behind < 1000, (ahead, behind)
 
 
 def test_suspend_and_restore_continue(booted: Booted, tmp_path: Path) -> None:
@@ -178,11 +196,15 @@ def test_suspend_and_restore_continue(booted: Booted, tmp_path: Path) -> None:
         before = check_ticks(booted.output + bytes(con.buf), chain)
         after = check_ticks(booted.output + bytes(con.buf) + bytes(con2.buf), chain)
         assert len(after) >= len(before) + 3
-        gap = after[len(before)].up_ms - before[-1].up_ms
-        assert gap >= 2000, f"the guest's monotonic clock skipped only {gap} ms of 2 s away"
+        # the monotonic clock jumped over the 2 s away (at the first or second tick after
+        # the restore: a tick may have read its clock just before the save)
+        around = after[len(before) - 1:len(before) + 2]
+        steps = [b.up_ms - a.up_ms for a, b in itertools.pairwise(around)]
+        assert max(steps) >= 2000, f"the guest's monotonic clock never jumped: {steps}"
         # its wall clock within a second of the host's (RTC at boot, advanced kvmclock
         # and TSC after the restore)
-        assert clock_error_ms(con2) < 1000, [(t.wall_ms, t.at) for t in ticks(bytes(con2.buf))]
+        wall_clock_ok(con2.stamps, bytes(con2.buf))
+        frames_pass(bytes(con2.buf))
         if booted.disk is not None:
             top = check_disk_records(binds["disk0"], BLOCKS)
             assert top >= after[-1].seq - 1   # every tick's record is on disk (fsync)
@@ -190,26 +212,38 @@ def test_suspend_and_restore_continue(booted: Booted, tmp_path: Path) -> None:
         vm2.close()
 
 
-def test_checkpoint_and_continue(mp1: Booted, tmp_path: Path) -> None:
-    vm, con = resumed(mp1.snapshot, {})
+def test_checkpoint_and_continue(booted: Booted, tmp_path: Path) -> None:
+    binds = own_disk(booted, tmp_path)
+    vm, con = resumed(booted.snapshot, binds)
+    at_checkpoint = dict(binds)
     try:
         wait_ticks(con, 2)
-        save(vm, str(tmp_path / "c"), "checkpoint")
+        if binds:
+            # a checkpoint does not copy disks (the guest goes on writing them): pause,
+            # checkpoint, copy the image, resume -- what a user does today (devices.md)
+            vm.pause()
+            save(vm, str(tmp_path / "c"), "checkpoint")
+            at_checkpoint["disk0"] = str(tmp_path / "disk-at-checkpoint.img")
+            shutil.copy(binds["disk0"], at_checkpoint["disk0"])
+            vm.resume()
+        else:
+            save(vm, str(tmp_path / "c"), "checkpoint")
         n = len(ticks(bytes(con.buf)))
         wait_ticks(con, n + 2)               # it kept running
         shell_answers(con)
-        check_ticks(mp1.output + bytes(con.buf))
+        check_ticks(booted.output + bytes(con.buf))
     finally:
         vm.close()
-    vm2, con2 = resumed(str(tmp_path / "c"), {})
+    vm2, con2 = resumed(str(tmp_path / "c"), at_checkpoint)
     try:
-        wait_ticks(con2, 2)
+        wait_ticks(con2, 3)
         vm2.pause()
+        wall_clock_ok(con2.stamps, bytes(con2.buf))
         mine = ticks(bytes(con2.buf))
         # the checkpoint's guest goes on from the moment of the checkpoint: its first
         # tick follows one the running guest printed before it, with the same history
         first = mine[0].seq
-        earlier = [t for t in ticks(mp1.output + bytes(con.buf)) if t.seq < first]
+        earlier = [t for t in ticks(booted.output + bytes(con.buf)) if t.seq < first]
         joined = b"".join(f"tick {t.seq} pass {t.passes} sum {t.sum:x} up {t.up_ms} wall "
                           f"{t.wall_ms}\n".encode() for t in earlier)
         check_ticks(joined + bytes(con2.buf))
@@ -222,8 +256,8 @@ def test_clones_run_side_by_side(acpi2: Booted, tmp_path: Path) -> None:
     try:
         for i in range(2):
             (tmp_path / str(i)).mkdir()
-            clones.append(resumed(acpi2.snapshot, {"disk0": acpi2.disk or ""}, clone=True,
-                                  clone_dir=str(tmp_path / str(i))))
+            clones.append(resumed(acpi2.snapshot, {"disk0": acpi2.disk or "", "net0": "loop"},
+                                  clone=True, clone_dir=str(tmp_path / str(i))))
         ids = set()
         for vm, con in clones:
             wait_ticks(con, 3)
@@ -242,13 +276,13 @@ def test_acpi_power_button_shuts_down_cleanly(acpi2: Booted, tmp_path: Path,
     disk = own_disk(acpi2, tmp_path)["disk0"]
     log = tmp_path / "con.log"
     p = subprocess_run("pyhyve", "run", "pd", "-r", acpi2.snapshot, "--bind", f"disk0={disk}",
-                       "--console", f"file:{log}")
+                       "--bind", "net0=loop", "--console", f"file:{log}")
     try:
         wait_socket(rundir, "pd")
         wait_file(log, "tick ", timeout=60)
         r = cli("pyhyvectl", "--vm", "pd", "--powerdown", "--timeout", "60")
         assert r.returncode == 0, r.stderr
-        assert "power button pressed" in r.stdout and "powered off" in r.stdout
+        assert "power button pressed" in r.stdout and "the VM has exited" in r.stdout
         assert p.wait(10) == 0                       # a clean power-off is a 0 exit
         out = log.read_bytes()
         assert b"PYHYVE-POWERDOWN" in out and b"reboot: Power down" in out
@@ -286,7 +320,7 @@ def test_live_migration_between_namespaces(name, request, hosts, keyfile, tmp_pa
     b: Booted = request.getfixturevalue(name)
     (ns_a, _), (ns_b, ip_b) = hosts["a"], hosts["b"]
     binds = own_disk(b, tmp_path)            # one image, shared by both "hosts"
-    bind = [f"--bind=disk0={binds['disk0']}"] if binds else []
+    bind = [f"--bind=disk0={binds['disk0']}", "--bind=net0=loop"] if binds else []
     src_log, dst_sock = tmp_path / "src.log", str(tmp_path / "dst.sock")
     src = in_ns(ns_a, "pyhyve", "run", "src", "-r", b.snapshot, *bind, "--console",
                 f"file:{src_log}")
@@ -302,15 +336,23 @@ def test_live_migration_between_namespaces(name, request, hosts, keyfile, tmp_pa
         # the destination's console socket exists once the guest arrived; it keeps what
         # the guest printed before a client connects
         client = console_client(dst_sock)
-        out = b""
+        out, stamps = b"", []
         deadline = time.monotonic() + 60
-        while len(ticks(out)) < 3:
+
+        def more() -> bytes:
             assert time.monotonic() < deadline, out[-500:]
-            out += client.recv(65536)
+            chunk = client.recv(65536)
+            stamps.append((len(out) + len(chunk), time.time()))
+            return chunk
+        while len(ticks(out)) < 4:
+            out += more()
         client.sendall(b"echo mig-$((40+2))\n")      # the console works both ways
         while b"mig-42" not in out:
-            assert time.monotonic() < deadline, out[-500:]
-            out += client.recv(65536)
+            out += more()
+        # the wall clock stays right across the move (ticks printed before this client
+        # connected arrive late and only look behind)
+        wall_clock_ok(stamps, out)
+        frames_pass(out)
         cli("pyhyvectl", "--vm", "dst", "--pause")
         check_ticks(b.output + src_log.read_bytes() + out)
         if binds:

@@ -146,6 +146,24 @@ def test_rtc_reads_host_utc_and_keeps_what_the_guest_sets() -> None:
         later.load_state(RtcState(ram=b"short"))
 
 
+def test_rtc_takes_a_date_set_field_by_field_as_one() -> None:
+    now = dt.datetime(2026, 3, 31, 12, 0, 0, tzinfo=dt.UTC).timestamp()
+    rtc = CmosRtc(now=now)
+
+    def put(reg: int, value: int) -> None:
+        rtc.write(0, 1, reg)
+        rtc.write(1, 1, value)
+    put(0x0B, 0x02 | 0x80)               # SET: the clock holds while the OS writes
+    put(9, _bcd(27))                     # as Linux's mc146818_set_time: year first,
+    put(8, _bcd(2))                      # then month (February 31 does not exist yet)
+    put(7, _bcd(15))
+    assert rtc.offset == 0
+    put(0x0B, 0x02)                      # SET off: 2027-02-15 12:00:00 at once
+    want = dt.datetime(2027, 2, 15, 12, 0, 0, tzinfo=dt.UTC).timestamp() - now
+    assert rtc.offset == want
+    assert [_rtc_read(rtc, r) for r in (9, 8, 7)] == [_bcd(27), _bcd(2), _bcd(15)]
+
+
 def test_a_continuing_guest_is_advanced_by_the_real_time_away() -> None:
     assert elapsed_since(1_000, now=5_000) == 4_000
     assert elapsed_since(0, now=5_000) == 0           # a version-1 record: no time known

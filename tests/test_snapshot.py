@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -13,6 +14,7 @@ from pyhyve.snapshot.files import current_files
 from pyhyve.snapshot.format import SnapshotError
 from pyhyve.snapshot.restore import open_snapshot, restore
 from pyhyve.snapshot.save import save
+from pyhyve.vm import VmError
 
 from conftest import CaptureConsole
 
@@ -231,6 +233,18 @@ def test_time_continues_across_suspend(make_vm, tmp_path):
         assert saved_clock + 900_000_000 <= clock < saved_clock + (away + 0.5) * 1e9
     finally:
         vm2.close()
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("field,value", [("realtime", time.time_ns() + 2 * 86400 * 10**9),
+                                         ("clock", (1 << 63) - 1)])
+def test_an_incredible_saved_clock_never_starts_a_guest(make_vm, field, value):
+    vm, _ = make_vm("ab", "ws=0", start=False)
+    st = vm.capture()
+    bad = dataclasses.replace(st, vm=dataclasses.replace(st.vm, **{field: value}))
+    vm2, _ = make_vm("ab", "ws=0", start=False)
+    with pytest.raises(VmError, match="not credible"):
+        vm2.apply(bad)
 
 
 @pytest.mark.kvm

@@ -30,7 +30,7 @@ SOURCE_PKG = "linux-source-6.1"
 SOURCE_TAR = Path("/usr/src/linux-source-6.1.tar.xz")
 BUSYBOX = Path("/bin/busybox")
 APT_PACKAGES = (SOURCE_PKG, "busybox-static", "flex", "bison", "bc", "libelf-dev", "gcc",
-                "make", "xz-utils")
+                "make", "xz-utils", "patch", "libc6-dev")
 # applets the init script and a test's commands use; links in the initramfs, not
 # `busybox --install` at boot (each system call is slow here)
 APPLETS = ("sh", "mount", "mknod", "cat", "echo", "poweroff", "reboot", "sleep", "date",
@@ -67,11 +67,13 @@ def ensure_packages(quiet: bool) -> None:
         return
     log(f"installing {' '.join(missing)}", quiet)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *missing]):
+    lock = ["-o", "DPkg::Lock::Timeout=600"]
+    for cmd in (["apt-get", *lock, "update", "-qq"],
+                ["apt-get", *lock, "install", "-y", "-qq", *missing]):
         r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if r.returncode != 0 and cmd[1] == "install":
-            raise BuildError(f"apt-get install {' '.join(missing)} failed: "
-                             f"{r.stderr.strip().splitlines()[-1:]}")
+        if r.returncode != 0:
+            last = (r.stderr.strip().splitlines() or ["no message"])[-1]
+            raise BuildError(f"{' '.join(cmd[:1] + cmd[3:5])} failed: {last}")
 
 
 # bump when build_kernel() changes what it produces (the key covers the rest)
@@ -211,12 +213,15 @@ def main() -> int:
     a = ap.parse_args()
     cache = Path(a.cache) / "linux"
     try:
-        ensure_packages(a.quiet)
         cache.mkdir(parents=True, exist_ok=True)
         with open(cache / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)     # one build at a time; others wait for it
+            ensure_packages(a.quiet)
+            for stale in cache.glob("build-*"):  # a killed build's tree
+                shutil.rmtree(stale, ignore_errors=True)
             kdir = cache / f"kernel-{kernel_key()}"
             if not (kdir / "vmlinux").exists():
+                shutil.rmtree(kdir, ignore_errors=True)  # a half-removed entry
                 build_kernel(kdir, a.jobs, a.quiet)
             os.utime(kdir)
             rd = build_initramfs(cache, a.quiet)

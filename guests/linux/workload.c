@@ -2,7 +2,7 @@
  * The Linux guest's workload: proof, printed once a second, that memory, time and disk
  * survived whatever the VMM did to the guest (suspend, restore, checkpoint, migration).
  *
- *   tick SEQ pass P sum C up MONO_MS wall REAL_MS [disk D]
+ *   tick SEQ pass P sum C up MONO_MS wall REAL_MS [disk D] [net N]
  *
  * - It rewrites a buffer over and over (pass P writes pattern(P, i) into word i, after
  *   checking that word i still holds pattern(P - 1, i)); a wrong word prints
@@ -14,8 +14,11 @@
  * - With `disk=PATH blocks=N` (a virtio disk), each tick writes record SEQ % N, a
  *   512-byte block holding (magic, SEQ, index, 61 words derived from both) and fsyncs.
  *
+ * - With `net=IFACE` (a virtio NIC), each tick sends frame SEQ (ethertype 0x88b5) on a
+ *   raw packet socket and waits up to 500 ms for it to come back (the host's loop backend
+ *   or an echo); N counts the frames that did.
  * No libc: raw system calls, so the initramfs needs only this and busybox.
- * Arguments: [kib=N] [disk=PATH blocks=N].
+ * Arguments: [kib=N] [disk=PATH blocks=N] [net=IFACE].
  */
 typedef unsigned long u64;
 typedef long s64;
@@ -26,6 +29,23 @@ typedef long s64;
 #define SYS_fsync 74
 #define SYS_clock_gettime 228
 #define SYS_exit_group 231
+#define SYS_ioctl 16
+#define SYS_socket 41
+#define SYS_sendto 44
+#define SYS_recvfrom 45
+#define SYS_bind 49
+#define SYS_setsockopt 54
+#define AF_PACKET 17
+#define SOCK_RAW 3
+#define ETH_TYPE 0x88b5 /* IEEE local experimental */
+#define SIOCGIFFLAGS 0x8913
+#define SIOCSIFFLAGS 0x8914
+#define SIOCGIFINDEX 0x8933
+#define IFF_UP 1
+#define SOL_SOCKET 1
+#define SO_RCVTIMEO 20
+#define PACKET_OUTGOING 4
+#define NET_MAGIC 0x4c494e55584e4554UL /* "LINUXNET" */
 #define O_RDWR 2
 #define CLOCK_REALTIME 0
 #define CLOCK_MONOTONIC 1
@@ -113,6 +133,87 @@ static int prefix(const char *s, const char *p)
 	return 1;
 }
 
+static s64 sys6(s64 n, s64 a, s64 b, s64 c, s64 d, s64 e, s64 f)
+{
+	s64 r;
+	register s64 r10 __asm__("r10") = d;
+	register s64 r8 __asm__("r8") = e;
+	register s64 r9 __asm__("r9") = f;
+	__asm__ volatile("syscall" : "=a"(r) : "a"(n), "D"(a), "S"(b), "d"(c), "r"(r10),
+			 "r"(r8), "r"(r9) : "rcx", "r11", "memory");
+	return r;
+}
+
+/* A raw packet socket on IFACE, brought up; -1 when there is none. */
+static int net_open(const char *iface)
+{
+	struct {
+		char name[16];
+		union { int index; short flags; } u;
+		char pad[20];
+	} ifr = {0};
+	struct {
+		unsigned short family, protocol;
+		int ifindex;
+		unsigned short hatype;
+		unsigned char pkttype, halen, addr[8];
+	} sll = {0};
+	s64 tv[2] = {0, 500000}; /* 500 ms receive timeout */
+	int fd = (int)sys3(SYS_socket, AF_PACKET, SOCK_RAW,
+			   (s64)(((ETH_TYPE & 0xff) << 8) | (ETH_TYPE >> 8)));
+	if (fd < 0)
+		return -1;
+	for (int i = 0; iface[i] && i < 15; i++)
+		ifr.name[i] = iface[i];
+	if (sys3(SYS_ioctl, fd, SIOCGIFFLAGS, (s64)&ifr) < 0)
+		return -1;
+	ifr.u.flags |= IFF_UP;
+	if (sys3(SYS_ioctl, fd, SIOCSIFFLAGS, (s64)&ifr) < 0 ||
+	    sys3(SYS_ioctl, fd, SIOCGIFINDEX, (s64)&ifr) < 0)
+		return -1;
+	sll.family = AF_PACKET;
+	sll.protocol = (unsigned short)(((ETH_TYPE & 0xff) << 8) | (ETH_TYPE >> 8));
+	sll.ifindex = ifr.u.index;
+	if (sys3(SYS_bind, fd, (s64)&sll, sizeof(sll)) < 0)
+		return -1;
+	sys6(SYS_setsockopt, fd, SOL_SOCKET, SO_RCVTIMEO, (s64)tv, sizeof(tv), 0);
+	return fd;
+}
+
+/* Send frame SEQ and wait for it to come back (the host's loop backend or an echo):
+ * 1 when it did. Frames from earlier ticks that arrive late are skipped. */
+static int net_round(int fd, u64 seq)
+{
+	unsigned char frame[64] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+				   0x02, 0x00, 0x00, 0x00, 0x00, 0x01,
+				   ETH_TYPE >> 8, ETH_TYPE & 0xff};
+	u64 *body = (u64 *)(frame + 16), got[8];
+	body[0] = NET_MAGIC;
+	body[1] = seq;
+	body[2] = mix(seq);
+	sys6(SYS_sendto, fd, (s64)frame, sizeof(frame), 0, 0, 0);
+	for (int tries = 0; tries < 8; tries++) {
+		struct {
+			unsigned short family, protocol;
+			int ifindex;
+			unsigned short hatype;
+			unsigned char pkttype, halen, addr[8];
+		} from = {0};
+		unsigned int fromlen = sizeof(from);
+		unsigned char in[64];
+		s64 n = sys6(SYS_recvfrom, fd, (s64)in, sizeof(in), 0, (s64)&from, (s64)&fromlen);
+		if (n < 0)
+			return 0; /* timed out */
+		if (from.pkttype == PACKET_OUTGOING || n < 40)
+			continue; /* our own frame, seen on its way out */
+		for (int w = 0; w < 3; w++)
+			got[w] = ((u64 *)(in + 16))[w];
+		if (got[0] == NET_MAGIC && got[1] == seq && got[2] == mix(seq))
+			return 1;
+	}
+	return 0;
+}
+
 static void record(int fd, u64 seq, u64 blocks)
 {
 	u64 rec[64], index = seq % blocks;
@@ -127,9 +228,9 @@ static void record(int fd, u64 seq, u64 blocks)
 
 int main(int argc, char **argv)
 {
-	u64 kib = 4096, blocks = 0, words, pass, sum = 0, seq = 0, next;
-	const char *disk = 0;
-	int fd = -1;
+	u64 kib = 4096, blocks = 0, words, pass, sum = 0, seq = 0, next, echoed = 0;
+	const char *disk = 0, *iface = 0;
+	int fd = -1, net = -1;
 
 	for (int a = 1; a < argc; a++) {
 		if (prefix(argv[a], "kib="))
@@ -138,6 +239,8 @@ int main(int argc, char **argv)
 			disk = argv[a] + 5;
 		else if (prefix(argv[a], "blocks="))
 			blocks = atou(argv[a] + 7);
+		else if (prefix(argv[a], "net="))
+			iface = argv[a] + 4;
 	}
 	if (kib < 4 || kib > MAX_KIB)
 		kib = 4096;
@@ -146,6 +249,13 @@ int main(int argc, char **argv)
 		fd = (int)sys3(SYS_open, (s64)disk, O_RDWR, 0);
 		if (fd < 0) {
 			put("workload: cannot open disk\n");
+			flush();
+		}
+	}
+	if (iface) {
+		net = net_open(iface);
+		if (net < 0) {
+			put("workload: cannot open the network interface\n");
 			flush();
 		}
 	}
@@ -171,6 +281,8 @@ int main(int argc, char **argv)
 		seq++;
 		if (fd >= 0)
 			record(fd, seq, blocks);
+		if (net >= 0)
+			echoed += (u64)net_round(net, seq);
 		put("tick ");
 		num(seq, 10);
 		put(" pass ");
@@ -184,6 +296,10 @@ int main(int argc, char **argv)
 		if (fd >= 0) {
 			put(" disk ");
 			num(seq % blocks, 10);
+		}
+		if (net >= 0) {
+			put(" net ");
+			num(echoed, 10);
 		}
 		put("\n");
 		flush();

@@ -56,6 +56,8 @@ from .vmtypes import (
 )
 
 TSS_ADDR = 0xFFFB_D000
+# a saved host time this far ahead of ours is corrupt, not a clock difference between hosts
+MAX_CLOCK_SKEW_NS = 86400 * 10**9
 IDENTITY_MAP_ADDR = 0xFFFB_C000
 MAX_VCPUS = 64
 
@@ -241,14 +243,20 @@ class VirtualMachine:
             raise VmError(f"state has {len(st.vcpus)} vCPUs, VM has {len(self.vcpus)}")
         apply_vm(self.vm, st.vm)
         gap = elapsed_since(st.vm.realtime)
+        if st.vm.realtime > time.time_ns() + MAX_CLOCK_SKEW_NS or \
+                st.vm.clock + gap >= 1 << 63:
+            raise VmError("the saved guest clock is not credible (its host time is "
+                          f"{st.vm.realtime}, its kvmclock {st.vm.clock} ns)")
         for v, vs in zip(self.vcpus, st.vcpus, strict=True):
             apply_vcpu(v, vs, gap * self.tsc_khz // 1_000_000)
+        # kvmclock right after the TSCs, both advanced by the same gap: a guest's
+        # clocksource watchdog compares the two
+        apply_clock(self.vm, st.vm.clock + gap, self.vcpus)
         for name, dst in st.devices.items():
             dev = self.devices.get(name)
             if dev is None:
                 raise VmError(f"state has device '{name}', which this VM does not have")
             dev.load_state(dst)
-        apply_clock(self.vm, st.vm.clock + gap, self.vcpus)
 
     # --- life cycle ------------------------------------------------------------------
     def start(self, paused: bool = False) -> None:

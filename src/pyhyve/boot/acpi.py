@@ -74,7 +74,7 @@ def fadt(facs_addr: int, dsdt_addr: int) -> bytes:
 
     def put(off: int, fmt: str, *v: int | bytes) -> None:
         struct.pack_into(fmt, body, off - 36, *v)
-    put(36, "<II", facs_addr, dsdt_addr)
+    # FIRMWARE_CTRL and DSDT (32-bit, offset 36) stay 0: ACPI 6 wants only the X_ forms
     put(46, "<H", SCI_IRQ)
     put(56, "<I", PM1A_EVT)
     put(64, "<I", PM1A_CNT)

@@ -133,7 +133,7 @@ def _main(argv: list[str] | None) -> int:
         if not wait_gone(reply["pid"], args.timeout):
             fail(PROG, f"{args.vm}: the guest did not power off within {args.timeout:g} s "
                  "(it is still running; --destroy ends it)")
-        print(f"{args.vm}: powered off")
+        print(f"{args.vm}: the VM has exited")
     return 0
 
 

@@ -64,12 +64,13 @@ class Session:
         return {"state": self.vm.state}
 
     def powerdown(self, _msg: dict[str, Any]) -> dict[str, Any]:
-        """Press the ACPI power button; the guest decides (a paused guest sees it when
-        resumed). Returns at once: the caller waits for the process to end."""
+        """Press the ACPI power button; the guest decides. Returns at once: the caller
+        waits for the process to end."""
         with self.lock:
             self._no_migration()
-            if self.vm.state not in ("running", "paused"):
-                raise VmError(f"VM is {self.vm.state}")
+            if self.vm.state != "running":
+                raise VmError(f"VM is {self.vm.state}: a guest acts on the power button only "
+                              "while it runs (--resume first)")
             self.vm.press_power_button()
         return {"line": "power button pressed", "state": self.vm.state, "pid": os.getpid()}
 

@@ -54,6 +54,7 @@ class CmosRtc(Device):
         self.ram[REG_A] = 0x26                # 32.768 kHz time base, 1024 Hz rate
         self.ram[REG_B] = B_24H
         self.ram[REG_D] = D_VRT
+        self._pending: dict[int, int] = {}   # time fields written while SET is on
         self._now = now                       # tests: a fixed host time
 
     def _host(self) -> float:
@@ -85,22 +86,23 @@ class CmosRtc(Device):
         return self._encode(value)
 
     def _write_time(self, reg: int, value: int) -> None:
-        """A guest setting the clock: keep what it wrote as an offset from host time."""
+        """A guest setting the clock: while register B's SET bit is on (how OSes set it)
+        the fields are only collected; clearing SET (or a write without it) turns them
+        into an offset from host time, all at once, so a date is never checked half
+        written (February 15 written over March 31, field by field)."""
+        self._pending[reg] = value
+        if not self.ram[REG_B] & B_SET:
+            self._commit()
+
+    def _commit(self) -> None:
+        pending, self._pending = self._pending, {}
+        if not pending:
+            return
         t = self._time()
         fields = {"second": t.second, "minute": t.minute, "hour": t.hour, "day": t.day,
                   "month": t.month, "year": t.year}
-        v = self._decode(value & 0x7F if reg == HOUR else value)
-        name = {SEC: "second", MIN: "minute", HOUR: "hour", MDAY: "day", MONTH: "month",
-                YEAR: "year", CENTURY: "year"}.get(reg)
-        if name is None:
-            return
-        if reg == YEAR:
-            v = t.year // 100 * 100 + v
-        elif reg == CENTURY:
-            v = v * 100 + t.year % 100
-        elif reg == HOUR and not self.ram[REG_B] & B_24H:
-            v = v % 12 + (12 if value & 0x80 else 0)
-        fields[name] = v
+        for reg, value in sorted(pending.items(), key=lambda kv: kv[0] == YEAR):
+            self._set_field(fields, reg, value)
         try:
             new = dt.datetime(tzinfo=dt.UTC, **fields)
         except ValueError:                   # an impossible date: keep the old time
@@ -108,6 +110,20 @@ class CmosRtc(Device):
         offset = int(new.timestamp()) - int(self._host())
         if abs(offset) <= MAX_OFFSET:
             self.offset = offset
+
+    def _set_field(self, fields: dict[str, int], reg: int, value: int) -> None:
+        v = self._decode(value & 0x7F if reg == HOUR else value)
+        name = {SEC: "second", MIN: "minute", HOUR: "hour", MDAY: "day", MONTH: "month",
+                YEAR: "year", CENTURY: "year"}.get(reg)
+        if name is None:
+            return
+        if reg == YEAR:
+            v = fields["year"] // 100 * 100 + v
+        elif reg == CENTURY:
+            v = v * 100 + fields["year"] % 100
+        elif reg == HOUR and not self.ram[REG_B] & B_24H:
+            v = v % 12 + (12 if value & 0x80 else 0)
+        fields[name] = v
 
     # the bus holds self.lock around read() and write()
     def read(self, offset: int, size: int) -> int:
@@ -122,7 +138,11 @@ class CmosRtc(Device):
                 self._write_time(reg, value)
             elif reg == REG_A:
                 self.ram[REG_A] = value & 0x7F         # UIP is read-only
-            elif reg in (REG_B, WDAY) or reg > REG_D:
+            elif reg == REG_B:
+                self.ram[REG_B] = value
+                if not value & B_SET:
+                    self._commit()
+            elif reg == WDAY or reg > REG_D:
                 self.ram[reg] = value
 
     def save(self) -> RtcState:
@@ -133,4 +153,6 @@ class CmosRtc(Device):
                 or not 0 <= state.index < 128 or abs(state.offset) > MAX_OFFSET:
             raise ValueError("cmos-rtc: bad state")
         self.index, self.offset, self.ram = state.index, state.offset, bytearray(state.ram)
+        self.ram[REG_A] &= 0x7F                # UIP is never set here
+        self.ram[REG_B] &= ~B_SET              # a half-set time was not kept
         self.ram[REG_D] = D_VRT
