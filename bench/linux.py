@@ -8,11 +8,11 @@ vCPU on both sides (a last row: pyhyve's boot with ACPI instead, what ACPI costs
 QEMU is `-M microvm` as in every benchmark here. Clocks run from
 spawning the process:
 - cold boot: until the guest prints PYHYVE-READY on its console;
-- working shell: a command is typed on the console at once (`echo ok-$((40+2))`) and the
-  clock stops when the guest's answer (`ok-42`) comes back, so the restore counts only
-  once the guest runs a shell command again, not when the VMM says "running". pyhyve
-  restores with its defaults (eager); QEMU loads `-incoming "exec:cat FILE"` and gets
-  `cont` as soon as it is paused.
+- working shell: a command is typed on the console at once and again every 0.2 s
+  (`echo ok-$((40+2))`) and the clock stops when the guest's first answer (`ok-42`)
+  comes back, so the restore counts only once the guest runs a shell command again,
+  not when the VMM says "running". pyhyve restores with its defaults (eager); QEMU
+  loads `-incoming "exec:cat FILE"` and gets `cont` as soon as it is paused.
 The booted snapshots are taken once per side, at the ready marker plus one workload tick.
 Runs are interleaved (pyhyve, QEMU, pyhyve, ...) so drift on a noisy host hits both.
 """
@@ -49,8 +49,10 @@ def pyhyve_cmd(name: str, lane: dict[str, str], cmdline: str) -> list[str]:
 
 
 def until(p: subprocess.Popen, needle: bytes, t0: float, out: bytearray,
-          timeout: float = TIMEOUT) -> float:
-    """Seconds from t0 until `needle` appears in p's stdout (kept in `out`)."""
+          timeout: float = TIMEOUT, ask: bytes = b"") -> float:
+    """Seconds from t0 until `needle` appears in p's stdout (kept in `out`). With `ask`,
+    type it on the console every 0.2 s until then: input sent before a VMM's serial port
+    is ready to take it may be dropped (QEMU's is not open while it loads a snapshot)."""
     assert p.stdout is not None
     fd = p.stdout.fileno()
     deadline = time.monotonic() + timeout
@@ -58,6 +60,11 @@ def until(p: subprocess.Popen, needle: bytes, t0: float, out: bytearray,
         left = deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError(f"{needle!r} not seen in {timeout:.0f} s: {bytes(out[-300:])!r}")
+        if ask:
+            assert p.stdin is not None
+            p.stdin.write(ask)
+            p.stdin.flush()
+            left = min(left, 0.2)
         ready, _, _ = select.select([fd], [], [], left)
         if ready:
             chunk = os.read(fd, 65536)
@@ -133,9 +140,6 @@ class Side:
         t0 = time.perf_counter()
         p = spawn(argv, self.env)
         try:
-            assert p.stdin is not None
-            p.stdin.write(ASK)
-            p.stdin.flush()
             if self.kind == "qemu":
                 q = Qmp(qmp)
                 while (status := q.cmd("query-status")["status"]) != "running":  # type: ignore[index]
@@ -143,7 +147,7 @@ class Side:
                         q.cmd("cont")
                     time.sleep(0.005)
                 q.close()
-            return until(p, ANSWER, t0, bytearray())
+            return until(p, ANSWER, t0, bytearray(), ask=ASK)
         finally:
             end(p)
 

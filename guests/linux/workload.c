@@ -144,6 +144,13 @@ static s64 sys6(s64 n, s64 a, s64 b, s64 c, s64 d, s64 e, s64 f)
 	return r;
 }
 
+struct sockaddr_ll { /* <linux/if_packet.h> */
+	unsigned short family, protocol;
+	int ifindex;
+	unsigned short hatype;
+	unsigned char pkttype, halen, addr[8];
+};
+
 /* A raw packet socket on IFACE, brought up; -1 when there is none. */
 static int net_open(const char *iface)
 {
@@ -152,12 +159,7 @@ static int net_open(const char *iface)
 		union { int index; short flags; } u;
 		char pad[20];
 	} ifr = {0};
-	struct {
-		unsigned short family, protocol;
-		int ifindex;
-		unsigned short hatype;
-		unsigned char pkttype, halen, addr[8];
-	} sll = {0};
+	struct sockaddr_ll sll = {0};
 	s64 tv[2] = {0, 500000}; /* 500 ms receive timeout */
 	int fd = (int)sys3(SYS_socket, AF_PACKET, SOCK_RAW,
 			   (s64)(((ETH_TYPE & 0xff) << 8) | (ETH_TYPE >> 8)));
@@ -193,12 +195,7 @@ static int net_round(int fd, u64 seq)
 	body[2] = mix(seq);
 	sys6(SYS_sendto, fd, (s64)frame, sizeof(frame), 0, 0, 0);
 	for (int tries = 0; tries < 8; tries++) {
-		struct {
-			unsigned short family, protocol;
-			int ifindex;
-			unsigned short hatype;
-			unsigned char pkttype, halen, addr[8];
-		} from = {0};
+		struct sockaddr_ll from = {0};
 		unsigned int fromlen = sizeof(from);
 		unsigned char in[64];
 		s64 n = sys6(SYS_recvfrom, fd, (s64)in, sizeof(in), 0, (s64)&from, (s64)&fromlen);
