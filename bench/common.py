@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import compileall
 import os
 import shutil
 import statistics
@@ -12,6 +13,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYHYVE = os.path.join(os.path.dirname(sys.executable), "pyhyve")
 PYHYVECTL = os.path.join(os.path.dirname(sys.executable), "pyhyvectl")
 QEMU_CPU = "host,-arch-capabilities"  # plain `host` fails on MSR 0x10a on kvm_pvm
+
+# pyhyve's bytecode, as an installed package has it: with PYTHONDONTWRITEBYTECODE set (as
+# here) a module edited since scripts/setup.sh would be compiled again by every VMM start
+compileall.compile_dir(os.path.join(REPO, "src"), quiet=1)
 
 
 def ensure_qemu() -> str:

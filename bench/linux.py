@@ -56,15 +56,19 @@ def until(p: subprocess.Popen, needle: bytes, t0: float, out: bytearray,
     assert p.stdout is not None
     fd = p.stdout.fileno()
     deadline = time.monotonic() + timeout
+    typed = -1.0
     while needle not in out:
-        left = deadline - time.monotonic()
+        now = time.monotonic()
+        left = deadline - now
         if left <= 0:
             raise TimeoutError(f"{needle!r} not seen in {timeout:.0f} s: {bytes(out[-300:])!r}")
-        if ask:
+        if ask:  # every 0.2 s, not after every chunk read: the guest echoes byte by byte
             assert p.stdin is not None
-            p.stdin.write(ask)
-            p.stdin.flush()
-            left = min(left, 0.2)
+            if now - typed >= 0.2:
+                p.stdin.write(ask)
+                p.stdin.flush()
+                typed = now
+            left = min(left, typed + 0.2 - now)
         ready, _, _ = select.select([fd], [], [], left)
         if ready:
             chunk = os.read(fd, 65536)

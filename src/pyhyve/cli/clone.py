@@ -13,13 +13,16 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..control import rundir, socket_path
 from .common import Parser, UsageError, fail
+
+if TYPE_CHECKING:
+    import subprocess
 
 PROG = "pyhyve"
 MAX_CLONES = 1000
@@ -137,6 +140,8 @@ def _create(path: str) -> int:
 
 def _spawn(a: argparse.Namespace, base: str, out: str, i: int) -> _Clone:
     """Start clone i; one that cannot even start is a failed clone, not a crash."""
+    import subprocess  # only `pyhyve clone` needs it: not on every VMM's start-up
+
     name = f"{a.name_prefix}-{i}"
     console = os.path.join(out, f"{name}.console")
     log = os.path.join(out, f"{name}.log")
@@ -168,6 +173,8 @@ def _stop(c: _Clone) -> None:
     """SIGTERM (the VMM removes its socket), then SIGKILL if it does not go."""
     if c.proc is None or c.proc.poll() is not None:
         return
+    import subprocess
+
     c.proc.terminate()
     try:
         c.proc.wait(5)

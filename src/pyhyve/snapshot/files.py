@@ -24,7 +24,6 @@ import json
 import os
 import re
 import stat
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import astuple, dataclass
@@ -107,6 +106,8 @@ def create_temp(base: str, suffix: str) -> tuple[int, str]:
     """An exclusively created 0600 temporary beside `base` (mkstemp: O_EXCL|O_NOFOLLOW,
     a random name): nobody can pre-create it, link it elsewhere, or read it."""
     d, name = os.path.split(base)
+    import tempfile  # not at import: a VMM's start-up pays for every module
+
     fd, path = tempfile.mkstemp(prefix=f"{name}.tmp-{os.getpid()}-", suffix=suffix, dir=d)
     os.set_inheritable(fd, False)
     return fd, path

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -188,7 +187,7 @@ def restore(snap: Snapshot, name: str | None = None, console: Console | None = N
         binds = dict(bindings or {})
         if console_spec:
             binds[CONSOLE_ID] = console_spec  # --console is com1's --bind
-        opts = f",clone={clone_dir or tempfile.gettempdir()}" if clone else ""
+        opts = f",clone={clone_dir or _tempdir()}" if clone else ""
         vm = _build(snap, name, console, binds, reuse_paths, lazy or clone, progress,
                     prefetch, opts + (",force" if disk_changed_ok else ""), clone)
     finally:
@@ -242,6 +241,12 @@ def _build(snap: Snapshot, name: str | None, console: Console | None, bindings: 
         vm.close()
         raise
     return vm
+
+
+def _tempdir() -> str:
+    import tempfile
+
+    return tempfile.gettempdir()
 
 
 def _device_options(spec: MachineSpec, disk_opts: str, clone: bool) -> MachineSpec:
