@@ -39,9 +39,17 @@ class Console:
     def __init__(self) -> None:
         self.on_input: Callable[[bytes], None] | None = None
         self.on_quit: Callable[[], None] | None = None  # the user asked to end the VM
+        self.on_room: Callable[[], None] | None = None  # a reader caught up (see accepts)
 
     def write(self, data: bytes) -> None:
         pass
+
+    def accepts(self, n: int) -> bool:
+        """Whether `n` more bytes of output would reach the reader whole. Only a UNIX
+        console's attached client can fall behind (then `on_room` is called once it took
+        some): a device that can wait (virtio-console) holds its request until then; a
+        UART cannot, and the console keeps the newest output instead."""
+        return True
 
     def start_input(self, on_input: Callable[[bytes], None]) -> None:
         self.on_input = on_input
@@ -212,8 +220,9 @@ class UnixConsole(Console):
     Output produced while no client is attached, or that a slow client has not taken yet,
     is kept (the last 64 KiB) and sent when it can be, so nothing the guest printed at boot
     is lost and a client that stops reading never blocks the guest: sends never wait
-    (MSG_DONTWAIT). A device may carry what is still unsent across a save (`unsent`,
-    `requeue`).
+    (MSG_DONTWAIT). A device that can wait asks `accepts` first and so loses nothing to
+    an attached client that is behind. A device may carry what is still unsent across a
+    save (`unsent`, `requeue`).
     """
 
     BACKLOG = 64 * 1024
@@ -231,7 +240,20 @@ class UnixConsole(Console):
         self.pending_len = 0
         self.lock = threading.Lock()
         self.closed = False
+        # wakes the client's pump when output is left over, so it waits for the socket to
+        # take it at once (not at its next 1 s look)
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._pumps: list[threading.Thread] = []
         threading.Thread(target=self._accept, name="console-unix", daemon=True).start()
+
+    def accepts(self, n: int) -> bool:
+        with self.lock:
+            return self.client is None or not self.pending or \
+                self.pending_len + n <= self.BACKLOG
+
+    def _room(self) -> None:
+        if self.on_room is not None:
+            self.on_room()
 
     def _accept(self) -> None:
         while not self.closed:
@@ -244,31 +266,45 @@ class UnixConsole(Console):
                 self._flush()
             if old:
                 old.close()
-            threading.Thread(target=self._pump, args=(c,), daemon=True).start()
+            self._room()
+            pump = threading.Thread(target=self._pump, args=(c,), daemon=True)
+            self._pumps = [*(p for p in self._pumps if p.is_alive()), pump]
+            pump.start()
 
     def _pump(self, c: socket.socket) -> None:
         """The client's input to the guest; and output the client could not take at once
-        goes out as soon as it can (not only at the guest's next write)."""
-        while True:
+        goes out as soon as it can (not only at the guest's next write). A client that
+        closed its sending side may still read: it keeps getting output."""
+        reading = True
+        cfd = c.fileno()
+        while not self.closed:
             with self.lock:
-                behind = bool(self.pending) and self.client is c
+                if self.client is not c:
+                    return
+                behind = bool(self.pending)
             try:
-                readable, writable, _ = select.select([c], [c] if behind else [], [], 1.0)
+                readable, writable, _ = select.select(
+                    [self._wake_r, *([cfd] if reading else [])], [cfd] if behind else [], [],
+                    1.0)
             except (OSError, ValueError):
                 return
+            if self._wake_r in readable:
+                with contextlib.suppress(OSError):
+                    os.read(self._wake_r, 4096)
             if writable:
                 with self.lock:
-                    if self.client is c:
-                        self._flush()
-            if not readable:
+                    moved = self.client is c and self._flush()
+                if moved:
+                    self._room()
+            if cfd not in readable:
                 continue
             try:
                 data = c.recv(4096)
             except OSError:
-                return
+                data = b""
             if not data:
-                return
-            if self.on_input:
+                reading = False
+            elif self.on_input:
                 self.on_input(data)
 
     def write(self, data: bytes) -> None:
@@ -276,6 +312,9 @@ class UnixConsole(Console):
             self.pending.append(data)
             self.pending_len += len(data)
             self._flush()
+            if self.pending and self.client is not None and self._wake_w >= 0:
+                with contextlib.suppress(OSError):  # full: a wake-up is already there
+                    os.write(self._wake_w, b"w")
             while self.pending_len > self.BACKLOG:  # keep the newest BACKLOG bytes
                 extra = self.pending_len - self.BACKLOG
                 if len(self.pending[0]) <= extra:
@@ -284,22 +323,26 @@ class UnixConsole(Console):
                     self.pending[0] = self.pending[0][extra:]
                     self.pending_len -= extra
 
-    def _flush(self) -> None:
-        """Send what is pending, in order, as far as the client takes it now."""
+    def _flush(self) -> bool:
+        """Send what is pending, in order, as far as the client takes it now; whether
+        anything moved (bytes went out, or a client that went away was dropped)."""
+        moved = False
         while self.client is not None and self.pending:
             chunk = self.pending[0]
             try:
                 n = self.client.send(chunk, socket.MSG_DONTWAIT)
             except BlockingIOError:
-                return
+                return moved
             except OSError:
                 self.client = None
-                return
+                return True
+            moved = True
             self.pending_len -= n
             if n < len(chunk):
                 self.pending[0] = chunk[n:]
-                return
+                return moved
             self.pending.popleft()
+        return moved
 
     def unsent(self) -> bytes:
         with self.lock:
@@ -322,6 +365,16 @@ class UnixConsole(Console):
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
                 sock.close()
+        with contextlib.suppress(OSError):  # the pumps leave their select
+            os.write(self._wake_w, b"x")
+        for pump in self._pumps:
+            if pump is not threading.current_thread():
+                pump.join(2)
+        if not any(p.is_alive() for p in self._pumps):  # else a select may still use them
+            with self.lock:
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+                self._wake_w = -1
 
 
 def open_console(spec: str) -> Console:

@@ -1,13 +1,15 @@
 """virtio-console (virtio 1.x, 5.3), one port: the guest's stream to a host UNIX socket or
 file, and the socket's bytes back to the guest.
 
-Transmit requests are written to the backend as they come, never blocking (a UNIX socket
-keeps what its client has not taken, at most 64 KiB, and that goes with the state too).
-Receive buffers the guest
-offers stay in its ring until input arrives (the transport puts a request back when
-`handle` returns WAIT, and the input kicks the queue again), so no request is held across
-a save: the only state is the input not yet delivered, at most MAX_PENDING bytes (more is
-dropped and counted, as a UART's FIFO drops), which goes with the device's state.
+Transmit requests are written to the backend as they come, never blocking. A UNIX
+socket's attached client that falls behind holds them instead: a request its backlog
+(64 KiB) cannot take whole stays in the ring until the client has read (the console's
+`on_room` kicks the queue), so the guest waits, as on a real port, and no output is lost;
+with no client attached the socket keeps the newest 64 KiB for the next one. Receive
+buffers the guest offers stay in its ring until input arrives. The transport puts a
+request back when `handle` returns WAIT, so no request is held across a save: the state
+is the input not yet delivered, at most MAX_PENDING bytes (more is dropped and counted,
+as a UART's FIFO drops), and the output the client has not taken yet.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class VConsole:
         self.dropped = 0
         self._lock = threading.Lock()
         self.kick: Callable[[int], None] = lambda queue: None  # set by the transport
+        console.on_room = lambda: self.kick(TX)
 
     def features(self) -> int:
         return F_EMERG_WRITE
@@ -63,6 +66,8 @@ class VConsole:
         if queue == TX:
             data = chain.read(mem)
             if data:
+                if not self.con.accepts(len(data)):
+                    return WAIT  # the port's reader is behind: wait for it (on_room)
                 self.con.write(data)
             return 0
         with self._lock:

@@ -16,7 +16,11 @@ device, a pause or a save. Packets for the guest wait in the device (WAIT: the r
 request goes back to the ring); host sockets are read only while fewer than MAX_QUEUED
 wait, and the guest's own transmissions wait in its ring while more than MAX_BACKLOG do,
 so nothing grows without bound. A guest that closes a stream first has its last bytes
-delivered (the socket is closed once they are taken).
+delivered (the socket is closed once they are taken). Half-closes pass through both ways,
+as on a TCP socket: a guest's SHUTDOWN with SEND becomes the host program's EOF once its
+last bytes are taken (shutdown(SHUT_WR)), with RCV the program's further writes fail
+(SHUT_RD); a program's EOF becomes a SHUTDOWN with SEND for the guest, which may still
+write back. The stream ends when both directions have (or at RST, or a full SHUTDOWN).
 
 Connections do not survive a restore or a migration (the host sockets are not in the
 snapshot): the device state holds none, and after a restore or migration the
@@ -47,6 +51,7 @@ HDR = struct.Struct("<QQIIIHHIII")  # src_cid dst_cid src_port dst_port len type
 TYPE_STREAM = 1
 OP_REQUEST, OP_RESPONSE, OP_RST, OP_SHUTDOWN, OP_RW, OP_CREDIT_UPDATE, OP_CREDIT_REQUEST = (
     1, 2, 3, 4, 5, 6, 7)
+SHUTDOWN_RCV, SHUTDOWN_SEND = 1, 2  # the sender will receive / send no more
 SHUTDOWN_BOTH = 3
 BUF_ALLOC = 256 << 10   # what we take from the guest before the host sockets drain it
 MAX_QUEUED = 256        # packets waiting for the guest before host sockets are left unread
@@ -82,6 +87,8 @@ class Conn:
     outbuf: bytearray | None = None  # for the host program, not yet taken (OK line first)
     early: bytes = b""           # what a host program sent right after its CONNECT line
     closing: int = 0             # 0, or the guest's op (SHUTDOWN/RST) once outbuf drains
+    guest_shut: int = 0          # SHUTDOWN flags the guest sent so far (a half-close)
+    host_eof: bool = False       # the host program sent its EOF (the guest was told)
 
     @property
     def key(self) -> tuple[int, int]:
@@ -235,12 +242,16 @@ class Vsock:
                     self._flush(c)
             elif op == OP_CREDIT_REQUEST:
                 self._queue(self._packet(c, OP_CREDIT_UPDATE))
-            elif op == OP_RST or (op == OP_SHUTDOWN and flags & SHUTDOWN_BOTH == SHUTDOWN_BOTH):
+            elif op == OP_RST or (op == OP_SHUTDOWN and (c.guest_shut | flags) & SHUTDOWN_BOTH
+                                  == SHUTDOWN_BOTH):
                 c.closing = op  # once the host program has what the guest sent
                 self._flush(c)
-            elif op == OP_SHUTDOWN and flags & 2 and not c.outbuf:
-                with contextlib.suppress(OSError):  # the guest sends no more: EOF there
-                    c.sock.shutdown(socket.SHUT_WR)
+            elif op == OP_SHUTDOWN:
+                c.guest_shut |= flags & SHUTDOWN_BOTH
+                if flags & SHUTDOWN_RCV:  # the guest takes no more: the program's writes fail
+                    with contextlib.suppress(OSError):
+                        c.sock.shutdown(socket.SHUT_RD)
+                self._flush(c)  # with SEND: the program's EOF, after the last bytes
         self.kick(RX)
         self._wake_poller()
 
@@ -262,6 +273,12 @@ class Vsock:
                 self._queue(self._packet(c, OP_CREDIT_UPDATE))
         if c.closing:
             self._drop(c, rst=c.closing == OP_SHUTDOWN)
+        elif c.guest_shut & SHUTDOWN_SEND:
+            if c.host_eof:  # both directions have ended
+                self._drop(c, rst=True)
+                return
+            with contextlib.suppress(OSError):  # everything the guest sent is taken: EOF
+                c.sock.shutdown(socket.SHUT_WR)
 
     def _reply_rst(self, guest_port: int, host_port: int) -> None:
         if len(self.queued) < MAX_BACKLOG:  # a flood of strays gets no answer past that
@@ -313,7 +330,8 @@ class Vsock:
                 for c in self.conns.values():
                     fd = c.sock.fileno()
                     events = 0
-                    if c.connected and room and c.room() > 0 and not c.closing:
+                    if c.connected and room and c.room() > 0 and not c.closing and \
+                            not c.host_eof and not c.guest_shut & SHUTDOWN_RCV:
                         events |= select.POLLIN
                     if c.outbuf:
                         events |= select.POLLOUT
@@ -344,9 +362,10 @@ class Vsock:
         with self._lock:
             if self.conns.get(c.key) is not c:
                 return  # gone (or another connection on the same ports) since
-            if ev & select.POLLOUT:
-                self._flush(c)
-        if ev & (select.POLLIN | select.POLLHUP | select.POLLERR):
+            if ev & (select.POLLOUT | select.POLLHUP | select.POLLERR) and c.outbuf:
+                self._flush(c)  # (a program that went away: the send fails, RST)
+            reading = not c.host_eof and not c.guest_shut & SHUTDOWN_RCV
+        if ev & (select.POLLIN | select.POLLHUP | select.POLLERR) and reading:
             self._host_data(c)
         self.kick(RX)
 
@@ -398,7 +417,7 @@ class Vsock:
 
     def _host_data(self, c: Conn) -> None:
         with self._lock:
-            if self.conns.get(c.key) is not c or not c.connected or c.closing:
+            if self.conns.get(c.key) is not c or not c.connected or c.closing or c.host_eof:
                 return
             room = c.room()
         if room <= 0:
@@ -412,9 +431,13 @@ class Vsock:
         with self._lock:
             if self.conns.get(c.key) is not c:
                 return
-            if not data:  # the host program closed: tell the guest
-                self._drop(c, rst=False)
-                self._queue(self._packet(c, OP_SHUTDOWN, flags=SHUTDOWN_BOTH))
+            if not data:  # the host program's EOF (it may still read): tell the guest
+                c.host_eof = True
+                if c.guest_shut & SHUTDOWN_SEND and not c.outbuf:  # both ways ended
+                    self._drop(c, rst=False)
+                    self._queue(self._packet(c, OP_SHUTDOWN, flags=SHUTDOWN_BOTH))
+                else:
+                    self._queue(self._packet(c, OP_SHUTDOWN, flags=SHUTDOWN_SEND))
             else:
                 c.sent = (c.sent + len(data)) & 0xFFFF_FFFF
                 self._queue(self._packet(c, OP_RW, data))
