@@ -4,17 +4,21 @@ two network namespaces and powered down through ACPI, with its memory, clocks, c
 and disk intact.
 
 Each machine (1 vCPU found through the MP table; 2 vCPUs through ACPI's MADT, with a
-virtio disk) boots once per run and is suspended at its ready marker: the booted
+virtio disk, NIC, console, rng and vsock, each driven by Linux's own drivers) boots once
+per run and is suspended at its ready marker: the booted
 snapshot every other test starts from (what `guests/linux` offers users as the fast way to
 a shell). The workload's ticks prove continuity (pyhyve.linuxguest.check_ticks).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import re
 import shutil
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +41,40 @@ MB = 1 << 20
 MEMORY = 128 * MB
 BLOCKS = 64
 BOOT_TIMEOUT = 300           # a cold boot takes 30-40 s here; CI hosts are shared
+VSOCK_PORT = 5000            # the host port the workload's vsock rounds connect to
+RNG_LINE = re.compile(rb"((?: [0-9a-f]{2}){16})\r?\n")  # od -An -tx1 -N16
+
+
+class VsockEcho:
+    """The host service behind the guest's vsock rounds (the device connects a guest's
+    stream to CID 2 port P to the UNIX socket UDS_P): echoes each line back."""
+
+    def __init__(self, uds: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.bind(f"{uds}_{VSOCK_PORT}")
+        self.sock.listen(16)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            with c:
+                c.settimeout(5)
+                data = b""
+                try:
+                    while not data.endswith(b"\n") and (chunk := c.recv(64)):
+                        data += chunk
+                    c.sendall(data)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
 
 
 class TimedConsole(CaptureConsole):
@@ -73,6 +111,8 @@ class Booted:
 
 
 def boot(lane: dict[str, str], where: Path, cpus: int, acpi: bool, disk: bool) -> Booted:
+    """With `disk`, the machine has every virtio device: a disk, a NIC (loop), a console
+    (the workload copies its lines there), an rng and a vsock (a round every tick)."""
     image = None
     disks = []
     if disk:
@@ -80,12 +120,17 @@ def boot(lane: dict[str, str], where: Path, cpus: int, acpi: bool, disk: bool) -
         with open(image, "wb") as f:
             f.truncate(BLOCKS * 512 * 16)
         disks = [image]
-    desc = with_virtio(default_description("null"), disks, False,
-                       nets=["loop"] if disk else None)   # acpi2 has the devices
+    devices = devices_at(where) if disk else {}
+    desc = with_virtio(default_description("null"), disks, disk,   # acpi2 has the devices
+                       nets=["loop"] if disk else None,
+                       vconsoles=[devices["vconsole0"]] if disk else None,
+                       vsocks=[devices["vsock0"]] if disk else None)
+    extra = f"pyhyve.vsock={VSOCK_PORT}" if disk else ""
+    echo = VsockEcho(str(where / "v.sock")) if disk else None
     con = TimedConsole()
     vm = VirtualMachine.create(VmConfig(f"lx{cpus}", MEMORY, cpus, kernel=lane["vmlinux"],
                                         initrd=lane["initramfs"],
-                                        cmdline=linuxguest.cmdline(acpi),
+                                        cmdline=linuxguest.cmdline(acpi, extra),
                                         description=desc), console=con)
     try:
         vm.start()
@@ -94,14 +139,52 @@ def boot(lane: dict[str, str], where: Path, cpus: int, acpi: bool, disk: bool) -
         ready = con.text[con.text.index(READY):].split("\n")[0]
         assert f"cpus={cpus}" in ready and ("disk=vda" in ready) == disk, ready
         assert ("net=eth0" in ready) == disk, ready
+        assert ("hvc=hvc0 rng=hwrng" in ready) == disk, ready
         con.type("echo hi-$((6*7))")
         con.wait_for("hi-42", timeout=60)
+        if disk:
+            rng_reads(con)
+            wait_ticks(con, 3)
+            assert vsock_rounds(bytes(con.buf))[-1] > 0, con.text[-300:]
         base = str(where / "booted")
         save(vm, base, "suspend")
     finally:
         vm.close()
+        if echo is not None:
+            echo.close()
     check_ticks(bytes(con.buf))
+    if disk:
+        hvc_continues(where / "hvc.log", bytes(con.buf))
     return Booted(base, bytes(con.buf), cpus, image)
+
+
+def devices_at(where: Path) -> dict[str, str]:
+    """Backends of the console and vsock of a machine whose files live in `where`."""
+    return {"vconsole0": f"file:{where / 'hvc.log'}",
+            "vsock0": f"cid=3,uds={where / 'v.sock'}"}
+
+
+def rng_reads(con: TimedConsole) -> None:
+    """The guest reads 16 bytes from /dev/hwrng (virtio-rng through Linux's driver)."""
+    start = len(con.buf)
+    con.type("od -An -tx1 -N16 /dev/hwrng")
+    deadline = time.monotonic() + 60
+    while not (m := RNG_LINE.search(bytes(con.buf), start)):
+        assert time.monotonic() < deadline, con.text[-300:]
+        time.sleep(0.05)
+    assert m[1].replace(b" ", b"") != b"0" * 32
+
+
+def vsock_rounds(output: bytes) -> list[int]:
+    return [t.vsock for t in ticks(output) if t.vsock is not None]
+
+
+def hvc_continues(path: Path, console: bytes) -> None:
+    """The lines the workload copied to hvc0 (virtio-console) are its console's ticks: no
+    gap, no repeat, and the last ones all there."""
+    seqs = [t.seq for t in ticks(path.read_bytes())]
+    assert len(seqs) >= 3 and seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
+    assert seqs[-1] >= ticks(console)[-1].seq - 1, (seqs[-3:], ticks(console)[-1].seq)
 
 
 @pytest.fixture(scope="session")
@@ -122,13 +205,21 @@ def booted(request) -> Booted:
 
 
 def own_disk(b: Booted, tmp_path: Path) -> dict[str, str]:
-    """Bindings for a restore of `b`: a copy of its disk as of the snapshot (and the NIC's
-    loop backend)."""
+    """Bindings for a restore of `b`: a copy of its disk as of the snapshot, the NIC's
+    loop backend, and a console file and vsock socket in `tmp_path`."""
     if b.disk is None:
         return {}
     mine = str(tmp_path / "disk.img")
     shutil.copy(b.disk, mine)
-    return {"disk0": mine, "net0": "loop"}
+    return {"disk0": mine, "net0": "loop", **devices_at(tmp_path)}
+
+
+def vsock_pass(output: bytes) -> None:
+    """With a vsock, the workload's rounds to the host keep coming back (new connections
+    after the transport reset a restore or migration sends)."""
+    rounds = vsock_rounds(output)
+    if rounds:
+        assert rounds[-1] > rounds[0], rounds
 
 
 def frames_pass(output: bytes) -> None:
@@ -179,6 +270,7 @@ def wall_clock_ok(stamped: list[tuple[int, float]], output: bytes, skip: int = 1
 
 def test_suspend_and_restore_continue(booted: Booted, tmp_path: Path) -> None:
     binds = own_disk(booted, tmp_path)
+    echo = VsockEcho(str(tmp_path / "v.sock")) if binds else None
     vm, con = resumed(booted.snapshot, binds)
     try:
         wait_ticks(con, 2)
@@ -208,8 +300,14 @@ def test_suspend_and_restore_continue(booted: Booted, tmp_path: Path) -> None:
         if booted.disk is not None:
             top = check_disk_records(binds["disk0"], BLOCKS)
             assert top >= after[-1].seq - 1   # every tick's record is on disk (fsync)
+            vsock_pass(bytes(con2.buf))
+            hvc_continues(tmp_path / "hvc.log", bytes(con2.buf))
+            vm2.resume()
+            rng_reads(con2)
     finally:
         vm2.close()
+        if echo is not None:
+            echo.close()
 
 
 def test_checkpoint_and_continue(booted: Booted, tmp_path: Path) -> None:
@@ -252,11 +350,13 @@ def test_checkpoint_and_continue(booted: Booted, tmp_path: Path) -> None:
 
 
 def test_clones_run_side_by_side(acpi2: Booted, tmp_path: Path) -> None:
+    base = Path(acpi2.disk or "").read_bytes()
     clones = []
     try:
         for i in range(2):
             (tmp_path / str(i)).mkdir()
-            clones.append(resumed(acpi2.snapshot, {"disk0": acpi2.disk or "", "net0": "loop"},
+            clones.append(resumed(acpi2.snapshot, {"disk0": acpi2.disk or "", "net0": "loop",
+                                                   **devices_at(tmp_path / str(i))},
                                   clone=True, clone_dir=str(tmp_path / str(i))))
         ids = set()
         for vm, con in clones:
@@ -265,7 +365,9 @@ def test_clones_run_side_by_side(acpi2: Booted, tmp_path: Path) -> None:
             check_ticks(acpi2.output + bytes(con.buf))
             ids.add(vm.status()["generation_id"])
         assert len(ids) == 2
-        assert check_disk_records(acpi2.disk or "", BLOCKS) <= ticks(acpi2.output)[-1].seq
+        for vm, _ in clones:  # (writes a clone's guest has in flight land, or not, here)
+            vm.pause()
+        assert Path(acpi2.disk or "").read_bytes() == base  # the clones wrote their own
     finally:
         for vm, _ in clones:
             vm.close()
@@ -273,10 +375,12 @@ def test_clones_run_side_by_side(acpi2: Booted, tmp_path: Path) -> None:
 
 def test_acpi_power_button_shuts_down_cleanly(acpi2: Booted, tmp_path: Path,
                                                rundir: str) -> None:
-    disk = own_disk(acpi2, tmp_path)["disk0"]
+    binds = own_disk(acpi2, tmp_path)
+    disk = binds["disk0"]
     log = tmp_path / "con.log"
-    p = subprocess_run("pyhyve", "run", "pd", "-r", acpi2.snapshot, "--bind", f"disk0={disk}",
-                       "--bind", "net0=loop", "--console", f"file:{log}")
+    p = subprocess_run("pyhyve", "run", "pd", "-r", acpi2.snapshot,
+                       *(f"--bind={k}={v}" for k, v in binds.items()),
+                       "--console", f"file:{log}")
     try:
         wait_socket(rundir, "pd")
         wait_file(log, "tick ", timeout=60)
@@ -321,11 +425,17 @@ def test_live_migration_between_namespaces(name, request, hosts, keyfile, tmp_pa
     (ns_a, _), (ns_b, ip_b) = hosts["a"], hosts["b"]
     binds = own_disk(b, tmp_path)            # one image, shared by both "hosts"
     bind = [f"--bind=disk0={binds['disk0']}", "--bind=net0=loop"] if binds else []
+    sides: dict[str, list[str]] = {"src": [], "dst": []}
+    echoes = []
+    for side in sides if binds else ():  # each host: its own console file and vsock socket
+        (tmp_path / side).mkdir()
+        sides[side] = [f"--bind={k}={v}" for k, v in devices_at(tmp_path / side).items()]
+        echoes.append(VsockEcho(str(tmp_path / side / "v.sock")))
     src_log, dst_sock = tmp_path / "src.log", str(tmp_path / "dst.sock")
-    src = in_ns(ns_a, "pyhyve", "run", "src", "-r", b.snapshot, *bind, "--console",
-                f"file:{src_log}")
+    src = in_ns(ns_a, "pyhyve", "run", "src", "-r", b.snapshot, *bind, *sides["src"],
+                "--console", f"file:{src_log}")
     dst = in_ns(ns_b, "pyhyve", "run", "dst", "-R", f"{ip_b},7798", "--key-file", keyfile,
-                *bind, "--console", f"unix:{dst_sock}")
+                *bind, *sides["dst"], "--console", f"unix:{dst_sock}")
     try:
         wait_socket(rundir, "src")
         wait_file(src_log, "tick ", timeout=60)
@@ -353,10 +463,15 @@ def test_live_migration_between_namespaces(name, request, hosts, keyfile, tmp_pa
         # connected arrive late and only look behind)
         wall_clock_ok(stamps, out)
         frames_pass(out)
+        vsock_pass(out)
         cli("pyhyvectl", "--vm", "dst", "--pause")
         check_ticks(b.output + src_log.read_bytes() + out)
         if binds:
             assert check_disk_records(binds["disk0"], BLOCKS) >= ticks(out)[-1].seq - 1
+            hvc = tmp_path / "hvc.log"   # the console port's stream, both hosts' parts
+            hvc.write_bytes((tmp_path / "src" / "hvc.log").read_bytes() +
+                            (tmp_path / "dst" / "hvc.log").read_bytes())
+            hvc_continues(hvc, out)
         cli("pyhyvectl", "--vm", "dst", "--destroy")
         client.close()
     finally:
@@ -364,3 +479,5 @@ def test_live_migration_between_namespaces(name, request, hosts, keyfile, tmp_pa
             if p.poll() is None:
                 p.kill()
                 p.wait()
+        for e in echoes:
+            e.close()

@@ -88,7 +88,7 @@ def test_a_client_that_goes_away_releases_a_held_request(port):
 
 
 def test_a_client_that_only_closed_its_sending_side_still_gets_output(port):
-    dev, con, client, kicks = port
+    dev, _con, client, _kicks = port
     client.shutdown(socket.SHUT_WR)
     time.sleep(0.2)  # the console's pump sees the end of the client's input
     sent = 0

@@ -33,7 +33,7 @@ APT_PACKAGES = (SOURCE_PKG, "busybox-static", "flex", "bison", "bc", "libelf-dev
                 "make", "xz-utils", "patch", "libc6-dev")
 # applets the init script and a test's commands use; links in the initramfs, not
 # `busybox --install` at boot (each system call is slow here)
-APPLETS = ("sh", "mount", "mknod", "cat", "echo", "poweroff", "reboot", "sleep", "date",
+APPLETS = ("sh", "mount", "mknod", "cat", "echo", "poweroff", "reboot", "sleep", "date", "od",
            "uptime", "ls", "dd", "sync", "nproc", "head", "grep", "true", "seq")
 
 

@@ -2,7 +2,7 @@
  * The Linux guest's workload: proof, printed once a second, that memory, time and disk
  * survived whatever the VMM did to the guest (suspend, restore, checkpoint, migration).
  *
- *   tick SEQ pass P sum C up MONO_MS wall REAL_MS [disk D] [net N]
+ *   tick SEQ pass P sum C up MONO_MS wall REAL_MS [disk D] [net N] [vsock V]
  *
  * - It rewrites a buffer over and over (pass P writes pattern(P, i) into word i, after
  *   checking that word i still holds pattern(P - 1, i)); a wrong word prints
@@ -20,8 +20,13 @@
  * It runs as SCHED_IDLE: a background job that never keeps the console's shell waiting
  * (as SCHED_OTHER it shared the one vCPU with the shell, and a typed command's echo came
  * 0.03-0.5 s per character, under pyhyve and QEMU alike).
+ * - With `hvc=PATH` (a virtio console), each line also goes there.
+ * - With `vsock=PORT` (a virtio vsock), each tick connects to the host (CID 2) on PORT,
+ *   sends "vsock SEQ\n" and waits up to 500 ms for the same line back; V counts the
+ *   rounds that came back (a new connection each time: after a restore or migration the
+ *   device resets every connection, and the next tick's must work).
  * No libc: raw system calls, so the initramfs needs only this and busybox.
- * Arguments: [kib=N] [disk=PATH blocks=N] [net=IFACE].
+ * Arguments: [kib=N] [disk=PATH blocks=N] [net=IFACE] [hvc=PATH] [vsock=PORT].
  */
 typedef unsigned long u64;
 typedef long s64;
@@ -38,6 +43,13 @@ typedef long s64;
 #define SYS_recvfrom 45
 #define SYS_bind 49
 #define SYS_setsockopt 54
+#define SYS_close 3
+#define SYS_read 0
+#define SYS_connect 42
+#define AF_VSOCK 40
+#define SOCK_STREAM 1
+#define O_WRONLY 1
+#define O_NOCTTY 0400
 #define SYS_sched_setscheduler 144
 #define SCHED_IDLE 5
 #define AF_PACKET 17
@@ -97,6 +109,7 @@ static u64 now_ms(int clock)
 
 static char line[160];
 static int len;
+static int hvc = -1;
 
 static void put(const char *s)
 {
@@ -119,6 +132,8 @@ static void num(u64 v, int base)
 static void flush(void)
 {
 	sys3(SYS_write, 1, (s64)line, len);
+	if (hvc >= 0)
+		sys3(SYS_write, hvc, (s64)line, len);
 	len = 0;
 }
 
@@ -216,6 +231,46 @@ static int net_round(int fd, u64 seq)
 	return 0;
 }
 
+/* One round over vsock to the host's PORT: 1 when "vsock SEQ\n" came back whole. */
+static int vsock_round(u64 port, u64 seq)
+{
+	struct { /* <linux/vm_sockets.h> sockaddr_vm */
+		unsigned short family, reserved;
+		unsigned int port, cid;
+		unsigned char flags, zero[3];
+	} addr = {AF_VSOCK, 0, (unsigned int)port, 2, 0, {0}};
+	s64 tv[2] = {0, 500000};
+	char out[32], in[32];
+	int n = 0, got = 0, ok = 0;
+	int fd = (int)sys3(SYS_socket, AF_VSOCK, SOCK_STREAM, 0);
+	if (fd < 0)
+		return 0;
+	sys6(SYS_setsockopt, fd, SOL_SOCKET, SO_RCVTIMEO, (s64)tv, sizeof(tv), 0);
+	const char *p = "vsock ";
+	while (*p)
+		out[n++] = *p++;
+	char d[21];
+	int k = 0;
+	do { d[k++] = (char)('0' + seq % 10); seq /= 10; } while (seq);
+	while (k)
+		out[n++] = d[--k];
+	out[n++] = '\n';
+	if (sys3(SYS_connect, fd, (s64)&addr, sizeof(addr)) == 0 &&
+	    sys3(SYS_write, fd, (s64)out, n) == n) {
+		while (got < n) {
+			s64 r = sys3(SYS_read, fd, (s64)(in + got), n - got);
+			if (r <= 0)
+				break;
+			got += (int)r;
+		}
+		ok = got == n;
+		for (int i = 0; ok && i < n; i++)
+			ok = in[i] == out[i];
+	}
+	sys3(SYS_close, fd, 0, 0);
+	return ok;
+}
+
 static void record(int fd, u64 seq, u64 blocks)
 {
 	u64 rec[64], index = seq % blocks;
@@ -231,6 +286,7 @@ static void record(int fd, u64 seq, u64 blocks)
 int main(int argc, char **argv)
 {
 	u64 kib = 4096, blocks = 0, words, pass, sum = 0, seq = 0, next, echoed = 0;
+	u64 vport = 0, vrounds = 0;
 	const char *disk = 0, *iface = 0;
 	int fd = -1, net = -1;
 
@@ -243,6 +299,10 @@ int main(int argc, char **argv)
 			blocks = atou(argv[a] + 7);
 		else if (prefix(argv[a], "net="))
 			iface = argv[a] + 4;
+		else if (prefix(argv[a], "hvc="))
+			hvc = (int)sys3(SYS_open, (s64)(argv[a] + 4), O_WRONLY | O_NOCTTY, 0);
+		else if (prefix(argv[a], "vsock="))
+			vport = atou(argv[a] + 6);
 	}
 	if (kib < 4 || kib > MAX_KIB)
 		kib = 4096;
@@ -287,6 +347,8 @@ int main(int argc, char **argv)
 			record(fd, seq, blocks);
 		if (net >= 0)
 			echoed += (u64)net_round(net, seq);
+		if (vport)
+			vrounds += (u64)vsock_round(vport, seq);
 		put("tick ");
 		num(seq, 10);
 		put(" pass ");
@@ -304,6 +366,10 @@ int main(int argc, char **argv)
 		if (net >= 0) {
 			put(" net ");
 			num(echoed, 10);
+		}
+		if (vport) {
+			put(" vsock ");
+			num(vrounds, 10);
 		}
 		put("\n");
 		flush();

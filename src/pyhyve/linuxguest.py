@@ -30,7 +30,7 @@ BASE_CMDLINE = "console=ttyS0 nokaslr no_timer_check mitigations=off quiet"
 # and the host cannot emulate xrstor, popcnt or clac at CPL0
 PVM_CMDLINE = "clearcpuid=smap,xsave,popcnt tsc=reliable"
 TICK = re.compile(rb"tick (\d+) pass (\d+) sum ([0-9a-f]+) up (\d+) wall (\d+)"
-                  rb"(?: disk (\d+))?(?: net (\d+))?")
+                  rb"(?: disk (\d+))?(?: net (\d+))?(?: vsock (\d+))?")
 
 
 class LaneError(PyhyveError, RuntimeError):
@@ -98,12 +98,14 @@ class Tick:
     disk: int | None
     net: int | None    # frames that came back so far (a virtio NIC)
     at: int            # offset of the line in the console output
+    vsock: int | None = None  # vsock rounds to the host that came back so far
 
 
 def ticks(output: bytes) -> list[Tick]:
     return [Tick(int(m[1]), int(m[2]), int(m[3], 16), int(m[4]), int(m[5]),
                  int(m[6]) if m[6] is not None else None,
-                 int(m[7]) if m[7] is not None else None, m.start())
+                 int(m[7]) if m[7] is not None else None, m.start(),
+                 int(m[8]) if m[8] is not None else None)
             for m in TICK.finditer(output)]
 
 
