@@ -109,7 +109,8 @@ class VirtualMachine:
         self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
         self.vm.create_irqchip()
         self.vm.create_pit2()
-        self.memory = memory or GuestMemory(self.config.memory, name=f"pyhyve-{self.config.name}")
+        self.memory = memory or GuestMemory(self.config.memory, name=f"pyhyve-{self.config.name}",
+                                            hugetlb=self.config.hugepages)
         for slot, r in enumerate(self.memory.regions):
             self.vm.set_user_memory_region(slot, r.gpa, r.size, r.host_addr)
         self.dirty = DirtyTracker(self.vm, self.memory)  # the one owner of the dirty log

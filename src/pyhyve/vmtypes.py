@@ -58,6 +58,9 @@ class VmConfig:
     # the machine's devices with their bound backends (None: the default machine, its
     # console `console`); recorded apart from this config (description.py)
     description: VmDescription | None = None
+    # guest RAM from the host's reserved 2 MiB pages (--hugepages): a host resource, so
+    # the command line's choice, never recorded
+    hugepages: bool = False
 
     def machine(self) -> VmDescription:
         return self.description or default_description(self.console)
@@ -65,6 +68,7 @@ class VmConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("description")
+        d.pop("hugepages")
         d["cpuid_hidden"] = list(self.cpuid_hidden)
         return d
 

@@ -94,6 +94,11 @@ def build_parser() -> Parser:
     r.add_argument("--cpuid-clear", default=None,
                    help="CPUID features hidden from the guest (comma list; '' for none); "
                    f"default {','.join(DEFAULT_HIDDEN)}")
+    r.add_argument("--hugepages", action="store_true",
+                   help="guest RAM in the host's reserved 2 MiB pages (hugetlbfs: "
+                   "/proc/sys/vm/nr_hugepages); without enough free ones, ordinary memory "
+                   "with transparent huge pages (--status says which). Not with --lazy or "
+                   "--clone")
     r.add_argument("-r", "--restore", metavar="FILE",
                    help="continue the guest saved in FILE (+ .kern, .meta)")
     how = r.add_mutually_exclusive_group()
@@ -173,6 +178,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                           cpus=a.cpus if a.cpus is not None else 1,
                           kernel=a.kernel, initrd=a.initrd, cmdline=a.cmdline,
                           console=_console_spec(a), description=machine,
+                          hugepages=a.hugepages,
                           cpuid_hidden=parse_feature_list(
                               a.cpuid_clear if a.cpuid_clear is not None else ",".join(DEFAULT_HIDDEN)))
         if "/" in a.name or not a.name or a.name.startswith("."):
@@ -213,6 +219,9 @@ def cmd_restore(a: argparse.Namespace) -> int:
     _no_config_flags(a, "--restore", "the snapshot carries the VM's configuration")
     if a.clone and a.eager:
         fail(PROG, "--clone shares the snapshot's memory: it cannot be combined with --eager")
+    if a.hugepages and (a.lazy or a.clone):
+        fail(PROG, f"--hugepages cannot be combined with {'--lazy' if a.lazy else '--clone'}: "
+             "that restore maps the snapshot's file", code=2)
     t0 = time.perf_counter()
     try:
         binds = _bindings(a)  # never the snapshot's: a file must not choose host paths
@@ -222,7 +231,7 @@ def cmd_restore(a: argparse.Namespace) -> int:
                 vm = restore(snap, name=a.name, lazy=a.lazy, progress=progress,
                              bindings=binds, reuse_paths=a.reuse_paths, clone=a.clone,
                              track_dirty=a.track_dirty, clone_dir=rundir(),
-                             disk_changed_ok=a.disk_changed_ok)
+                             disk_changed_ok=a.disk_changed_ok, hugepages=a.hugepages)
             finally:
                 snap.close()
         if a.memory is not None and parse_size(a.memory) != vm.config.memory:
@@ -267,7 +276,8 @@ def cmd_receive(a: argparse.Namespace) -> int:
         receiver = Receiver(a.name, host, port, key,
                             ReceiveOptions(console=None, bindings=_bindings(a),
                                            reuse_paths=a.reuse_paths, tls_dir=a.tls_dir,
-                                           receive_timeout=a.receive_timeout))
+                                           receive_timeout=a.receive_timeout,
+                                           hugepages=a.hugepages))
     except (MigrationError, SecurityError, UsageError, VmError) as e:
         fail(PROG, str(e))
     except OSError as e:

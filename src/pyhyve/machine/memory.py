@@ -7,6 +7,11 @@ THP is off, the usual default.) A lazy restore maps the snapshot's memory file p
 instead, its zero stretches anonymous. Either way the pages are found by the same scan
 (pipeline/pages.py: the file's data extents plus pagemap's anonymous pages) and read by
 file offset, so nothing above here cares which it is.
+
+With `hugetlb` (`--hugepages`) fresh RAM comes from the host's reserved 2 MiB pages
+(MAP_HUGETLB, reserved when mapped, so a host without enough of them refuses at once and
+the VM falls back to the above instead of dying at a fault later). Those pages never swap,
+and pagemap shows them as anonymous pages like any other, so the same scan finds them.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ PAGE = 4096
 _libc = C.CDLL(None, use_errno=True)
 MMIO_HOLE_START = 0xC000_0000  # 3 GiB: PCI/LAPIC/IOAPIC window below 4 GiB
 MMIO_HOLE_END = 0x1_0000_0000
-MAP_FIXED, MAP_NORESERVE, MADV_HUGEPAGE = 0x10, 0x4000, 14
+MAP_FIXED, MAP_NORESERVE, MADV_HUGEPAGE, MAP_HUGETLB = 0x10, 0x4000, 14, 0x40000
+HUGE_PAGE = 2 << 20
 MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
 MAP_FAILED = C.c_void_p(-1).value
 _libc.mmap.restype = C.c_void_p
@@ -96,17 +102,20 @@ class GuestMemory:
     are anonymous memory (all of it for a fresh VM), `file_backed()` the rest."""
 
     def __init__(self, size: int, backing_fd: int | None = None,
-                 name: str = "pyhyve-ram") -> None:
+                 name: str = "pyhyve-ram", hugetlb: bool = False) -> None:
         if size <= 0 or size % PAGE:
             raise ValueError(f"memory size must be a positive multiple of {PAGE}")
         self.size = size
         self.name = name
         self.fd = os.dup(backing_fd) if backing_fd is not None else -1
+        self.hugetlb = hugetlb and self.fd < 0 and self._reserve_huge()
         self.regions: list[Region] = []
         for lay in ram_layout(size):
             if self.fd >= 0:
                 mm = mmap.mmap(self.fd, lay.size, flags=mmap.MAP_PRIVATE,
                                prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=lay.file_offset)
+            elif self.hugetlb:
+                mm = self._huge.pop(0)
             else:  # untouched pages cost nothing until the guest writes them
                 mm = mmap.mmap(-1, lay.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
                                | MAP_NORESERVE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
@@ -122,6 +131,24 @@ class GuestMemory:
         self.guard: MemoryGuard | None = None
         # told of the VMM's own writes (first file page, count): the dirty tracker
         self.on_write: Callable[[int, int], None] | None = None
+
+    def _reserve_huge(self) -> bool:
+        """Map every region from the host's hugetlb pool (reserved now, faulted later);
+        False, with nothing left mapped, if the pool cannot hold all of them."""
+        self._huge: list[mmap.mmap] = []
+        try:
+            for lay in ram_layout(self.size):
+                if lay.size % HUGE_PAGE:
+                    raise OSError("not a multiple of the huge page size")
+                self._huge.append(mmap.mmap(-1, lay.size, flags=mmap.MAP_PRIVATE
+                                            | mmap.MAP_ANONYMOUS | MAP_HUGETLB,
+                                            prot=mmap.PROT_READ | mmap.PROT_WRITE))
+        except OSError:  # ENOMEM: too few reserved pages (or none configured)
+            for mm in self._huge:
+                mm.close()
+            self._huge = []
+            return False
+        return True
 
     def region_for(self, gpa: int, length: int = 1) -> Region:
         for r in self.regions:
@@ -262,7 +289,8 @@ class GuestMemory:
 
     def backing(self) -> dict[str, object]:
         """For `--status`: what backs guest RAM, and how much of it is in 2 MiB pages
-        (transparent huge pages are asked for, not promised: the host decides)."""
+        (transparent huge pages are asked for, not promised: the host decides; hugetlb
+        pages count once the guest touched them)."""
         spans = [(r.host_addr, r.host_addr + r.size) for r in self.regions]
         huge, start = 0, None
         with open("/proc/self/smaps") as f:
@@ -272,9 +300,10 @@ class GuestMemory:
                     lo, _, hi = head.partition("-")
                     a, b = int(lo, 16), int(hi, 16)
                     start = a if any(s <= a and b <= e for s, e in spans) else None
-                elif start is not None and head == "AnonHugePages:":
+                elif start is not None and head in ("AnonHugePages:", "Private_Hugetlb:"):
                     huge += int(line.split()[1]) * 1024
-        kind = "snapshot file, copy-on-write" if self.fd >= 0 else "anonymous memory"
+        kind = ("snapshot file, copy-on-write" if self.fd >= 0 else
+                "hugetlb 2 MiB pages" if self.hugetlb else "anonymous memory")
         return {"memory_backing": kind, "huge_pages": huge}
 
     def file_view(self, off: int, length: int) -> memoryview:

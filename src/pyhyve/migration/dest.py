@@ -11,7 +11,7 @@ import gc
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import zstandard
@@ -49,6 +49,7 @@ class ReceiveOptions:
     reuse_paths: bool = False      # reopen the backends the source recorded
     io_timeout: float = 60.0       # once authenticated: no progress for this long fails
     receive_timeout: float = 600.0  # wait this long in all for a migration to arrive
+    hugepages: bool = False        # guest RAM from the host's reserved 2 MiB pages
 
 
 def spec_from_hello(hello: dict[str, Any], name: str, bindings: dict[str, str],
@@ -149,6 +150,8 @@ class Receiver:
         # in the socket); a failure from here on is an ERROR, and the source resumes.
         ch.send_json(T.ACCEPT, {})
         self.t_first = time.perf_counter()
+        if self.opts.hugepages:
+            spec = replace(spec, config=replace(spec.config, hugepages=True))
         self.vm = vm = build_vm(spec, self.console, host=self.host_facts)
         blobs, devices = self._stream(ch, vm)
         apply_state(vm, blobs, devices)

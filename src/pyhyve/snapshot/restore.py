@@ -154,7 +154,7 @@ def restore(snap: Snapshot, name: str | None = None, console: Console | None = N
             bindings: dict[str, str] | None = None, reuse_paths: bool = False,
             prefetch: bool = True, clone: bool = False,
             track_dirty: bool = False, clone_dir: str | None = None,
-            disk_changed_ok: bool = False) -> VirtualMachine:
+            disk_changed_ok: bool = False, hugepages: bool = False) -> VirtualMachine:
     """Build a VM from a snapshot; returns it ready to start(). Lazily (this function's
     default; the command line's is eager, which reaches full speed sooner) the guest reads
     the memory file through a private mapping, and with `prefetch` a thread pulls its data
@@ -167,7 +167,12 @@ def restore(snap: Snapshot, name: str | None = None, console: Console | None = N
     `track_dirty` makes any restore do (incremental.py). A disk that changed since the
     save is refused unless `disk_changed_ok` (devices/virtio/blk.py). If the memory file has not
     been verified yet, it is verified here on another thread while the VM is built (the
-    kernel work of building overlaps the hashing), and nothing is returned unless it passed."""
+    kernel work of building overlaps the hashing), and nothing is returned unless it passed.
+    `hugepages` puts guest RAM in the host's reserved 2 MiB pages (machine/memory.py): an
+    eager restore only, since a lazy one maps the file."""
+    if hugepages and (lazy or clone):
+        raise SnapshotError("huge pages need an eager restore (a lazy one or a clone maps "
+                            "the snapshot's file)")
 
     verifier = None
     verify_error: list[BaseException] = []
@@ -189,7 +194,7 @@ def restore(snap: Snapshot, name: str | None = None, console: Console | None = N
             binds[CONSOLE_ID] = console_spec  # --console is com1's --bind
         opts = f",clone={clone_dir or _tempdir()}" if clone else ""
         vm = _build(snap, name, console, binds, reuse_paths, lazy or clone, progress,
-                    prefetch, opts + (",force" if disk_changed_ok else ""), clone)
+                    prefetch, opts + (",force" if disk_changed_ok else ""), clone, hugepages)
     finally:
         if verifier is not None:
             verifier.join()
@@ -203,11 +208,13 @@ def restore(snap: Snapshot, name: str | None = None, console: Console | None = N
 
 def _build(snap: Snapshot, name: str | None, console: Console | None, bindings: dict[str, str],
            reuse_paths: bool, lazy: bool, progress: ProgressFactory | None,
-           prefetch: bool, disk_opts: str, clone: bool) -> VirtualMachine:
+           prefetch: bool, disk_opts: str, clone: bool, hugepages: bool) -> VirtualMachine:
     try:
         spec = MachineSpec.from_record(snap.meta, name, bindings, reuse_paths)
     except RecordError as e:
         raise SnapshotError(f"metadata: {e}") from None
+    if hugepages:
+        spec = replace(spec, config=replace(spec.config, hugepages=True))
     if disk_opts or clone:
         spec = _device_options(spec, disk_opts, clone)
     try:
