@@ -13,10 +13,11 @@ spawning the process:
   comes back, so the restore counts only once the guest runs a shell command again,
   not when the VMM says "running". pyhyve restores with its defaults (eager); QEMU
   loads `-incoming "exec:cat FILE"` and gets `cont` as soon as it is paused.
-The booted snapshots are taken once per side, at the ready marker plus one workload tick.
-Runs are interleaved (pyhyve, QEMU, pyhyve, ...) so drift on a noisy host hits both. A
-restore takes half a second, so it is measured more often (--shell-runs, default 15) than
-a cold boot (--runs, default 5): its spread here is a few hundred ms on both sides.
+Every cold boot goes on to a booted snapshot (at the ready marker plus one workload tick:
+what the guest was doing at that instant moves a restore's time by up to 0.2 s, so one
+snapshot per side would measure that instant, not the VMM), and each snapshot is restored
+--shell-runs / --runs times. Runs are interleaved (pyhyve, QEMU, pyhyve, ...) so drift on
+a noisy host hits both.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ class Side:
         self.kind, self.qemu, self.lane, self.work = kind, qemu, lane, work
         self.cmdline = linuxguest.cmdline(acpi=acpi)
         self.env = {**os.environ, "PYHYVE_RUNDIR": os.path.join(work, "run")}
-        self.snapshot = os.path.join(work, f"{kind}-booted")
+        self.snapshots: list[str] = []
         self.n = 0
 
     def _boot(self) -> tuple[subprocess.Popen, float, bytearray, str]:
@@ -111,38 +112,41 @@ class Side:
         out = bytearray()
         return p, until(p, READY, t0, out), out, name if self.kind == "pyhyve" else qmp
 
-    def cold_boot(self) -> float:
-        p, t, _, _ = self._boot()
-        end(p)
-        return t
-
-    def make_snapshot(self) -> None:
-        p, _, out, handle = self._boot()
+    def cold_boot(self, snapshot: bool = True) -> float:
+        """Seconds to the ready marker; then (unless not `snapshot`) the booted snapshot."""
+        p, t, out, handle = self._boot()
         try:
-            until(p, b"tick 1 ", time.perf_counter(), out)
-            if self.kind == "pyhyve":
-                subprocess.run([PYHYVECTL, "--vm", handle, "--suspend", self.snapshot],
-                               check=True, env=self.env, capture_output=True)
-                p.wait(60)
-            else:
-                q = Qmp(handle)
-                q.cmd("stop")
-                q.cmd("migrate", uri=f"exec:cat > {self.snapshot}")
-                if q.wait_migration(TIMEOUT) is None:
-                    raise TimeoutError("QEMU's snapshot did not complete")
-                q.close()
+            if snapshot:
+                path = os.path.join(self.work, f"{self.kind}-booted-{len(self.snapshots)}")
+                self._suspend(p, out, handle, path)
+                self.snapshots.append(path)
         finally:
             end(p)
+        return t
 
-    def shell_by_restore(self) -> float:
+    def _suspend(self, p: subprocess.Popen, out: bytearray, handle: str, path: str) -> None:
+        until(p, b"tick 1 ", time.perf_counter(), out)
+        if self.kind == "pyhyve":
+            subprocess.run([PYHYVECTL, "--vm", handle, "--suspend", path],
+                           check=True, env=self.env, capture_output=True)
+            p.wait(60)
+        else:
+            q = Qmp(handle)
+            q.cmd("stop")
+            q.cmd("migrate", uri=f"exec:cat > {path}")
+            if q.wait_migration(TIMEOUT) is None:
+                raise TimeoutError("QEMU's snapshot did not complete")
+            q.close()
+
+    def shell_by_restore(self, snapshot: str) -> float:
         self.n += 1
         name = f"lx{self.n}"
         qmp = os.path.join(self.work, f"{name}.qmp")
         if self.kind == "pyhyve":
-            argv = [PYHYVE, "run", name, "-r", self.snapshot, "--console", "stdio"]
+            argv = [PYHYVE, "run", name, "-r", snapshot, "--console", "stdio"]
         else:
             argv = [*qemu_cmd(self.qemu, self.lane, self.cmdline, qmp), "-incoming",
-                    f"exec:cat {self.snapshot}"]
+                    f"exec:cat {snapshot}"]
         t0 = time.perf_counter()
         p = spawn(argv, self.env)
         try:
@@ -170,15 +174,13 @@ def main() -> None:
     acpi = Side("pyhyve", qemu, lane, work, acpi=True)
     boots: dict[str, list[float]] = {k: [] for k in (*sides, "acpi")}
     shells: dict[str, list[float]] = {k: [] for k in sides}
-    for s in sides.values():
-        s.make_snapshot()
     for _ in range(args.runs):
         for k, s in sides.items():
             boots[k].append(s.cold_boot())
-        boots["acpi"].append(acpi.cold_boot())
-    for _ in range(args.shell_runs):
+        boots["acpi"].append(acpi.cold_boot(snapshot=False))
+    for i in range(max(args.shell_runs, args.runs)):
         for k, s in sides.items():
-            shells[k].append(s.shell_by_restore())
+            shells[k].append(s.shell_by_restore(s.snapshots[i % args.runs]))
     b = {k: median(v) for k, v in boots.items()}
     sh = {k: median(v) for k, v in shells.items()}
     print(table(f"Linux lane guest ({lane['source']}, 128 MiB, 1 vCPU), medians of "
