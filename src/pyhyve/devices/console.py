@@ -240,14 +240,15 @@ class UnixConsole(Console):
         self.pending_len = 0
         self.lock = threading.Lock()
         self.closed = False
-        # wakes the client's pump when output is left over, so it waits for the socket to
-        # take it at once (not at its next 1 s look)
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._pumps: list[threading.Thread] = []
+        # the current client's pump's wake-up (each pump owns its pipe and closes it when
+        # it ends): output left over makes it wait for the socket at once, not at its
+        # next 1 s look
+        self._wake_w = -1
         threading.Thread(target=self._accept, name="console-unix", daemon=True).start()
 
     def accepts(self, n: int) -> bool:
         with self.lock:
+            self._flush()
             return self.client is None or not self.pending or \
                 self.pending_len + n <= self.BACKLOG
 
@@ -261,20 +262,34 @@ class UnixConsole(Console):
                 c, _ = self.sock.accept()
             except OSError:
                 return
+            wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             with self.lock:  # the backlog goes out before any newer output
-                old, self.client = self.client, c
+                if self.closed:  # closed while this one was accepted
+                    c.close()
+                    os.close(wake_r)
+                    os.close(wake_w)
+                    return
+                old, self.client, self._wake_w = self.client, c, wake_w
                 self._flush()
             if old:
                 old.close()
             self._room()
-            pump = threading.Thread(target=self._pump, args=(c,), daemon=True)
-            self._pumps = [*(p for p in self._pumps if p.is_alive()), pump]
-            pump.start()
+            threading.Thread(target=self._pump, args=(c, wake_r, wake_w), daemon=True).start()
 
-    def _pump(self, c: socket.socket) -> None:
+    def _pump(self, c: socket.socket, wake_r: int, wake_w: int) -> None:
         """The client's input to the guest; and output the client could not take at once
         goes out as soon as it can (not only at the guest's next write). A client that
         closed its sending side may still read: it keeps getting output."""
+        try:
+            self._pump_loop(c, wake_r)
+        finally:  # nobody writes to this pipe once it is no longer the current one
+            with self.lock:
+                if self._wake_w == wake_w:
+                    self._wake_w = -1
+            os.close(wake_r)
+            os.close(wake_w)
+
+    def _pump_loop(self, c: socket.socket, wake_r: int) -> None:
         reading = True
         cfd = c.fileno()
         while not self.closed:
@@ -282,21 +297,28 @@ class UnixConsole(Console):
                 if self.client is not c:
                     return
                 behind = bool(self.pending)
+            poller = select.poll()  # not select(): a VMM may have fds past 1023
+            poller.register(wake_r, select.POLLIN)
+            events = (select.POLLIN if reading else 0) | (select.POLLOUT if behind else 0)
+            if events:
+                poller.register(cfd, events)
             try:
-                readable, writable, _ = select.select(
-                    [self._wake_r, *([cfd] if reading else [])], [cfd] if behind else [], [],
-                    1.0)
-            except (OSError, ValueError):
+                ready = dict(poller.poll(1000))
+            except OSError:
                 return
-            if self._wake_r in readable:
+            if wake_r in ready:
                 with contextlib.suppress(OSError):
-                    os.read(self._wake_r, 4096)
-            if writable:
+                    os.read(wake_r, 4096)
+            got = ready.get(cfd, 0)
+            if got & select.POLLNVAL:  # closed under us: replaced, or the console closed
+                return
+            if got & (select.POLLOUT | select.POLLERR | select.POLLHUP) and behind:
                 with self.lock:
                     moved = self.client is c and self._flush()
                 if moved:
                     self._room()
-            if cfd not in readable:
+            readable = got & (select.POLLIN | select.POLLERR | select.POLLHUP) and reading
+            if not readable:
                 continue
             try:
                 data = c.recv(4096)
@@ -360,21 +382,16 @@ class UnixConsole(Console):
             return
         self.closed = True
         unixsock.release(self.path, self.ident)
-        for sock in (self.sock, self.client):  # shutdown wakes the threads blocked on them
+        with self.lock:
+            client, self.client = self.client, None
+            if self._wake_w >= 0:
+                with contextlib.suppress(OSError):  # its pump leaves its poll and ends
+                    os.write(self._wake_w, b"x")
+        for sock in (self.sock, client):  # shutdown wakes the threads blocked on them
             if sock is not None:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
                 sock.close()
-        with contextlib.suppress(OSError):  # the pumps leave their select
-            os.write(self._wake_w, b"x")
-        for pump in self._pumps:
-            if pump is not threading.current_thread():
-                pump.join(2)
-        if not any(p.is_alive() for p in self._pumps):  # else a select may still use them
-            with self.lock:
-                os.close(self._wake_r)
-                os.close(self._wake_w)
-                self._wake_w = -1
 
 
 def open_console(spec: str) -> Console:

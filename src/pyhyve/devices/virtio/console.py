@@ -2,10 +2,13 @@
 file, and the socket's bytes back to the guest.
 
 Transmit requests are written to the backend as they come, never blocking. A UNIX
-socket's attached client that falls behind holds them instead: a request its backlog
-(64 KiB) cannot take whole stays in the ring until the client has read (the console's
-`on_room` kicks the queue), so the guest waits, as on a real port, and no output is lost;
-with no client attached the socket keeps the newest 64 KiB for the next one. Receive
+socket's attached client that falls behind holds them instead, for a moment: a request
+its backlog (64 KiB) cannot take whole stays in the ring until the client has read (the
+console's `on_room` kicks the queue), so a reader that is briefly slow loses nothing. Not
+longer than HOLD_S: Linux's hvc driver waits for each transmit with interrupts off,
+spinning, so a client that stops reading would freeze the guest. A hold that runs out
+marks the client stalled: from then on the socket keeps the newest 64 KiB, as with no
+client attached, until the client reads again. Receive
 buffers the guest offers stay in its ring until input arrives. The transport puts a
 request back when `handle` returns WAIT, so no request is held across a save: the state
 is the input not yet delivered, at most MAX_PENDING bytes (more is dropped and counted,
@@ -18,6 +21,7 @@ import base64
 import json
 import struct
 import threading
+import time
 from collections.abc import Callable
 
 from ..console import Console
@@ -26,6 +30,7 @@ from .queue import Chain, Memory
 WAIT = -2  # handle(): no input yet; the request goes back to the ring
 F_EMERG_WRITE = 1 << 2
 MAX_PENDING = 64 << 10
+HOLD_S = 0.05  # how long a transmit may wait for a client that is behind (see above)
 RX, TX = 0, 1
 
 
@@ -40,7 +45,14 @@ class VConsole:
         self.dropped = 0
         self._lock = threading.Lock()
         self.kick: Callable[[int], None] = lambda queue: None  # set by the transport
-        console.on_room = lambda: self.kick(TX)
+        self.hold_s = HOLD_S
+        self._held_since = 0.0   # when the transmit now waiting began to (0: none waits)
+        self._stalled = False    # the client let a hold run out; cleared when it reads
+        console.on_room = self._room
+
+    def _room(self) -> None:
+        self._stalled = False
+        self.kick(TX)
 
     def features(self) -> int:
         return F_EMERG_WRITE
@@ -66,8 +78,17 @@ class VConsole:
         if queue == TX:
             data = chain.read(mem)
             if data:
-                if not self.con.accepts(len(data)):
-                    return WAIT  # the port's reader is behind: wait for it (on_room)
+                if not self._stalled and not self.con.accepts(len(data)):
+                    now = time.monotonic()
+                    if not self._held_since:  # a kick once the hold runs out, at the latest
+                        self._held_since = now
+                        timer = threading.Timer(self.hold_s + 0.01, self.kick, (TX,))
+                        timer.daemon = True
+                        timer.start()
+                    if now - self._held_since < self.hold_s:
+                        return WAIT  # the port's reader is behind: wait for it (on_room)
+                    self._stalled = True
+                self._held_since = 0.0
                 self.con.write(data)
             return 0
         with self._lock:
