@@ -32,8 +32,7 @@ from pyhyve.snapshot.restore import open_snapshot, restore
 from pyhyve.snapshot.save import save
 from pyhyve.vm import VirtualMachine, VmConfig
 
-from conftest import CaptureConsole, cli, wait_file, wait_socket
-from test_migration_hosts import hosts, in_ns, keyfile  # noqa: F401 (fixtures)
+from conftest import CaptureConsole, cli, in_ns, wait_file, wait_socket
 
 pytestmark = [pytest.mark.kvm, pytest.mark.linux]
 
@@ -419,7 +418,7 @@ def console_client(path: str, timeout: float = 20) -> socket.socket:
 
 
 @pytest.mark.parametrize("name", ["mp1", "acpi2"])
-def test_live_migration_between_namespaces(name, request, hosts, keyfile, tmp_path,  # noqa: F811
+def test_live_migration_between_namespaces(name, request, hosts, keyfile, tmp_path,
                                            rundir) -> None:
     b: Booted = request.getfixturevalue(name)
     (ns_a, _), (ns_b, ip_b) = hosts["a"], hosts["b"]

@@ -13,54 +13,9 @@ import pytest
 
 from pyhyve import guestkit
 
-from conftest import BIN, SPAWNED, cli, wait_file, wait_socket
+from conftest import BIN, cli, in_ns, wait_file, wait_socket
 
 pytestmark = pytest.mark.kvm  # every test here runs a guest or talks to KVM
-
-KEY_TEXT = "correct horse battery staple 42"
-
-
-def sh(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True)
-
-
-@pytest.fixture(scope="module")
-def hosts():
-    """Two namespaces, 10.251.<n>.1 and .2, made for this run and removed after it."""
-    n = os.getpid() % 200 + 20
-    a, b = f"pyhA{os.getpid()}", f"pyhB{os.getpid()}"
-    va, vb = f"pva{os.getpid() % 100000}", f"pvb{os.getpid() % 100000}"
-    sh("ip", "netns", "add", a)
-    sh("ip", "netns", "add", b)
-    try:
-        sh("ip", "link", "add", va, "type", "veth", "peer", "name", vb)
-        sh("ip", "link", "set", va, "netns", a)
-        sh("ip", "link", "set", vb, "netns", b)
-        sh("ip", "-n", a, "addr", "add", f"10.251.{n}.1/24", "dev", va)
-        sh("ip", "-n", b, "addr", "add", f"10.251.{n}.2/24", "dev", vb)
-        for ns, dev in ((a, va), (b, vb)):
-            sh("ip", "-n", ns, "link", "set", dev, "up")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-        yield {"a": (a, f"10.251.{n}.1"), "b": (b, f"10.251.{n}.2")}
-    finally:
-        subprocess.run(["ip", "netns", "del", a], capture_output=True)
-        subprocess.run(["ip", "netns", "del", b], capture_output=True)
-
-
-@pytest.fixture
-def keyfile(tmp_path):
-    p = tmp_path / "migration.key"
-    p.write_text(KEY_TEXT)
-    p.chmod(0o600)
-    return str(p)
-
-
-def in_ns(ns: str, *args: str, **kw) -> subprocess.Popen:
-    p = subprocess.Popen(["ip", "netns", "exec", ns, os.path.join(BIN, args[0]), *args[1:]],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **kw)
-    SPAWNED.append(p)
-    return p
-
 
 def run_pair(hosts, kit, tmp_path, rundir, guest_args, extra_dst=(), extra_src=()):
     (ns_a, _ip_a), (ns_b, ip_b) = hosts["a"], hosts["b"]
