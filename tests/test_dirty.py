@@ -117,3 +117,85 @@ def test_logging_is_off_when_no_one_consumes(make_vm):
     # KVM refuses GET_DIRTY_LOG on a slot without logging: proof the flag is off
     with pytest.raises(OSError):
         vm.vm.get_dirty_log(0, np.zeros(8192, dtype=np.uint64).ctypes.data)
+
+
+def needs_manual_protect(vm) -> None:
+    c = vm.dirty.consumer("probe")
+    c.stop()
+    if not vm.dirty.manual:  # an older KVM: deferred protection cannot exist there
+        pytest.skip("KVM has no KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 with INITIALLY_SET")
+
+
+def test_a_deferred_consumer_sees_the_pages_it_armed(make_vm):
+    """Deferred: logging starts with no page protected; a page is logged once armed, and
+    an unarmed page is the consumer's to send, never reported."""
+    vm, con = make_vm("ab", "ws=8M", memory=64 * MB)
+    con.wait_count(b"B", 2)
+    needs_manual_protect(vm)
+    ws = ws_pages(vm)
+    half = ws.start + len(ws) // 2
+    c = vm.dirty.consumer("migration", deferred=True)
+    try:
+        assert c.deferred
+        con.wait_count(b"B", con.buf.count(b"B") + 2)
+        assert not c.fetch().any()  # written, but nothing was armed
+        c.arm(ws.start, half - ws.start)
+        con.wait_count(b"B", con.buf.count(b"B") + 2)
+        got = c.fetch()  # handed out unprotected again: armed again before the next read
+        assert got[ws.start:half].all() and not got[half:ws.stop].any()
+        con.wait_count(b"B", con.buf.count(b"B") + 2)
+        assert not c.fetch().any()
+        every = np.zeros(vm.dirty.pages, dtype=bool)
+        every[ws.start:] = True
+        c.arm_mask(every)
+        con.wait_count(b"B", con.buf.count(b"B") + 2)
+        assert c.fetch()[ws.start:ws.stop].all()
+    finally:
+        c.stop()
+    assert not vm.dirty.active
+
+
+def test_a_second_consumer_ends_deferral_and_nothing_is_lost(make_vm):
+    """Another consumer needs the whole log: every page gets protected, and the pages the
+    deferred one had not armed (written unseen, maybe) become its pending pages."""
+    vm, con = make_vm("ab", "ws=8M", memory=64 * MB)
+    con.wait_count(b"B", 2)
+    needs_manual_protect(vm)
+    ws = ws_pages(vm)
+    half = ws.start + len(ws) // 2
+    c = vm.dirty.consumer("migration", deferred=True)
+    c.arm(ws.start, half - ws.start)
+    c.fetch()
+    other = vm.dirty.consumer("incremental")
+    try:
+        assert not c.deferred
+        got = c.fetch()
+        assert got[half:ws.stop].all()  # never armed: counted as written
+        con.wait_count(b"B", con.buf.count(b"B") + 2)
+        assert c.fetch()[ws.start:ws.stop].all()
+        assert other.fetch()[ws.start:ws.stop].all()
+    finally:
+        c.stop()
+        other.stop()
+
+
+def test_round_zero_logs_a_page_written_after_its_scan(make_vm):
+    """A migration arms everything outside round 0's pages at once; a page the guest made
+    non-zero after the scan that chose them, before that, goes in round 1."""
+    from pyhyve.migration.source import Migration, Options
+    from pyhyve.pipeline.pages import guest_runs
+
+    vm, con = make_vm("hashchain", "", memory=32 * MB)
+    con.wait_for("H0 2 ")
+    needs_manual_protect(vm)
+    m = Migration(vm, "127.0.0.1", 1, None, Options())
+    m.dirty = vm.dirty.consumer("migration", deferred=True)
+    try:
+        runs = guest_runs(vm.memory)
+        page = 24 * MB // PAGE  # a zero page far from the guest's, so outside `runs`
+        assert not any(p <= page < p + n for p, n in runs)
+        vm.memory.regions[0].array[page * PAGE + 100] = 7  # a write KVM does not log
+        m._arm_the_rest(runs)
+        assert m.dirty.fetch()[page]
+    finally:
+        m.dirty.stop()

@@ -183,6 +183,19 @@ class Vm:
     def get_dirty_log(self, slot: int, bitmap_addr: int) -> None:
         ioctl(self.fd, I.KVM_GET_DIRTY_LOG, S.KvmDirtyLog(slot, 0, bitmap_addr))
 
+    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int,
+                        bitmap_addr: int) -> None:
+        """Clear (and write-protect again) the pages set in the bitmap, which starts at
+        `first_page` (a multiple of 64); manual dirty-log protection only."""
+        ioctl(self.fd, I.KVM_CLEAR_DIRTY_LOG,
+              S.KvmClearDirtyLog(slot, num_pages, first_page, bitmap_addr))
+
+    def enable_cap(self, cap: int, *args: int) -> None:
+        ec = S.KvmEnableCap(cap=cap)
+        for i, a in enumerate(args):
+            ec.args[i] = a
+        ioctl(self.fd, I.KVM_ENABLE_CAP, ec)
+
     def create_vcpu(self, index: int) -> Vcpu:
         return Vcpu(self, index, ioctl(self.fd, I.KVM_CREATE_VCPU, index))
 

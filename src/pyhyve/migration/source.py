@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import MigrationSourceFailed
 from ..machine.dirty import DirtyConsumer, runs_of
 from ..machine.memory import PAGE
-from ..pipeline.pages import chunks, encode_runs, guest_runs, page_flags
+from ..pipeline.pages import chunks, encode_runs, guest_runs, nonzero_among, page_flags
 from ..pipeline.record import machine_record
 from ..pipeline.sections import device_list, to_sections
 from .encoding import encoder
@@ -245,10 +245,13 @@ class Migration:
             self._pause()  # a hold of our own, even on a paused guest: nothing else resumes it
             self._send_runs(self._announce(guest_runs(vm.memory)), round_no=0)
         else:
-            self.dirty = vm.dirty.consumer("migration")
-            if opts.auto_converge:
-                self._probe_dirty_rate()
-            self._send_runs(self._announce(guest_runs(vm.memory)), round_no=0)
+            self.dirty = vm.dirty.consumer("migration", deferred=True)
+            if opts.auto_converge and not self.dirty.deferred:
+                self._probe_dirty_rate()  # deferred, every page counts as written: no probe
+            runs = guest_runs(vm.memory)
+            if self.dirty.deferred:
+                self._arm_the_rest(runs)
+            self._send_runs(self._announce(runs), round_no=0)
             self._precopy()
         self._finish()
 
@@ -269,6 +272,20 @@ class Migration:
         if len(raw) <= 16 << 20:
             self.ch.send(T.RUNS, raw)  # type: ignore[union-attr]
         return runs
+
+    def _arm_the_rest(self, runs: list[tuple[int, int]]) -> None:
+        """Deferred dirty logging: round 0 arms each chunk of `runs` as it sends it, so
+        protect every other page now. One that the guest made non-zero since `runs` was
+        taken, before this protected it, went unlogged: it goes in round 1."""
+        import numpy as np
+
+        rest = np.ones(self.vm.memory.size // PAGE, dtype=bool)
+        for p, n in runs:
+            rest[p:p + n] = False
+        dirty = self.dirty
+        assert dirty is not None
+        dirty.arm_mask(rest)
+        dirty.give_back(nonzero_among(self.vm.memory, rest))
 
     ASSUMED_BANDWIDTH = 1e9   # bytes/s before the first round measures it
     PROBE_S = 0.005
@@ -360,8 +377,12 @@ class Migration:
         sent = 0
         t0 = time.perf_counter()
         compress = encoder(self.opts.compress)
+        dirty = self.dirty if self.dirty and self.dirty.deferred and not self._paused_by_us \
+            else None
         for off, data in chunks(mem, runs, MAX_PAGES_PER_FRAME * PAGE):
             self._check_cancel()
+            if dirty:  # protect just before reading: a write from now on is logged
+                dirty.arm(off // PAGE, len(data) // PAGE)
             nz = page_flags(data)
             first = off // PAGE
             if nz.all():  # the common case: one frame, no zero-run bookkeeping

@@ -103,6 +103,22 @@ def guest_runs(mem: GuestMemory) -> Runs:
     return merge(runs)
 
 
+def nonzero_among(mem: GuestMemory, mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """Which pages set in `mask` (file pages) hold a non-zero byte now; like `guest_runs`
+    it reads only where a page can hold data."""
+    import numpy as np
+
+    out = np.zeros(len(mask), dtype=bool)
+    for r in mem.regions:
+        base = r.layout.file_offset // PAGE
+        for s, e in _spans(mem, r):
+            first = base + s // PAGE
+            for a, n in runs_of(mask[first:base + e // PAGE]):
+                off = s + a * PAGE
+                out[first + a:first + a + n] = page_flags(r.array[off:off + n * PAGE])
+    return out
+
+
 def chunks(mem: GuestMemory, runs: Runs, max_bytes: int) -> Iterator[tuple[int, memoryview]]:
     """(file offset, view of guest RAM) for every page of `runs`, at most `max_bytes` at a
     time and never across a region edge: the one way the saved forms read guest memory."""
