@@ -109,9 +109,23 @@ class Booted:
     disk: str | None          # the image as of the snapshot (copy it before writing)
 
 
-def boot(lane: dict[str, str], where: Path, cpus: int, acpi: bool, disk: bool) -> Booted:
+def irq_kinds(con: TimedConsole) -> tuple[int, int]:
+    """How many of the guest's interrupt lines are virtio INTx routed level-triggered
+    (IO-APIC fasteoi: routing found in the MP table or _PRT; without it Linux falls back
+    to an edge-triggered guess), and how many are virtio MSI-X vectors."""
+    con.type("echo IRQS $(grep -c -E 'fasteoi +virtio' /proc/interrupts) "
+             "$(grep -c -E 'MSI.*virtio' /proc/interrupts) $((40+2))-DONE")
+    start = con.wait_for("42-DONE", timeout=60)
+    m = re.search(rb"IRQS (\d+) (\d+) 42-DONE", bytes(con.buf[max(0, start - 40):start + 7]))
+    assert m, bytes(con.buf[-300:])
+    return int(m[1]), int(m[2])
+
+
+def boot(lane: dict[str, str], where: Path, cpus: int, acpi: bool, disk: bool,
+         nomsi: bool = False) -> Booted:
     """With `disk`, the machine has every virtio device: a disk, a NIC (loop), a console
-    (the workload copies its lines there), an rng and a vsock (a round every tick)."""
+    (the workload copies its lines there), an rng and a vsock (a round every tick).
+    `nomsi`: Linux may not use MSI-X (`pci=nomsi`), so every device interrupts by INTx."""
     image = None
     disks = []
     if disk:
@@ -124,7 +138,7 @@ def boot(lane: dict[str, str], where: Path, cpus: int, acpi: bool, disk: bool) -
                        nets=["loop"] if disk else None,
                        vconsoles=[devices["vconsole0"]] if disk else None,
                        vsocks=[devices["vsock0"]] if disk else None)
-    extra = f"pyhyve.vsock={VSOCK_PORT}" if disk else ""
+    extra = (f"pyhyve.vsock={VSOCK_PORT}" if disk else "") + (" pci=nomsi" if nomsi else "")
     echo = VsockEcho(str(where / "v.sock")) if disk else None
     con = TimedConsole()
     vm = VirtualMachine.create(VmConfig(f"lx{cpus}", MEMORY, cpus, kernel=lane["vmlinux"],
@@ -142,6 +156,8 @@ def boot(lane: dict[str, str], where: Path, cpus: int, acpi: bool, disk: bool) -
         con.type("echo hi-$((6*7))")
         con.wait_for("hi-42", timeout=60)
         if disk:
+            level, msix = irq_kinds(con)
+            assert (level, msix > 0) == ((5, False) if nomsi else (0, True)), (level, msix)
             rng_reads(con)
             wait_ticks(con, 3)
             assert vsock_rounds(bytes(con.buf))[-1] > 0, con.text[-300:]
@@ -188,13 +204,14 @@ def hvc_continues(path: Path, console: bytes) -> None:
 
 @pytest.fixture(scope="session")
 def mp1(lane, tmp_path_factory) -> Booted:
-    """1 vCPU, `acpi=off`: Linux finds the machine through the MP table."""
-    return boot(lane, tmp_path_factory.mktemp("mp1"), 1, False, False)
+    """1 vCPU, `acpi=off` and `pci=nomsi`: Linux finds the machine, and every virtio
+    device's INTx line, through the MP table."""
+    return boot(lane, tmp_path_factory.mktemp("mp1"), 1, False, True, nomsi=True)
 
 
 @pytest.fixture(scope="session")
 def acpi2(lane, tmp_path_factory) -> Booted:
-    """2 vCPUs through ACPI (MADT), a virtio disk with the workload's records."""
+    """2 vCPUs through ACPI (MADT), every virtio device, interrupting by MSI-X."""
     return boot(lane, tmp_path_factory.mktemp("acpi2"), 2, True, True)
 
 

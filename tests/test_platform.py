@@ -38,8 +38,67 @@ def test_mp_table_checksums_and_cpus() -> None:
         mp_table(0)
 
 
-def _tables(cpus: int) -> dict[bytes, bytes]:
-    block, rsdp = acpi_tables(cpus)
+def _mp_entries(t: bytes) -> tuple[dict[int, bytes], list[tuple[int, ...]]]:
+    """The MP table's buses (id -> type) and I/O interrupt entries (type, flags, bus,
+    source IRQ, IOAPIC, pin)."""
+    body = t[struct.unpack_from("<I", t, 4)[0] - MP_ADDR:]
+    count, = struct.unpack_from("<H", body, 34)
+    at, buses, ints = 44, {}, []
+    for _ in range(count):
+        kind = body[at]
+        if kind == 1:
+            buses[body[at + 1]] = body[at + 2:at + 8]
+        elif kind == 3:
+            ints.append(struct.unpack_from("<BHBBBB", body, at + 1))
+        at += 20 if kind == 0 else 8
+    return buses, ints
+
+
+def test_mp_table_routes_each_pci_intx_level_triggered() -> None:
+    """Linux matches an entry's bus to the PCI bus number: PCI is bus 0. Each device's
+    INTA# reaches its own pin, level-triggered and active low, and no ISA entry claims
+    that pin as edge-triggered too."""
+    intx = [(1, 10), (2, 11), (3, 5), (4, 17)]
+    buses, ints = _mp_entries(mp_table(2, intx=intx))
+    assert buses == {0: b"PCI   ", 1: b"ISA   "}
+    pci = [(bus_irq >> 2, bus_irq & 3, pin, flags) for _, flags, bus, bus_irq, _, pin in ints
+           if bus == 0]
+    assert pci == [(slot, 0, irq, 0xF) for slot, irq in intx]
+    isa = sorted(pin for _, flags, bus, irq, _, pin in ints if bus == 1 and flags == 0)
+    assert isa == [i for i in range(16) if i not in (10, 11, 5)]
+    _, plain = _mp_entries(mp_table(1))
+    assert sorted(pin for *_, pin in plain) == list(range(16))
+
+
+def _aml_package(aml: bytes, at: int) -> tuple[list[object], int]:
+    """Decode the AML Package at `at` (the subset the DSDT uses): its items and its end."""
+    assert aml[at] == 0x12
+    lead = aml[at + 1]
+    extra = lead >> 6
+    length = lead & (0x3F if not extra else 0x0F)
+    for i in range(extra):
+        length |= aml[at + 2 + i] << (4 + 8 * i)
+    end, p = at + 1 + length, at + 2 + extra
+    count, p = aml[p], p + 1
+    items: list[object] = []
+    sizes = {0x0A: 1, 0x0B: 2, 0x0C: 4, 0x0E: 8}
+    for _ in range(count):
+        op = aml[p]
+        if op in (0, 1):
+            items.append(op)
+            p += 1
+        elif op in sizes:
+            items.append(int.from_bytes(aml[p + 1:p + 1 + sizes[op]], "little"))
+            p += 1 + sizes[op]
+        else:
+            sub, p = _aml_package(aml, p)
+            items.append(sub)
+    assert p == end, (p, end)
+    return items, end
+
+
+def _tables(cpus: int, intx: list[tuple[int, int]] | None = None) -> dict[bytes, bytes]:
+    block, rsdp = acpi_tables(cpus, intx or [])
     assert rsdp == RSDP_ADDR and block[:8] == b"RSD PTR "
     assert sum(block[:20]) & 0xFF == 0 and sum(block[:36]) & 0xFF == 0
     xsdt = struct.unpack_from("<Q", block, 24)[0] - RSDP_ADDR
@@ -84,6 +143,24 @@ def test_acpi_tables_describe_the_machine() -> None:
     assert lapics == [0, 1] and ioapics == [0xFEC00000]
     assert overrides == [(9, 9, 0xD)]    # the SCI: level, active high
     assert b"_S5_" in t[b"DSDT"]
+
+
+@pytest.mark.parametrize("devices", [1, 5, 16])
+def test_dsdt_routes_each_pci_intx_through_prt(devices: int) -> None:
+    """PCI0's _PRT: one row per device, (slot << 16 | 0xFFFF, INTA#, no link, GSI), and
+    the device's length covers it (a long _PRT needs a multi-byte PkgLength)."""
+    intx = [(slot, 10 + slot % 14) for slot in range(1, devices + 1)]
+    dsdt = _tables(2, intx)[b"DSDT"]
+    rows, end = _aml_package(dsdt, dsdt.index(b"\x08_PRT") + 5)
+    assert rows == [[slot << 16 | 0xFFFF, 0, 0, gsi] for slot, gsi in intx]
+    dev = dsdt.index(b"\x5B\x82")
+    lead = dsdt[dev + 2]
+    extra = lead >> 6
+    length = lead & (0x3F if not extra else 0x0F)
+    for i in range(extra):
+        length |= dsdt[dev + 3 + i] << (4 + 8 * i)
+    assert dev + 2 + length == len(dsdt) == end
+    assert b"_PRT" not in _tables(2)[b"DSDT"]
 
 
 def test_power_button_raises_the_sci_until_acknowledged() -> None:

@@ -21,7 +21,7 @@ from .description import CONSOLE_ID
 from .devices.acpipm import AcpiPm
 from .devices.base import Bus, BusError, Device, DeviceState
 from .devices.console import Console
-from .devices.factory import Wiring, make_device
+from .devices.factory import Wiring, make_device, pci_intx
 from .devices.genid import VmGenId
 from .devices.pci import PciHostBridge
 from .kvm import KvmError, Vcpu
@@ -203,9 +203,10 @@ class VirtualMachine:
         vm = cls(config, console)
         try:
             rsdp = 0
+            intx = pci_intx(vm.description)
             if any(d.kind == "acpi-pm" for d in vm.description.devices):
-                rsdp = write_acpi_tables(vm.memory, config.cpus)
-            write_mp_table(vm.memory, config.cpus)
+                rsdp = write_acpi_tables(vm.memory, config.cpus, intx)
+            write_mp_table(vm.memory, config.cpus, intx)
             info = load_kernel(vm.memory, config.kernel, config.cmdline, config.initrd, rsdp)
             setup_boot_cpu(vm.vcpus[0], info.mode, info.entry, info.regs)
         except BootError as e:

@@ -6,12 +6,15 @@ fixed-feature power button (the FADT's PWR_BUTTON flag clear) that `pyhyvectl
 Placed in the reserved BIOS area at 0xE0000 (Linux also scans there for the RSDP); the
 PVH start info and the bzImage boot_params carry the RSDP's address as well. Interrupts
 follow KVM's default routing (ISA IRQ n on GSI n, as in the MP table); the only override
-makes the SCI (IRQ 9) level-triggered, active high, as chipsets wire it.
+makes the SCI (IRQ 9) level-triggered, active high, as chipsets wire it. PCI0's _PRT
+routes each device's INTA# straight to its own GSI (level-triggered, active low: the ACPI
+default for a _PRT GSI), the same pins the MP table names.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
 from ..machine.memory import GuestMemory
 from .mptable import IOAPIC_ADDR, LAPIC_ADDR
@@ -53,15 +56,47 @@ def _eisa_id(text: str) -> bytes:
     return b"\x0C" + vendor + bytes.fromhex(text[3:])
 
 
-def dsdt() -> bytes:
+def _pkg_length(content: int) -> bytes:
+    """AML PkgLength for `content` bytes that follow it (the encoding counts itself)."""
+    if content + 1 < 64:
+        return bytes([content + 1])
+    for extra in (1, 2, 3):
+        total = content + 1 + extra
+        if total < 1 << (4 + 8 * extra):
+            return bytes([extra << 6 | total & 0x0F]) + (total >> 4).to_bytes(extra, "little")
+    raise ValueError("AML package too long")
+
+
+def _aml_int(v: int) -> bytes:
+    if v in (0, 1):
+        return bytes([v])                      # ZeroOp, OneOp
+    for prefix, size in ((0x0A, 1), (0x0B, 2), (0x0C, 4), (0x0E, 8)):
+        if v < 1 << (8 * size):
+            return bytes([prefix]) + v.to_bytes(size, "little")
+    raise ValueError(f"AML integer too large: {v}")
+
+
+def _package(items: list[bytes]) -> bytes:
+    body = bytes([len(items)]) + b"".join(items)
+    return b"\x12" + _pkg_length(len(body)) + body
+
+
+def _prt(intx: Sequence[tuple[int, int]]) -> bytes:
+    """Name (_PRT, Package () { Package () { 0xSSSSFFFF, 0 (INTA#), Zero, GSI }, ... })."""
+    rows = [_package([_aml_int(slot << 16 | 0xFFFF), _aml_int(0), _aml_int(0), _aml_int(gsi)])
+            for slot, gsi in intx]
+    return b"\x08_PRT" + _package(rows)
+
+
+def dsdt(intx: Sequence[tuple[int, int]] = ()) -> bytes:
     """AML: Name (\\_S5, Package () { 5, 5, 0, 0 }), the sleep type PM1a_CNT takes to
-    power off, and Device (\\_SB.PCI0) { _HID PNP0A03, _UID 0 }: with ACPI on, Linux
+    power off, and Device (\\_SB.PCI0) { _HID PNP0A03, _UID 0, _PRT }: with ACPI on, Linux
     scans only the PCI root bridges the namespace declares (resources: the defaults,
-    everything; interrupts: MSI-X, no _PRT)."""
+    everything), and finds a device's INTx through _PRT when it does not use MSI-X."""
     s5 = b"\x08_S5_" + bytes([0x12, 0x08, 0x04, 0x0A, 0x05, 0x0A, 0x05, 0x00, 0x00])
-    body = b"\x08_HID" + _eisa_id("PNP0A03") + b"\x08_UID\x00"
+    body = b"\x08_HID" + _eisa_id("PNP0A03") + b"\x08_UID\x00" + (_prt(intx) if intx else b"")
     name = b"\\\x2E_SB_PCI0"
-    pci0 = b"\x5B\x82" + bytes([1 + len(name) + len(body)]) + name + body
+    pci0 = b"\x5B\x82" + _pkg_length(len(name) + len(body)) + name + body
     return _table(b"DSDT", 2, s5 + pci0)
 
 
@@ -101,7 +136,7 @@ def madt(cpus: int) -> bytes:
     return _table(b"APIC", 5, struct.pack("<II", LAPIC_ADDR, 1) + b"".join(entries))
 
 
-def acpi_tables(cpus: int) -> tuple[bytes, int]:
+def acpi_tables(cpus: int, intx: Sequence[tuple[int, int]] = ()) -> tuple[bytes, int]:
     """The whole block to place at RSDP_ADDR, and the RSDP's address."""
     at = RSDP_ADDR + 64                        # RSDP (36 bytes), then 16-aligned tables
     blobs: list[tuple[int, bytes]] = []
@@ -114,7 +149,7 @@ def acpi_tables(cpus: int) -> tuple[bytes, int]:
         at += len(data)
         return addr
     facs_addr = place(facs(), 64)
-    dsdt_addr = place(dsdt())
+    dsdt_addr = place(dsdt(intx))
     fadt_addr = place(fadt(facs_addr, dsdt_addr))
     madt_addr = place(madt(cpus))
     xsdt_addr = place(_table(b"XSDT", 1, struct.pack("<QQ", fadt_addr, madt_addr)))
@@ -129,7 +164,9 @@ def acpi_tables(cpus: int) -> tuple[bytes, int]:
     return bytes(out), RSDP_ADDR
 
 
-def write_acpi_tables(mem: GuestMemory, cpus: int) -> int:
-    block, rsdp = acpi_tables(cpus)
+def write_acpi_tables(mem: GuestMemory, cpus: int,
+                      intx: Sequence[tuple[int, int]] = ()) -> int:
+    """The tables into guest memory; `intx`: (PCI slot, GSI) of each device's INTA#."""
+    block, rsdp = acpi_tables(cpus, intx)
     mem.write(RSDP_ADDR, block)
     return rsdp

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..description import CONSOLE_ID, SCI_IRQ, DeviceDesc
+from ..description import CONSOLE_ID, SCI_IRQ, DeviceDesc, VmDescription
 from ..errors import BootFailed
 from .acpipm import AcpiPm
 from .base import Device
@@ -41,6 +41,15 @@ class Wiring:
     pci_host: Callable[[], PciHostBridge | None] = lambda: None  # the VM's, for ECAM
 
 VIRTIO_BAR_BASE = 0xE000_0000  # slot N's BAR0 at + N * 0x10000, in the MMIO hole
+
+
+VIRTIO_DEFAULT_IRQ = 10
+
+
+def pci_intx(desc: VmDescription) -> list[tuple[int, int]]:
+    """(slot, IRQ) of every PCI device's INTA#, for the MP table and ACPI's _PRT."""
+    return [(d.base, d.irq if d.irq is not None else VIRTIO_DEFAULT_IRQ)
+            for d in desc.devices if d.bus == "pci"]
 
 
 def make_device(d: DeviceDesc, wiring: Wiring) -> tuple[Device, Console | None]:
@@ -107,6 +116,6 @@ def _virtio(d: DeviceDesc, wiring: Wiring) -> Device:
         backend = VConsole(open_console(d.backend))
     else:
         backend = Rng()
-    irq = d.irq if d.irq is not None else 10
+    irq = d.irq if d.irq is not None else VIRTIO_DEFAULT_IRQ
     return VirtioPci(backend, wiring.memory, VIRTIO_BAR_BASE + d.base * 0x10000, irq,
                      wiring.irq_line, wiring.signal_msi, wiring.ioeventfd)
