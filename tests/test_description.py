@@ -33,6 +33,17 @@ def test_round_trip_and_validation():
             VmDescription.from_dict(bad)
 
 
+def test_a_pci_device_cannot_take_a_platform_irq():
+    """The MP table hands a PCI device's pin over to level-triggered PCI routing: on
+    COM1's, the RTC's or the SCI's pin that would break the platform device."""
+    dev = {"id": "rng0", "kind": "virtio-rng", "bus": "pci", "base": 3, "length": 0x8000}
+    for irq in (0, 4, 8, 9):
+        with pytest.raises(DescriptionError, match=f"irq {irq} is a platform"):
+            VmDescription.from_dict({"version": 1, "devices": [{**dev, "irq": irq}]})
+    ok = VmDescription.from_dict({"version": 1, "devices": [{**dev, "irq": 11}]})
+    assert ok.devices[0].irq == 11
+
+
 def test_the_binding_rule():
     rec = VmDescription((*default_description("unix:/recorded.sock").devices,
                          DeviceDesc("disk0", "post", "pio", 0x90, 1, None, "/srv/img.raw")))

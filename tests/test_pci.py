@@ -37,3 +37,24 @@ def test_write_mask_and_added_function():
     p.write(0, 4, cfg(0, 3, 0, 0x3C))
     p.write(4, 1, 11)
     assert p.read(4, 1) == 11
+
+
+def test_a_shared_intx_line_stays_high_while_any_device_holds_it():
+    """Two devices on one pin: one lowering its INTx must not drop the other's pending
+    interrupt (KVM_IRQ_LINE keeps one level per line and source)."""
+    from pyhyve.devices.base import IrqLines
+
+    levels: list[tuple[int, int]] = []
+    lines = IrqLines(lambda irq, level: levels.append((irq, level)))
+    a, b, uart = lines.source(), lines.source(), lines.source()
+    a(10, 1)
+    b(10, 1)
+    a(10, 0)                       # the driver read A's ISR; B still waits
+    assert levels[-1] == (10, 1)
+    uart(4, 1)
+    uart(4, 0)                     # another pin is its own line
+    assert levels[-1] == (4, 0)
+    b(10, 0)
+    assert levels[-1] == (10, 0)
+    a(10, 0)                       # lowering twice is harmless
+    assert levels[-1] == (10, 0)

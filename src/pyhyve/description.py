@@ -111,6 +111,9 @@ class VmDescription:
             if irq is not None and (not isinstance(irq, int) or isinstance(irq, bool)
                                     or not 0 <= irq < 24):
                 raise DescriptionError(f"device {dev_id}: bad irq")
+            if bus == "pci" and irq in PLATFORM_IRQS:
+                raise DescriptionError(f"device {dev_id}: irq {irq} is a platform device's "
+                                       "(timer, keyboard, cascade, COM1, RTC, SCI, mouse, FPU)")
             if backend is not None and (not isinstance(backend, str) or len(backend) > 4096):
                 raise DescriptionError(f"device {dev_id}: bad backend")
             out.append(DeviceDesc(dev_id, kind, bus, base, length, irq, backend))
@@ -155,6 +158,7 @@ def default_description(console: str | None, genid: bool = True) -> VmDescriptio
 # INTx lines for virtio functions: not 4 (COM1), 9 (the ACPI SCI), 0-2, 8, 12, 13 (the
 # PIT, the PIC cascade, the RTC's, mouse and FPU lines PCs keep)
 INTX_IRQS = (10, 11, 5, 7, 6, 14, 15, 3, 16, 17, 18, 19, 20, 21, 22, 23)
+PLATFORM_IRQS = frozenset({0, 1, 2, 4, 8, 9, 12, 13})  # never a PCI device's INTx
 
 
 def with_virtio(desc: VmDescription, disks: list[str], rng: bool,

@@ -11,6 +11,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 from .boot.acpi import write_acpi_tables
@@ -19,7 +20,7 @@ from .boot.cpu import setup_boot_cpu
 from .boot.mptable import write_mp_table
 from .description import CONSOLE_ID
 from .devices.acpipm import AcpiPm
-from .devices.base import Bus, BusError, Device, DeviceState
+from .devices.base import Bus, BusError, Device, DeviceState, IrqLines
 from .devices.console import Console
 from .devices.factory import Wiring, make_device, pci_intx
 from .devices.genid import VmGenId
@@ -118,7 +119,8 @@ class VirtualMachine:
         self.devices: dict[str, Device] = {}
         self.description = self.config.machine()
         self.console: Console = Console()
-        wiring = Wiring(irq_line=lambda irq, level: self.vm.irq_line(irq, level),
+        lines = IrqLines(lambda irq, level: self.vm.irq_line(irq, level))
+        wiring = Wiring(irq_line=lines.source(),
                         reset=self._guest_reset, console=console, memory=self.memory,
                         power_off=lambda: self.control.stop("guest powered off", 0, False),
                         signal_msi=self.vm.signal_msi,
@@ -127,7 +129,7 @@ class VirtualMachine:
                         pci_host=self._pci_host,
                         quit=lambda: self.stop("quit from the console (Ctrl-A x)", EXIT_DESTROYED))
         for d in self.description.devices:  # the machine is what its description says
-            dev, con = make_device(d, wiring)
+            dev, con = make_device(d, replace(wiring, irq_line=lines.source()))
             if con is not None and d.id == CONSOLE_ID:
                 self.console = con
             if d.bus == "pci":

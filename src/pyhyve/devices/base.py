@@ -85,6 +85,35 @@ class Device:
         """Release host resources (threads, sockets)."""
 
 
+class IrqLines:
+    """Interrupt lines shared by devices: a line is high while any device holds it high.
+    KVM_IRQ_LINE from one source keeps one level per line, so without this a device
+    lowering its INTx would drop another's pending interrupt on the same pin, and that
+    device would wait for an interrupt that never comes."""
+
+    def __init__(self, set_line: Callable[[int, int], None]) -> None:
+        self._set = set_line
+        self._high: dict[int, set[int]] = {}
+        self._lock = threading.Lock()
+        self._sources = 0
+
+    def source(self) -> Callable[[int, int], None]:
+        """A device's own (irq, level) setter."""
+        with self._lock:
+            me = self._sources
+            self._sources += 1
+
+        def line(irq: int, level: int) -> None:
+            with self._lock:
+                holders = self._high.setdefault(irq, set())
+                if level:
+                    holders.add(me)
+                else:
+                    holders.discard(me)
+                self._set(irq, 1 if holders else 0)
+        return line
+
+
 class BusError(PyhyveError, ValueError):
     pass
 

@@ -1,0 +1,118 @@
+"""Pages that arrive while the guest runs (post-copy's destination side): a missing page
+is served from the page source on first touch, the rest pushed in the background, a
+never-written page reads as zeros, and the guest -- a vCPU faulting inside KVM_RUN --
+goes on as if the memory had always been there."""
+
+from __future__ import annotations
+
+import ctypes as C
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from pyhyve import guestkit
+from pyhyve.machine.memory import PAGE, GuestMemory
+from pyhyve.machine.uffd import PageServer
+
+MB = 1 << 20
+
+
+def pattern(first: int, count: int) -> bytes:
+    """Page p holds p's number in every 8 bytes."""
+    return np.repeat(np.arange(first, first + count, dtype=np.uint64), PAGE // 8).tobytes()
+
+
+def read_page(addr: int) -> bytes:
+    """Through ctypes.memmove, which drops the GIL: the server needs it to serve us."""
+    buf = C.create_string_buffer(PAGE)
+    C.memmove(buf, addr, PAGE)
+    return buf.raw
+
+
+def test_missing_pages_come_on_first_touch_and_the_rest_by_push() -> None:
+    mem = GuestMemory(8 * MB)
+    base = mem.regions[0].host_addr
+    missing = np.zeros(mem.size // PAGE, dtype=bool)
+    missing[:1024] = True                      # 4 MiB to come; the rest never written
+    calls = []
+
+    def source(first: int, count: int) -> bytes:
+        calls.append((first, count))
+        time.sleep(0.1)                        # a slow link: touches outrun the push
+        return pattern(first, count)
+
+    mem.regions[0].mm[:1024 * PAGE] = b"\xee" * (1024 * PAGE)  # stale: must be replaced
+    server = PageServer(mem, missing, source)
+    server.drop_missing()
+    server.start()
+    got: dict[int, bytes] = {}
+    done_at_zero_page = []
+
+    def reader() -> None:                      # a zero page, then against the push
+        for p in (1500, 1023, 700, 300, 5, 2047):
+            got[p] = read_page(base + p * PAGE)
+            if p == 1500:                      # served at once, not when all is in
+                done_at_zero_page.append(server.done.is_set())
+    t = threading.Thread(target=reader)
+    t.start()
+    t.join(30)
+    assert not t.is_alive() and server.done.wait(30), server.error
+    assert server.error is None and server.left == 0
+    for p, data in got.items():
+        assert data == (pattern(p, 1) if p < 1024 else bytes(PAGE)), p
+    assert server.faults_served >= 1 and done_at_zero_page == [False]
+    assert bytes(mem.regions[0].mm[:1024 * PAGE]) == pattern(0, 1024)
+    assert sum(n for _, n in calls) == 1024    # each page fetched once
+    server.stop()
+    mem.close()
+
+
+def test_a_page_source_error_is_reported_not_hidden() -> None:
+    mem = GuestMemory(4 * MB)
+    missing = np.zeros(mem.size // PAGE, dtype=bool)
+    missing[:16] = True
+    server = PageServer(mem, missing, lambda first, count: b"short")
+    server.drop_missing()
+    server.start()
+    deadline = time.monotonic() + 10
+    while server.error is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.error is not None and "page source gave 5 bytes" in str(server.error)
+    assert not server.done.is_set()
+    server.stop()
+    mem.close()
+
+
+@pytest.mark.kvm
+def test_a_guest_runs_on_pages_that_arrive_after_it_resumed(make_vm) -> None:
+    """The A-B guest's working set is taken away while it is paused and comes back only
+    through the server once it runs again: its passes go on, the invariant holds."""
+    vm, con = make_vm("ab", "ws=16M", memory=64 * MB)
+    con.wait_count(b"B", 3)
+    vm.pause()
+    ram = vm.memory.regions[0].array
+    image = ram.copy()
+    before = guestkit.ab_check(image)
+    ws = slice(before.ws_start // PAGE, (before.ws_start + before.ws_size) // PAGE)
+    missing = np.zeros(vm.memory.size // PAGE, dtype=bool)
+    missing[ws] = True
+    def source(first: int, count: int) -> memoryview:
+        time.sleep(0.01)                       # a link, not memory: the guest gets ahead
+        return image[first * PAGE:(first + count) * PAGE].data
+
+    server = PageServer(vm.memory, missing, source)
+    server.drop_missing()
+    n = con.buf.count(b"B")
+    vm.resume()                                # its vCPU faults and waits for the server
+    time.sleep(0.05)
+    server.start()
+    assert server.done.wait(60), server.error
+    con.wait_count(b"B", n + 3)
+    vm.pause()
+    after = guestkit.ab_check(ram)
+    assert after.passes >= before.passes + 2
+    assert server.error is None
+    assert server.faults_served >= 1  # the vCPU itself waited on a page at least once
+    server.stop()
