@@ -10,7 +10,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -115,6 +115,7 @@ class VirtualMachine:
         for slot, r in enumerate(self.memory.regions):
             self.vm.set_user_memory_region(slot, r.gpa, r.size, r.host_addr)
         self.dirty = DirtyTracker(self.vm, self.memory)  # the one owner of the dirty log
+        self.postcopy_left: Callable[[], int] | None = None  # pages still to come (post-copy)
         self.pio, self.mmio = Bus("pio"), Bus("mmio")
         self.devices: dict[str, Device] = {}
         self.description = self.config.machine()
@@ -471,6 +472,9 @@ class VirtualMachine:
 
     def save_refusal(self) -> str:
         """Why this VM cannot be saved or migrated ("" if it can)."""
+        left = self.postcopy_left() if self.postcopy_left else 0
+        if left:  # a save would read pages that are still on the source
+            return f"its memory is still arriving by post-copy ({left} pages to go)"
         for name, dev in self.devices.items():
             why = dev.save_refusal()
             if why:

@@ -49,6 +49,15 @@ def build_parser() -> Parser:
                    help="page compression (default auto: zstd where a sample compresses 2:1)")
     m.add_argument("--no-auto-converge", action="store_true",
                    help="never slow the guest down to converge")
+    m.add_argument("--postcopy", action="store_true",
+                   help="with --migrate-live: run the guest on the destination at once and "
+                   "send its memory after (pages it waits on first); a cut connection is "
+                   "retried, see --recover-timeout")
+    m.add_argument("--postcopy-after", type=int, metavar="N",
+                   help="post-copy after N pre-copy rounds (implies --postcopy)")
+    m.add_argument("--recover-timeout", type=float, metavar="S",
+                   help="post-copy: keep reconnecting after a cut for S seconds (default "
+                   "600); the VM here stays paused and keeps every page until then")
     m.add_argument("--key-file", help="migration key file (default: $PYHYVE_MIGRATION_KEY)")
     m.add_argument("--tls-dir", help="use mutual TLS with DIR/cert.pem and DIR/key.pem")
     m.add_argument("--insecure", action="store_true",
@@ -71,7 +80,10 @@ def migrate_args(args: argparse.Namespace, cmd: str) -> dict[str, Any]:
                  "key": key.hex() if key else None, "downtime_ms": args.downtime_ms,
                  "compress": args.compress, "auto_converge": not args.no_auto_converge,
                  "tls_dir": os.path.abspath(args.tls_dir) if args.tls_dir else None,
-                 "insecure": args.insecure}
+                 "insecure": args.insecure,
+                 "postcopy": bool(args.postcopy or args.postcopy_after is not None),
+                 "postcopy_after": args.postcopy_after or 0,
+                 "recover_timeout": args.recover_timeout}
     if args.bandwidth:
         try:
             out["bandwidth"] = parse_size(args.bandwidth.removesuffix("/s"))

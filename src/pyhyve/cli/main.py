@@ -305,7 +305,8 @@ def cmd_receive(a: argparse.Namespace) -> int:
         f"{PROG}: {a.name}: migration received: {receiver.pages} pages in {receiver.rounds} "
         f"rounds, {receiver.bytes_received / (1 << 20):.1f} MiB, "
         f"{(time.perf_counter() - receiver.t_first) * 1e3:.1f} ms from accept to running "
-        f"({(time.perf_counter() - t0):.1f} s waited in all)"))
+        f"({(time.perf_counter() - t0):.1f} s waited in all)"
+        + ("; post-copy: the rest of its memory follows" if receiver.postcopy else "")))
 
 
 def cmd_certs(a: argparse.Namespace) -> int:

@@ -136,7 +136,9 @@ class Session:
         opts = Options()
         for name, typ in (("live", bool), ("downtime_ms", (int, float)),
                           ("bandwidth", (int, float)), ("compress", str),
-                          ("auto_converge", bool), ("tls_dir", str), ("insecure", bool)):
+                          ("auto_converge", bool), ("tls_dir", str), ("insecure", bool),
+                          ("postcopy", bool), ("postcopy_after", int),
+                          ("recover_timeout", (int, float))):
             if name in msg and msg[name] is not None:
                 if not isinstance(msg[name], typ):
                     raise MigrationError(f"bad option {name}")
@@ -145,6 +147,11 @@ class Session:
             raise MigrationError(f"unknown compression '{opts.compress}' (auto, none, zstd, lz4)")
         if opts.downtime_ms <= 0:
             raise MigrationError("the downtime target must be positive")
+        if opts.postcopy_after < 0 or isinstance(opts.postcopy_after, bool) \
+                or opts.recover_timeout <= 0:
+            raise MigrationError("bad post-copy option")
+        if opts.postcopy and not opts.live:
+            raise MigrationError("post-copy is a live migration (--migrate-live)")
         with self.lock:
             if self.migration is not None and not self.migration.done.is_set():
                 raise MigrationError("a migration is already running")
@@ -166,6 +173,9 @@ class Session:
         mig = self.migration
         if mig is None or mig.done.is_set():
             raise VmError("no migration is running")
+        if mig.stats.state.startswith("postcopy"):
+            raise VmError("the migration is past its post-copy switch: the guest runs on the "
+                          "destination, and this VM holds the pages it still needs")
         mig.cancel()
         mig.done.wait(30)
         return {"state": mig.stats.state}

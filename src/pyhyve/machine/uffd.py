@@ -176,12 +176,15 @@ class PageServer:
     pushes the rest in the background. `missing`: bool per file page; pages not in it
     that are not there are zero pages. Call `start()` after `drop_missing()`, before the
     guest runs; `done` is set once every missing page is in and RAM is ordinary memory
-    again (`error` says why not, if the server failed)."""
+    again (`error` says why not, if the server failed). Without a source (remote mode)
+    there is no thread: the caller polls `fileno()`, asks for what `take_faults()` names,
+    and hands arriving pages to `deliver()`."""
 
     FAULT_BLOCK = 16   # pages served around a fault (64 KiB)
     PUSH_BLOCK = 512   # pages per background step (2 MiB)
 
-    def __init__(self, memory: GuestMemory, missing: np.ndarray, source: Source) -> None:
+    def __init__(self, memory: GuestMemory, missing: np.ndarray,
+                 source: Source | None = None) -> None:
         import numpy as np
 
         self.memory, self.source = memory, source
@@ -235,6 +238,7 @@ class PageServer:
 
     def _serve(self, first: int, count: int) -> None:
         """Place the missing pages of [first, first+count) from the source."""
+        assert self.source is not None
         with self._lock:
             end = min(first + count, len(self.missing))
             p = first
@@ -249,12 +253,60 @@ class PageServer:
                 if len(data) != (q - p) * PAGE:
                     raise UffdError(errno.EIO, f"page source gave {len(data)} bytes for "
                                                f"{q - p} pages")
-                buf = (C.c_char * len(data)).from_buffer_copy(data)
-                for off, n in self.memory.pieces(p * PAGE, q * PAGE, 1 << 30):
-                    self._uffd.copy(self._host(off), C.addressof(buf) + off - p * PAGE, n)
-                self.missing[p:q] = False
-                self.left -= q - p
+                self._place_locked(p, data)
                 p = q
+
+    def _place_locked(self, first: int, data: bytes | bytearray | memoryview | None) -> None:
+        """Copy `data` (None: zeros) to pages from `first` on, where still missing."""
+        import numpy as np
+
+        count = (len(data) if data is not None else 0) // PAGE
+        buf = (C.c_char * len(data)).from_buffer_copy(data) if data is not None else None
+        todo = np.flatnonzero(self.missing[first:first + count])
+        if len(todo) == 0:
+            return
+        from ..machine.dirty import runs_of
+
+        for a, n in runs_of(self.missing[first:first + count]):
+            for off, k in self.memory.pieces((first + a) * PAGE, (first + a + n) * PAGE, 1 << 30):
+                src = C.addressof(buf) + off - first * PAGE if buf is not None else 0
+                self._uffd.copy(self._host(off), src, k)
+        self.missing[first:first + count] = False
+        self.left -= len(todo)
+
+    # --- remote mode: the pages come over a connection (post-copy's destination) -------
+    def fileno(self) -> int:
+        return self._uffd.fd
+
+    def take_faults(self) -> list[int]:
+        """Remote mode: read the faults waiting; serve never-written pages with zeros at
+        once; return the FAULT_BLOCK-aligned first pages of the missing ones (to ask the
+        source for, first)."""
+        out = []
+        for addr in self._uffd.faults(0):
+            page = self._page_of(addr)
+            if page is None:
+                continue
+            self.faults_served += 1
+            with self._lock:
+                if self.missing[page]:
+                    block = page // self.FAULT_BLOCK * self.FAULT_BLOCK
+                    if block not in out:
+                        out.append(block)
+                else:
+                    self._uffd.copy(addr // PAGE * PAGE, C.addressof(self._zeros), PAGE)
+        return out
+
+    def deliver(self, first: int, data: bytes | bytearray | memoryview) -> None:
+        """Remote mode: pages from `first` on arrived; place those still missing."""
+        with self._lock:
+            self._place_locked(first, data)
+
+    def finish(self) -> None:
+        """Remote mode, every page in: RAM is ordinary memory again."""
+        for r in self.memory.regions:
+            self._uffd.unregister(r.host_addr, r.size)
+        self.done.set()
 
     def _fault(self, addr: int) -> None:
         page = self._page_of(addr)

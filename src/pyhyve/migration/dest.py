@@ -20,6 +20,7 @@ from ..description import CONSOLE_ID
 from ..devices.console import Console
 from ..errors import MigrationDestFailed, PyhyveError, RecordError
 from ..machine.memory import PAGE
+from ..machine.uffd import PageServer
 from ..machine.vcpu import install_kick_handler
 from ..pipeline.build import HostFacts, apply_state, build_vm, check_host
 from ..pipeline.pages import decode_runs
@@ -28,6 +29,7 @@ from ..pipeline.sections import check_device_list
 from ..vm import VirtualMachine
 from .encoding import COMPRESSIONS, decode
 from .listen import HANDSHAKE_TIMEOUT, Listener, listen_address
+from .postcopy import PostcopyDest, runs_mask, valid_session
 from .protocol import MAX_PAGES_PER_FRAME, MEM_HEADER, PROTOCOL_VERSION, Channel, Enc, Frame, ProtocolError, T
 
 MAX_STATE_SECTIONS = 4 * MAX_CPUS + 64
@@ -89,6 +91,9 @@ class Receiver:
         self.done = False
         self._prefaulter: threading.Thread | None = None
         self.t_first = 0.0
+        self.session = ""                      # the source's post-copy session, if any
+        self._postcopy_runs: bytes | None = None
+        self.postcopy: PostcopyDest | None = None  # running after the switch
 
     @property
     def failures(self) -> list[str]:
@@ -99,7 +104,8 @@ class Receiver:
         return self.ch.bytes_received if self.ch else 0
 
     def close(self) -> None:
-        self.listener.close()
+        if self.postcopy is None:  # else the post-copy thread keeps it for a reconnection
+            self.listener.close()
         if self.ch:
             self.ch.close()
 
@@ -143,12 +149,13 @@ class Receiver:
             self.vm = None
         self.pages = self.rounds = 0
         self.done = False
+        self.session, self._postcopy_runs = "", None
 
     def _receive(self, ch: Channel) -> VirtualMachine:
         spec, paused = self._handshake(ch)
         # ACCEPT first, then build the VM while the source starts sending (its frames wait
         # in the socket); a failure from here on is an ERROR, and the source resumes.
-        ch.send_json(T.ACCEPT, {})
+        ch.send_json(T.ACCEPT, {"postcopy": True})
         self.t_first = time.perf_counter()
         if self.opts.hugepages:
             spec = replace(spec, config=replace(spec.config, hugepages=True))
@@ -156,6 +163,7 @@ class Receiver:
         blobs, devices = self._stream(ch, vm)
         apply_state(vm, blobs, devices)
         self._stop_prefault()
+        server = self._page_server(vm)
         # the hand-over: the guest starts here only once the source has given it up (GO),
         # so a connection lost before GO can never leave it running on both hosts
         ch.send_json(T.READY, {})
@@ -167,7 +175,25 @@ class Receiver:
             ch.send_json(T.RUNNING, {})
         except ProtocolError as e:  # the source will say the hand-over is unconfirmed
             say(f"{self.name}: the guest runs here, but the source was not told so ({e})")
+        if server is not None:  # the rest of its memory follows on the post-copy thread,
+            self.postcopy = PostcopyDest(server, ch, self.listener,  # which owns the
+                                         self.session, self.opts.io_timeout, say)  # channel
+            self.ch = None                                   # and the listener from here
+            self.postcopy.start()
         return vm
+
+    def _page_server(self, vm: VirtualMachine) -> PageServer | None:
+        """Post-copy: the pages still on the source become missing here, served on first
+        touch (before GO, so a failure still leaves the source its guest)."""
+        if self._postcopy_runs is None:
+            return None
+        if not self.session:
+            raise ProtocolError("POSTCOPY without a post-copy session in HELLO")
+        pending = runs_mask(self._postcopy_runs, vm.memory.size // PAGE)
+        server = PageServer(vm.memory, pending)
+        server.drop_missing()
+        vm.postcopy_left = lambda: server.left  # no save or migration until all is in
+        return server
 
     def _handshake(self, ch: Channel) -> tuple[MachineSpec, bool]:
         """HELLO and every check on it, before ACCEPT: nothing of the guest moves unless it
@@ -183,6 +209,10 @@ class Receiver:
                 binds.setdefault(CONSOLE_ID, self.opts.console)  # --console is com1's --bind
             spec = spec_from_hello(hello, self.name, binds, self.opts.reuse_paths)
             check_host(spec, self.host_facts)
+            session = hello.get("postcopy")
+            if session is not None and not valid_session(session):
+                raise ProtocolError("bad HELLO: post-copy session")
+            self.session = session or ""
         except (ProtocolError, RecordError) as e:
             ch.send_json(T.REFUSE, {"reason": str(e)})
             raise ReceiveError(f"refused the migration: {e}") from None
@@ -195,13 +225,17 @@ class Receiver:
         blobs: dict[str, bytes] = {}
         decompress = zstandard.ZstdDecompressor()
         while True:
-            f = ch.recv(T.MEM, T.ROUND, T.STATE, T.COMPLETE, T.RUNS)
+            f = ch.recv(T.MEM, T.ROUND, T.STATE, T.COMPLETE, T.RUNS, T.POSTCOPY)
             if f.type == T.MEM:
                 self._memory(f, total_pages, decompress)
             elif f.type == T.RUNS:
                 if self._prefaulter is not None:
                     raise ProtocolError("a second RUNS frame")
                 self._prefault(bytes(f.payload), total_pages)
+            elif f.type == T.POSTCOPY:
+                if self._postcopy_runs is not None:
+                    raise ProtocolError("a second POSTCOPY frame")
+                self._postcopy_runs = bytes(f.payload)
             elif f.type == T.ROUND:
                 self.rounds += 1
                 ch.send(T.ROUND, bytes(f.payload))  # caught up to here: the source may stop

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import json
+import select
 import socket
 import struct
 from collections.abc import Callable
@@ -50,6 +51,11 @@ class T(IntEnum):
     RUNS = 13       # src -> dst: the (page, count) runs round 0 will send, for prefaulting
     READY = 14      # dst -> src: {}: the state is loaded; the guest starts only on GO
     GO = 15         # src -> dst: {}: the source gives the guest up: start it
+    POSTCOPY = 16   # src -> dst: runs of the pages that come after the switch (post-copy)
+    REQ = 17        # dst -> src: MEM_HEADER (first page, count, 0): the guest waits on these
+    DONE = 18       # dst -> src: {}: every page is in; the source may let go
+    RESUME = 19     # src -> dst, on a new connection: {"session": hex}: go on after a cut
+    NEED = 20       # dst -> src: runs of the pages still missing, answering RESUME
 
 
 class Enc(IntEnum):
@@ -62,7 +68,9 @@ class Enc(IntEnum):
 LIMITS = {T.CHALLENGE: 4096, T.AUTH: 4096, T.AUTH_OK: 4096, T.HELLO: 1 << 20,
           T.ACCEPT: 4096, T.REFUSE: 65536, T.MEM: MEM_HEADER.size + MAX_PAGES_PER_FRAME * PAGE,
           T.ROUND: 4096, T.STATE: 16 << 20, T.COMPLETE: 1 << 20, T.RUNNING: 4096,
-          T.ERROR: 65536, T.RUNS: 16 << 20, T.READY: 4096, T.GO: 4096}
+          T.ERROR: 65536, T.RUNS: 16 << 20, T.READY: 4096, T.GO: 4096,
+          T.POSTCOPY: 16 << 20, T.REQ: MEM_HEADER.size, T.DONE: 4096, T.RESUME: 4096,
+          T.NEED: 16 << 20}
 
 
 class ProtocolError(PyhyveError, ConnectionError):
@@ -199,6 +207,16 @@ class Channel:
         if expected and kind not in expected:
             raise ProtocolError(f"expected {'/'.join(e.name for e in expected)}, got {kind.name}")
         return Frame(kind, payload, direct)
+
+    def readable(self, timeout: float) -> bool:
+        """Has the peer sent something (bytes TLS holds decrypted count too)?"""
+        pending = getattr(self.sock, "pending", None)
+        if pending is not None and pending():
+            return True
+        try:
+            return bool(select.select([self.sock], [], [], timeout)[0])
+        except (OSError, ValueError):  # closed under us: the next recv says so
+            return True
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

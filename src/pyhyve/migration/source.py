@@ -25,7 +25,17 @@ from ..pipeline.pages import chunks, encode_runs, guest_runs, nonzero_among, pag
 from ..pipeline.record import machine_record
 from ..pipeline.sections import device_list, to_sections
 from .encoding import encoder
-from .protocol import MAX_PAGES_PER_FRAME, MEM_HEADER, PROTOCOL_VERSION, Channel, Enc, ProtocolError, T
+from .postcopy import PostcopySource, new_session
+from .protocol import (
+    LIMITS,
+    MAX_PAGES_PER_FRAME,
+    MEM_HEADER,
+    PROTOCOL_VERSION,
+    Channel,
+    Enc,
+    ProtocolError,
+    T,
+)
 from .security import authenticate, tls_context
 
 if TYPE_CHECKING:
@@ -56,6 +66,9 @@ class Options:
     io_timeout: float = 60.0         # no progress for this long fails, while the guest runs
     paused_io_timeout: float = 10.0  # ... and while it is paused (warm, or the final step):
     # a stalled destination must not keep the guest stopped for long
+    postcopy: bool = False           # switch after `postcopy_after` rounds; the rest follows
+    postcopy_after: int = 0          # pre-copy rounds first (0: switch at once)
+    recover_timeout: float = 600.0   # post-copy: how long to keep reconnecting after a cut
 
 
 @dataclass
@@ -74,6 +87,7 @@ class Stats:
     pages_sent: int = 0              # so far, all rounds: --migrate-status during a round
     downtime_target_ms: float = 0.0
     target: str = ""
+    postcopy_pages_left: int = -1    # post-copy: pages the destination has yet to get
 
     @property
     def target_missed(self) -> bool:
@@ -84,6 +98,8 @@ class Stats:
         missed = (f", missed the {self.downtime_target_ms:g} ms target" if self.target_missed
                   else "")
         to = f", destination {self.target}" if self.target else ""
+        if self.postcopy_pages_left >= 0:
+            to += f", post-copy pages to go {self.postcopy_pages_left}"
         return (f"{self.state}: total {self.total_s * 1e3:.1f} ms, downtime "
                 f"{self.downtime_s * 1e3:.1f} ms{missed} ({phases}), "
                 f"{self.pages_sent} pages, {self.bytes_sent / (1 << 20):.1f} "
@@ -128,7 +144,8 @@ class Migration:
     def __init__(self, vm: VirtualMachine, host: str, port: int, key: bytes | None,
                  opts: Options) -> None:
         self.vm, self.host, self.port, self.key, self.opts = vm, host, port, key, opts
-        self.stats = Stats(downtime_target_ms=opts.downtime_ms if opts.live else 0.0,
+        self.stats = Stats(downtime_target_ms=opts.downtime_ms if opts.live and not
+                           opts.postcopy else 0.0,
                            target=f"{host}:{port}")
         self._cancel = threading.Event()
         self.done = threading.Event()
@@ -141,9 +158,13 @@ class Migration:
         self._t_start = 0.0
         self._budget_t = 0.0
         self._budget_bytes = 0
+        self._postcopy: PostcopySource | None = None
+        self._session = new_session() if opts.postcopy else ""
 
     # --- control ---------------------------------------------------------------------
     def cancel(self) -> None:
+        if self.stats.state.startswith("postcopy"):
+            return  # the guest runs over there: this side cannot take it back
         self._cancel.set()
         if self.ch is not None:
             with contextlib.suppress(OSError):
@@ -153,6 +174,8 @@ class Migration:
         """The stats line, with the elapsed time while the migration runs."""
         if not self.done.is_set() and self._t_start:
             self.stats.total_s = time.perf_counter() - self._t_start
+        if self._postcopy is not None:
+            self.stats.postcopy_pages_left = self._postcopy.pages_left
         return self.stats.line()
 
     def _check_cancel(self) -> None:
@@ -166,6 +189,7 @@ class Migration:
             self.stats.state = "completed"
         except BaseException as e:  # every failure: the source guest must keep running
             late = self.stats.state == "handing over"
+            postcopy = self.stats.state.startswith("postcopy")
             self.stats.state = "cancelled" if isinstance(e, Cancelled) or self._cancel.is_set() \
                 else "failed"
             self.stats.error = str(e) or type(e).__name__
@@ -173,6 +197,13 @@ class Migration:
                 self.stats.error += (" (lost after the hand-over: the destination may be "
                                      "running the guest, so this one stays paused; check the "
                                      "destination, then resume or destroy this one)")
+            if postcopy:
+                left = self._postcopy.pages_left if self._postcopy else -1
+                self.stats.error += (f" (post-copy: the guest runs on the destination and "
+                                     f"this VM, kept paused, holds {left} pages it has not "
+                                     "received; do not destroy it while the destination "
+                                     "runs)")
+                late = True
             self._recover(keep_paused=late)
         finally:
             gc.enable()
@@ -213,8 +244,9 @@ class Migration:
         return Channel(sock, b"S", b"D")
 
     def _hello(self) -> dict[str, Any]:
+        extra = {"postcopy": self._session} if self.opts.postcopy else {}
         return {"protocol": PROTOCOL_VERSION, "live": self.opts.live,
-                "compress": self.opts.compress, **machine_record(self.vm)}
+                "compress": self.opts.compress, **extra, **machine_record(self.vm)}
 
     def _run(self) -> None:
         vm, opts, st = self.vm, self.opts, self.stats
@@ -224,23 +256,24 @@ class Migration:
         if refusal:
             raise MigrationError(f"cannot migrate {vm.config.name}: {refusal}")
         was_paused = vm.user_paused  # migrated warm, and paused over there too
-        self.ch = ch = self._connect()
+        if opts.postcopy and any(d.bus == "pci" for d in vm.description.devices):
+            raise MigrationError("post-copy is for VMs without virtio devices so far: their "
+                                 "I/O threads read guest memory holding Python's lock, and "
+                                 "would stall on a page still on this host")
         t = time.perf_counter()
-        st.phases_ms["connect"] = (t - self._t_start) * 1e3
-        try:
-            authenticate(ch, self.key, bool(opts.tls_dir), opts.insecure)
-        except ProtocolError as e:
-            hint = "" if opts.tls_dir else (" (a destination started with --tls-dir drops "
-                                            "sources that do not use TLS)")
-            raise MigrationError(f"handshake with {self.host}:{self.port} failed: {e}{hint}") \
-                from None
-        st.phases_ms["auth"] = (time.perf_counter() - t) * 1e3
-        ch.sock.settimeout(opts.io_timeout)
+        self.ch = ch = self._open()
+        st.phases_ms["connect+auth"] = (time.perf_counter() - t) * 1e3
         ch.send_json(T.HELLO, {**self._hello(), "paused": was_paused})
-        ch.recv(T.ACCEPT)  # a REFUSE raises PeerError with the destination's reason
+        accept = ch.recv(T.ACCEPT).json()  # a REFUSE raises PeerError with the reason
+        if opts.postcopy and accept.get("postcopy") is not True:
+            raise MigrationError(f"{self.host}:{self.port} does not offer post-copy (an "
+                                 "older pyhyve?)")
         st.phases_ms["setup"] = (time.perf_counter() - self._t_start) * 1e3  # incl. the above
         self._check_cancel()
         st.state = "active"
+        if opts.postcopy:
+            self._run_postcopy(was_paused)
+            return
         if was_paused or not opts.live:
             self._pause()  # a hold of our own, even on a paused guest: nothing else resumes it
             self._send_runs(self._announce(guest_runs(vm.memory)), round_no=0)
@@ -254,6 +287,64 @@ class Migration:
             self._send_runs(self._announce(runs), round_no=0)
             self._precopy()
         self._finish()
+
+    def _open(self) -> Channel:
+        """A connected, authenticated channel (the migration's, or a post-copy
+        reconnection's)."""
+        ch = self._connect()
+        try:
+            authenticate(ch, self.key, bool(self.opts.tls_dir), self.opts.insecure)
+        except ProtocolError as e:
+            ch.close()
+            hint = "" if self.opts.tls_dir else (" (a destination started with --tls-dir "
+                                                 "drops sources that do not use TLS)")
+            raise MigrationError(f"handshake with {self.host}:{self.port} failed: {e}{hint}") \
+                from None
+        ch.sock.settimeout(self.opts.io_timeout)
+        return ch
+
+    def _run_postcopy(self, was_paused: bool) -> None:
+        """Pre-copy rounds (postcopy_after), the switch, then the rest after it."""
+        import numpy as np
+
+        vm, opts = self.vm, self.opts
+        if opts.postcopy_after > 0 and not was_paused:
+            self.dirty = vm.dirty.consumer("migration", deferred=True)
+            runs = guest_runs(vm.memory)
+            if self.dirty.deferred:
+                self._arm_the_rest(runs)
+            self._send_runs(self._announce(runs), round_no=0)
+            for round_no in range(1, opts.postcopy_after):
+                self._check_cancel()
+                self._send_runs(runs_of(self.dirty.fetch()), round_no)
+            self._pause()
+            pending = self.dirty.fetch()
+        else:
+            self._pause()
+            pending = np.zeros(vm.memory.size // PAGE, dtype=bool)
+            for p, n in guest_runs(vm.memory):
+                pending[p:p + n] = True
+        raw = encode_runs(runs_of(pending))
+        if len(raw) > LIMITS[T.POSTCOPY]:
+            raise MigrationError("too many scattered pages for one post-copy switch")
+        self.ch.send(T.POSTCOPY, raw)  # type: ignore[union-attr]
+        self._finish(stop=False)
+        self.stats.state = "postcopy"
+        self._postcopy = pc = PostcopySource(
+            self.ch, vm.memory, pending, self._session, self._open,  # type: ignore[arg-type]
+            encoder(opts.compress), opts.recover_timeout, self._postcopy_state, self._limit)
+        pc.run()
+        self.stats.pages_sent += pc.pages_sent
+        self.stats.postcopy_pages_left = 0
+        self.stats.phases_ms["postcopy requests"] = pc.requests
+        self.stats.phases_ms["postcopy reconnects"] = pc.reconnects
+        self.ch = pc.ch
+        self.stats.bytes_sent += pc.ch.bytes_sent
+        vm.stop(f"migrated to {self.host}:{self.port} (post-copy)", 0)
+
+    def _postcopy_state(self, state: str, why: str) -> None:
+        self.stats.state = state
+        self.stats.error = why
 
     def _pause(self) -> None:
         gc.disable()  # no collector pause inside the downtime; run() turns it back on
@@ -342,7 +433,7 @@ class Migration:
         while self._acked < round_no:
             self._acked = int(self.ch.recv(T.ROUND).json().get("round", -1))  # type: ignore[union-attr]
 
-    def _finish(self) -> None:
+    def _finish(self, stop: bool = True) -> None:
         vm, ch, st = self.vm, self.ch, self.stats
         assert ch is not None
         t = time.perf_counter()
@@ -367,8 +458,12 @@ class Migration:
         st.downtime_s = time.perf_counter() - self._t_pause
         st.bytes_sent = ch.bytes_sent
         self.vm.set_throttle(0)
-        self._paused_by_us = False
-        vm.stop(f"migrated to {self.host}:{self.port}", 0)
+        self._paused_by_us = False  # the guest is the destination's: never released here
+        if self.dirty:  # post-copy: nothing more to track; the guest never runs here again
+            self.dirty.stop()
+            self.dirty = None
+        if stop:
+            vm.stop(f"migrated to {self.host}:{self.port}", 0)
 
     # --- memory ----------------------------------------------------------------------------
     def _send_runs(self, runs: list[tuple[int, int]], round_no: int) -> None:

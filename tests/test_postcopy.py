@@ -1,0 +1,238 @@
+"""Post-copy live migration: the guest runs on the destination before its memory is all
+there; pages it waits on are fetched first; a connection cut after the switch loses
+nothing (the source reconnects and the transfer goes on)."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import socket
+import threading
+import time
+
+import pytest
+
+from migrate_helpers import KEY, Destination, migrate
+from pyhyve import guestkit
+from pyhyve.migration.source import Migration, Options
+
+pytestmark = pytest.mark.kvm
+
+MB = 1 << 20
+
+
+def ab_on(vm) -> guestkit.AbResult:
+    vm.pause()
+    try:
+        return guestkit.ab_check(vm.memory.regions[0].array)
+    finally:
+        vm.resume()
+
+
+@pytest.mark.parametrize("after", [0, 1], ids=["at-once", "after-a-round"])
+def test_ab_postcopy_keeps_passing(make_vm, after):
+    vm, con = make_vm("ab", "ws=32M", memory=128 * MB)
+    con.wait_count(b"B", 3, timeout=60, start=con.wait_for("\n") + 1)
+    dest = Destination()
+    stats = migrate(vm, dest, live=True, postcopy=True, postcopy_after=after)
+    assert stats.state == "completed", stats.error
+    assert vm.stopped and "post-copy" in vm.stop_reason
+    try:
+        dvm = dest.vm
+        assert dest.receiver.postcopy is not None
+        assert dest.receiver.postcopy.done.wait(30), dest.receiver.postcopy.error
+        dest.console.wait_count(b"B", 3, timeout=60)
+        res = ab_on(dvm)
+        assert res.ws_size == 32 * MB
+        assert res.passes >= con.buf.count(b"B") - 1 + dest.console.buf.count(b"B") - 1
+        assert b"A-B start" not in dest.console.buf
+        assert stats.pages_sent >= 32 * MB // 4096
+    finally:
+        dest.vm.close()
+
+
+def test_hashchain_two_vcpus_postcopy_continue_exactly(make_vm):
+    vm, con = make_vm("hashchain", "cpus=2", cpus=2, memory=128 * MB)
+    con.wait_for("H1 20 ")
+    dest = Destination()
+    stats = migrate(vm, dest, live=True, postcopy=True)
+    assert stats.state == "completed", stats.error
+    try:
+        before = guestkit.check_hashchain(con.text)
+        dest.console.wait_for(f"H0 {before[0] + 20} ")
+        dest.console.wait_for(f"H1 {before[1] + 20} ")
+        dest.vm.pause()
+        guestkit.check_hashchain(con.text + dest.console.text)
+    finally:
+        dest.vm.close()
+
+
+class RelayProxy:
+    """Forwards every TCP connection to `port`; cut() breaks the current one (both ways)."""
+
+    def __init__(self, port: int) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.target = port
+        self.connections = 0
+        self._dropping = False
+        self._live: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                a, _ = self.server.accept()
+            except OSError:
+                return
+            b = socket.create_connection(("127.0.0.1", self.target))
+            self.connections += 1
+            self._live = [a, b]
+            for x, y in ((a, b), (b, a)):
+                threading.Thread(target=self._pump, args=(x, y), daemon=True).start()
+
+    def _pump(self, x: socket.socket, y: socket.socket) -> None:
+        try:
+            while data := x.recv(65536):
+                if not self._dropping:
+                    y.sendall(data)
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            y.shutdown(socket.SHUT_WR)
+
+    def cut(self) -> None:
+        """As a network that fails does: what is in flight for 50 ms is lost, then the
+        connection is gone (the sender believed those bytes sent)."""
+        self._dropping = True
+        time.sleep(0.05)
+        self._break()
+        self._dropping = False
+
+    def _break(self) -> None:
+        for s in self._live:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # wakes the accept() (a close alone may not)
+            self.server.shutdown(socket.SHUT_RDWR)
+        self.server.close()
+        self._break()
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_a_cut_after_the_switch_loses_nothing(make_vm, seed):
+    """The connection breaks at a seeded moment of the post-copy phase: the destination's
+    guest waits on its missing pages, the source reconnects, the rest arrives, and the
+    guest goes on with its memory intact (A-B invariant, or the hash chain)."""
+    rnd = random.Random(seed)
+    hashchain = seed % 2 == 1
+    if hashchain:
+        vm, con = make_vm("hashchain", "cpus=2", cpus=2, memory=128 * MB)
+        con.wait_for("H1 10 ")
+    else:  # 24 MiB written once and never touched again: only the push brings it over
+        vm, con = make_vm("ab", "ws=8M ro=24M roevery=1000000", memory=128 * MB)
+        con.wait_count(b"B", 3, timeout=60, start=con.wait_for("\n") + 1)
+    dest = Destination()
+    proxy = RelayProxy(dest.port)
+    # about 0.5 s of post-copy for either guest (the hash chain's RAM is a few pages)
+    m = Migration(vm, "127.0.0.1", proxy.port, KEY,
+                  Options(live=True, postcopy=True, compress="none",
+                          bandwidth=MB // 4 if hashchain else 48 * MB, io_timeout=10.0,
+                          recover_timeout=15.0))
+    t = threading.Thread(target=m.run, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 30
+    while m.stats.state != "postcopy":
+        assert time.monotonic() < deadline and t.is_alive(), m.stats.line()
+        time.sleep(0.001)
+    time.sleep(rnd.uniform(0.0, 0.3))
+    assert m.stats.state == "postcopy", \
+        f"the post-copy phase ended before the cut ({m._postcopy and m._postcopy.pages_sent})"
+    proxy.cut()
+    t.join(20)  # about a second unless something is lost
+    proxy.close()
+    assert m.stats.state == "completed", m.stats.line() + " " + m.stats.error
+    assert m._postcopy is not None and m._postcopy.reconnects >= 1
+    dest.join()
+    try:
+        pc = dest.receiver.postcopy
+        assert pc is not None and pc.done.wait(30) and pc.reconnects >= 1, pc and pc.error
+        if hashchain:
+            before = guestkit.check_hashchain(con.text)
+            dest.console.wait_for(f"H0 {before[0] + 10} ")
+            dest.console.wait_for(f"H1 {before[1] + 10} ")
+            dest.vm.pause()
+            guestkit.check_hashchain(con.text + dest.console.text)
+        else:
+            dest.console.wait_count(b"B", 3, timeout=60)
+            res = ab_on(dest.vm)
+            assert res.passes >= con.buf.count(b"B") - 1 + dest.console.buf.count(b"B") - 1
+            ro = slice(res.ws_start + res.ws_size, res.ws_start + res.ws_size + 24 * MB)
+            assert (dest.vm.memory.regions[0].array[ro] == vm.memory.regions[0].array[ro]).all()
+    finally:
+        dest.vm.close()
+
+
+def test_no_save_while_pages_are_still_arriving(make_vm, tmp_path):
+    """A save of the destination's VM would read pages still on the source: refused
+    until post-copy is done, then it works."""
+    from pyhyve.snapshot.errors import SnapshotError
+    from pyhyve.snapshot.save import save
+
+    vm, con = make_vm("ab", "ws=24M", memory=128 * MB)
+    con.wait_count(b"B", 3, timeout=60, start=con.wait_for("\n") + 1)
+    dest = Destination()
+    m = Migration(vm, "127.0.0.1", dest.port, KEY,
+                  Options(live=True, postcopy=True, compress="none", bandwidth=16 * MB,
+                          io_timeout=10.0))
+    t = threading.Thread(target=m.run, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 30
+    while dest.vm is None or m.stats.state != "postcopy":
+        assert time.monotonic() < deadline and t.is_alive(), m.stats.line()
+        time.sleep(0.001)
+    try:
+        with pytest.raises(SnapshotError, match="still arriving by post-copy"):
+            save(dest.vm, str(tmp_path / "early"), "checkpoint")
+        t.join(60)
+        assert m.stats.state == "completed", m.stats.error
+        assert dest.receiver.postcopy.done.wait(30)
+        save(dest.vm, str(tmp_path / "later"), "checkpoint")
+        assert guestkit.ab_check_file(str(tmp_path / "later")).ws_size == 24 * MB
+    finally:
+        t.join(60)
+        dest.vm.close()
+
+
+def test_a_source_that_gives_up_keeps_its_guest_paused(make_vm):
+    """The destination never comes back: at its deadline the source fails, but its VM --
+    holding pages the destination's guest lacks -- stays paused, never resumed."""
+    vm, con = make_vm("ab", "ws=24M", memory=128 * MB)
+    con.wait_count(b"B", 3, timeout=60, start=con.wait_for("\n") + 1)
+    dest = Destination()
+    proxy = RelayProxy(dest.port)
+    m = Migration(vm, "127.0.0.1", proxy.port, KEY,
+                  Options(live=True, postcopy=True, compress="none", bandwidth=16 * MB,
+                          io_timeout=5.0, recover_timeout=1.0))
+    t = threading.Thread(target=m.run, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 30
+    while m.stats.state != "postcopy":
+        assert time.monotonic() < deadline and t.is_alive(), m.stats.line()
+        time.sleep(0.001)
+    proxy.close()                        # no way back to the destination
+    t.join(20)
+    try:
+        assert m.stats.state == "failed", m.stats.line()
+        assert "kept paused" in m.stats.error and "do not destroy it" in m.stats.error
+        assert vm.state == "paused" and not vm.stopped
+        n = con.buf.count(b"B")
+        time.sleep(0.3)
+        assert con.buf.count(b"B") == n  # it never ran again here
+    finally:
+        dest.join(5)
+        if dest.vm is not None:
+            dest.vm.close()
