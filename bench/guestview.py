@@ -1,6 +1,7 @@
 """What the guest sees: pyhyve vs QEMU 7.2 on the same A-B guest, in the same run.
 
-Run: .venv/bin/python bench/guestview.py [--runs 5] [--ws 0,64,512] [--only restore,...]
+Run: .venv/bin/python bench/guestview.py [--runs 5] [--ws 0,64,512] [--only snapshot,migration]
+     [--kinds defaults,matched,postcopy]
 
 The A-B guest prints one `B` per pass over its working set; every byte of its console is
 timestamped as it arrives (pyhyve `--console stdio`, QEMU `-serial stdio`, both into a pipe
@@ -22,7 +23,9 @@ read here), so each figure is the guest's own progress, not a VMM's "done":
   the command until 2 s after completion, passes lost, total time, and the throttle each
   applied. Rows: each at its defaults (pyhyve: 5 ms target, auto-converge, compression
   auto; QEMU: 128 MiB/s, 300 ms, no auto-converge), and matched (both: unlimited
-  bandwidth, 300 ms target, auto-converge, no compression). The destination guest must
+  bandwidth, 300 ms target, auto-converge, no compression), and post-copy (both switch at
+  once: pyhyve --postcopy, QEMU postcopy-ram with migrate-start-postcopy right after
+  migrate; unlimited bandwidth, no compression). The destination guest must
   make passes afterwards, without starting over, or the run fails; a migration that does
   not finish in 30 s counts as infinitely slow (DNF) in the medians.
 VMM-internal figures (pyhyve's and QEMU's own downtime) are printed too, labelled so.
@@ -205,12 +208,14 @@ class Pyhyve:
     def restore(self, name: str, path: str, eager: bool = False) -> Vm:
         return self._spawn(name, ["-r", path, "--eager" if eager else "--lazy"], False)
 
-    def listen(self, name: str, port: int) -> Vm:
+    def listen(self, name: str, port: int, kind: str = "defaults") -> Vm:
         return self._spawn(name, ["-R", f"127.0.0.1,{port}", "--key-file",
                                   os.path.join(self.work, "key")], False)
 
-    def migrate(self, src: Vm, port: int, matched: bool) -> dict[str, float]:
-        opts = {"downtime_ms": 300.0, "compress": "none"} if matched else {}
+    def migrate(self, src: Vm, port: int, kind: str) -> dict[str, float]:
+        opts: dict[str, object] = {
+            "defaults": {}, "matched": {"downtime_ms": 300.0, "compress": "none"},
+            "postcopy": {"postcopy": True, "compress": "none"}}[kind]
         r = self.ctl(src, "migrate", target=f"127.0.0.1:{port}", live=True,
                      key=load_key_hex(os.path.join(self.work, "key")), **opts)
         if r.get("state") != "completed":
@@ -273,18 +278,28 @@ class Qemu:
             time.sleep(0.005)  # not faster: QEMU answers from the loop that loads
         return vm
 
-    def listen(self, name: str, port: int) -> Vm:
-        return self._spawn(name, ["-incoming", f"tcp:127.0.0.1:{port}"], False)
+    def listen(self, name: str, port: int, kind: str = "defaults") -> Vm:
+        vm = self._spawn(name, ["-incoming", f"tcp:127.0.0.1:{port}"], False)
+        if kind == "postcopy":  # both sides must have it before `migrate`
+            vm.qmp.cmd("migrate-set-capabilities",  # type: ignore[union-attr]
+                       capabilities=[{"capability": "postcopy-ram", "state": True}])
+        return vm
 
-    def migrate(self, src: Vm, port: int, matched: bool) -> dict[str, float]:
+    def migrate(self, src: Vm, port: int, kind: str) -> dict[str, float]:
         q = src.qmp
         assert q is not None
-        if matched:
+        if kind == "matched":
             q.cmd("migrate-set-capabilities",
                   capabilities=[{"capability": "auto-converge", "state": True}])
             q.cmd("migrate-set-parameters", **{"max-bandwidth": 10 << 30,
                                                "downtime-limit": 300})
+        if kind == "postcopy":
+            q.cmd("migrate-set-capabilities",
+                  capabilities=[{"capability": "postcopy-ram", "state": True}])
+            q.cmd("migrate-set-parameters", **{"max-bandwidth": 10 << 30})
         q.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+        if kind == "postcopy":
+            q.cmd("migrate-start-postcopy")
         throttle = 0.0
         deadline = time.monotonic() + QEMU_TIMEOUT
         while True:
@@ -353,16 +368,16 @@ def floor_and_snapshots(side: Pyhyve | Qemu, work: str) -> Result:
     return out
 
 
-def migration(side: Pyhyve | Qemu, matched: bool) -> Result:
+def migration(side: Pyhyve | Qemu, kind: str) -> Result:
     port = free_port()
-    dst = side.listen("dst", port)
+    dst = side.listen("dst", port, kind)
     src = side.boot("src")
     try:
         steady_pass(src.con)  # warmed up, then an undisturbed second before the command
         time.sleep(1.0)
         t0 = time.monotonic()
         try:
-            vmm = side.migrate(src, port, matched)
+            vmm = side.migrate(src, port, kind)
         except TimeoutError:  # did not finish: infinitely slow, not left out
             return {"stall": INF, "lost": INF, "total": INF, "dnf": 1.0}
         t1 = time.monotonic()
@@ -377,6 +392,13 @@ def migration(side: Pyhyve | Qemu, matched: bool) -> Result:
         dst.close()
 
 
+KINDS = {  # migration settings compared, and how each side runs them
+    "defaults": "pyhyve 5 ms, auto-converge, compress auto; QEMU 128 MiB/s, 300 ms, no "
+                "auto-converge",
+    "matched": "both: unlimited bandwidth, 300 ms target, auto-converge, no compression",
+    "postcopy": "both post-copy from the start: pyhyve --postcopy, QEMU postcopy-ram + "
+                "migrate-start-postcopy at once; unlimited bandwidth, no compression",
+}
 ERRORS: list[str] = []
 
 
@@ -417,8 +439,8 @@ def ratio(a: float | None, b: float | None) -> str:
 
 def run_ws(ws: int, runs: int, kernel: str, qemu: str, only: set[str]) -> list[list[str]]:
     snap: dict[str, list[Result]] = {"pyhyve": [], "QEMU": []}
-    mig: dict[tuple[str, bool], list[Result]] = {(s, m): [] for s in ("pyhyve", "QEMU")
-                                                 for m in (False, True)}
+    mig: dict[tuple[str, str], list[Result]] = {(s, k): [] for s in ("pyhyve", "QEMU")
+                                                for k in KINDS}
     for _ in range(runs):
         for label in ("pyhyve", "QEMU"):
             work = tempfile.mkdtemp(dir=os.environ.get("BENCH_DIR"))
@@ -428,8 +450,8 @@ def run_ws(ws: int, runs: int, kernel: str, qemu: str, only: set[str]) -> list[l
                 if "snapshot" in only:
                     snap[label].append(attempt(partial(floor_and_snapshots, side, work)))
                 if "migration" in only:
-                    for matched in (False, True):
-                        mig[(label, matched)].append(attempt(partial(migration, side, matched)))
+                    for kind in KINDS:
+                        mig[(label, kind)].append(attempt(partial(migration, side, kind)))
             finally:
                 shutil.rmtree(work, ignore_errors=True)
     rows: list[list[str]] = []
@@ -454,12 +476,9 @@ def run_ws(ws: int, runs: int, kernel: str, qemu: str, only: set[str]) -> list[l
         row("suspend: command to files synced", med(p, "suspend"), med(q, "suspend"),
             "fsync on both")
     if "migration" in only:
-        for matched in (False, True):
-            mp, mq = mig[("pyhyve", matched)], mig[("QEMU", matched)]
-            kind = "matched" if matched else "defaults"
-            setting = ("both: unlimited bandwidth, 300 ms target, auto-converge, no compression"
-                       if matched else "pyhyve 5 ms, auto-converge, compress auto; QEMU "
-                       "128 MiB/s, 300 ms, no auto-converge")
+        for kind in KINDS:
+            mp, mq = mig[("pyhyve", kind)], mig[("QEMU", kind)]
+            setting = KINDS[kind]
             dnf = sum("dnf" in r for r in mq) + sum("dnf" in r for r in mp)
             row(f"migration ({kind}): longest guest silence", med(mp, "stall"), med(mq, "stall"),
                 setting + (f"; {dnf} run(s) did not finish in {QEMU_TIMEOUT:.0f} s" if dnf
@@ -480,7 +499,11 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--ws", default="0,64,512", help="working sets in MiB")
     ap.add_argument("--only", default="snapshot,migration")
+    ap.add_argument("--kinds", default=",".join(KINDS),
+                    help="migration settings to compare (" + ", ".join(KINDS) + ")")
     args = ap.parse_args()
+    for k in set(KINDS) - set(args.kinds.split(",")):
+        del KINDS[k]
     kernel = guestkit.build()["ab"]
     qemu = ensure_qemu()
     warm_memory()

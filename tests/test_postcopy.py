@@ -34,8 +34,10 @@ def test_ab_postcopy_keeps_passing(make_vm, after):
     vm, con = make_vm("ab", "ws=32M", memory=128 * MB)
     con.wait_count(b"B", 3, timeout=60, start=con.wait_for("\n") + 1)
     dest = Destination()
-    stats = migrate(vm, dest, live=True, postcopy=True, postcopy_after=after)
+    stats = migrate(vm, dest, live=True, postcopy=True, postcopy_after=after,
+                    recover_timeout=5.0)
     assert stats.state == "completed", stats.error
+    assert stats.phases_ms["postcopy reconnects"] == 0  # DONE arrived on the connection
     assert vm.stopped and "post-copy" in vm.stop_reason
     try:
         dvm = dest.vm
@@ -55,8 +57,9 @@ def test_hashchain_two_vcpus_postcopy_continue_exactly(make_vm):
     vm, con = make_vm("hashchain", "cpus=2", cpus=2, memory=128 * MB)
     con.wait_for("H1 20 ")
     dest = Destination()
-    stats = migrate(vm, dest, live=True, postcopy=True)
+    stats = migrate(vm, dest, live=True, postcopy=True, recover_timeout=5.0)
     assert stats.state == "completed", stats.error
+    assert stats.phases_ms["postcopy reconnects"] == 0
     try:
         before = guestkit.check_hashchain(con.text)
         dest.console.wait_for(f"H0 {before[0] + 20} ")
@@ -70,19 +73,22 @@ def test_hashchain_two_vcpus_postcopy_continue_exactly(make_vm):
 class RelayProxy:
     """Forwards every TCP connection to `port`; cut() breaks the current one (both ways)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, cut_after: bytes = b"", cut_len: int = 0) -> None:
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         self.target = port
         self.connections = 0
         self._dropping = False
+        # the first connection breaks once `cut_len` bytes from the start of `cut_after`
+        # went through (and what else came in the same read)
+        self._cut_after, self._cut_len, self._seen = cut_after, cut_len, bytearray()
         self._live: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        threading.Thread(target=self._accept, args=(self.server,), daemon=True).start()
 
-    def _accept(self) -> None:
+    def _accept(self, server: socket.socket) -> None:
         while True:
             try:
-                a, _ = self.server.accept()
+                a, _ = server.accept()
             except OSError:
                 return
             b = socket.create_connection(("127.0.0.1", self.target))
@@ -96,6 +102,13 @@ class RelayProxy:
             while data := x.recv(65536):
                 if not self._dropping:
                     y.sendall(data)
+                if self._cut_after and x is self._live[0]:
+                    self._seen += data
+                    at = self._seen.find(self._cut_after)
+                    if at >= 0 and len(self._seen) >= at + self._cut_len:
+                        self._cut_after = b""
+                        self._break()
+                        return
         except OSError:
             pass
         with contextlib.suppress(OSError):
@@ -114,6 +127,17 @@ class RelayProxy:
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
             s.close()
+
+    def down_for(self, seconds: float) -> None:
+        """Break the connection and refuse new ones for a while (a host that reboots its
+        network), then listen on the same port again."""
+        with contextlib.suppress(OSError):
+            self.server.shutdown(socket.SHUT_RDWR)
+        self.server.close()
+        self._break()
+        time.sleep(seconds)
+        self.server = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(self.server,), daemon=True).start()
 
     def close(self) -> None:
         with contextlib.suppress(OSError):  # wakes the accept() (a close alone may not)
@@ -236,3 +260,108 @@ def test_a_source_that_gives_up_keeps_its_guest_paused(make_vm):
         dest.join(5)
         if dest.vm is not None:
             dest.vm.close()
+
+
+def start_postcopy(vm, port: int, **opts: object) -> tuple[Migration, threading.Thread]:
+    m = Migration(vm, "127.0.0.1", port, KEY,
+                  Options(live=True, postcopy=True, compress="none", io_timeout=5.0,
+                          **opts))  # type: ignore[arg-type]
+    t = threading.Thread(target=m.run, daemon=True)
+    t.start()
+    return m, t
+
+
+def test_a_destination_away_for_a_while_is_retried_until_it_is_back(make_vm):
+    """Connections are refused for 1.5 s after the cut: the source keeps trying (each
+    refusal is one failed attempt, not the end) and the transfer completes."""
+    vm, con = make_vm("ab", "ws=8M ro=24M roevery=1000000", memory=128 * MB)
+    con.wait_count(b"B", 3, timeout=60, start=con.wait_for("\n") + 1)
+    dest = Destination()
+    proxy = RelayProxy(dest.port)
+    m, t = start_postcopy(vm, proxy.port, bandwidth=32 * MB, recover_timeout=30.0)
+    deadline = time.monotonic() + 30
+    while m.stats.state != "postcopy":
+        assert time.monotonic() < deadline and t.is_alive(), m.stats.line()
+        time.sleep(0.001)
+    proxy.down_for(1.5)
+    t.join(30)
+    proxy.close()
+    assert m.stats.state == "completed", m.stats.line() + " " + m.stats.error
+    dest.join()
+    try:
+        assert dest.receiver.postcopy.done.wait(30)
+        dest.console.wait_count(b"B", 3, timeout=60)
+        ab_on(dest.vm)
+    finally:
+        dest.vm.close()
+
+
+def test_a_cut_right_after_go_continues_as_post_copy(make_vm):
+    """The connection breaks just after GO: the destination runs the guest, the source
+    never hears RUNNING. It must not resume its own guest nor give up: it reconnects
+    and the pages follow."""
+    vm, con = make_vm("ab", "ws=16M", memory=128 * MB)
+    con.wait_count(b"B", 3, timeout=60, start=con.wait_for("\n") + 1)
+    dest = Destination()
+    go = b"PHMG" + bytes([15, 0, 0, 0])  # the GO frame's header: with its {} and MAC,
+    proxy = RelayProxy(dest.port, cut_after=go, cut_len=16 + 2 + 32)  # 50 bytes
+    m, t = start_postcopy(vm, proxy.port, recover_timeout=30.0)
+    t.join(40)
+    proxy.close()
+    assert m.stats.state == "completed", m.stats.line() + " " + m.stats.error
+    assert m._postcopy is not None and m._postcopy.reconnects >= 1
+    dest.join()
+    try:
+        assert dest.receiver.postcopy.done.wait(30)
+        dest.console.wait_count(b"B", 3, timeout=60)
+        res = ab_on(dest.vm)
+        assert res.passes >= con.buf.count(b"B") - 1 + dest.console.buf.count(b"B") - 1
+    finally:
+        dest.vm.close()
+
+
+def test_no_cancel_and_no_destroy_past_the_switch(make_vm):
+    """Past the switch this VM holds pages the destination's guest needs: the control
+    socket refuses --migrate-cancel and --destroy until the transfer is done."""
+    from pyhyve.control.session import Session, VmError
+
+    vm, con = make_vm("ab", "ws=24M", memory=128 * MB)
+    con.wait_count(b"B", 3, timeout=60, start=con.wait_for("\n") + 1)
+    dest = Destination()
+    session = Session(vm)
+    m, t = start_postcopy(vm, dest.port, bandwidth=16 * MB)
+    session.migration = m
+    deadline = time.monotonic() + 30
+    while m.stats.state != "postcopy":
+        assert time.monotonic() < deadline and t.is_alive(), m.stats.line()
+        time.sleep(0.001)
+    with pytest.raises(VmError, match="post-copy switch"):
+        session.migrate_cancel({})
+    with pytest.raises(VmError, match="refusing to destroy"):
+        session.destroy({})
+    assert not vm.stopped
+    t.join(30)
+    assert m.stats.state == "completed", m.stats.error
+    dest.join()
+    dest.vm.close()
+
+
+def test_a_go_cut_short_gives_the_guest_back_to_the_source(make_vm):
+    """The connection breaks inside the GO frame: the destination never starts the guest
+    and frees it. The source, not knowing, reconnects; the destination says the guest
+    never started there, and the source runs it again (never on two hosts, never lost)."""
+    vm, con = make_vm("ab", "ws=16M", memory=128 * MB)
+    con.wait_count(b"B", 3, timeout=60, start=con.wait_for("\n") + 1)
+    dest = Destination()
+    go = b"PHMG" + bytes([15, 0, 0, 0])
+    proxy = RelayProxy(dest.port, cut_after=go, cut_len=8)  # half a header
+    m, t = start_postcopy(vm, proxy.port, recover_timeout=30.0)
+    t.join(40)
+    proxy.close()
+    assert m.stats.state == "failed" and "never started" in m.stats.error, m.stats.error
+    assert vm.state == "running"
+    n = con.buf.count(b"B")
+    con.wait_count(b"B", n + 3)
+    ab_on(vm)
+    assert dest.vm is None
+    dest.receiver.close()

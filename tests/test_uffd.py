@@ -55,18 +55,21 @@ def test_missing_pages_come_on_first_touch_and_the_rest_by_push() -> None:
             got[p] = read_page(base + p * PAGE)
             if p == 1500:                      # served at once, not when all is in
                 left_at_zero_page.append(server.left)
-    t = threading.Thread(target=reader)
+    t = threading.Thread(target=reader, daemon=True)
     t.start()
-    t.join(30)
-    assert not t.is_alive() and server.done.wait(30), server.error
-    assert server.error is None and server.left == 0
-    for p, data in got.items():
-        assert data == (pattern(p, 1) if p < 1024 else bytes(PAGE)), p
-    assert server.faults_served >= 1 and left_at_zero_page[0] > 0
-    assert bytes(mem.regions[0].mm[:1024 * PAGE]) == pattern(0, 1024)
-    assert sum(n for _, n in calls) == 1024    # each page fetched once
-    server.stop()
-    mem.close()
+    try:
+        t.join(30)
+        assert not t.is_alive() and server.done.wait(30), server.error
+        assert server.error is None and server.left == 0
+        for p, data in got.items():
+            assert data == (pattern(p, 1) if p < 1024 else bytes(PAGE)), p
+        assert server.faults_served >= 1 and left_at_zero_page[0] > 0
+        assert bytes(mem.regions[0].mm[:1024 * PAGE]) == pattern(0, 1024)
+        assert sum(n for _, n in calls) == 1024    # each page fetched once
+    finally:
+        server.stop()  # closing the userfaultfd wakes a reader still waiting
+        t.join(10)
+        mem.close()
 
 
 def test_a_page_source_error_is_reported_not_hidden() -> None:

@@ -173,7 +173,7 @@ class Session:
         mig = self.migration
         if mig is None or mig.done.is_set():
             raise VmError("no migration is running")
-        if mig.stats.state.startswith("postcopy"):
+        if mig.past_switch:
             raise VmError("the migration is past its post-copy switch: the guest runs on the "
                           "destination, and this VM holds the pages it still needs")
         mig.cancel()
@@ -181,6 +181,10 @@ class Session:
         return {"state": mig.stats.state}
 
     def destroy(self, _msg: dict[str, Any]) -> dict[str, Any]:
+        mig = self.migration
+        if mig is not None and mig.past_switch:
+            raise VmError("refusing to destroy: post-copy is still sending this VM's pages to "
+                          "the guest that runs on the destination (see --migrate-status)")
         self.vm.stop("destroyed by pyhyvectl", EXIT_DESTROYED)
         return {"state": "stopped", "pid": os.getpid()}
 

@@ -106,6 +106,9 @@ class GuestMemory:
         if size <= 0 or size % PAGE:
             raise ValueError(f"memory size must be a positive multiple of {PAGE}")
         self.size = size
+        # post-copy: (gpa, length) -> whether a page there is still to come; our reads
+        # refuse those (a GIL holder must never fault on a page only the GIL can bring)
+        self.unavailable: Callable[[int, int], bool] | None = None
         self.name = name
         self.fd = os.dup(backing_fd) if backing_fd is not None else -1
         self.hugetlb = hugetlb and self.fd < 0 and self._reserve_huge()
@@ -179,6 +182,8 @@ class GuestMemory:
             self.on_write(first, last - first + 1)
 
     def read(self, gpa: int, length: int) -> bytes:
+        if self.unavailable is not None and self.unavailable(gpa, length):
+            raise ValueError(f"guest memory at {gpa:#x} is still arriving (post-copy)")
         r = self.region_for(gpa, length)
         off = gpa - r.gpa
         return r.mm[off:off + length]

@@ -125,7 +125,8 @@ class Userfaultfd:
 
     def copy(self, dst: int, src: int, length: int) -> int:
         """Place [src, src+length) at dst (page-aligned) and wake who waits there; a page
-        that is there already is skipped (and its waiters woken). Returns pages placed."""
+        that is there already is skipped (and its waiters woken). Returns pages placed.
+        Local failures (EINVAL, ENOMEM, ENOENT: the mapping is gone) raise UffdError."""
         placed = done = 0
         while done < length:
             st = _Copy(dst + done, src + done, length - done, 0, 0)
@@ -202,16 +203,33 @@ class PageServer:
 
     # --- setup ------------------------------------------------------------------------
     def drop_missing(self) -> None:
-        """Make every missing page really missing (what was there is stale), then route
-        faults on all of guest RAM to us."""
+        """Route faults on all of guest RAM to us, then make every missing page really
+        missing (what was there is stale). In that order: khugepaged could otherwise
+        refill a dropped page with zeros before the range is ours. Guest memory reads of
+        ours (`GuestMemory.read`) refuse a missing page from here on, instead of hanging."""
         from ..machine.dirty import runs_of
 
+        for r in self.memory.regions:
+            self._uffd.register(r.host_addr, r.size)
         for page, count in runs_of(self.missing):
             for off, n in self.memory.pieces(page * PAGE, (page + count) * PAGE, 1 << 30):
                 _check(_libc.madvise(C.c_void_p(self._host(off)), C.c_size_t(n), MADV_DONTNEED),
                        "madvise(MADV_DONTNEED)")
+        self.memory.unavailable = self.missing_at
+
+    def missing_at(self, gpa: int, length: int) -> bool:
+        """Is any page of guest-physical [gpa, gpa+length) still to come?"""
         for r in self.memory.regions:
-            self._uffd.register(r.host_addr, r.size)
+            if r.gpa <= gpa < r.gpa + r.size:
+                first = (r.layout.file_offset + gpa - r.gpa) // PAGE
+                last = (r.layout.file_offset + gpa - r.gpa + max(length, 1) - 1) // PAGE
+                return bool(self.missing[first:last + 1].any())
+        return False
+
+    def close(self) -> None:
+        """Give the userfaultfd back (a migration that failed before the guest ran)."""
+        self.memory.unavailable = None
+        self._uffd.close()
 
     def start(self) -> None:
         self._thread.start()
@@ -261,7 +279,12 @@ class PageServer:
         import numpy as np
 
         count = (len(data) if data is not None else 0) // PAGE
-        buf = (C.c_char * len(data)).from_buffer_copy(data) if data is not None else None
+        buf = None
+        if data is not None:
+            try:  # a writable buffer (a received frame) is copied from where it is
+                buf = (C.c_char * len(data)).from_buffer(data)
+            except (TypeError, ValueError):
+                buf = (C.c_char * len(data)).from_buffer_copy(data)
         todo = np.flatnonzero(self.missing[first:first + count])
         if len(todo) == 0:
             return
@@ -270,7 +293,9 @@ class PageServer:
         for a, n in runs_of(self.missing[first:first + count]):
             for off, k in self.memory.pieces((first + a) * PAGE, (first + a + n) * PAGE, 1 << 30):
                 src = C.addressof(buf) + off - first * PAGE if buf is not None else 0
-                self._uffd.copy(self._host(off), src, k)
+                if self._uffd.copy(self._host(off), src, k) != k // PAGE:
+                    raise UffdError(errno.EEXIST, f"guest page {off // PAGE} that was to come "
+                                                  "from the source was filled here first")
         self.missing[first:first + count] = False
         self.left -= len(todo)
 
@@ -306,6 +331,7 @@ class PageServer:
         """Remote mode, every page in: RAM is ordinary memory again."""
         for r in self.memory.regions:
             self._uffd.unregister(r.host_addr, r.size)
+        self.memory.unavailable = None
         self.done.set()
 
     def _fault(self, addr: int) -> None:
@@ -328,6 +354,7 @@ class PageServer:
             if not self._stop.is_set():  # all in: RAM is ordinary memory again (the kernel
                 for r in self.memory.regions:  # wakes whoever still waits, to fault as usual)
                     self._uffd.unregister(r.host_addr, r.size)
+                self.memory.unavailable = None
                 self.done.set()
         except BaseException as e:  # the guest waits on us: say why it will wait forever
             self.error = e
@@ -348,4 +375,4 @@ class PageServer:
         self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join()
-        self._uffd.close()
+        self.close()

@@ -94,6 +94,8 @@ class Receiver:
         self.session = ""                      # the source's post-copy session, if any
         self._postcopy_runs: bytes | None = None
         self.postcopy: PostcopyDest | None = None  # running after the switch
+        self._server: PageServer | None = None
+        self.not_started: set[str] = set()  # post-copy sessions abandoned before GO
 
     @property
     def failures(self) -> list[str]:
@@ -149,13 +151,19 @@ class Receiver:
             self.vm = None
         self.pages = self.rounds = 0
         self.done = False
+        if self.session:  # its source may ask to RESUME it: never started, it will hear
+            self.not_started.add(self.session)
         self.session, self._postcopy_runs = "", None
+        if self._server is not None:
+            self._server.close()
+            self._server = None
 
     def _receive(self, ch: Channel) -> VirtualMachine:
         spec, paused = self._handshake(ch)
         # ACCEPT first, then build the VM while the source starts sending (its frames wait
         # in the socket); a failure from here on is an ERROR, and the source resumes.
-        ch.send_json(T.ACCEPT, {"postcopy": True})
+        # post-copy places pages 4 KiB at a time: not into hugetlb memory
+        ch.send_json(T.ACCEPT, {"postcopy": not self.opts.hugepages})
         self.t_first = time.perf_counter()
         if self.opts.hugepages:
             spec = replace(spec, config=replace(spec.config, hugepages=True))
@@ -179,6 +187,7 @@ class Receiver:
             self.postcopy = PostcopyDest(server, ch, self.listener,  # which owns the
                                          self.session, self.opts.io_timeout, say)  # channel
             self.ch = None                                   # and the listener from here
+            self._server = None
             self.postcopy.start()
         return vm
 
@@ -187,10 +196,15 @@ class Receiver:
         touch (before GO, so a failure still leaves the source its guest)."""
         if self._postcopy_runs is None:
             return None
-        if not self.session:
-            raise ProtocolError("POSTCOPY without a post-copy session in HELLO")
+        if not self.session or self.opts.hugepages:
+            raise ProtocolError("POSTCOPY without a post-copy session in HELLO, or onto "
+                                "--hugepages")
+        if any(d.bus == "pci" for d in vm.description.devices):
+            raise ProtocolError("post-copy refused: the VM has virtio devices")
         pending = runs_mask(self._postcopy_runs, vm.memory.size // PAGE)
-        server = PageServer(vm.memory, pending)
+        if self.ch is not None:  # from here on nothing is received straight into RAM
+            self.ch.mem_sink = None
+        self._server = server = PageServer(vm.memory, pending)
         server.drop_missing()
         vm.postcopy_left = lambda: server.left  # no save or migration until all is in
         return server
@@ -201,7 +215,16 @@ class Receiver:
         # a real source sends HELLO at once: an (--insecure) peer that does not gets the
         # handshake's deadline, not the 60 s a running migration may need
         ch.sock.settimeout(HANDSHAKE_TIMEOUT)
-        hello = ch.recv(T.HELLO).json()
+        first = ch.recv(T.HELLO, T.RESUME)
+        if first.type == T.RESUME:  # a post-copy source whose GO may not have arrived
+            session = first.json(max_depth=1).get("session")
+            started = not (isinstance(session, str) and session in self.not_started)
+            ch.send_json(T.REFUSE, {"reason": "no such post-copy migration here" if started
+                                    else "the guest never started here: it is the source's",
+                                    "not_started": None if started else session})
+            raise ReceiveError("a post-copy source asked to resume a migration that did not "
+                               "start here")
+        hello = first.json()
         ch.sock.settimeout(self.opts.io_timeout)
         try:
             binds = dict(self.opts.bindings)
@@ -213,6 +236,8 @@ class Receiver:
             if session is not None and not valid_session(session):
                 raise ProtocolError("bad HELLO: post-copy session")
             self.session = session or ""
+            if self.session:  # numpy (~80 ms to import) now, not while the guest waits
+                import numpy  # noqa: F401
         except (ProtocolError, RecordError) as e:
             ch.send_json(T.REFUSE, {"reason": str(e)})
             raise ReceiveError(f"refused the migration: {e}") from None

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import select
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -27,11 +28,23 @@ from typing import TYPE_CHECKING
 
 import zstandard
 
+from ..errors import PyhyveError
 from ..machine.dirty import runs_of
 from ..machine.memory import PAGE
+from ..machine.uffd import UffdError
 from ..pipeline.pages import decode_runs, encode_runs, page_flags
 from .encoding import decode
-from .protocol import MAX_PAGES_PER_FRAME, MEM_HEADER, Channel, Enc, PeerError, ProtocolError, T
+from .listen import HANDSHAKE_TIMEOUT
+from .protocol import (
+    LIMITS,
+    MAX_PAGES_PER_FRAME,
+    MEM_HEADER,
+    Channel,
+    Enc,
+    PeerError,
+    ProtocolError,
+    T,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -43,6 +56,12 @@ if TYPE_CHECKING:
 PUSH_PAGES = 512   # a background frame: 2 MiB, so a request waits behind at most that
 RETRY_S = 0.5      # between the source's reconnection attempts
 SESSION_HEX = 32
+MAX_ASKED = 64     # requests taken before serving them (a flood cannot grow a list)
+LINGER_S = 10.0    # the destination answers a late RESUME this long after DONE
+
+
+class NotStarted(PyhyveError):
+    """The destination says it never ran the guest: it is the source's again."""
 
 
 def new_session() -> str:
@@ -76,6 +95,19 @@ def send_range(ch: Channel, mem: GuestMemory, first: int, count: int,
     return sent
 
 
+def need_runs(missing: np.ndarray) -> bytes:
+    """NEED's runs of the missing pages; if too scattered for one frame, 2 MiB-granular
+    (pages the destination has already are then sent again and skipped there)."""
+    raw = encode_runs(runs_of(missing))
+    if len(raw) <= LIMITS[T.NEED]:
+        return raw
+    n = len(missing)
+    coarse = missing[:n // 512 * 512].reshape(-1, 512).any(axis=1).repeat(512)
+    import numpy as np
+
+    return encode_runs(runs_of(np.concatenate([coarse, missing[n // 512 * 512:]])))
+
+
 def runs_mask(raw: bytes, total_pages: int) -> np.ndarray:
     """A POSTCOPY or NEED frame's runs as a bool mask (ProtocolError if malformed)."""
     import numpy as np
@@ -106,8 +138,13 @@ class PostcopySource:
         self.requests = 0
         self.reconnects = 0
         self.pages_sent = 0
+        self._base, self._bytes_before = ch.bytes_sent, 0
 
-    def run(self) -> None:
+    def run(self, cut: str = "") -> None:
+        """Until DONE. `cut`: the connection broke already (between GO and RUNNING)."""
+        if cut:
+            self.ch.close()
+            self._reconnect(cut)
         while True:
             try:
                 self._serve()
@@ -115,6 +152,11 @@ class PostcopySource:
             except (ProtocolError, OSError) as e:
                 self.ch.close()
                 self._reconnect(str(e) or type(e).__name__)
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes sent since the switch, on every connection."""
+        return self._bytes_before + self.ch.bytes_sent - self._base
 
     @property
     def pages_left(self) -> int:
@@ -127,7 +169,7 @@ class PostcopySource:
         cursor = 0
         while True:
             asked: list[tuple[int, int]] = []
-            while ch.readable(0):
+            while len(asked) < MAX_ASKED and ch.readable(0):
                 f = ch.recv(T.REQ, T.DONE)
                 if f.type == T.DONE:
                     return
@@ -143,6 +185,7 @@ class PostcopySource:
                                                   self.pace)
                     self.left[first:first + count] = False
                     self.requests += 1
+                    cursor = first + count  # the push goes on from where the guest is
                 continue
             ahead = np.flatnonzero(self.left[cursor:cursor + 4 * PUSH_PAGES])
             if len(ahead) == 0:
@@ -167,20 +210,32 @@ class PostcopySource:
                 ch = self.connect()
                 try:
                     ch.send_json(T.RESUME, {"session": self.session})
-                    need = ch.recv(T.NEED)
+                    need = ch.recv(T.NEED, T.REFUSE)
+                    if need.type == T.REFUSE:
+                        if need.json(max_depth=1).get("not_started") == self.session:
+                            raise NotStarted("the destination never started the guest (its "
+                                             "GO was cut short)")
+                        raise PeerError(str(need.json(max_depth=1).get("reason"))[:200])
                     self.left = runs_mask(bytes(need.payload), len(self.left))
                 except BaseException:
                     ch.close()
                     raise
-                self.ch = ch
+                self._bytes_before += self.ch.bytes_sent - self._base
+                self.ch, self._base = ch, ch.bytes_sent
                 self.reconnects += 1
                 self.on_state("postcopy", "")
                 return
-            except (ProtocolError, PeerError, OSError, ConnectionError) as e:
-                why = str(e) or type(e).__name__
+            except NotStarted:
+                raise
+            except (PyhyveError, OSError, ConnectionError) as e:  # refused, unreachable,
+                why = str(e) or type(e).__name__                  # failed to authenticate
             if time.monotonic() >= deadline:
-                raise ProtocolError(f"post-copy cut off and the destination did not come "
-                                    f"back within {self.recover_timeout:.0f} s ({why})")
+                sent_all = not self.left.any()
+                raise ProtocolError(
+                    f"post-copy cut off and the destination did not come back within "
+                    f"{self.recover_timeout:.0f} s ({why})"
+                    + ("; every page had been sent, but the destination did not confirm: if "
+                       "its guest runs, this one may be destroyed" if sent_all else ""))
             time.sleep(RETRY_S)
 
 
@@ -210,44 +265,83 @@ class PostcopyDest:
         outstanding: set[int] = set()  # blocks the guest waits on
         requested: set[int] = set()    # ... asked for on this connection
         ch: Channel | None = self.ch
+        total = len(server.missing)
         try:
             while server.left:
                 if ch is None:
                     ch = self._wait_for_source(outstanding)
                     requested = set()
                 try:
-                    for b in sorted(outstanding - requested):
-                        ch.send(T.REQ, MEM_HEADER.pack(b, server.FAULT_BLOCK, 0))
-                        requested.add(b)
+                    # the source reconnects when its side of this connection broke, even
+                    # if ours looks alive (a silent partition): take the newer one
+                    newer = self.listener.next(time.monotonic()) if self.listener.ready else None
+                    if newer is not None:
+                        ch.close()
+                        ch = self._resume(*newer)
+                        requested = set()
+                        if ch is None:
+                            continue
                     self._wait(ch)
-                    outstanding.update(server.take_faults())
-                    while server.left and ch.readable(0):
-                        self._mem(ch.recv(T.MEM), len(server.missing))
-                    outstanding = {b for b in outstanding
-                                   if server.missing[b:b + server.FAULT_BLOCK].any()}
+                    while True:  # a fault is asked for before the next frame is taken
+                        outstanding.update(server.take_faults())
+                        for b in sorted(outstanding - requested):
+                            count = min(server.FAULT_BLOCK, total - b)
+                            ch.send(T.REQ, MEM_HEADER.pack(b, count, 0))
+                            requested.add(b)
+                        if not (server.left and ch.readable(0)):
+                            break
+                        self._mem(ch.recv(T.MEM), total)
+                        outstanding = {b for b in outstanding
+                                       if server.missing[b:b + server.FAULT_BLOCK].any()}
+                except UffdError:
+                    raise  # ours, not the connection's: no reconnection mends it
                 except (ProtocolError, OSError) as e:
                     self.say(f"post-copy: connection to the source lost ({e}); the guest "
                              "waits on its missing pages until the source reconnects")
-                    ch.close()
+                    if ch is not None:
+                        ch.close()
                     ch = None
             server.finish()
             if ch is not None:
-                with contextlib.suppress(ProtocolError):  # else: its reconnection's NEED
-                    ch.send_json(T.DONE, {})                # is empty
-                ch.close()
+                self._done_on(ch)
             self.done.set()
+            self._linger()
         except BaseException as e:  # the guest waits on us: say why it will wait forever
             self.error = e
             self.say(f"post-copy failed: {e}")
         finally:
             self.listener.close()
 
+    def _done_on(self, ch: Channel) -> None:
+        """DONE, then read what the source still sends until it closes: closing with its
+        pages unread would reset the connection, and the DONE with it."""
+        with contextlib.suppress(ProtocolError, OSError, ValueError):
+            ch.send_json(T.DONE, {})
+            ch.sock.settimeout(5.0)
+            ch.sock.shutdown(socket.SHUT_WR)
+            while ch.sock.recv(1 << 16):
+                pass
+        ch.close()
+
+    def _linger(self) -> None:
+        """A while after DONE, answer a source that missed it (the connection broke just
+        then) with an empty NEED and DONE again, so it does not wait in vain."""
+        deadline = time.monotonic() + LINGER_S
+        while time.monotonic() < deadline and not self.listener.closed:
+            got = self.listener.next(min(deadline, time.monotonic() + 0.2))
+            if got is None:
+                continue
+            ch = self._resume(*got)
+            if ch is not None:
+                self._done_on(ch)
+
     def _wait(self, ch: Channel) -> None:
-        """Until the source sent something or the guest faulted (or a second passed)."""
+        """Until the source sent something or the guest faulted (or 0.2 s passed: then
+        the listener is looked at again)."""
         pending = getattr(ch.sock, "pending", None)
         if pending is not None and pending():
             return
-        select.select([ch.sock.fileno(), self.server.fileno()], [], [], 1.0)
+        select.select([ch.sock.fileno(), self.server.fileno()], [], [], 0.2)
 
     def _mem(self, f: object, total: int) -> None:
         from .protocol import Frame
@@ -272,19 +366,26 @@ class PostcopyDest:
                 if self.listener.closed:
                     raise ProtocolError("stopped waiting for the source")
                 continue
-            ch, peer = got
-            try:
-                ch.sock.settimeout(self.io_timeout)
-                resume = ch.recv(T.RESUME).json(max_depth=1)
-                if resume.get("session") != self.session:
-                    ch.send_json(T.ERROR, {"reason": "not this migration's session"})
-                    raise ProtocolError("a RESUME for another session")
-                ch.mem_sink = None
-                ch.send(T.NEED, encode_runs(runs_of(self.server.missing)))
-            except (ProtocolError, PeerError, OSError) as e:
-                self.listener.failed(peer, f"post-copy reconnection failed: {e}")
-                ch.close()
-                continue
-            self.reconnects += 1
-            self.say(f"post-copy: the source is back ({peer})")
-            return ch
+            ch = self._resume(*got)
+            if ch is not None:
+                return ch
+
+    def _resume(self, ch: Channel, peer: str) -> Channel | None:
+        """A reconnection: RESUME with our session, answered with NEED (None if it was
+        not the source, or broke)."""
+        try:
+            ch.sock.settimeout(HANDSHAKE_TIMEOUT)
+            resume = ch.recv(T.RESUME).json(max_depth=1)
+            if resume.get("session") != self.session:
+                ch.send_json(T.ERROR, {"reason": "not this migration's session"})
+                raise ProtocolError("a RESUME for another session")
+            ch.mem_sink = None
+            ch.sock.settimeout(self.io_timeout)
+            ch.send(T.NEED, need_runs(self.server.missing))
+        except (ProtocolError, PeerError, OSError) as e:
+            self.listener.failed(peer, f"post-copy reconnection failed: {e}")
+            ch.close()
+            return None
+        self.reconnects += 1
+        self.say(f"post-copy: the source is back ({peer})")
+        return ch

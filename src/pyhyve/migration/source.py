@@ -21,11 +21,18 @@ from typing import TYPE_CHECKING, Any
 from ..errors import MigrationSourceFailed
 from ..machine.dirty import DirtyConsumer, runs_of
 from ..machine.memory import PAGE
-from ..pipeline.pages import chunks, encode_runs, guest_runs, nonzero_among, page_flags
+from ..pipeline.pages import (
+    chunks,
+    data_pages,
+    encode_runs,
+    guest_runs,
+    nonzero_among,
+    page_flags,
+)
 from ..pipeline.record import machine_record
 from ..pipeline.sections import device_list, to_sections
 from .encoding import encoder
-from .postcopy import PostcopySource, new_session
+from .postcopy import NotStarted, PostcopySource, new_session
 from .protocol import (
     LIMITS,
     MAX_PAGES_PER_FRAME,
@@ -33,6 +40,7 @@ from .protocol import (
     PROTOCOL_VERSION,
     Channel,
     Enc,
+    PeerError,
     ProtocolError,
     T,
 )
@@ -159,11 +167,18 @@ class Migration:
         self._budget_t = 0.0
         self._budget_bytes = 0
         self._postcopy: PostcopySource | None = None
+        self._go_sent = False
         self._session = new_session() if opts.postcopy else ""
 
     # --- control ---------------------------------------------------------------------
+    @property
+    def past_switch(self) -> bool:
+        """Post-copy with GO sent: the guest is the destination's, and this VM holds pages
+        it still needs: no cancel, no destroy."""
+        return self.opts.postcopy and self._go_sent and not self.done.is_set()
+
     def cancel(self) -> None:
-        if self.stats.state.startswith("postcopy"):
+        if self.past_switch:
             return  # the guest runs over there: this side cannot take it back
         self._cancel.set()
         if self.ch is not None:
@@ -189,7 +204,7 @@ class Migration:
             self.stats.state = "completed"
         except BaseException as e:  # every failure: the source guest must keep running
             late = self.stats.state == "handing over"
-            postcopy = self.stats.state.startswith("postcopy")
+            postcopy = self.opts.postcopy and self._go_sent
             self.stats.state = "cancelled" if isinstance(e, Cancelled) or self._cancel.is_set() \
                 else "failed"
             self.stats.error = str(e) or type(e).__name__
@@ -305,7 +320,6 @@ class Migration:
 
     def _run_postcopy(self, was_paused: bool) -> None:
         """Pre-copy rounds (postcopy_after), the switch, then the rest after it."""
-        import numpy as np
 
         vm, opts = self.vm, self.opts
         if opts.postcopy_after > 0 and not was_paused:
@@ -319,27 +333,37 @@ class Migration:
                 self._send_runs(runs_of(self.dirty.fetch()), round_no)
             self._pause()
             pending = self.dirty.fetch()
-        else:
-            self._pause()
-            pending = np.zeros(vm.memory.size // PAGE, dtype=bool)
-            for p, n in guest_runs(vm.memory):
-                pending[p:p + n] = True
+        else:  # every page that may hold data (zero ones go as ZERO records): no
+            self._pause()  # reading of guest memory while the guest waits
+            pending = data_pages(vm.memory)
         raw = encode_runs(runs_of(pending))
         if len(raw) > LIMITS[T.POSTCOPY]:
             raise MigrationError("too many scattered pages for one post-copy switch")
         self.ch.send(T.POSTCOPY, raw)  # type: ignore[union-attr]
-        self._finish(stop=False)
+        cut = ""
+        try:
+            self._finish(stop=False)
+        except (ProtocolError, PeerError, OSError) as e:
+            if not self._go_sent:
+                raise  # the destination never ran the guest: ours to resume
+            cut = str(e) or type(e).__name__  # it may run it: go on as after a cut
         self.stats.state = "postcopy"
         self._postcopy = pc = PostcopySource(
             self.ch, vm.memory, pending, self._session, self._open,  # type: ignore[arg-type]
             encoder(opts.compress), opts.recover_timeout, self._postcopy_state, self._limit)
-        pc.run()
+        before = self.stats.bytes_sent
+        try:
+            pc.run(cut)
+        except NotStarted as e:  # nothing runs over there: ours to resume (run()'s failure
+            self._go_sent = False  # handling does, as before GO)
+            self._paused_by_us = True
+            raise MigrationError(f"post-copy: {e}; the guest runs here again") from None
         self.stats.pages_sent += pc.pages_sent
         self.stats.postcopy_pages_left = 0
         self.stats.phases_ms["postcopy requests"] = pc.requests
         self.stats.phases_ms["postcopy reconnects"] = pc.reconnects
         self.ch = pc.ch
-        self.stats.bytes_sent += pc.ch.bytes_sent
+        self.stats.bytes_sent = before + pc.bytes_sent
         vm.stop(f"migrated to {self.host}:{self.port} (post-copy)", 0)
 
     def _postcopy_state(self, state: str, why: str) -> None:
@@ -452,6 +476,9 @@ class Migration:
         # failure after this keeps ours paused (handed_over) instead of resuming it
         self._check_cancel()
         st.state = "handing over"
+        self._go_sent = True  # from here on the destination may run the guest
+        if not stop:  # post-copy: it is the destination's guest now, never resumed here
+            self._paused_by_us = False
         ch.send_json(T.GO, {})
         ch.recv(T.RUNNING)
         st.phases_ms["destination load+start"] = (time.perf_counter() - t2) * 1e3

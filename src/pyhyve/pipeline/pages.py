@@ -103,6 +103,19 @@ def guest_runs(mem: GuestMemory) -> Runs:
     return merge(runs)
 
 
+def data_pages(mem: GuestMemory) -> npt.NDArray[np.bool_]:
+    """Every page that can hold data (`_spans`: written here, or in the backing file),
+    without reading a byte of it: a superset of `guest_runs`, cheap enough for a pause."""
+    import numpy as np
+
+    out = np.zeros(mem.size // PAGE, dtype=bool)
+    for r in mem.regions:
+        base = r.layout.file_offset // PAGE
+        for s, e in _spans(mem, r):
+            out[base + s // PAGE:base + e // PAGE] = True
+    return out
+
+
 def nonzero_among(mem: GuestMemory, mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
     """Which pages set in `mask` (file pages) hold a non-zero byte now; like `guest_runs`
     it reads only where a page can hold data."""
