@@ -17,6 +17,13 @@ from conftest import BIN, cli, in_ns, wait_file, wait_socket
 
 pytestmark = pytest.mark.kvm  # every test here runs a guest or talks to KVM
 
+def kill_all(*procs) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 def run_pair(hosts, kit, tmp_path, rundir, guest_args, extra_dst=(), extra_src=()):
     (ns_a, _ip_a), (ns_b, ip_b) = hosts["a"], hosts["b"]
     src_log, dst_log = tmp_path / "src.log", tmp_path / "dst.log"
@@ -33,14 +40,18 @@ def run_pair(hosts, kit, tmp_path, rundir, guest_args, extra_dst=(), extra_src=(
     return src, dst, src_log, dst_log, ip_b
 
 
-@pytest.mark.parametrize("mode", ["--migrate", "--migrate-live"])
+@pytest.mark.parametrize("mode", ["--migrate", "--migrate-live",
+                                  "--migrate-live --postcopy-after 1"])
 @pytest.mark.parametrize("ws", [0, 64, 512])
 def test_ab_between_namespaces(hosts, kit, tmp_path, rundir, keyfile, mode, ws):
+    """Warm, live, and one pre-copy round then post-copy: the destination's RAM, saved
+    afterwards, holds the invariant and the passes of both sides add up."""
     src, dst, src_log, dst_log, ip_b = run_pair(
         hosts, kit, tmp_path, rundir, ("ab", f"ws={ws}M", "1G", "1"), ("--key-file", keyfile))
     try:
         wait_file(src_log, "BBB")
-        p = cli("pyhyvectl", "--vm", "src", mode, f"{ip_b}:7797", "--key-file", keyfile)
+        how, *more = mode.split()
+        p = cli("pyhyvectl", "--vm", "src", how, f"{ip_b}:7797", "--key-file", keyfile, *more)
         assert p.returncode == 0, p.stderr
         assert "completed: total" in p.stdout and "downtime" in p.stdout
         assert src.wait(20) == 0 and "migrated to" in src.stderr.read()
@@ -59,13 +70,13 @@ def test_ab_between_namespaces(hosts, kit, tmp_path, rundir, keyfile, mode, ws):
         assert res.passes >= source_passes - 1 + dest_out.count(b"B")
         assert b"A-B start" not in dest_out
     finally:
-        for p in (src, dst):
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        kill_all(src, dst)
 
 
-def test_hashchain_over_tls(hosts, kit, tmp_path, rundir, keyfile):
+@pytest.mark.parametrize("postcopy", [False, True], ids=["precopy", "postcopy"])
+def test_hashchain_over_tls(hosts, kit, tmp_path, rundir, keyfile, postcopy):
+    """2 vCPUs over TLS, pre-copy or post-copy (the guest runs on the destination at
+    once): their hash chains go on without a lost or repeated step."""
     certs = str(tmp_path / "certs")
     c = cli("pyhyve", "migration-certs", certs)
     assert c.returncode == 0, c.stderr
@@ -75,9 +86,12 @@ def test_hashchain_over_tls(hosts, kit, tmp_path, rundir, keyfile):
     try:
         wait_file(src_log, "H1 10 ")
         p = cli("pyhyvectl", "--vm", "src", "--migrate-live", f"{ip_b}:7797", "--key-file",
-                keyfile, "--tls-dir", certs)
+                keyfile, "--tls-dir", certs, *(["--postcopy"] if postcopy else []))
         assert p.returncode == 0, p.stderr
         assert src.wait(20) == 0
+        if postcopy:
+            assert "post-copy pages to go 0" in p.stdout, p.stdout
+            assert "post-copy" in src.stderr.read()
         before = guestkit.check_hashchain(src_log.read_text())
         wait_file(dst_log, f"H1 {before[1] + 10} ")
         cli("pyhyvectl", "--vm", "dst", "--pause")
@@ -85,10 +99,7 @@ def test_hashchain_over_tls(hosts, kit, tmp_path, rundir, keyfile):
         cli("pyhyvectl", "--vm", "dst", "--destroy")
         assert dst.wait(20) == 3
     finally:
-        for p in (src, dst):
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        kill_all(src, dst)
 
 
 def test_status_and_cancel_from_the_command_line(hosts, kit, tmp_path, rundir, keyfile):
@@ -128,10 +139,7 @@ def test_status_and_cancel_from_the_command_line(hosts, kit, tmp_path, rundir, k
         assert src.wait(20) == 0
     finally:
         cli("pyhyvectl", "--vm", "src", "--destroy")
-        for p in (src, dst):
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        kill_all(src, dst)
 
 
 def test_destination_refuses_to_listen_without_a_key(rundir, monkeypatch):
@@ -155,61 +163,3 @@ def test_migrate_to_nowhere_keeps_the_guest(kit, rundir, keyfile):
         cli("pyhyvectl", "--vm", "lone", "--destroy")
         proc.wait(20)
 
-
-def test_postcopy_hashchain_over_tls(hosts, kit, tmp_path, rundir, keyfile):
-    """Post-copy between two hosts, over TLS: 2 vCPUs run on the destination at once and
-    their hash chains go on without a lost or repeated step."""
-    certs = str(tmp_path / "certs")
-    c = cli("pyhyve", "migration-certs", certs)
-    assert c.returncode == 0, c.stderr
-    src, dst, src_log, dst_log, ip_b = run_pair(
-        hosts, kit, tmp_path, rundir, ("hashchain", "cpus=2", "128M", "2"),
-        ("--key-file", keyfile, "--tls-dir", certs))
-    try:
-        wait_file(src_log, "H1 10 ")
-        p = cli("pyhyvectl", "--vm", "src", "--migrate-live", f"{ip_b}:7797", "--key-file",
-                keyfile, "--tls-dir", certs, "--postcopy")
-        assert p.returncode == 0, p.stderr
-        assert "completed" in p.stdout and "post-copy pages to go 0" in p.stdout, p.stdout
-        assert src.wait(20) == 0 and "post-copy" in src.stderr.read()
-        before = guestkit.check_hashchain(src_log.read_text())
-        wait_file(dst_log, f"H1 {before[1] + 10} ")
-        cli("pyhyvectl", "--vm", "dst", "--pause")
-        guestkit.check_hashchain(src_log.read_text() + dst_log.read_text())
-        cli("pyhyvectl", "--vm", "dst", "--destroy")
-        assert dst.wait(20) == 3
-    finally:
-        for p in (src, dst):
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-
-
-def test_postcopy_after_a_round_keeps_every_page(hosts, kit, tmp_path, rundir, keyfile):
-    """A-B with 64 MiB, one pre-copy round then post-copy: the destination's RAM, saved
-    afterwards, holds the invariant and the passes of both sides add up."""
-    src, dst, src_log, dst_log, ip_b = run_pair(
-        hosts, kit, tmp_path, rundir, ("ab", "ws=64M", "256M", "1"), ("--key-file", keyfile))
-    try:
-        wait_file(src_log, "BBB")
-        p = cli("pyhyvectl", "--vm", "src", "--migrate-live", f"{ip_b}:7797", "--key-file",
-                keyfile, "--postcopy-after", "1", "--compress", "none")
-        assert p.returncode == 0, p.stderr
-        assert src.wait(20) == 0
-        wait_socket(rundir, "dst")
-        wait_file(dst_log, "BBB")
-        snap = str(tmp_path / "dst-snap")
-        s = cli("pyhyvectl", "--vm", "dst", "--suspend", snap)
-        assert s.returncode == 0, s.stderr
-        assert dst.wait(20) == 0
-        res = guestkit.ab_check_file(snap)
-        source_passes = Path(src_log).read_bytes().count(b"B")
-        dest_out = Path(dst_log).read_bytes()
-        assert res.ws_size == 64 << 20
-        assert res.passes >= source_passes - 1 + dest_out.count(b"B")
-        assert b"A-B start" not in dest_out
-    finally:
-        for p in (src, dst):
-            if p.poll() is None:
-                p.kill()
-                p.wait()

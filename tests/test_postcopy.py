@@ -9,6 +9,7 @@ import random
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -70,6 +71,15 @@ def test_hashchain_two_vcpus_postcopy_continue_exactly(make_vm):
         dest.vm.close()
 
 
+def wait_for_switch(m: Migration, t: threading.Thread,
+                    also: Callable[[], bool] = lambda: True) -> None:
+    """Until the migration is past its post-copy switch (and `also` holds)."""
+    deadline = time.monotonic() + 30
+    while m.stats.state != "postcopy" or not also():
+        assert time.monotonic() < deadline and t.is_alive(), m.stats.line()
+        time.sleep(0.001)
+
+
 class RelayProxy:
     """Forwards every TCP connection to `port`; cut() breaks the current one (both ways)."""
 
@@ -80,7 +90,7 @@ class RelayProxy:
         self.connections = 0
         self._dropping = False
         # the first connection breaks once `cut_len` bytes from the start of `cut_after`
-        # went through (and what else came in the same read)
+        # went through, and not one byte more
         self._cut_after, self._cut_len, self._seen = cut_after, cut_len, bytearray()
         self._live: list[socket.socket] = []
         threading.Thread(target=self._accept, args=(self.server,), daemon=True).start()
@@ -100,15 +110,17 @@ class RelayProxy:
     def _pump(self, x: socket.socket, y: socket.socket) -> None:
         try:
             while data := x.recv(65536):
-                if not self._dropping:
-                    y.sendall(data)
                 if self._cut_after and x is self._live[0]:
+                    before = len(self._seen)
                     self._seen += data
                     at = self._seen.find(self._cut_after)
                     if at >= 0 and len(self._seen) >= at + self._cut_len:
+                        y.sendall(data[:at + self._cut_len - before])  # exactly that far
                         self._cut_after = b""
                         self._break()
                         return
+                if not self._dropping:
+                    y.sendall(data)
         except OSError:
             pass
         with contextlib.suppress(OSError):
@@ -168,10 +180,7 @@ def test_a_cut_after_the_switch_loses_nothing(make_vm, seed):
                           recover_timeout=15.0))
     t = threading.Thread(target=m.run, daemon=True)
     t.start()
-    deadline = time.monotonic() + 30
-    while m.stats.state != "postcopy":
-        assert time.monotonic() < deadline and t.is_alive(), m.stats.line()
-        time.sleep(0.001)
+    wait_for_switch(m, t)
     time.sleep(rnd.uniform(0.0, 0.3))
     assert m.stats.state == "postcopy", \
         f"the post-copy phase ended before the cut ({m._postcopy and m._postcopy.pages_sent})"
@@ -214,10 +223,7 @@ def test_no_save_while_pages_are_still_arriving(make_vm, tmp_path):
                           io_timeout=10.0))
     t = threading.Thread(target=m.run, daemon=True)
     t.start()
-    deadline = time.monotonic() + 30
-    while dest.vm is None or m.stats.state != "postcopy":
-        assert time.monotonic() < deadline and t.is_alive(), m.stats.line()
-        time.sleep(0.001)
+    wait_for_switch(m, t, lambda: dest.vm is not None)
     try:
         with pytest.raises(SnapshotError, match="still arriving by post-copy"):
             save(dest.vm, str(tmp_path / "early"), "checkpoint")
@@ -243,10 +249,7 @@ def test_a_source_that_gives_up_keeps_its_guest_paused(make_vm):
                           io_timeout=5.0, recover_timeout=1.0))
     t = threading.Thread(target=m.run, daemon=True)
     t.start()
-    deadline = time.monotonic() + 30
-    while m.stats.state != "postcopy":
-        assert time.monotonic() < deadline and t.is_alive(), m.stats.line()
-        time.sleep(0.001)
+    wait_for_switch(m, t)
     proxy.close()                        # no way back to the destination
     t.join(20)
     try:
@@ -279,10 +282,7 @@ def test_a_destination_away_for_a_while_is_retried_until_it_is_back(make_vm):
     dest = Destination()
     proxy = RelayProxy(dest.port)
     m, t = start_postcopy(vm, proxy.port, bandwidth=32 * MB, recover_timeout=30.0)
-    deadline = time.monotonic() + 30
-    while m.stats.state != "postcopy":
-        assert time.monotonic() < deadline and t.is_alive(), m.stats.line()
-        time.sleep(0.001)
+    wait_for_switch(m, t)
     proxy.down_for(1.5)
     t.join(30)
     proxy.close()
@@ -331,10 +331,7 @@ def test_no_cancel_and_no_destroy_past_the_switch(make_vm):
     session = Session(vm)
     m, t = start_postcopy(vm, dest.port, bandwidth=16 * MB)
     session.migration = m
-    deadline = time.monotonic() + 30
-    while m.stats.state != "postcopy":
-        assert time.monotonic() < deadline and t.is_alive(), m.stats.line()
-        time.sleep(0.001)
+    wait_for_switch(m, t)
     with pytest.raises(VmError, match="post-copy switch"):
         session.migrate_cancel({})
     with pytest.raises(VmError, match="refusing to destroy"):
