@@ -177,7 +177,7 @@ def test_a_cut_after_the_switch_loses_nothing(make_vm, seed):
     m = Migration(vm, "127.0.0.1", proxy.port, KEY,
                   Options(live=True, postcopy=True, compress="none",
                           bandwidth=MB // 4 if hashchain else 48 * MB, io_timeout=10.0,
-                          recover_timeout=15.0))
+                          recover_timeout=8.0))
     t = threading.Thread(target=m.run, daemon=True)
     t.start()
     wait_for_switch(m, t)
@@ -185,7 +185,7 @@ def test_a_cut_after_the_switch_loses_nothing(make_vm, seed):
     assert m.stats.state == "postcopy", \
         f"the post-copy phase ended before the cut ({m._postcopy and m._postcopy.pages_sent})"
     proxy.cut()
-    t.join(20)  # about a second unless something is lost
+    t.join(10)  # about a second unless something is lost
     proxy.close()
     assert m.stats.state == "completed", m.stats.line() + " " + m.stats.error
     assert m._postcopy is not None and m._postcopy.reconnects >= 1
@@ -352,8 +352,8 @@ def test_a_go_cut_short_gives_the_guest_back_to_the_source(make_vm):
     dest = Destination()
     go = b"PHMG" + bytes([15, 0, 0, 0])
     proxy = RelayProxy(dest.port, cut_after=go, cut_len=8)  # half a header
-    m, t = start_postcopy(vm, proxy.port, recover_timeout=30.0)
-    t.join(40)
+    m, t = start_postcopy(vm, proxy.port, recover_timeout=5.0)
+    t.join(20)
     proxy.close()
     assert m.stats.state == "failed" and "never started" in m.stats.error, m.stats.error
     assert vm.state == "running"
