@@ -161,6 +161,7 @@ def boot(lane: dict[str, str], where: Path, cpus: int, acpi: bool, disk: bool,
             rng_reads(con)
             wait_ticks(con, 3)
             assert vsock_rounds(bytes(con.buf))[-1] > 0, con.text[-300:]
+            hvc_ticks(where / "hvc.log", 3)
         base = str(where / "booted")
         save(vm, base, "suspend")
     finally:
@@ -192,6 +193,15 @@ def rng_reads(con: TimedConsole) -> None:
 
 def vsock_rounds(output: bytes) -> list[int]:
     return [t.vsock for t in ticks(output) if t.vsock is not None]
+
+
+def hvc_ticks(path: Path, n: int, timeout: float = 60) -> None:
+    """Wait until hvc0's copy has `n` ticks: it trails the serial console by up to a tick,
+    the write that follows the console's on a loaded host."""
+    deadline = time.monotonic() + timeout
+    while len(ticks(path.read_bytes())) < n:
+        assert time.monotonic() < deadline, path.read_bytes()[-300:]
+        time.sleep(0.05)
 
 
 def hvc_continues(path: Path, console: bytes) -> None:
