@@ -29,7 +29,7 @@ void *memcpy(void *d, const void *s, size_t n);
 
 #define VENDOR 0x1AF4
 #define MAGIC 0x4B4C425659485950ULL /* "PYHYVBLK" */
-#define QSIZE 16
+#define QSIZE 256  /* the most a queue holds here; each takes min(this, the device's) */
 #define BLOCK 4096
 
 static inline void outl(uint16_t port, uint32_t v) { __asm__ volatile("outl %0, %1" :: "a"(v), "Nd"(port)); }
@@ -62,18 +62,18 @@ static uint8_t cfg8(int dev, int reg) { return (uint8_t)(cfg32(dev, reg) >> (8 *
 struct desc { uint64_t addr; uint32_t len; uint16_t flags, next; };
 struct vq {
 	struct desc desc[QSIZE];
-	uint16_t avail_flags, avail_idx, avail_ring[QSIZE], used_event;
-	uint8_t pad[4096 - 16 * QSIZE - 6 - 2 * QSIZE];
+	uint16_t avail_flags, avail_idx, avail_ring[QSIZE + 1];  /* + used_event */
+	uint8_t pad[(4096 - (16 * QSIZE + 6 + 2 * QSIZE) % 4096) % 4096];
 	uint16_t used_flags, used_idx;
 	struct { uint32_t id, len; } used_ring[QSIZE];
-	uint16_t avail_event;
+	uint16_t avail_event_room;  /* avail_event sits right after the queue's own size */
 } __attribute__((aligned(4096)));
 
 struct dev {
 	int slot, type, nq;
 	volatile uint8_t *common, *device, *notify[3];
 	struct vq *q[3];
-	uint16_t last_used[3];
+	uint16_t last_used[3], qs[3];  /* qs: each queue's size */
 };
 
 #define MAXDEV 5
@@ -101,6 +101,21 @@ static void fail(const char *what, uint64_t a, uint64_t b)
 #define C32(d, o) (*(volatile uint32_t *)((d)->common + (o)))
 #define C64(d, o) (*(volatile uint64_t *)((d)->common + (o)))
 
+/* Where BAR i of a function is (0 for an I/O BAR); a 64-bit BAR takes i + 1 too. The
+ * identity map covers 4 GiB: a BAR above it cannot be reached. */
+static uint64_t bar_addr(int slot, int i)
+{
+	uint32_t lo = cfg32(slot, 0x10 + 4 * i);
+	if (i > 5 || lo & 1)
+		return 0;
+	uint64_t a = lo & ~0xFULL;
+	if ((lo & 6) == 4)
+		a |= (uint64_t)cfg32(slot, 0x14 + 4 * i) << 32;
+	if (a >> 32)
+		fail("BAR above 4 GiB on slot", (uint64_t)slot, a);
+	return a;
+}
+
 static int probe(struct dev *d, int slot, struct vq *q)  /* q: room for three queues */
 {
 	uint32_t id = cfg32(slot, 0);
@@ -108,18 +123,17 @@ static int probe(struct dev *d, int slot, struct vq *q)  /* q: room for three qu
 		return 0;
 	d->slot = slot;
 	d->type = (int)(id >> 16) - 0x1040;
-	uint64_t bar = cfg32(slot, 0x10) & ~0xFULL;
 	cfg_write32(slot, 4, cfg32(slot, 4) | 6);  /* memory space, bus master */
 	uint32_t notify_mult = 0;
-	uint64_t notify_off = 0;
+	uint64_t notify_base = 0;
 	for (int p = cfg8(slot, 0x34); p; p = cfg8(slot, p + 1)) {
 		if (cfg8(slot, p) != 0x09)
 			continue;
-		uint64_t off = cfg32(slot, p + 8);
+		uint64_t at = bar_addr(slot, cfg8(slot, p + 4)) + cfg32(slot, p + 8);
 		switch (cfg8(slot, p + 3)) {
-		case 1: d->common = (volatile uint8_t *)(bar + off); break;
-		case 2: notify_off = off; notify_mult = cfg32(slot, p + 16); break;
-		case 4: d->device = (volatile uint8_t *)(bar + off); break;
+		case 1: d->common = (volatile uint8_t *)at; break;
+		case 2: notify_base = at; notify_mult = cfg32(slot, p + 16); break;
+		case 4: d->device = (volatile uint8_t *)at; break;
 		}
 	}
 	if (!d->common || !notify_mult)
@@ -136,12 +150,13 @@ static int probe(struct dev *d, int slot, struct vq *q)  /* q: room for three qu
 	d->nq = d->type == 19 ? 3 : d->type == 3 || d->type == 1 ? 2 : 1;
 	for (int i = 0; i < d->nq; i++) {
 		C16(d, 0x16) = (uint16_t)i;
-		C16(d, 0x18) = QSIZE;
+		d->qs[i] = C16(d, 0x18) < QSIZE ? C16(d, 0x18) : QSIZE;
+		C16(d, 0x18) = d->qs[i];
 		C16(d, 0x1A) = 0xFFFF;           /* no MSI-X vector: we poll */
 		C64(d, 0x20) = (uint64_t)q[i].desc;
 		C64(d, 0x28) = (uint64_t)&q[i].avail_flags;
 		C64(d, 0x30) = (uint64_t)&q[i].used_flags;
-		d->notify[i] = (volatile uint8_t *)(bar + notify_off + C16(d, 0x1E) * notify_mult);
+		d->notify[i] = (volatile uint8_t *)(notify_base + C16(d, 0x1E) * notify_mult);
 		C16(d, 0x1C) = 1;                /* queue enable */
 		d->q[i] = &q[i];
 		d->last_used[i] = q[i].used_idx;
@@ -155,7 +170,8 @@ static void notify(struct dev *d, int qi, uint16_t old)
 {
 	struct vq *q = d->q[qi];
 	__asm__ volatile("mfence" ::: "memory");
-	uint16_t event = *(volatile uint16_t *)&q->avail_event, now = q->avail_idx;
+	uint16_t event = *(volatile uint16_t *)((volatile uint8_t *)&q->used_flags + 4 + 8 * d->qs[qi]);
+	uint16_t now = q->avail_idx;
 	if (use_evidx && (uint16_t)(now - event - 1) >= (uint16_t)(now - old))
 		return;
 	*(volatile uint16_t *)d->notify[qi] = (uint16_t)qi;
@@ -169,7 +185,7 @@ static void post(struct dev *d, int qi, int n)
 		q->desc[i].flags |= 1;
 		q->desc[i].next = (uint16_t)(i + 1);
 	}
-	q->avail_ring[q->avail_idx % QSIZE] = 0;
+	q->avail_ring[q->avail_idx % d->qs[qi]] = 0;
 	barrier();
 	uint16_t old = q->avail_idx++;
 	barrier();
@@ -183,7 +199,7 @@ static int used(struct dev *d, int qi, uint32_t *len)
 	if (*(volatile uint16_t *)&q->used_idx == d->last_used[qi])
 		return 0;
 	barrier();
-	*len = q->used_ring[d->last_used[qi] % QSIZE].len;
+	*len = q->used_ring[d->last_used[qi] % d->qs[qi]].len;
 	d->last_used[qi]++;
 	return 1;
 }
@@ -211,7 +227,7 @@ static void post_head(struct dev *d, int qi, uint16_t head)
 {
 	struct vq *q = d->q[qi];
 	q->desc[head].flags &= (uint16_t)~1;
-	q->avail_ring[q->avail_idx % QSIZE] = head;
+	q->avail_ring[q->avail_idx % d->qs[qi]] = head;
 	barrier();
 	uint16_t old = q->avail_idx++;
 	barrier();
@@ -324,7 +340,7 @@ static int vs_poll(struct dev *v, uint32_t want_port, struct vhdr *out, char *da
 	if (!used(v, 0, &len))
 		return 0;
 	struct vq *q = v->q[0];
-	uint16_t head = (uint16_t)q->used_ring[(uint16_t)(v->last_used[0] - 1) % QSIZE].id;
+	uint16_t head = (uint16_t)q->used_ring[(uint16_t)(v->last_used[0] - 1) % v->qs[0]].id;
 	if (head >= VRX)
 		fail("vsock receive buffer", head, len);
 	struct vhdr *h = (struct vhdr *)vsrx[head];
@@ -450,7 +466,7 @@ static void net_frame(struct dev *n, uint64_t r)
 		cpu_relax();
 	}
 	struct vq *q = n->q[0];
-	uint16_t head = (uint16_t)q->used_ring[(uint16_t)(n->last_used[0] - 1) % QSIZE].id;
+	uint16_t head = (uint16_t)q->used_ring[(uint16_t)(n->last_used[0] - 1) % n->qs[0]].id;
 	if (head >= RXN || len != 12 + FRAME)
 		fail("net receive: buffer, length", head, len);
 	uint8_t *g = rxframes[head] + 12;
@@ -491,6 +507,89 @@ static void con_rx_post(struct dev *c)
 {
 	setd(c->q[0], 0, rxbuf, sizeof rxbuf, 1);
 	post(c, 0, 1);
+}
+
+/* --- bench=blk: the disk's throughput, polled ------------------------------------------
+ * qd requests of bs bytes each kept in flight for `ms` milliseconds (TSC), reads or writes
+ * (`write`), sequential or at random bs-aligned places (`rand`) within the first `span`
+ * bytes. Each request is three descriptors (header, data, status) with its own slot; the
+ * used ring is polled, so no interrupt handler (ring-0 code, emulated on the project's
+ * hosts) is timed. "BENCH go" is printed just before the first request and "BENCH end
+ * ops=N" after the last completed: the host times the two lines. */
+#define BENCH_BUF 0x4000000UL  /* 64 MiB: data buffers from here, identity mapped */
+static struct { uint32_t type, reserved; uint64_t sector; } breq[QSIZE / 3];
+static volatile uint8_t bstatus[QSIZE / 3];
+
+static void blk_bench(struct dev *d, const char *cmdline, uint64_t sectors)
+{
+	uint64_t bs = arg_u64(cmdline, "bs", 4096), qd = arg_u64(cmdline, "qd", 1);
+	uint64_t ms = arg_u64(cmdline, "ms", 1000), span = arg_u64(cmdline, "span", 256 << 20);
+	int wr = arg_flag(cmdline, "write"), rnd = arg_flag(cmdline, "rand");
+	if (span > sectors * 512)
+		span = sectors * 512;
+	if (!bs || bs % 4096 || qd < 1 || qd * 3 > d->qs[0] || span < bs
+	    || BENCH_BUF + qd * bs > ram_top)
+		fail("bench: bad bs or qd (or too little RAM)", bs, qd);
+	uint64_t places = span / bs, next = 0, x = 0x9E3779B97F4A7C15ULL, ops = 0, issued = 0;
+	uint8_t *buf = (uint8_t *)BENCH_BUF;
+	for (uint64_t i = 0; i < qd * bs; i += 8)
+		*(uint64_t *)(buf + i) = word(7, i, 3);
+	struct vq *q = d->q[0];
+	q->avail_flags = 1;  /* VIRTQ_AVAIL_F_NO_INTERRUPT: we poll */
+	puts_("BENCH go\n");
+	uint64_t end = rdtsc() + tsc_hz() / 1000 * ms;
+	for (uint64_t s = 0; s < qd; s++) {  /* slot s: descriptors 3s..3s+2, head 3s */
+		uint64_t place = rnd ? (x ^= x << 13, x ^= x >> 7, x ^= x << 17, x % places) : next++ % places;
+		breq[s].type = wr ? 1 : 0;
+		breq[s].sector = place * (bs / 512);
+		bstatus[s] = 0xFF;
+		q->desc[3 * s] = (struct desc){(uint64_t)&breq[s], 16, 1, (uint16_t)(3 * s + 1)};
+		q->desc[3 * s + 1] = (struct desc){(uint64_t)(buf + s * bs), (uint32_t)bs,
+						   (uint16_t)(1 | (wr ? 0 : 2)), (uint16_t)(3 * s + 2)};
+		q->desc[3 * s + 2] = (struct desc){(uint64_t)&bstatus[s], 1, 2, 0};
+		q->avail_ring[q->avail_idx % d->qs[0]] = (uint16_t)(3 * s);
+		barrier();
+		q->avail_idx++;
+		issued++;
+	}
+	notify(d, 0, (uint16_t)(q->avail_idx - qd));
+	uint64_t deadline = rdtsc() + tsc_hz() * 30;
+	while (ops < issued) {
+		uint32_t len;
+		int more = 0;
+		while (used(d, 0, &len)) {
+			uint64_t s = q->used_ring[(uint16_t)(d->last_used[0] - 1) % d->qs[0]].id / 3;
+			if (bstatus[s] != 0)
+				fail("bench: request failed, status", bstatus[s], breq[s].sector);
+			ops++;
+			deadline = rdtsc() + tsc_hz() * 30;
+			if (rdtsc() < end) {
+				uint64_t place = rnd ? (x ^= x << 13, x ^= x >> 7, x ^= x << 17, x % places)
+						     : next++ % places;
+				breq[s].sector = place * (bs / 512);
+				bstatus[s] = 0xFF;
+				q->avail_ring[q->avail_idx % d->qs[0]] = (uint16_t)(3 * s);
+				barrier();
+				q->avail_idx++;
+				issued++;
+				more++;
+			}
+		}
+		if (more)
+			notify(d, 0, (uint16_t)(q->avail_idx - more));
+		if (rdtsc() > deadline) {  /* the status register only then: reading it exits */
+			if (C8(d, 0x14) & 0x40)
+				fail("bench: device needs a reset", ops, issued);
+			fail("bench: request timed out", ops, issued);
+		}
+		cpu_relax();
+	}
+	puts_("BENCH end ops=");
+	putu(ops);
+	puts_(" bytes=");
+	putu(ops * bs);
+	putc_('\n');
+	poweroff();
 }
 
 void main(const char *cmdline)
@@ -541,6 +640,8 @@ void main(const char *cmdline)
 		vs_start(vs);
 	}
 	putc_('\n');
+	if (blk && arg_flag(cmdline, "bench=blk"))
+		blk_bench(blk, cmdline, *(volatile uint64_t *)blk->device);
 	for (;;) {
 		uint64_t r = ++round_no;
 		uint64_t *w = (uint64_t *)blockbuf;

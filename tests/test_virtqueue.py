@@ -28,6 +28,7 @@ class FakeRam:
     def __init__(self) -> None:
         self.b = bytearray(RAM)
         self.outside: list[int] = []
+        self.marked: list[tuple[int, int]] = []
 
     def _check(self, gpa: int, n: int) -> None:
         if gpa < 0 or gpa + n > RAM:
@@ -41,6 +42,13 @@ class FakeRam:
     def write(self, gpa: int, data) -> None:
         self._check(gpa, len(data))
         self.b[gpa:gpa + len(data)] = data
+
+    def span(self, gpa: int, n: int) -> memoryview:
+        self._check(gpa, n)
+        return memoryview(self.b)[gpa:gpa + n]
+
+    def mark_written(self, gpa: int, n: int) -> None:
+        self.marked.append((gpa, n))
 
 
 def queue(ram: FakeRam, size: int = 8, event_idx: bool = False) -> Virtqueue:

@@ -89,11 +89,13 @@ class IrqLines:
     """Interrupt lines shared by devices: a line is high while any device holds it high.
     KVM_IRQ_LINE from one source keeps one level per line, so without this a device
     lowering its INTx would drop another's pending interrupt on the same pin, and that
-    device would wait for an interrupt that never comes."""
+    device would wait for an interrupt that never comes. Only changes of a line's level
+    reach KVM (a virtio device raises its line at every completion)."""
 
     def __init__(self, set_line: Callable[[int, int], None]) -> None:
         self._set = set_line
         self._high: dict[int, set[int]] = {}
+        self._level: dict[int, int] = {}  # what KVM was last told, per line
         self._lock = threading.Lock()
         self._sources = 0
 
@@ -110,7 +112,10 @@ class IrqLines:
                     holders.add(me)
                 else:
                     holders.discard(me)
-                self._set(irq, 1 if holders else 0)
+                now = 1 if holders else 0
+                if self._level.get(irq) != now:  # a wire: telling KVM its level again
+                    self._set(irq, now)           # changes nothing, and costs a system call
+                    self._level[irq] = now
         return line
 
 

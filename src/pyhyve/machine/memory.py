@@ -125,6 +125,7 @@ class GuestMemory:
                 with contextlib.suppress(OSError):
                     mm.madvise(mmap.MADV_HUGEPAGE)
             self.regions.append(Region(lay, mm))
+        self._spans = [(r.gpa, r.gpa + r.size, r) for r in self.regions]
         # which file-offset ranges are anonymous memory: all of fresh RAM; of a snapshot's
         # mapping, the zero stretches never read from the file (and the guard that keeps
         # the rest safe)
@@ -154,8 +155,8 @@ class GuestMemory:
         return True
 
     def region_for(self, gpa: int, length: int = 1) -> Region:
-        for r in self.regions:
-            if r.contains(gpa, length):
+        for start, end, r in self._spans:  # every device access comes here: kept lean
+            if start <= gpa and gpa + length <= end:
                 return r
         raise ValueError(f"guest range {gpa:#x}+{length:#x} is not RAM")
 
@@ -187,6 +188,16 @@ class GuestMemory:
         r = self.region_for(gpa, length)
         off = gpa - r.gpa
         return r.mm[off:off + length]
+
+    def span(self, gpa: int, length: int) -> memoryview:
+        """A writable view of [gpa, gpa+length), for a device's I/O straight into guest
+        RAM (a disk read lands here without a copy); whoever writes through it calls
+        mark_written."""
+        if self.unavailable is not None and self.unavailable(gpa, length):
+            raise ValueError(f"guest memory at {gpa:#x} is still arriving (post-copy)")
+        r = self.region_for(gpa, length)
+        off = gpa - r.gpa
+        return memoryview(r.mm)[off:off + length]
 
     def view(self, gpa: int, length: int) -> np.ndarray:
         r = self.region_for(gpa, length)

@@ -11,6 +11,8 @@ from .layout import NO_VECTOR
 from .queue import Chain, Memory
 
 WAIT = -2  # Backend.handle: not yet (a receive buffer with no input): put it back
+ASYNC = -3  # Backend.handle: started; the backend's reap() hands it back when done (a
+            # backend that returns it has `completion_fd`, readable when reap() has work)
 
 
 class Backend(Protocol):

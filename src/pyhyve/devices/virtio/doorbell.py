@@ -1,16 +1,14 @@
 """Queue notifications through KVM ioeventfds: a guest's write to a queue's notify address
 becomes a signal on an eventfd inside KVM, so the vCPU does not exit to this process (and
-wait for the GIL) for every request. A thread per device waits on the eventfds and kicks
-the queues. Where KVM refuses (no KVM_CAP_IOEVENTFD, or an address it will not take) the
-MMIO exit path serves the same writes; a write of another width than the 16 bits drivers
-use exits too."""
+wait for the GIL) for every request. The device's worker thread (pci.py) waits on the
+eventfds and serves the queues itself. Where KVM refuses (no KVM_CAP_IOEVENTFD, or an
+address it will not take) the MMIO exit path serves the same writes; a write of another
+width than the 16 bits drivers use exits too."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import select
-import threading
 from collections.abc import Callable
 
 from .layout import NOTIFY, NOTIFY_MULT
@@ -19,12 +17,10 @@ Register = Callable[[int, int, int, bool], bool]  # (addr, length, fd, assign) -
 
 
 class Doorbells:
-    def __init__(self, queues: int, register: Register, ring: Callable[[int], None]) -> None:
-        self.register, self.ring = register, ring
+    def __init__(self, queues: int, register: Register) -> None:
+        self.register = register
         self.fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(queues)]
         self.base: int | None = None  # BAR0 address the eventfds are bound at
-        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
-        self._thread: threading.Thread | None = None
         self.rung = 0  # notifications that came this way (not through an exit)
 
     @property
@@ -50,31 +46,10 @@ class Doorbells:
             done.append(i)
         self.base = base
 
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="virtio-doorbell",
-                                            daemon=True)
-            self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            ready, _, _ = select.select([self._stop_r, *self.fds], [], [])
-            if self._stop_r in ready:
-                return
-            for i, fd in enumerate(self.fds):
-                if fd in ready:
-                    with contextlib.suppress(BlockingIOError):
-                        os.eventfd_read(fd)
-                        self.rung += 1
-                        self.ring(i)
-
-    def close(self) -> None:
+    def release(self) -> None:
+        """Unbind and close the eventfds (the transport's worker no longer waits on them)."""
         self.place(None)
-        os.write(self._stop_w, b"x")
-        if self._thread is not None:
-            self._thread.join(5)
-            if self._thread.is_alive():
-                return  # still using these fds: closing them could hand it others' numbers
-        for fd in [*self.fds, self._stop_r, self._stop_w]:
+        for fd in self.fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
+        self.fds = []

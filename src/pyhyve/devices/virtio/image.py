@@ -8,6 +8,12 @@ take each chunk from the overlay if written, else from the base (opened read-onl
 that covers part of a chunk first copies the chunk up. The overlay file is created
 exclusively and unlinked at once (it lives as long as the VMM): an overlay clone's disk is
 scratch space, and saving or migrating such a VM is refused (docs/devices.md).
+
+A raw image may be opened for direct I/O (O_DIRECT, QEMU's cache=none): the host's page
+cache is bypassed, so the guest's cache is the only one and a write is on the device when
+it completes (a flush still empties the device's own cache). Requests move between the file
+and guest RAM without a copy (preadv/pwritev on views of guest memory); a buffer that is
+not 512-byte aligned, which O_DIRECT refuses, goes through an aligned bounce buffer.
 """
 
 from __future__ import annotations
@@ -15,8 +21,12 @@ from __future__ import annotations
 import ctypes as C
 import ctypes.util
 import fcntl
+import mmap
 import os
 import tempfile
+from collections.abc import Callable, Sequence
+
+from .aio import address
 
 CHUNK = 4096
 FICLONE = 0x40049409
@@ -32,31 +42,93 @@ def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         mv, offset = mv[n:], offset + n
 
 
-def zero_range(fd: int, offset: int, length: int) -> None:
+def zero_range(fd: int, offset: int, length: int,
+               write: Callable[[int, bytes], None] | None = None) -> None:
     """Punch a hole, or write zeros (1 MiB at a time) where the file system cannot."""
     if _libc.fallocate(fd, _FALLOC_PUNCH, offset, length) == 0:
         return
     zeros = bytes(min(length, 1 << 20))
     while length > 0:
         n = min(length, len(zeros))
-        pwrite_all(fd, zeros[:n], offset)
+        if write is not None:
+            write(offset, zeros[:n])
+        else:
+            pwrite_all(fd, zeros[:n], offset)
         offset, length = offset + n, length - n
+
+
+def _advance(views: list[memoryview], n: int) -> list[memoryview]:
+    while n and views:
+        if n >= len(views[0]):
+            n -= len(views[0])
+            views = views[1:]
+        else:
+            views = [views[0][n:], *views[1:]]
+            n = 0
+    return views
+
+
+def _transfer(io: Callable[[int, list[memoryview], int], int], fd: int,
+              views: Sequence[memoryview], offset: int) -> None:
+    """All of `views` read or written at `offset`; a short transfer goes on, none is an
+    error (past the end of the file)."""
+    left = [v for v in views if len(v)]
+    while left:
+        n = io(fd, left[:1024], offset)  # IOV_MAX
+        if n <= 0:
+            raise OSError(5, "short transfer")
+        offset += n
+        left = _advance(left, n)
+
+
+def aligned(views: Sequence[memoryview]) -> bool:
+    """What O_DIRECT takes: every buffer's place and length whole 512-byte sectors."""
+    return all(len(v) % 512 == 0 and address(v) % 512 == 0 for v in views)
 
 
 class RawImage:
     overlay = False
 
-    def __init__(self, fd: int, size: int) -> None:
-        self.fd, self.size = fd, size
+    def __init__(self, fd: int, size: int, direct: bool = False) -> None:
+        self.fd, self.size, self.direct = fd, size, direct
+
+    def readinto(self, offset: int, views: Sequence[memoryview]) -> None:
+        """Fill `views` (guest RAM) from the image at `offset`."""
+        if self.direct and not aligned(views):
+            total = sum(len(v) for v in views)
+            with mmap.mmap(-1, max(total, 1)) as bounce:  # page aligned
+                _transfer(os.preadv, self.fd, [memoryview(bounce)[:total]], offset)
+                pos = 0
+                for v in views:
+                    v[:] = bounce[pos:pos + len(v)]
+                    pos += len(v)
+            return
+        _transfer(os.preadv, self.fd, views, offset)
+
+    def writefrom(self, offset: int, views: Sequence[memoryview]) -> None:
+        if self.direct and not aligned(views):
+            total = sum(len(v) for v in views)
+            with mmap.mmap(-1, max(total, 1)) as bounce:
+                pos = 0
+                for v in views:
+                    bounce[pos:pos + len(v)] = v
+                    pos += len(v)
+                _transfer(os.pwritev, self.fd, [memoryview(bounce)[:total]], offset)
+            return
+        _transfer(os.pwritev, self.fd, views, offset)
 
     def read(self, offset: int, length: int) -> bytes:
-        return os.pread(self.fd, length, offset)
+        if not self.direct:
+            return os.pread(self.fd, length, offset)
+        out = bytearray(max(0, min(length, self.size - offset)))
+        self.readinto(offset, [memoryview(out)])
+        return bytes(out)
 
     def write(self, offset: int, data: bytes) -> None:
-        pwrite_all(self.fd, data, offset)
+        self.writefrom(offset, [memoryview(bytearray(data))])
 
     def discard(self, offset: int, length: int) -> None:
-        zero_range(self.fd, offset, length)
+        zero_range(self.fd, offset, length, self.write)
 
     def sync(self) -> None:
         os.fdatasync(self.fd)
@@ -79,6 +151,16 @@ class Overlay:
         self.fd = fd
         os.ftruncate(fd, size)
         self.chunks = bytearray((size + CHUNK - 1) // CHUNK)  # 1: the overlay holds it
+
+    def readinto(self, offset: int, views: Sequence[memoryview]) -> None:
+        data = self.read(offset, sum(len(v) for v in views))
+        pos = 0
+        for v in views:
+            v[:] = data[pos:pos + len(v)]
+            pos += len(v)
+
+    def writefrom(self, offset: int, views: Sequence[memoryview]) -> None:
+        self.write(offset, b"".join(views))
 
     def read(self, offset: int, length: int) -> bytes:
         out = bytearray()

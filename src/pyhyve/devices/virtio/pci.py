@@ -26,12 +26,15 @@ ring) or not yet taken, so a snapshot never holds half a request.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import select
 import struct
 import threading
 from collections.abc import Callable
 
 from ..base import Device, DeviceState
-from .backend import WAIT, Backend, VirtioState
+from .backend import ASYNC, WAIT, Backend, VirtioState
 from .doorbell import Doorbells, Register
 from .layout import (
     BAR_SIZE,
@@ -55,7 +58,7 @@ from .layout import (
     config_space,
 )
 from .msix import Msix
-from .queue import Memory, QueueError, Virtqueue
+from .queue import Chain, Memory, QueueError, Virtqueue
 
 
 class VirtioPci(Device):
@@ -85,14 +88,16 @@ class VirtioPci(Device):
         self._reset_registers()
         self._work = threading.Condition(self.lock)
         self._kicked: set[int] = set()
-        self._busy = False
+        self._inflight = 0  # requests taken from a ring and not yet completed
+        # the worker sleeps in poll() on this, the doorbells and the backend's completions
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._resetting = False
         self._paused = True
         self._closing = False
         self._thread: threading.Thread | None = None
         if hasattr(backend, "kick"):  # a backend with input of its own (console) wakes us
             backend.kick = self._backend_kick
-        self.doorbells = (Doorbells(len(self.queues), ioeventfd, self._backend_kick)
+        self.doorbells = (Doorbells(len(self.queues), ioeventfd)
                           if ioeventfd is not None else None)
 
     def _backend_kick(self, index: int) -> None:
@@ -274,12 +279,12 @@ class VirtioPci(Device):
         self.status = value | (self.status & NEEDS_RESET)  # only a reset clears that one
         if value & DRIVER_OK:
             self._kicked.update(range(len(self.queues)))
-            self._work.notify_all()
+            self._nudge()
 
     def _device_reset(self) -> None:
         self._resetting = True  # the worker takes no new request meanwhile
         try:
-            while self._busy:  # a request in flight finishes before the queues go
+            while self._inflight:  # requests in flight finish before the queues go
                 self._work.wait()
         finally:
             self._resetting = False
@@ -307,25 +312,74 @@ class VirtioPci(Device):
     def _kick(self, index: int) -> None:
         if index < len(self.queues):
             self._kicked.add(index)
-            self._work.notify_all()
+            self._nudge()
+
+    def _nudge(self) -> None:
+        """Something changed that the worker (asleep in poll) or a waiter must see."""
+        self._work.notify_all()
+        os.eventfd_write(self._wake, 1)
 
     def _run(self) -> None:
-        with self.lock:
-            while not self._closing:
-                if self._paused or not self._kicked or not self.status & DRIVER_OK \
-                        or self.status & NEEDS_RESET:
-                    self._work.wait()
+        """The device's one thread: serves kicked queues, and otherwise sleeps in poll() on
+        its wake-up eventfd, the queues' doorbells (ioeventfds: a notification wakes this
+        thread straight from KVM, with no hop through another thread) and the backend's
+        completions (a disk's native AIO)."""
+        poller = select.poll()
+        bells = self.doorbells.fds if self.doorbells is not None else []
+        done_fd = getattr(self.backend, "completion_fd", None)
+        for fd in [self._wake, *bells, *([done_fd] if done_fd is not None else [])]:
+            poller.register(fd, select.POLLIN)
+        while True:
+            with self.lock:
+                if self._closing:
+                    return
+                if not (self._paused or not self._kicked or not self.status & DRIVER_OK
+                        or self.status & NEEDS_RESET):
+                    index = self._kicked.pop()
+                    try:
+                        self._serve(index)
+                    except Exception:  # never let the worker die: the device needs a reset
+                        self._broken()
                     continue
-                index = self._kicked.pop()
+            for fd, _ in poller.poll():
+                if fd == done_fd:
+                    self._reap()
+                    continue
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(fd)
+                if fd != self._wake:
+                    assert self.doorbells is not None
+                    self.doorbells.rung += 1
+                    with self.lock:
+                        self._kicked.add(bells.index(fd))
+
+    def _reap(self) -> None:
+        """Complete the backend's finished asynchronous requests."""
+        finished = self.backend.reap(self.mem)  # type: ignore[attr-defined]
+        with self.lock:
+            for index, chain, written in finished:
+                self._inflight -= 1
                 try:
-                    self._serve(index)
-                except Exception:  # never let the worker die: the device needs a reset
-                    self._busy = False
+                    self._complete(self.queues[index], chain, written)
+                except Exception:
                     self._broken()
+            self._work.notify_all()
 
     def _serve(self, index: int) -> None:
-        """Take and complete what queue `index` holds; the lock is held except around each
-        request's own work."""
+        """Take and complete what queue `index` holds; then let the backend start what it
+        batched (a disk's AIO), the lock released for it as for each request's own work."""
+        try:
+            self._serve_queue(index)
+        finally:
+            commit = getattr(self.backend, "commit", None)
+            if commit is not None:
+                self.lock.release()
+                try:
+                    commit()
+                finally:
+                    self.lock.acquire()
+
+    def _serve_queue(self, index: int) -> None:
         q = self.queues[index]
         while not self._paused and not self._resetting and q.ready \
                 and not self.status & NEEDS_RESET:
@@ -336,7 +390,7 @@ class VirtioPci(Device):
                 return
             if chain is None:
                 break
-            self._busy = True
+            self._inflight += 1
             self.lock.release()
             try:
                 written = self.backend.handle(index, chain, self.mem)
@@ -344,21 +398,31 @@ class VirtioPci(Device):
                 written = -1
             finally:
                 self.lock.acquire()
-                self._busy = False
+                if written != ASYNC:  # else _reap completes it
+                    self._inflight -= 1
                 self._work.notify_all()
+            if written == ASYNC:
+                continue
             if written == WAIT:  # nothing for it yet: back into the ring until a kick
                 q.last_avail = (q.last_avail - 1) & 0xFFFF
                 return
-            if written < 0:
-                self._broken()
+            if not self._complete(q, chain, written):
                 return
-            try:
-                q.push(self.mem, chain.head, written)
-                if q.should_signal(self.mem):
-                    self._interrupt(q.vector, 1)
-            except QueueError:
-                self._broken()
-                return
+
+    def _complete(self, q: Virtqueue, chain: Chain, written: int) -> bool:
+        """Put a handled request into the used ring (under the lock); False: the device
+        broke."""
+        if written < 0:
+            self._broken()
+            return False
+        try:
+            q.push(self.mem, chain.head, written)
+            if q.should_signal(self.mem):
+                self._interrupt(q.vector, 1)
+        except QueueError:
+            self._broken()
+            return False
+        return True
 
     # --- life cycle --------------------------------------------------------------------
     def start(self) -> None:
@@ -375,15 +439,13 @@ class VirtioPci(Device):
         self._thread = threading.Thread(target=self._run, name=f"virtio-{self.backend.device_type}",
                                         daemon=True)
         self._thread.start()
-        if self.doorbells is not None:
-            self.doorbells.start()
 
     def quiesce(self) -> None:
         """No request in flight when this returns; a disk's writes are on stable storage
         (the destination of a migration may open the same image next)."""
         with self.lock:
             self._paused = True
-            while self._busy:
+            while self._inflight:
                 self._work.wait()
         flush = getattr(self.backend, "flush", None)
         if flush is not None:
@@ -394,19 +456,22 @@ class VirtioPci(Device):
             self._paused = False
             if self.status & DRIVER_OK:
                 self._kicked.update(range(len(self.queues)))
-            self._work.notify_all()
+            self._nudge()
 
     def close(self) -> None:
         with self.lock:  # no BAR move can place the doorbells again after this
             self._closing = True
             self._paused = True
-            self._work.notify_all()
+            self._nudge()
         if self.doorbells is not None:
-            self.doorbells.close()
+            self.doorbells.place(None)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(30)
             if self._thread.is_alive():  # still inside host I/O: closing its fds under it
                 return  # could send its writes to another file; leave them to exit
+        if self.doorbells is not None:
+            self.doorbells.release()
+        os.close(self._wake)
         close = getattr(self.backend, "close", None)
         if close is not None:
             close()

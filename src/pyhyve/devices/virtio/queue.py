@@ -9,9 +9,15 @@ QueueError, on which the device sets NEEDS_RESET. Nothing is allocated from a gu
 before it is bounded, and no byte outside guest RAM is read or written.
 
 Completions go into the used ring entry first and the used index after (x86 keeps stores
-in order), through GuestMemory.write, so dirty tracking sees them. With
-VIRTIO_RING_F_EVENT_IDX the device keeps avail_event current and signals the driver only as
-used_event asks.
+in order), and dirty tracking is told of them. With VIRTIO_RING_F_EVENT_IDX the device keeps
+avail_event current and signals the driver only as used_event asks.
+
+The rings are reached through views of guest RAM taken (and checked) once per layout, not
+one lookup per access: the ring code runs for every request, in Python. A field the running
+driver reads is stored with one slice assignment (one copy of the packed bytes), never
+struct.pack_into: that zero-fills the field before writing it, and a driver polling the used
+index sees it go to 0 for an instant, takes that for new completions, and reads a stale
+entry (a kit guest caught exactly this).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from __future__ import annotations
 import struct
 import threading
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 DESC_F_NEXT, DESC_F_WRITE, DESC_F_INDIRECT = 1, 2, 4
 AVAIL_F_NO_INTERRUPT = 1
@@ -47,6 +53,8 @@ class QueueError(ValueError):
 class Memory(Protocol):
     def read(self, gpa: int, length: int) -> bytes: ...
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None: ...
+    def span(self, gpa: int, length: int) -> memoryview: ...
+    def mark_written(self, gpa: int, length: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -82,6 +90,39 @@ class Chain:
             out += _read(mem, s.gpa, take)
         return bytes(out)
 
+    def views(self, mem: Memory, writable: bool, skip: int, length: int) -> list[memoryview]:
+        """Views of `length` bytes of the readable (or writable) buffers from byte `skip`
+        on, for I/O straight into or out of guest RAM (whoever writes into them calls
+        mark_written)."""
+        out: list[memoryview] = []
+        for s in self.writable if writable else self.readable:
+            if length <= 0:
+                break
+            if skip >= s.length:
+                skip -= s.length
+                continue
+            n = min(s.length - skip, length)
+            try:
+                out.append(mem.span(s.gpa + skip, n))
+            except ValueError:
+                raise QueueError(f"guest range {s.gpa + skip:#x}+{n:#x} is not RAM") from None
+            length -= n
+            skip = 0
+        return out
+
+    def mark(self, mem: Memory, length: int) -> None:
+        """Tell dirty tracking that the first `length` writable bytes were written through
+        views()."""
+        for s in self.writable:
+            if length <= 0:
+                break
+            n = min(s.length, length)
+            try:
+                mem.mark_written(s.gpa, n)
+            except ValueError:
+                raise QueueError(f"guest range {s.gpa:#x}+{n:#x} is not RAM") from None
+            length -= n
+
     def write(self, mem: Memory, data: bytes | memoryview, offset: int = 0) -> int:
         """Write `data` into the writable buffers from byte `offset` on; returns how much
         fitted."""
@@ -103,6 +144,13 @@ class Chain:
 def _read(mem: Memory, gpa: int, length: int) -> bytes:
     try:
         return mem.read(gpa, length)
+    except ValueError:
+        raise QueueError(f"guest range {gpa:#x}+{length:#x} is not RAM") from None
+
+
+def _span(mem: Memory, gpa: int, length: int) -> memoryview:
+    try:
+        return mem.span(gpa, length)
     except ValueError:
         raise QueueError(f"guest range {gpa:#x}+{length:#x} is not RAM") from None
 
@@ -130,10 +178,36 @@ class Virtqueue:
     next_used: int = 0             # next used entry the device will fill (16-bit)
     signalled_used: int = 0        # used index at the last interrupt (event index)
     event_idx: bool = False
+    # views of the descriptor table and the rings, for the layout in _key
+    _key: tuple[Any, ...] = field(default=(), init=False, repr=False, compare=False)
+    _desc_v: memoryview = field(default=memoryview(b""), init=False, repr=False, compare=False)
+    _avail_v: memoryview = field(default=memoryview(b""), init=False, repr=False, compare=False)
+    _used_v: memoryview = field(default=memoryview(b""), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.size:
             self.size = self.max_size
+
+    def _rings(self, mem: Memory) -> None:
+        """Take views of the table and rings where the driver put them (once per layout)."""
+        key = (id(mem), self.desc, self.avail, self.used, self.size)
+        if key == self._key:
+            return
+        n = self.size
+        try:
+            self._desc_v = mem.span(self.desc, 16 * n)
+            self._avail_v = mem.span(self.avail, 6 + 2 * n)
+            self._used_v = mem.span(self.used, 6 + 8 * n)
+        except ValueError:
+            self._key = ()
+            raise QueueError("the queue's rings are not in guest RAM") from None
+        self._key = key
+
+    def _used_written(self, mem: Memory, offset: int, length: int) -> None:
+        try:
+            mem.mark_written(self.used + offset, length)
+        except ValueError:
+            raise QueueError("the used ring is not in guest RAM") from None
 
     def reset(self) -> None:
         self.size, self.ready, self.desc, self.avail, self.used = self.max_size, False, 0, 0, 0
@@ -151,13 +225,12 @@ class Virtqueue:
             if addr % align:
                 raise QueueError(f"{what} at {addr:#x} is not {align}-byte aligned")
             _read(mem, addr, length)
-
-    def _u16(self, mem: Memory, gpa: int) -> int:
-        return int(_U16.unpack(_read(mem, gpa, 2))[0])
+        self._key = ()
 
     def pending(self, mem: Memory) -> int:
         """How many requests the driver has made available that the device has not taken."""
-        n = (self._u16(mem, self.avail + 2) - self.last_avail) & 0xFFFF
+        self._rings(mem)
+        n = (int(_U16.unpack_from(self._avail_v, 2)[0]) - self.last_avail) & 0xFFFF
         if n > self.size:
             raise QueueError(f"available index moved by {n}, more than the queue size "
                              f"{self.size}")
@@ -172,18 +245,20 @@ class Virtqueue:
                 return None
             # ask the driver to notify for the next one, then look again: a request it
             # made before it could see avail_event would otherwise wait forever
-            _write(mem, self.used + 4 + 8 * self.size, _U16.pack(self.last_avail))
+            at = 4 + 8 * self.size
+            self._used_v[at:at + 2] = _U16.pack(self.last_avail)
+            self._used_written(mem, 4 + 8 * self.size, 2)
             _fence()
             if self.pending(mem) == 0:
                 return None
-        head = self._u16(mem, self.avail + 4 + 2 * (self.last_avail % self.size))
+        head = _U16.unpack_from(self._avail_v, 4 + 2 * (self.last_avail % self.size))[0]
         chain = self._walk(mem, head)
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         return chain
 
     def _walk(self, mem: Memory, head: int) -> Chain:
         chain = Chain(head)
-        table, entries, idx, indirect = self.desc, self.size, head, False
+        table, entries, idx, indirect = self._desc_v, self.size, head, False
         seen, total = 0, 0
         while True:
             if idx >= entries:
@@ -191,17 +266,17 @@ class Virtqueue:
             seen += 1
             if seen > entries:
                 raise QueueError("descriptor chain loops")
-            addr, length, flags, nxt = _DESC.unpack(_read(mem, table + 16 * idx, 16))
+            addr, length, flags, nxt = _DESC.unpack_from(table, 16 * idx)
             if flags & DESC_F_INDIRECT:
                 if indirect or flags & DESC_F_NEXT:
                     raise QueueError("indirect descriptor nested or chained")
                 if length == 0 or length % 16 or length // 16 > MAX_QUEUE_SIZE:
                     raise QueueError(f"indirect table of {length} bytes")
-                table, entries, idx, indirect, seen = addr, length // 16, 0, True, 0
+                table = _span(mem, addr, length)
+                entries, idx, indirect, seen = length // 16, 0, True, 0
                 continue
             if length:
-                _read(mem, addr, 1)
-                _read(mem, addr + length - 1, 1)  # both ends in RAM (regions are contiguous)
+                _span(mem, addr, length)  # all of it in guest RAM
                 total += length
                 if total > MAX_CHAIN_BYTES:
                     raise QueueError(f"request of more than {MAX_CHAIN_BYTES} bytes")
@@ -217,21 +292,24 @@ class Virtqueue:
 
     def push(self, mem: Memory, head: int, written: int) -> None:
         """Complete request `head`, having written `written` bytes into its buffers."""
-        slot = self.used + 4 + 8 * (self.next_used % self.size)
-        _write(mem, slot, _USED.pack(head, written))
+        self._rings(mem)
+        slot = 4 + 8 * (self.next_used % self.size)
+        self._used_v[slot:slot + 8] = _USED.pack(head, written)
         self.next_used = (self.next_used + 1) & 0xFFFF
-        _write(mem, self.used + 2, _U16.pack(self.next_used))
+        self._used_v[2:4] = _U16.pack(self.next_used)  # not pack_into (module docstring)
+        self._used_written(mem, 0, 4 + 8 * self.size)
 
     def should_signal(self, mem: Memory) -> bool:
         """Whether the driver wants an interrupt for what was pushed since the last one."""
         if self.next_used == self.signalled_used:
             return False
         _fence()  # the used index is out before the driver's wishes are read
+        self._rings(mem)
         if self.event_idx:
-            event = self._u16(mem, self.avail + 4 + 2 * self.size)
+            event = _U16.unpack_from(self._avail_v, 4 + 2 * self.size)[0]
             old, new = self.signalled_used, self.next_used
-            want = ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+            want = ((new - int(event) - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
         else:
-            want = not self._u16(mem, self.avail) & AVAIL_F_NO_INTERRUPT
+            want = not int(_U16.unpack_from(self._avail_v, 0)[0]) & AVAIL_F_NO_INTERRUPT
         self.signalled_used = self.next_used
         return want

@@ -1,0 +1,166 @@
+"""virtio-blk throughput and latency, pyhyve against QEMU 7.2, on the kit's device guest.
+
+The guest (guests/virtio.c, `bench=blk`) keeps `qd` requests of `bs` bytes in flight on its
+virtio-blk disk for a second, reads or writes, sequential or at random bs-aligned places in
+the first 512 MiB of a 1 GiB image filled with random data, and prints "BENCH go" before
+the first request and "BENCH end ops=N" after the last completion. This script times those
+two lines as they reach it (the guest's clock is not trusted): throughput is ops / that
+time, and at queue depth 1 the mean latency is its inverse.
+
+Both sides bypass the host's page cache: pyhyve `--disk IMG,direct` (O_DIRECT, native AIO),
+QEMU `cache=none` with `aio=threads` (its default) and `aio=native`; each row takes QEMU's
+better of the two, and says which. QEMU runs the guest as `-M pc` (SeaBIOS assigns the
+BARs; the guest finds its device's registers through the virtio capabilities, in whatever
+BAR they are), pyhyve as its default machine. The guest polls the used ring and asks for no
+interrupts (VIRTQ_AVAIL_F_NO_INTERRUPT) on both sides: an interrupt handler is ring-0 code,
+emulated at about 1 us an instruction on the project's hosts, and would time the host's
+emulator rather than either VMM. Medians of --runs runs, pyhyve and QEMU interleaved.
+
+    .venv/bin/python bench/devices.py --runs 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from common import PYHYVE, QEMU_CPU, REPO, ensure_qemu, median, qemu_version, table
+
+KERNEL = os.path.join(REPO, "guests", "build", "virtio.elf")
+IMAGE_SIZE = 1 << 30
+SPAN = 512 << 20
+CASES = [  # (name, bs, qd, random, write)
+    ("rand read 4 KiB", 4096, 1, True, False),
+    ("rand read 4 KiB", 4096, 32, True, False),
+    ("rand write 4 KiB", 4096, 1, True, True),
+    ("rand write 4 KiB", 4096, 32, True, True),
+    ("seq read 1 MiB", 1 << 20, 1, False, False),
+    ("seq read 1 MiB", 1 << 20, 32, False, False),
+    ("seq write 1 MiB", 1 << 20, 1, False, True),
+    ("seq write 1 MiB", 1 << 20, 32, False, True),
+]
+END = re.compile(rb"BENCH end ops=(\d+)")
+
+
+def make_image(work: str) -> str:
+    """1 GiB of random data, written through to the disk: reads must reach the device."""
+    path = os.path.join(work, "disk.img")
+    block = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        for i in range(IMAGE_SIZE >> 20):
+            f.write(block[i % 251:] + block[:i % 251])
+        f.flush()
+        os.fsync(f.fileno())
+    return path
+
+
+def timed_run(args: list[str], timeout: float = 60.0) -> tuple[float, int]:
+    """Start a VMM, time "BENCH go" to "BENCH end" on its console: (seconds, ops)."""
+    p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    marks: dict[str, float] = {}
+    ops = [0]
+    tail = bytearray()
+
+    def read() -> None:
+        assert p.stdout is not None
+        buf = b""
+        while chunk := os.read(p.stdout.fileno(), 65536):
+            now = time.monotonic()
+            buf += chunk
+            tail.extend(chunk)
+            del tail[:-2000]
+            if "go" not in marks and b"BENCH go" in buf:
+                marks["go"] = now
+            if (m := END.search(buf)) and "end" not in marks:
+                marks["end"], ops[0] = now, int(m[1])
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + timeout
+    while "end" not in marks and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if p.poll() is None:
+        p.terminate()
+    try:
+        p.wait(10)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+    reader.join(5)
+    if "end" not in marks or "go" not in marks or b"VIRTIO ERROR" in tail:
+        err = p.stderr.read().decode(errors="replace")[-500:] if p.stderr else ""
+        raise SystemExit(f"bench: no result from {args[0]}: "
+                         f"{tail.decode(errors='replace')[-300:]} {err}")
+    return marks["end"] - marks["go"], ops[0]
+
+
+def guest_cmdline(bs: int, qd: int, rand: bool, write: bool) -> str:
+    return (f"bench=blk bs={bs} qd={qd} ms=1000 span={SPAN}"
+            + (" rand" if rand else "") + (" write" if write else ""))
+
+
+def pyhyve_args(image: str, cmdline: str) -> list[str]:
+    return [PYHYVE, "run", "bench-blk", "--memory", "1G", "--kernel", KERNEL,
+            "--cmdline", cmdline, "--disk", f"{image},direct"]
+
+
+def qemu_args(qemu: str, image: str, cmdline: str, aio: str) -> list[str]:
+    return [qemu, "-M", "pc", "-no-reboot", "-enable-kvm", "-cpu", QEMU_CPU, "-m", "1G",
+            "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
+            "-kernel", KERNEL, "-append", cmdline,
+            "-drive", f"file={image},if=none,id=d0,format=raw,cache=none,aio={aio}",
+            "-device", "virtio-blk-pci,drive=d0,disable-legacy=on"]
+
+
+def fmt_rate(ops_s: float, bs: int) -> str:
+    return f"{ops_s:.0f} IOPS" if bs < (1 << 20) else f"{ops_s * bs / 1e6:.0f} MB/s"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--work", default="/var/tmp", help="a directory on a disk-backed file "
+                    "system (O_DIRECT); the 1 GiB image is made there and removed")
+    a = ap.parse_args()
+    if not os.path.exists(KERNEL):
+        subprocess.run(["make", "-s", "-C", os.path.join(REPO, "guests")], check=True)
+    qemu = ensure_qemu()
+    work = tempfile.mkdtemp(prefix="pyhyve-bench-", dir=a.work)
+    try:
+        image = make_image(work)
+        rows = []
+        for name, bs, qd, rand, write in CASES:
+            cmd = guest_cmdline(bs, qd, rand, write)
+            got: dict[str, list[float]] = {"pyhyve": [], "threads": [], "native": []}
+            for _ in range(a.runs):
+                for side, args in (("pyhyve", pyhyve_args(image, cmd)),
+                                   ("threads", qemu_args(qemu, image, cmd, "threads")),
+                                   ("native", qemu_args(qemu, image, cmd, "native"))):
+                    secs, ops = timed_run(args)
+                    got[side].append(ops / secs)
+            p = median(got["pyhyve"])
+            best = max(("threads", "native"), key=lambda k: median(got[k]))
+            q = median(got[best])
+            lat = (f"{1e6 / p:.0f} / {1e6 / q:.0f} us" if qd == 1 else "")
+            rows.append([name, str(qd), fmt_rate(p, bs), fmt_rate(q, bs), f"{p / q:.2f}x",
+                         lat, f"aio={best}"])
+            print(f"bench: {name} qd{qd}: pyhyve {fmt_rate(p, bs)}, QEMU {fmt_rate(q, bs)}",
+                  file=sys.stderr)
+        print(table(f"virtio-blk, O_DIRECT both sides, medians of {a.runs} "
+                    f"({qemu_version(qemu)})",
+                    ["what", "qd", "pyhyve", "QEMU", "pyhyve/QEMU", "latency (p/Q)", "QEMU"],
+                    rows))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
