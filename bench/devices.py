@@ -1,4 +1,5 @@
-"""virtio-blk throughput and latency, pyhyve against QEMU 7.2, on the kit's device guest.
+"""virtio-blk and virtio-net throughput and latency, pyhyve against QEMU 7.2, on the kit's
+device guest.
 
 The guest (guests/virtio.c, `bench=blk`) keeps `qd` requests of `bs` bytes in flight on its
 virtio-blk disk for a second, reads or writes, sequential or at random bs-aligned places in
@@ -15,6 +16,10 @@ BAR they are), pyhyve as its default machine. The guest polls the used ring and 
 interrupts (VIRTQ_AVAIL_F_NO_INTERRUPT) on both sides: an interrupt handler is ring-0 code,
 emulated at about 1 us an instruction on the project's hosts, and would time the host's
 emulator rather than either VMM. Medians of --runs runs, pyhyve and QEMU interleaved.
+
+virtio-net (`bench=net`): the guest keeps `qd` frames in flight on the transmit queue for a
+second, to a tap device the script creates (pyhyve `--net tap:NAME`, QEMU `-netdev tap`
+without vhost, its default), and counts the frames sent.
 
     .venv/bin/python bench/devices.py --runs 5
 """
@@ -46,7 +51,10 @@ CASES = [  # (name, bs, qd, random, write)
     ("seq write 1 MiB", 1 << 20, 1, False, True),
     ("seq write 1 MiB", 1 << 20, 32, False, True),
 ]
-END = re.compile(rb"BENCH end ops=(\d+)")
+END = re.compile(rb"BENCH end ops=(\d+) bytes=")
+TAP = "pyhbench0"
+NET_CASES = [("tx 64 B frames", 64, 1), ("tx 64 B frames", 64, 32),
+             ("tx 1514 B frames", 1514, 32)]
 
 
 def make_image(work: str) -> str:
@@ -120,6 +128,40 @@ def qemu_args(qemu: str, image: str, cmdline: str, aio: str) -> list[str]:
             "-device", "virtio-blk-pci,drive=d0,disable-legacy=on"]
 
 
+def net_args(qemu: str | None, cmdline: str) -> list[str]:
+    if qemu is None:
+        return [PYHYVE, "run", "bench-net", "--memory", "256M", "--kernel", KERNEL,
+                "--cmdline", cmdline, "--net", f"tap:{TAP}"]
+    return [qemu, "-M", "pc", "-no-reboot", "-enable-kvm", "-cpu", QEMU_CPU, "-m", "256M",
+            "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
+            "-kernel", KERNEL, "-append", cmdline,
+            "-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no",
+            "-device", "virtio-net-pci,netdev=n0,disable-legacy=on"]
+
+
+def net_rows(qemu: str, runs: int) -> list[list[str]]:
+    subprocess.run(["ip", "tuntap", "add", "dev", TAP, "mode", "tap"], check=False,
+                   capture_output=True)
+    subprocess.run(["ip", "link", "set", TAP, "up"], check=True)
+    rows = []
+    try:
+        for name, size, qd in NET_CASES:
+            cmd = f"bench=net qd={qd} size={size} ms=1000"
+            got: dict[str, list[float]] = {"pyhyve": [], "qemu": []}
+            for _ in range(runs):
+                for side, args in (("pyhyve", net_args(None, cmd)), ("qemu", net_args(qemu, cmd))):
+                    secs, ops = timed_run(args)
+                    got[side].append(ops / secs)
+            p, q = median(got["pyhyve"]), median(got["qemu"])
+            rows.append([name, str(qd), f"{p:.0f} frames/s", f"{q:.0f} frames/s",
+                         f"{p / q:.2f}x", f"{1e6 / p:.0f} / {1e6 / q:.0f} us" if qd == 1 else "",
+                         "tap"])
+            print(f"bench: {name} qd{qd}: pyhyve {p:.0f}/s, QEMU {q:.0f}/s", file=sys.stderr)
+    finally:
+        subprocess.run(["ip", "link", "del", TAP], check=False, capture_output=True)
+    return rows
+
+
 def fmt_rate(ops_s: float, bs: int) -> str:
     return f"{ops_s:.0f} IOPS" if bs < (1 << 20) else f"{ops_s * bs / 1e6:.0f} MB/s"
 
@@ -127,6 +169,7 @@ def fmt_rate(ops_s: float, bs: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--only", choices=["blk", "net"], help="one device type")
     ap.add_argument("--work", default="/var/tmp", help="a directory on a disk-backed file "
                     "system (O_DIRECT); the 1 GiB image is made there and removed")
     a = ap.parse_args()
@@ -135,9 +178,9 @@ def main() -> None:
     qemu = ensure_qemu()
     work = tempfile.mkdtemp(prefix="pyhyve-bench-", dir=a.work)
     try:
-        image = make_image(work)
+        image = make_image(work) if a.only != "net" else ""
         rows = []
-        for name, bs, qd, rand, write in CASES:
+        for name, bs, qd, rand, write in CASES if a.only != "net" else []:
             cmd = guest_cmdline(bs, qd, rand, write)
             got: dict[str, list[float]] = {"pyhyve": [], "threads": [], "native": []}
             for _ in range(a.runs):
@@ -154,8 +197,10 @@ def main() -> None:
                          lat, f"aio={best}"])
             print(f"bench: {name} qd{qd}: pyhyve {fmt_rate(p, bs)}, QEMU {fmt_rate(q, bs)}",
                   file=sys.stderr)
-        print(table(f"virtio-blk, O_DIRECT both sides, medians of {a.runs} "
-                    f"({qemu_version(qemu)})",
+        if a.only != "blk":
+            rows += net_rows(qemu, a.runs)
+        print(table(f"virtio-blk (O_DIRECT both sides) and virtio-net (tap), medians of "
+                    f"{a.runs} ({qemu_version(qemu)})",
                     ["what", "qd", "pyhyve", "QEMU", "pyhyve/QEMU", "latency (p/Q)", "QEMU"],
                     rows))
     finally:

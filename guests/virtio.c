@@ -592,6 +592,84 @@ static void blk_bench(struct dev *d, const char *cmdline, uint64_t sectors)
 	poweroff();
 }
 
+/* --- bench=net: frames out through virtio-net, polled ----------------------------------
+ * qd frames of `size` bytes (Ethernet header included, experimental EtherType 0x88B5, to
+ * the broadcast address) kept in flight on the transmit queue for `ms` milliseconds; frames
+ * that come back (loop mode) are taken and their buffers offered again. "BENCH go" and
+ * "BENCH end ops=N bytes=M rx=R": N frames sent, as in bench=blk. */
+#define NET_BENCH_QD 64
+static uint8_t nbuf[NET_BENCH_QD][12 + 1514];
+
+static void net_bench(struct dev *n, const char *cmdline)
+{
+	uint64_t qd = arg_u64(cmdline, "qd", 32), ms = arg_u64(cmdline, "ms", 1000);
+	uint64_t size = arg_u64(cmdline, "size", 64), ops = 0, issued = 0, rx = 0;
+	if (qd < 1 || qd > NET_BENCH_QD || qd > n->qs[1] || size < 60 || size > 1514)
+		fail("bench: bad qd or size", qd, size);
+	volatile uint8_t *mac = n->device;
+	struct vq *t = n->q[1], *r = n->q[0];
+	t->avail_flags = r->avail_flags = 1;  /* VIRTQ_AVAIL_F_NO_INTERRUPT: we poll */
+	for (uint64_t s = 0; s < qd; s++) {
+		uint8_t *f = nbuf[s] + 12;
+		memset(nbuf[s], 0, sizeof nbuf[s]);
+		for (int i = 0; i < 6; i++) {
+			f[i] = 0xFF;
+			f[6 + i] = mac[i];
+		}
+		f[12] = 0x88;
+		f[13] = 0xB5;
+		t->desc[s] = (struct desc){(uint64_t)nbuf[s], (uint32_t)(12 + size), 0, 0};
+	}
+	puts_("BENCH go\n");
+	uint64_t end = rdtsc() + tsc_hz() / 1000 * ms, deadline = rdtsc() + tsc_hz() * 30;
+	for (uint64_t s = 0; s < qd; s++) {
+		t->avail_ring[t->avail_idx % n->qs[1]] = (uint16_t)s;
+		barrier();
+		t->avail_idx++;
+		issued++;
+	}
+	notify(n, 1, (uint16_t)(t->avail_idx - qd));
+	while (ops < issued) {
+		uint32_t len;
+		int more = 0, back = 0;
+		while (used(n, 1, &len)) {
+			uint16_t s = (uint16_t)t->used_ring[(uint16_t)(n->last_used[1] - 1) % n->qs[1]].id;
+			ops++;
+			deadline = rdtsc() + tsc_hz() * 30;
+			if (rdtsc() < end) {
+				t->avail_ring[t->avail_idx % n->qs[1]] = s;
+				barrier();
+				t->avail_idx++;
+				issued++;
+				more++;
+			}
+		}
+		while (used(n, 0, &len)) {  /* a frame came back: offer its buffer again */
+			uint16_t h = (uint16_t)r->used_ring[(uint16_t)(n->last_used[0] - 1) % n->qs[0]].id;
+			r->avail_ring[r->avail_idx % n->qs[0]] = h;
+			barrier();
+			r->avail_idx++;
+			rx++;
+			back++;
+		}
+		if (more)
+			notify(n, 1, (uint16_t)(t->avail_idx - more));
+		if (back)
+			notify(n, 0, (uint16_t)(r->avail_idx - back));
+		if (rdtsc() > deadline)
+			fail("bench: frames not sent", ops, issued);
+		cpu_relax();
+	}
+	puts_("BENCH end ops=");
+	putu(ops);
+	puts_(" bytes=");
+	putu(ops * size);
+	puts_(" rx=");
+	putu(rx);
+	putc_('\n');
+	poweroff();
+}
+
 void main(const char *cmdline)
 {
 	uint64_t blocks = arg_u64(cmdline, "blocks", 64);
@@ -642,6 +720,8 @@ void main(const char *cmdline)
 	putc_('\n');
 	if (blk && arg_flag(cmdline, "bench=blk"))
 		blk_bench(blk, cmdline, *(volatile uint64_t *)blk->device);
+	if (net && arg_flag(cmdline, "bench=net"))
+		net_bench(net, cmdline);
 	for (;;) {
 		uint64_t r = ++round_no;
 		uint64_t *w = (uint64_t *)blockbuf;

@@ -47,6 +47,12 @@ class FakeRam:
         self._check(gpa, n)
         return memoryview(self.b)[gpa:gpa + n]
 
+    def address(self, gpa: int, n: int) -> int:
+        import ctypes
+
+        self._check(gpa, n)
+        return ctypes.addressof(ctypes.c_char.from_buffer(self.b)) + gpa
+
     def mark_written(self, gpa: int, n: int) -> None:
         self.marked.append((gpa, n))
 

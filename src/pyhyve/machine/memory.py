@@ -199,6 +199,14 @@ class GuestMemory:
         off = gpa - r.gpa
         return memoryview(r.mm)[off:off + length]
 
+    def address(self, gpa: int, length: int) -> int:
+        """The host address of [gpa, gpa+length), checked like span(); for I/O the kernel
+        does into guest RAM on its own time (a disk's AIO)."""
+        if self.unavailable is not None and self.unavailable(gpa, length):
+            raise ValueError(f"guest memory at {gpa:#x} is still arriving (post-copy)")
+        r = self.region_for(gpa, length)
+        return r.host_addr + gpa - r.gpa
+
     def view(self, gpa: int, length: int) -> np.ndarray:
         r = self.region_for(gpa, length)
         off = gpa - r.gpa

@@ -8,9 +8,10 @@ in one system call and learns of its completion through an eventfd it already wa
 runs O_DIRECT AIO truly asynchronously on ext4 and XFS (buffered AIO would block in
 io_submit, so it is not used for buffered disks). QEMU calls this aio=native.
 
-The buffers are guest RAM, pinned by the kernel for the transfer; each submitted request
-keeps its views alive until its completion is reaped, and `close` waits for every request
-in flight (io_destroy) before the views go.
+The buffers are guest RAM, given by host address and pinned by the kernel for the
+transfer; guest RAM stays mapped while a request is in flight (the device's quiesce waits
+for them before anything remaps it), and `close` waits for every request in flight
+(io_destroy).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import os
 from collections.abc import Sequence
 
 _SYS_IO_SETUP, _SYS_IO_DESTROY, _SYS_IO_GETEVENTS, _SYS_IO_SUBMIT = 206, 207, 208, 209
-_CMD_PREADV, _CMD_PWRITEV = 7, 8
+_CMD_PREAD, _CMD_PWRITE, _CMD_PREADV, _CMD_PWRITEV = 0, 1, 7, 8
 _FLAG_RESFD = 1
 MAX_IOV = 1024  # IOV_MAX
 
@@ -62,7 +63,8 @@ def address(v: memoryview) -> int:
 
 
 class Aio:
-    """One AIO context of `depth` requests; completions signal `fd` (an eventfd)."""
+    """One AIO context of `depth` requests; completions signal `fd` (an eventfd). The
+    control blocks are allocated once, one slot per request in flight."""
 
     def __init__(self, depth: int) -> None:
         ctx = C.c_ulong(0)
@@ -71,43 +73,60 @@ class Aio:
         self.depth = depth
         self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._events = (_Event * depth)()
-        self._flying: dict[int, tuple[_Iocb, C.Array[_Iovec], Sequence[memoryview]]] = {}
-        self._batch: list[tuple[int, tuple[_Iocb, C.Array[_Iovec], Sequence[memoryview]]]] = []
-        self._next = 0
+        self._cbs = (_Iocb * depth)()
+        self._ptrs = (C.POINTER(_Iocb) * depth)(*[C.pointer(cb) for cb in self._cbs])
+        self._iovs: dict[int, C.Array[_Iovec]] = {}  # slot -> its vector, while in flight
+        self._free = list(range(depth - 1, -1, -1))
+        self._batch: list[int] = []  # slots prepared, not yet submitted
+        self._flying = 0
 
     @property
     def in_flight(self) -> int:
-        return len(self._flying)
+        return self._flying
 
-    def add(self, fd: int, write: bool, views: Sequence[memoryview], offset: int) -> int | None:
-        """Prepare a read into (or a write from) `views` at `offset` for the next submit();
-        its token, or None when the context is full."""
-        if len(views) > MAX_IOV or len(self._flying) + len(self._batch) >= self.depth:
+    def add(self, fd: int, write: bool, spans: Sequence[tuple[int, int]],
+            offset: int) -> int | None:
+        """Prepare a read into (or a write from) `spans`, (host address, length) of guest
+        RAM, at `offset`, for the next submit(); its token, or None when the context is
+        full. The memory must stay mapped until the token is reaped."""
+        if not self._free or len(spans) > MAX_IOV:
             return None
-        iov = (_Iovec * len(views))(*[_Iovec(address(v), len(v)) for v in views])
-        token = self._next
-        self._next += 1
-        cb = _Iocb(aio_data=token, aio_lio_opcode=_CMD_PWRITEV if write else _CMD_PREADV,
-                   aio_fildes=fd, aio_buf=C.addressof(iov), aio_nbytes=len(views),
-                   aio_offset=offset, aio_flags=_FLAG_RESFD, aio_resfd=self.fd)
-        self._batch.append((token, (cb, iov, views)))
-        return token
+        slot = self._free.pop()
+        cb = self._cbs[slot]
+        cb.aio_data, cb.aio_fildes, cb.aio_offset = slot, fd, offset
+        cb.aio_flags, cb.aio_resfd = _FLAG_RESFD, self.fd
+        if len(spans) == 1:  # the usual request: one buffer, no vector
+            cb.aio_lio_opcode = _CMD_PWRITE if write else _CMD_PREAD
+            cb.aio_buf, cb.aio_nbytes = spans[0]
+        else:
+            iov = (_Iovec * len(spans))(*[_Iovec(a, n) for a, n in spans])
+            self._iovs[slot] = iov
+            cb.aio_lio_opcode = _CMD_PWRITEV if write else _CMD_PREADV
+            cb.aio_buf, cb.aio_nbytes = C.addressof(iov), len(spans)
+        self._batch.append(slot)
+        return slot
 
     def submit(self) -> list[int]:
         """Start every prepared request in one system call: the block layer then sends the
         batch to the device together (one notification of a virtio disk below, not one
-        per request). Returns the tokens that did not start; the caller does those."""
+        per request). Returns the tokens that did not start; the caller does those, and
+        they are free again."""
         batch, self._batch = self._batch, []
         started = 0
         if batch:
-            ptrs = (C.POINTER(_Iocb) * len(batch))(*[C.pointer(b[1][0]) for b in batch])
+            ptrs = (C.POINTER(_Iocb) * len(batch))(*[self._ptrs[i] for i in batch])
             try:
                 started = _syscall(_SYS_IO_SUBMIT, self._ctx, C.c_long(len(batch)), ptrs)
             except OSError:
                 started = 0
-        for token, parts in batch[:started]:
-            self._flying[token] = parts
-        return [token for token, _ in batch[started:]]
+        self._flying += started
+        for slot in batch[started:]:
+            self._release(slot)
+        return batch[started:]
+
+    def _release(self, slot: int) -> None:
+        self._iovs.pop(slot, None)
+        self._free.append(slot)
 
     def reap(self) -> list[tuple[int, int]]:
         """Completed requests, without waiting: (token, bytes moved or -errno)."""
@@ -119,8 +138,9 @@ class Aio:
                          self._events, C.c_void_p(0))
             if n == 0:
                 break
+            self._flying -= n
             for ev in self._events[:n]:
-                self._flying.pop(ev.data, None)
+                self._release(int(ev.data))
                 done.append((int(ev.data), int(ev.res)))
         return done
 
@@ -129,5 +149,5 @@ class Aio:
         if self._ctx.value:
             _syscall(_SYS_IO_DESTROY, self._ctx)  # waits for requests in flight
             self._ctx = C.c_ulong(0)
-            self._flying.clear()
+            self._flying = 0
             os.close(self.fd)

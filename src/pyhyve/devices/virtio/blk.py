@@ -39,7 +39,7 @@ import xxhash
 from ...errors import PyhyveError
 from .aio import Aio
 from .backend import ASYNC
-from .image import Overlay, RawImage, aligned, clone_image
+from .image import Overlay, RawImage, clone_image
 from .queue import Chain, Memory, QueueError
 
 SECTOR = 512
@@ -129,9 +129,12 @@ class Blk:
                 pass
             else:
                 self.completion_fd = self.aio.fd
-        # AIO token -> (queue, chain, its data in guest RAM, whether a write, disk offset)
-        self._flying: dict[int, tuple[int, Chain, list[memoryview], bool, int]] = {}
-        self._done: list[tuple[int, int]] = []  # done synchronously, for reap(): (token, res)
+        # AIO token -> (queue, chain, data bytes, whether a write, disk offset)
+        self._flying: dict[int, tuple[int, Chain, int, bool, int]] = {}
+        # what the kernel would not take, done synchronously, for reap(): (queue, chain,
+        # data bytes, whether a write, bytes moved or -errno)
+        self._later: list[tuple[int, Chain, int, bool, int]] = []
+        self._mem: Memory | None = None
         if self.image.size < SECTOR:
             self.image.close()
             raise DiskError(f"disk {self.path} is smaller than one sector")
@@ -204,9 +207,9 @@ class Blk:
             if typ == T_IN:
                 status = self._check(sector, room)
                 if status == S_OK:
-                    views = chain.views(mem, True, 0, room)
-                    if self._started(queue, chain, views, sector, False):
+                    if self._started(queue, chain, mem, 0, room, sector, False):
                         return ASYNC
+                    views = chain.views(mem, True, 0, room)
                     try:
                         self.image.readinto(sector * SECTOR, views)
                     finally:  # even a failed read may have written some of them
@@ -216,10 +219,9 @@ class Blk:
                 length = chain.in_bytes - 16
                 status = S_IOERR if self.read_only else self._check(sector, length)
                 if status == S_OK:
-                    views = chain.views(mem, False, 16, length)
-                    if self._started(queue, chain, views, sector, True):
+                    if self._started(queue, chain, mem, 16, length, sector, True):
                         return ASYNC
-                    self.image.writefrom(sector * SECTOR, views)
+                    self.image.writefrom(sector * SECTOR, chain.views(mem, False, 16, length))
             elif typ == T_FLUSH:
                 self.image.sync()
                 status = S_OK
@@ -236,17 +238,21 @@ class Blk:
         chain.write(mem, bytes([status]), room)
         return written + 1
 
-    def _started(self, queue: int, chain: Chain, views: list[memoryview], sector: int,
-                 write: bool) -> bool:
+    def _started(self, queue: int, chain: Chain, mem: Memory, skip: int, length: int,
+                 sector: int, write: bool) -> bool:
         """Put the transfer in the AIO batch if this disk can (direct, buffers 512-byte
         aligned, room in the context); False: the caller does it synchronously."""
-        if self.aio is None or not aligned(views):
+        if self.aio is None:
+            return False
+        self._mem = mem
+        spans = chain.spans(mem, not write, skip, length)
+        if any(a % SECTOR or n % SECTOR for a, n in spans):
             return False
         assert isinstance(self.image, RawImage)
-        token = self.aio.add(self.image.fd, write, views, sector * SECTOR)
+        token = self.aio.add(self.image.fd, write, spans, sector * SECTOR)
         if token is None:
             return False
-        self._flying[token] = (queue, chain, views, write, sector * SECTOR)
+        self._flying[token] = (queue, chain, length, write, sector * SECTOR)
         return True
 
     def commit(self) -> None:
@@ -254,35 +260,39 @@ class Blk:
         what the kernel would not take is done here, synchronously, and reaped as usual."""
         if self.aio is None:
             return
-        assert isinstance(self.image, RawImage)
         for token in self.aio.submit():
-            _, _, views, write, offset = self._flying[token]
-            try:
-                if write:
-                    self.image.writefrom(offset, views)
-                else:
-                    self.image.readinto(offset, views)
-                self._done.append((token, sum(len(v) for v in views)))
-            except OSError:
-                self._done.append((token, -5))
-        if self._done:
+            queue, chain, length, write, offset = self._flying.pop(token)
+            self._later.append((queue, chain, length, write,
+                                self._sync(chain, length, write, offset)))
+        if self._later:
             os.eventfd_write(self.aio.fd, 1)
+
+    def _sync(self, chain: Chain, length: int, write: bool, offset: int) -> int:
+        assert self._mem is not None
+        try:
+            if write:
+                self.image.writefrom(offset, chain.views(self._mem, False, 16, length))
+            else:
+                self.image.readinto(offset, chain.views(self._mem, True, 0, length))
+        except (OSError, QueueError):
+            return -5
+        return length
 
     def reap(self, mem: Memory) -> list[tuple[int, Chain, int]]:
         """Finished AIO requests, completed in guest RAM: (queue, chain, bytes written)."""
         if self.aio is None:
             return []
+        finished, self._later = self._later, []
+        for token, res in self.aio.reap():
+            queue, chain, length, write, _ = self._flying.pop(token)
+            finished.append((queue, chain, length, write, res))
         out: list[tuple[int, Chain, int]] = []
-        finished, self._done = self._done + self.aio.reap(), []
-        for token, res in finished:
-            queue, chain, views, write, _ = self._flying.pop(token)
-            length = sum(len(v) for v in views)
+        for queue, chain, length, write, res in finished:
             room = chain.out_room - 1
             try:
                 if not write:
                     chain.mark(mem, length)
-                status = S_OK if res == length else S_IOERR
-                chain.write(mem, bytes([status]), room)
+                chain.write(mem, bytes([S_OK if res == length else S_IOERR]), room)
                 out.append((queue, chain, (0 if write else room) + 1))
             except QueueError:
                 out.append((queue, chain, -1))

@@ -25,7 +25,7 @@ from __future__ import annotations
 import struct
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 DESC_F_NEXT, DESC_F_WRITE, DESC_F_INDIRECT = 1, 2, 4
 AVAIL_F_NO_INTERRUPT = 1
@@ -54,11 +54,11 @@ class Memory(Protocol):
     def read(self, gpa: int, length: int) -> bytes: ...
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None: ...
     def span(self, gpa: int, length: int) -> memoryview: ...
+    def address(self, gpa: int, length: int) -> int: ...
     def mark_written(self, gpa: int, length: int) -> None: ...
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(NamedTuple):  # a tuple: made for every descriptor of every request
     gpa: int
     length: int
     writable: bool
@@ -110,6 +110,26 @@ class Chain:
             skip = 0
         return out
 
+    def spans(self, mem: Memory, writable: bool, skip: int,
+              length: int) -> list[tuple[int, int]]:
+        """Like views(), as (host address, length): for I/O the kernel does on its own
+        time (AIO), which needs no Python object to hold the memory."""
+        out: list[tuple[int, int]] = []
+        for s in self.writable if writable else self.readable:
+            if length <= 0:
+                break
+            if skip >= s.length:
+                skip -= s.length
+                continue
+            n = min(s.length - skip, length)
+            try:
+                out.append((mem.address(s.gpa + skip, n), n))
+            except ValueError:
+                raise QueueError(f"guest range {s.gpa + skip:#x}+{n:#x} is not RAM") from None
+            length -= n
+            skip = 0
+        return out
+
     def mark(self, mem: Memory, length: int) -> None:
         """Tell dirty tracking that the first `length` writable bytes were written through
         views()."""
@@ -151,6 +171,13 @@ def _read(mem: Memory, gpa: int, length: int) -> bytes:
 def _span(mem: Memory, gpa: int, length: int) -> memoryview:
     try:
         return mem.span(gpa, length)
+    except ValueError:
+        raise QueueError(f"guest range {gpa:#x}+{length:#x} is not RAM") from None
+
+
+def _check(mem: Memory, gpa: int, length: int) -> None:
+    try:
+        mem.address(gpa, length)
     except ValueError:
         raise QueueError(f"guest range {gpa:#x}+{length:#x} is not RAM") from None
 
@@ -276,7 +303,7 @@ class Virtqueue:
                 entries, idx, indirect, seen = length // 16, 0, True, 0
                 continue
             if length:
-                _span(mem, addr, length)  # all of it in guest RAM
+                _check(mem, addr, length)  # all of it in guest RAM
                 total += length
                 if total > MAX_CHAIN_BYTES:
                     raise QueueError(f"request of more than {MAX_CHAIN_BYTES} bytes")
