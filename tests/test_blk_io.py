@@ -128,6 +128,28 @@ def test_a_full_aio_context_falls_back_to_synchronous_io(image, monkeypatch):
         disk.close()
 
 
+def test_an_io_error_on_the_bounce_path_is_an_io_error(image):
+    """A failed direct transfer through the bounce buffer stays an OSError (the device's
+    I/O error status), not a BufferError from closing memory a traceback still views."""
+    img = RawImage(-1, 4 * MB, direct=True)  # every transfer fails: EBADF
+    buf = bytearray(4097)
+    with pytest.raises(OSError):
+        img.readinto(0, [memoryview(buf)[1:]])
+    with pytest.raises(OSError):
+        img.writefrom(0, [memoryview(buf)[1:]])
+
+
+def test_a_direct_disk_of_an_odd_size_still_has_an_identity(tmp_path):
+    path = tmp_path / "odd.img"
+    path.write_bytes(os.urandom(10000))  # not whole sectors: the last read is cut short
+    disk = Blk(f"{path},direct")
+    try:
+        assert disk.identity()["size"] == 10000
+        assert disk.image.read(9000, 4096) == path.read_bytes()[9000:]
+    finally:
+        disk.close()
+
+
 def test_unaligned_buffers_of_a_direct_disk_go_through_a_bounce_buffer(image):
     content = image.read_bytes()
     fd = os.open(image, os.O_RDWR | os.O_DIRECT)
@@ -161,6 +183,8 @@ def test_a_polling_driver_never_sees_a_completion_before_its_status(kit, image, 
                                                 f"span={2 * MB}",
                                         description=desc), console=con)
     try:
+        if spec:  # the direct disk really runs on AIO
+            assert vm.devices["disk0"].backend.aio is not None
         vm.start()
         deadline = time.monotonic() + 60  # until "BENCH end ops=N bytes=M", or an error
         while b" bytes=" not in con.buf and b"VIRTIO ERROR" not in con.buf:

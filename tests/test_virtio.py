@@ -245,14 +245,19 @@ def serve(dev: VirtioPci) -> None:
             dev._serve(i)
 
 
-def test_requests_complete_and_interrupt_by_intx_then_msix():
-    dev, ram, host = rng_device()
+def one_request(dev: VirtioPci, ram: FakeRam) -> None:
+    """Bring queue 0 up, offer one 32-byte writable buffer, notify, and serve it."""
     drive(dev)
     dev.write(COMMON + 0x14, 1, 1 | 2 | FEATURES_OK | DRIVER_OK)
     desc(ram, 0, 0x10000, 32, 2)
     offer(ram, dev.queues[0], 0)
     dev.write(NOTIFY, 2, 0)
     serve(dev)
+
+
+def test_requests_complete_and_interrupt_by_intx_then_msix():
+    dev, ram, host = rng_device()
+    one_request(dev, ram)
     assert struct.unpack_from("<HHII", ram.b, USED) == (0, 1, 0, 32)
     assert any(ram.b[0x10000:0x10020]) and host.lines[-1] == (10, 1)
     assert dev.read(ISR, 1) == 1 and host.lines[-1] == (10, 0) and dev.read(ISR, 1) == 0
@@ -300,6 +305,20 @@ def test_a_broken_queue_sets_needs_reset_and_the_device_lives_on(case):
     drive(dev)
     dev.write(COMMON + 0x14, 1, 1 | 2 | FEATURES_OK | DRIVER_OK)
     assert not dev.read(COMMON + 0x14, 1) & NEEDS_RESET
+
+
+def test_a_backend_that_raises_breaks_the_device_but_never_wedges_it():
+    """A bug in a device type (any exception from handle) is that request's end: NEEDS_RESET,
+    nothing left counted in flight, so the driver's reset (and a pause) still return."""
+    dev, ram, _ = rng_device()
+
+    def broken(queue, chain, mem):
+        raise ValueError("a device type's bug")
+    dev.backend.handle = broken  # type: ignore[method-assign]
+    one_request(dev, ram)
+    assert dev.read(COMMON + 0x14, 1) & NEEDS_RESET and dev._inflight == 0
+    dev.write(COMMON + 0x14, 1, 0)  # the reset would wait forever on a leaked request
+    assert dev.read(COMMON + 0x14, 1) == 0
 
 
 def test_nothing_is_served_before_driver_ok_and_features_are_checked():
@@ -794,6 +813,9 @@ def test_a_request_made_while_the_device_looked_empty_is_not_lost():
     ram = FakeRam()
     q = make_queue(ram, event_idx=True)
     desc(ram, 0, 0x10000, 4, 2)
+    for _ in range(3):  # three taken already: avail_event must say 3, not the 0 RAM holds
+        offer(ram, q, 0)
+        assert q.pop(ram) is not None
     real_mark = ram.mark_written
 
     def racing_store(gpa, n):
@@ -802,7 +824,7 @@ def test_a_request_made_while_the_device_looked_empty_is_not_lost():
         real_mark(gpa, n)
     ram.mark_written = racing_store
     assert q.pop(ram) is not None
-    assert ram.b[USED + 4 + 8 * q.size:USED + 6 + 8 * q.size] == b"\0\0"  # it was published
+    assert ram.b[USED + 4 + 8 * q.size:USED + 6 + 8 * q.size] == b"\3\0"  # it was published
 
 
 def test_an_msi_the_host_cannot_deliver_does_not_kill_the_device():

@@ -339,6 +339,7 @@ class GuestMemory:
         raise ValueError(f"file range {off:#x}+{length:#x} is not in one RAM region")
 
     def close(self) -> None:
+        self._spans = []  # no address of unmapped memory is handed out after this
         guard, self.guard = self.guard, None
         if guard is not None:
             guard.stop()  # its thread touches our mappings

@@ -28,6 +28,7 @@ user knows: the guest's caches would otherwise disagree with the disk and corrup
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -110,15 +111,21 @@ class Blk:
                 self.image = RawImage(fd, os.fstat(fd).st_size)
         except OSError as e:
             raise DiskError(f"cannot open disk {self.path}: {e.strerror}") from None
+        if self.image.size < SECTOR:
+            self.image.close()
+            raise DiskError(f"disk {self.path} is smaller than one sector")
         if d.direct and isinstance(self.image, RawImage):
             try:
                 fl = fcntl.fcntl(self.image.fd, fcntl.F_GETFL)
                 fcntl.fcntl(self.image.fd, fcntl.F_SETFL, fl | os.O_DIRECT)
+                self.image.direct = True
+                self.image.read(0, SECTOR)  # what the guest will ask: one 512-byte sector
             except OSError as e:
                 self.image.close()
-                raise DiskError(f"disk {self.path}: no direct I/O on its file system "
-                                f"({e.strerror})") from None
-            self.image.direct = True
+                why = ("its direct I/O needs more than 512-byte alignment (4K-sector "
+                       "storage)" if e.errno == errno.EINVAL else e.strerror)
+                raise DiskError(f"disk {self.path}: no direct I/O on its file system: "
+                                f"{why}; use it without ',direct'") from None
         self.cloned = bool(d.clone) and not self.read_only
         self.aio: Aio | None = None
         self.completion_fd: int | None = None  # the transport polls it for reap()
@@ -135,9 +142,6 @@ class Blk:
         # data bytes, whether a write, bytes moved or -errno)
         self._later: list[tuple[int, Chain, int, bool, int]] = []
         self._mem: Memory | None = None
-        if self.image.size < SECTOR:
-            self.image.close()
-            raise DiskError(f"disk {self.path} is smaller than one sector")
         self.sectors = self.image.size // SECTOR
 
     def identity(self) -> dict[str, object]:
@@ -274,7 +278,7 @@ class Blk:
                 self.image.writefrom(offset, chain.views(self._mem, False, 16, length))
             else:
                 self.image.readinto(offset, chain.views(self._mem, True, 0, length))
-        except (OSError, QueueError):
+        except Exception:  # an I/O error status, whatever went wrong
             return -5
         return length
 
@@ -292,8 +296,9 @@ class Blk:
             try:
                 if not write:
                     chain.mark(mem, length)
-                chain.write(mem, bytes([S_OK if res == length else S_IOERR]), room)
-                out.append((queue, chain, (0 if write else room) + 1))
+                ok = res == length  # a short transfer is an error, as a disk has it
+                chain.write(mem, bytes([S_OK if ok else S_IOERR]), room)
+                out.append((queue, chain, (room if ok and not write else 0) + 1))
             except QueueError:
                 out.append((queue, chain, -1))
         return out

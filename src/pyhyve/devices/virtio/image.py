@@ -81,6 +81,13 @@ def _transfer(io: Callable[[int, list[memoryview], int], int], fd: int,
         left = _advance(left, n)
 
 
+def _bounce(size: int) -> mmap.mmap:
+    """Page-aligned memory for O_DIRECT. Not closed here: an error's traceback may still
+    hold views of it (closing would turn the OSError into a BufferError); it goes with
+    the last reference."""
+    return mmap.mmap(-1, max(size, 1))
+
+
 def aligned(views: Sequence[memoryview]) -> bool:
     """What O_DIRECT takes: every buffer's place and length whole 512-byte sectors."""
     return all(len(v) % 512 == 0 and address(v) % 512 == 0 for v in views)
@@ -96,33 +103,43 @@ class RawImage:
         """Fill `views` (guest RAM) from the image at `offset`."""
         if self.direct and not aligned(views):
             total = sum(len(v) for v in views)
-            with mmap.mmap(-1, max(total, 1)) as bounce:  # page aligned
-                _transfer(os.preadv, self.fd, [memoryview(bounce)[:total]], offset)
-                pos = 0
-                for v in views:
-                    v[:] = bounce[pos:pos + len(v)]
-                    pos += len(v)
+            bounce = _bounce(total)
+            _transfer(os.preadv, self.fd, [memoryview(bounce)[:total]], offset)
+            pos = 0
+            for v in views:
+                v[:] = bounce[pos:pos + len(v)]
+                pos += len(v)
             return
         _transfer(os.preadv, self.fd, views, offset)
 
     def writefrom(self, offset: int, views: Sequence[memoryview]) -> None:
         if self.direct and not aligned(views):
             total = sum(len(v) for v in views)
-            with mmap.mmap(-1, max(total, 1)) as bounce:
-                pos = 0
-                for v in views:
-                    bounce[pos:pos + len(v)] = v
-                    pos += len(v)
-                _transfer(os.pwritev, self.fd, [memoryview(bounce)[:total]], offset)
+            bounce = _bounce(total)
+            pos = 0
+            for v in views:
+                bounce[pos:pos + len(v)] = v
+                pos += len(v)
+            _transfer(os.pwritev, self.fd, [memoryview(bounce)[:total]], offset)
             return
         _transfer(os.pwritev, self.fd, views, offset)
 
     def read(self, offset: int, length: int) -> bytes:
+        """Up to `length` bytes at `offset` (fewer at the end of the file), for the VMM's
+        own use (a disk's identity): a direct disk reads the 512-byte sectors around it."""
         if not self.direct:
             return os.pread(self.fd, length, offset)
-        out = bytearray(max(0, min(length, self.size - offset)))
-        self.readinto(offset, [memoryview(out)])
-        return bytes(out)
+        end = min(offset + length, self.size)
+        if end <= offset:
+            return b""
+        start, stop = offset - offset % 512, -(-end // 512) * 512
+        bounce, got = _bounce(stop - start), 0
+        while got < stop - start:
+            n = os.preadv(self.fd, [memoryview(bounce)[got:]], start + got)
+            if n <= 0:  # the end of the file
+                break
+            got += n
+        return bytes(bounce[offset - start:min(end, start + got) - start])
 
     def write(self, offset: int, data: bytes) -> None:
         self.writefrom(offset, [memoryview(bytearray(data))])

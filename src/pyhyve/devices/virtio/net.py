@@ -147,7 +147,7 @@ class Net:
             else:  # straight from guest RAM to the tap, one writev
                 views = chain.views(mem, False, HDR, length)
                 with contextlib.suppress(OSError):  # a full or downed tap drops it, as a wire
-                    os.writev(self.tap, views)
+                    os.writev(self.tap, views if len(views) <= 1024 else [b"".join(views)])
             return 0
         with self._lock:
             if not self.pending:

@@ -317,7 +317,8 @@ class VirtioPci(Device):
     def _nudge(self) -> None:
         """Something changed that the worker (asleep in poll) or a waiter must see."""
         self._work.notify_all()
-        os.eventfd_write(self._wake, 1)
+        if self._wake >= 0:  # closed: a backend thread's late kick has nobody to wake
+            os.eventfd_write(self._wake, 1)
 
     def _run(self) -> None:
         """The device's one thread: serves kicked queues, and otherwise sleeps in poll() on
@@ -343,7 +344,11 @@ class VirtioPci(Device):
                     continue
             for fd, _ in poller.poll():
                 if fd == done_fd:
-                    self._reap()
+                    try:
+                        self._reap()
+                    except Exception:  # never let the worker die: the device needs a reset
+                        with self.lock:
+                            self._broken()
                     continue
                 with contextlib.suppress(BlockingIOError):
                     os.eventfd_read(fd)
@@ -372,7 +377,7 @@ class VirtioPci(Device):
             self._serve_queue(index)
         finally:
             commit = getattr(self.backend, "commit", None)
-            if commit is not None:
+            if commit is not None and not self._closing:
                 self.lock.release()
                 try:
                     commit()
@@ -392,9 +397,10 @@ class VirtioPci(Device):
                 break
             self._inflight += 1
             self.lock.release()
+            written = -1  # whatever handle() raises, the request is over and the device broken
             try:
                 written = self.backend.handle(index, chain, self.mem)
-            except (QueueError, OSError):
+            except Exception:  # a backend's bug must not wedge the device
                 written = -1
             finally:
                 self.lock.acquire()
@@ -471,10 +477,14 @@ class VirtioPci(Device):
                 return  # could send its writes to another file; leave them to exit
         if self.doorbells is not None:
             self.doorbells.release()
-        os.close(self._wake)
         close = getattr(self.backend, "close", None)
         if close is not None:
             close()
+        for q in self.queues:
+            q.forget()  # the ring views: guest RAM can be unmapped now
+        with self.lock:  # kicks take the lock: none is writing to it after this
+            wake, self._wake = self._wake, -1
+        os.close(wake)
 
     # --- state ----------------------------------------------------------------------------
     def announce(self) -> None:

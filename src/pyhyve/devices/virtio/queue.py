@@ -230,6 +230,13 @@ class Virtqueue:
             raise QueueError("the queue's rings are not in guest RAM") from None
         self._key = key
 
+    def forget(self) -> None:
+        """Let go of the ring views (the device is closing; guest RAM may be unmapped)."""
+        for v in (self._desc_v, self._avail_v, self._used_v):
+            v.release()
+        self._desc_v = self._avail_v = self._used_v = memoryview(b"")
+        self._key = ()
+
     def _used_written(self, mem: Memory, offset: int, length: int) -> None:
         try:
             mem.mark_written(self.used + offset, length)
