@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
@@ -90,58 +91,39 @@ class Chain:
             out += _read(mem, s.gpa, take)
         return bytes(out)
 
-    def views(self, mem: Memory, writable: bool, skip: int, length: int) -> list[memoryview]:
-        """Views of `length` bytes of the readable (or writable) buffers from byte `skip`
-        on, for I/O straight into or out of guest RAM (whoever writes into them calls
-        mark_written)."""
-        out: list[memoryview] = []
+    def _pieces(self, writable: bool, skip: int, length: int) -> Iterator[tuple[int, int]]:
+        """(gpa, length) of `length` bytes of the readable (or writable) buffers, from byte
+        `skip` on."""
         for s in self.writable if writable else self.readable:
             if length <= 0:
-                break
+                return
             if skip >= s.length:
                 skip -= s.length
                 continue
             n = min(s.length - skip, length)
-            try:
-                out.append(mem.span(s.gpa + skip, n))
-            except ValueError:
-                raise QueueError(f"guest range {s.gpa + skip:#x}+{n:#x} is not RAM") from None
+            yield s.gpa + skip, n
             length -= n
             skip = 0
-        return out
+
+    def views(self, mem: Memory, writable: bool, skip: int, length: int) -> list[memoryview]:
+        """Views of those bytes, for I/O straight into or out of guest RAM (whoever writes
+        into them calls mark())."""
+        return [_span(mem, gpa, n) for gpa, n in self._pieces(writable, skip, length)]
 
     def spans(self, mem: Memory, writable: bool, skip: int,
               length: int) -> list[tuple[int, int]]:
         """Like views(), as (host address, length): for I/O the kernel does on its own
         time (AIO), which needs no Python object to hold the memory."""
-        out: list[tuple[int, int]] = []
-        for s in self.writable if writable else self.readable:
-            if length <= 0:
-                break
-            if skip >= s.length:
-                skip -= s.length
-                continue
-            n = min(s.length - skip, length)
-            try:
-                out.append((mem.address(s.gpa + skip, n), n))
-            except ValueError:
-                raise QueueError(f"guest range {s.gpa + skip:#x}+{n:#x} is not RAM") from None
-            length -= n
-            skip = 0
-        return out
+        return [(_check(mem, gpa, n), n) for gpa, n in self._pieces(writable, skip, length)]
 
     def mark(self, mem: Memory, length: int) -> None:
         """Tell dirty tracking that the first `length` writable bytes were written through
-        views()."""
-        for s in self.writable:
-            if length <= 0:
-                break
-            n = min(s.length, length)
+        views() or spans()."""
+        for gpa, n in self._pieces(True, 0, length):
             try:
-                mem.mark_written(s.gpa, n)
+                mem.mark_written(gpa, n)
             except ValueError:
-                raise QueueError(f"guest range {s.gpa:#x}+{n:#x} is not RAM") from None
-            length -= n
+                raise QueueError(f"guest range {gpa:#x}+{n:#x} is not RAM") from None
 
     def write(self, mem: Memory, data: bytes | memoryview, offset: int = 0) -> int:
         """Write `data` into the writable buffers from byte `offset` on; returns how much
@@ -175,9 +157,10 @@ def _span(mem: Memory, gpa: int, length: int) -> memoryview:
         raise QueueError(f"guest range {gpa:#x}+{length:#x} is not RAM") from None
 
 
-def _check(mem: Memory, gpa: int, length: int) -> None:
+def _check(mem: Memory, gpa: int, length: int) -> int:
+    """The host address of a guest range, which must lie in RAM."""
     try:
-        mem.address(gpa, length)
+        return mem.address(gpa, length)
     except ValueError:
         raise QueueError(f"guest range {gpa:#x}+{length:#x} is not RAM") from None
 
