@@ -226,14 +226,26 @@ static uint32_t submit_q(struct dev *d, int qi, int n)
 
 static uint32_t submit(struct dev *d, int n) { return submit_q(d, 0, n); }
 
+/* Make chain `head` of queue qi available, without notifying; returns the old index. */
+static uint16_t publish(struct dev *d, int qi, uint16_t head)
+{
+	struct vq *q = d->q[qi];
+	q->avail_ring[q->avail_idx % d->qs[qi]] = head;
+	barrier();
+	return q->avail_idx++;
+}
+
+/* The head of the request used() just took from queue qi. */
+static uint16_t last_head(struct dev *d, int qi)
+{
+	return (uint16_t)d->q[qi]->used_ring[(uint16_t)(d->last_used[qi] - 1) % d->qs[qi]].id;
+}
+
 /* Offer descriptor `head` of queue qi on its own. */
 static void post_head(struct dev *d, int qi, uint16_t head)
 {
-	struct vq *q = d->q[qi];
-	q->desc[head].flags &= (uint16_t)~1;
-	q->avail_ring[q->avail_idx % d->qs[qi]] = head;
-	barrier();
-	uint16_t old = q->avail_idx++;
+	d->q[qi]->desc[head].flags &= (uint16_t)~1;
+	uint16_t old = publish(d, qi, head);
 	barrier();
 	notify(d, qi, old);
 }
@@ -343,8 +355,7 @@ static int vs_poll(struct dev *v, uint32_t want_port, struct vhdr *out, char *da
 	}
 	if (!used(v, 0, &len))
 		return 0;
-	struct vq *q = v->q[0];
-	uint16_t head = (uint16_t)q->used_ring[(uint16_t)(v->last_used[0] - 1) % v->qs[0]].id;
+	uint16_t head = last_head(v, 0);
 	if (head >= VRX)
 		fail("vsock receive buffer", head, len);
 	struct vhdr *h = (struct vhdr *)vsrx[head];
@@ -469,8 +480,7 @@ static void net_frame(struct dev *n, uint64_t r)
 			fail("net frame never came back, sent", net_sent, net_got);
 		cpu_relax();
 	}
-	struct vq *q = n->q[0];
-	uint16_t head = (uint16_t)q->used_ring[(uint16_t)(n->last_used[0] - 1) % n->qs[0]].id;
+	uint16_t head = last_head(n, 0);
 	if (head >= RXN || len != 12 + FRAME)
 		fail("net receive: buffer, length", head, len);
 	uint8_t *g = rxframes[head] + 12;
@@ -551,9 +561,7 @@ static void blk_bench(struct dev *d, const char *cmdline, uint64_t sectors)
 		q->desc[3 * s + 1] = (struct desc){(uint64_t)(buf + s * bs), (uint32_t)bs,
 						   (uint16_t)(1 | (wr ? 0 : 2)), (uint16_t)(3 * s + 2)};
 		q->desc[3 * s + 2] = (struct desc){(uint64_t)&bstatus[s], 1, 2, 0};
-		q->avail_ring[q->avail_idx % d->qs[0]] = (uint16_t)(3 * s);
-		barrier();
-		q->avail_idx++;
+		publish(d, 0, (uint16_t)(3 * s));
 		issued++;
 	}
 	notify(d, 0, (uint16_t)(q->avail_idx - qd));
@@ -562,7 +570,7 @@ static void blk_bench(struct dev *d, const char *cmdline, uint64_t sectors)
 		uint32_t len;
 		int more = 0;
 		while (used(d, 0, &len)) {
-			uint64_t s = q->used_ring[(uint16_t)(d->last_used[0] - 1) % d->qs[0]].id / 3;
+			uint64_t s = last_head(d, 0) / 3u;
 			if (bstatus[s] != 0)
 				fail("bench: request failed, status", bstatus[s], breq[s].sector);
 			ops++;
@@ -572,9 +580,7 @@ static void blk_bench(struct dev *d, const char *cmdline, uint64_t sectors)
 						     : next++ % places;
 				breq[s].sector = place * (bs / 512);
 				bstatus[s] = 0xFF;
-				q->avail_ring[q->avail_idx % d->qs[0]] = (uint16_t)(3 * s);
-				barrier();
-				q->avail_idx++;
+				publish(d, 0, (uint16_t)(3 * s));
 				issued++;
 				more++;
 			}
@@ -627,9 +633,7 @@ static void net_bench(struct dev *n, const char *cmdline)
 	puts_("BENCH go\n");
 	uint64_t end = rdtsc() + tsc_hz() / 1000 * ms, deadline = rdtsc() + tsc_hz() * 30;
 	for (uint64_t s = 0; s < qd; s++) {
-		t->avail_ring[t->avail_idx % n->qs[1]] = (uint16_t)s;
-		barrier();
-		t->avail_idx++;
+		publish(n, 1, (uint16_t)s);
 		issued++;
 	}
 	notify(n, 1, (uint16_t)(t->avail_idx - qd));
@@ -637,22 +641,17 @@ static void net_bench(struct dev *n, const char *cmdline)
 		uint32_t len;
 		int more = 0, back = 0;
 		while (used(n, 1, &len)) {
-			uint16_t s = (uint16_t)t->used_ring[(uint16_t)(n->last_used[1] - 1) % n->qs[1]].id;
+			uint16_t s = last_head(n, 1);
 			ops++;
 			deadline = rdtsc() + tsc_hz() * 30;
 			if (rdtsc() < end) {
-				t->avail_ring[t->avail_idx % n->qs[1]] = s;
-				barrier();
-				t->avail_idx++;
+				publish(n, 1, s);
 				issued++;
 				more++;
 			}
 		}
 		while (used(n, 0, &len)) {  /* a frame came back: offer its buffer again */
-			uint16_t h = (uint16_t)r->used_ring[(uint16_t)(n->last_used[0] - 1) % n->qs[0]].id;
-			r->avail_ring[r->avail_idx % n->qs[0]] = h;
-			barrier();
-			r->avail_idx++;
+			publish(n, 0, last_head(n, 0));
 			rx++;
 			back++;
 		}
