@@ -529,7 +529,9 @@ static void con_rx_post(struct dev *c)
  * bytes. Each request is three descriptors (header, data, status) with its own slot; the
  * used ring is polled, so no interrupt handler (ring-0 code, emulated on the project's
  * hosts) is timed. "BENCH go" is printed just before the first request and "BENCH end
- * ops=N" after the last completed: the host times the two lines. */
+ * ops=N" after the last completed: the host times the two lines. With `mark=M`, a '.' is
+ * printed after every M completions: the host sees when the disk stopped making progress
+ * (the pause a checkpoint or a migration adds to a busy disk). */
 #define BENCH_BUF 0x4000000UL  /* 64 MiB: data buffers from here, identity mapped */
 static struct { uint32_t type, reserved; uint64_t sector; } breq[QSIZE / 3];
 static volatile uint8_t bstatus[QSIZE / 3];
@@ -538,6 +540,7 @@ static void blk_bench(struct dev *d, const char *cmdline, uint64_t sectors)
 {
 	uint64_t bs = arg_u64(cmdline, "bs", 4096), qd = arg_u64(cmdline, "qd", 1);
 	uint64_t ms = arg_u64(cmdline, "ms", 1000), span = arg_u64(cmdline, "span", 256 << 20);
+	uint64_t mark = arg_u64(cmdline, "mark", 0);
 	int wr = arg_flag(cmdline, "write"), rnd = arg_flag(cmdline, "rand");
 	if (span > sectors * 512)
 		span = sectors * 512;
@@ -574,6 +577,8 @@ static void blk_bench(struct dev *d, const char *cmdline, uint64_t sectors)
 			if (bstatus[s] != 0)
 				fail("bench: request failed, status", bstatus[s], breq[s].sector);
 			ops++;
+			if (mark && ops % mark == 0)
+				putc_('.');
 			deadline = rdtsc() + tsc_hz() * 30;
 			if (rdtsc() < end) {
 				uint64_t place = rnd ? (x ^= x << 13, x ^= x >> 7, x ^= x << 17, x % places)

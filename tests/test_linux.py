@@ -399,17 +399,31 @@ def test_clones_run_side_by_side(acpi2: Booted, tmp_path: Path) -> None:
             vm.close()
 
 
-def test_acpi_power_button_shuts_down_cleanly(acpi2: Booted, tmp_path: Path,
-                                               rundir: str) -> None:
+def test_nmi_then_acpi_power_button_shuts_down_cleanly(acpi2: Booted, tmp_path: Path,
+                                                        rundir: str) -> None:
+    """`pyhyvectl --nmi` reaches each vCPU's kernel, which carries on (on kvm_pvm only with
+    `nofsgsbase`: the NMI entry's `lsl` stopped the VM); then the power button."""
     binds = own_disk(acpi2, tmp_path)
     disk = binds["disk0"]
-    log = tmp_path / "con.log"
+    log, err = tmp_path / "con.log", tmp_path / "vmm.err"
     p = subprocess_run("pyhyve", "run", "pd", "-r", acpi2.snapshot,
                        *(f"--bind={k}={v}" for k, v in binds.items()),
-                       "--console", f"file:{log}")
+                       "--console", f"file:{log}", stderr=err)
     try:
         wait_socket(rundir, "pd")
         wait_file(log, "tick ", timeout=60)
+        r = cli("pyhyvectl", "--vm", "pd", "--nmi")
+        assert r.returncode == 0 and "NMI sent to 2 vCPU(s)" in r.stdout, r.stderr
+        deadline = time.monotonic() + 60
+        while len(re.findall(rb"NMI received for unknown reason \w+ on CPU \d", log.read_bytes())
+                  ) < acpi2.cpus:
+            assert p.poll() is None and time.monotonic() < deadline, \
+                (err.read_text()[-500:], log.read_bytes()[-500:])
+            time.sleep(0.1)
+        seen = ticks(log.read_bytes())[-1].seq
+        while ticks(log.read_bytes())[-1].seq < seen + 2:  # and goes on working
+            assert p.poll() is None and time.monotonic() < deadline, err.read_text()[-500:]
+            time.sleep(0.1)
         r = cli("pyhyvectl", "--vm", "pd", "--powerdown", "--timeout", "60")
         assert r.returncode == 0, r.stderr
         assert "power button pressed" in r.stdout and "the VM has exited" in r.stdout
@@ -424,10 +438,11 @@ def test_acpi_power_button_shuts_down_cleanly(acpi2: Booted, tmp_path: Path,
             p.wait()
 
 
-def subprocess_run(*args: str):
+def subprocess_run(*args: str, stderr: Path | None = None):
     from conftest import spawn
 
-    return spawn(*args, stdout=open(os.devnull, "w"), stderr=open(os.devnull, "w"))
+    return spawn(*args, stdout=open(os.devnull, "w"),
+                 stderr=open(stderr or os.devnull, "w"))
 
 
 def console_client(path: str, timeout: float = 20) -> socket.socket:

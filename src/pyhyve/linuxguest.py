@@ -27,8 +27,9 @@ MASK64 = (1 << 64) - 1
 # The command line every lane boot uses; quiet keeps the emulated 8250 writes few.
 BASE_CMDLINE = "console=ttyS0 nokaslr no_timer_check mitigations=off quiet"
 # kvm_pvm only (docs/linux.md): CPUID leaves 1 and 7 are the host's whatever the VMM says,
-# and the host cannot emulate xrstor, popcnt or clac at CPL0
-PVM_CMDLINE = "clearcpuid=smap,xsave,popcnt tsc=reliable"
+# and the host cannot emulate xrstor, popcnt, clac or lsl at CPL0 (with FSGSBASE, every NMI
+# entry reads the CPU number with lsl: an NMI, an RCU stall's backtrace included, killed it)
+PVM_CMDLINE = "clearcpuid=smap,xsave,popcnt tsc=reliable nofsgsbase"
 TICK = re.compile(rb"tick (\d+) pass (\d+) sum ([0-9a-f]+) up (\d+) wall (\d+)"
                   rb"(?: disk (\d+))?(?: net (\d+))?(?: vsock (\d+))?")
 

@@ -462,6 +462,16 @@ class VirtualMachine:
                           "machine built without one)")
         pm.press_power_button()
 
+    def inject_nmi(self) -> None:
+        """An NMI to every vCPU (QEMU's inject-nmi): a hung guest's kernel prints its
+        stacks, or panics into its crash kernel, as it is configured. Under a hold: KVM
+        takes a vCPU's ioctls only outside KVM_RUN."""
+        if self.state not in ("running", "paused"):
+            raise VmError(f"VM is {self.state}")
+        with self.paused():
+            for v in self.vcpus:
+                v.nmi()
+
     def announce(self) -> None:
         """Arrived by migration: devices that must tell the outside world do (a NIC's
         MAC, so peers need not wait for the guest to speak)."""

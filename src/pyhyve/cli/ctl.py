@@ -27,6 +27,9 @@ def build_parser() -> Parser:
     acts.add_argument("--powerdown", action="store_true",
                       help="press the ACPI power button: the guest shuts down cleanly (waits "
                       "up to --timeout seconds for the VM to end)")
+    acts.add_argument("--nmi", action="store_true",
+                      help="send an NMI to every vCPU (a hung Linux guest prints its stacks, "
+                      "or panics into kdump, as its kernel is configured)")
     acts.add_argument("--destroy", action="store_true",
                       help="stop the VM and its process; returns once the process is gone")
     acts.add_argument("--suspend", metavar="FILE", help="save to FILE (+.kern, .meta); the VM exits")
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `pyhyvectl --status | head` ends quietly
     args = build_parser().parse_args(argv)
-    cmd = next(c for c in ("status", "pause", "resume", "powerdown", "destroy", "suspend",
+    cmd = next(c for c in ("status", "pause", "resume", "powerdown", "nmi", "destroy", "suspend",
                            "checkpoint",
                            "migrate", "migrate_live", "migrate_status", "migrate_cancel")
                if getattr(args, c))

@@ -36,7 +36,8 @@ class Session:
         self.lock = threading.Lock()  # one state-changing command at a time
         self.handlers: dict[str, Handler] = {
             "status": self.status, "pause": self.pause, "resume": self.resume,
-            "powerdown": self.powerdown, "destroy": self.destroy, "suspend": self.suspend,
+            "powerdown": self.powerdown, "nmi": self.nmi, "destroy": self.destroy,
+            "suspend": self.suspend,
             "checkpoint": self.checkpoint,
             "migrate": self.migrate, "migrate-status": self.migrate_status,
             "migrate-cancel": self.migrate_cancel,
@@ -82,6 +83,12 @@ class Session:
                               "while it runs (--resume first)")
             self.vm.press_power_button()
         return {"line": "power button pressed", "state": self.vm.state, "pid": os.getpid()}
+
+    def nmi(self, _msg: dict[str, Any]) -> dict[str, Any]:
+        with self.lock:
+            self._no_migration()
+            self.vm.inject_nmi()
+        return {"line": f"NMI sent to {len(self.vm.vcpus)} vCPU(s)", "state": self.vm.state}
 
     def resume(self, _msg: dict[str, Any]) -> dict[str, Any]:
         with self.lock:

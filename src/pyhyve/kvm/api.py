@@ -290,6 +290,10 @@ class Vcpu:
     def kvmclock_ctrl(self) -> None:
         ioctl(self.fd, I.KVM_KVMCLOCK_CTRL)
 
+    def nmi(self) -> None:
+        """Queue an NMI (delivered when the vCPU next runs; a capture records it)."""
+        ioctl(self.fd, I.KVM_NMI)
+
     def run_once(self) -> int:
         return run_ioctl(self.fd)
 

@@ -92,6 +92,7 @@ KVM_SET_XSAVE = _iow(0xA5, S.KvmXsave)
 KVM_GET_XCRS = _ior(0xA6, S.KvmXcrs)
 KVM_SET_XCRS = _iow(0xA7, S.KvmXcrs)
 KVM_KVMCLOCK_CTRL = _io(0xAD)
+KVM_NMI = _io(0x9A)
 
 NAMES = {v: k for k, v in globals().items() if k.startswith("KVM_") and isinstance(v, int)}
 

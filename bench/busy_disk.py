@@ -1,0 +1,273 @@
+"""The pause a busy disk sees during a checkpoint and a live migration, pyhyve against
+QEMU 7.2, on the kit's device guest.
+
+The guest (guests/virtio.c, `bench=blk ... mark=M`) keeps `qd` random 4 KiB writes in
+flight on its virtio-blk disk and prints a '.' every M completions; every byte of its
+console is timestamped here as it arrives. The pause is the longest time no mark arrived,
+from the command until 2 s after it finished (across source and destination consoles for
+a migration), so it counts whatever stopped the disk: the guest paused, requests held
+while the device quiesced, the switch-over, a slow restart of I/O after it. The same
+guest's longest gap in the undisturbed second before the command is printed beside it
+(the noise floor), with the command's own duration.
+
+Both sides bypass the host's page cache (pyhyve `--disk IMG,direct`, QEMU `cache=none`,
+`aio=native`) on one image a migration's two ends share (the destination opens the same
+file: pyhyve `--reuse-paths`, QEMU the same `-drive`). Checkpoint: pyhyve `checkpoint` on
+the control socket; QEMU `migrate "exec:cat > F"` then `cont` (its running-guest snapshot),
+at 10 GiB/s. Migration (loopback TCP): each at its defaults and matched as bench/guestview.py
+defines them. Medians of --runs runs, the two interleaved; a run that fails is reported.
+
+    .venv/bin/python bench/busy_disk.py --runs 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from devices import KERNEL, make_image, qemu_args
+from guestview import KEY, QEMU_TIMEOUT, free_port, load_key_hex, popen
+from pyhyve.control.client import ControlClient
+from qmp import Qmp
+
+from common import PYHYVE, ensure_qemu, median, qemu_version, table
+
+CMDLINE = "bench=blk bs=4096 qd=32 rand write ms=60000 mark=64 span=536870912"
+MEMORY = "256M"
+AFTER = 2.0
+GO = b"BENCH go\n"
+
+
+class Marks:
+    """A guest's console pipe, read on a thread: when each progress mark arrived."""
+
+    def __init__(self, stream: object) -> None:
+        self.times: list[float] = []
+        self.text = bytearray()
+        self.cond = threading.Condition()
+        self._going = False
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream: object) -> None:
+        fd = stream.fileno()  # type: ignore[attr-defined]
+        while chunk := os.read(fd, 65536):
+            t = time.monotonic()
+            with self.cond:
+                self.text += chunk
+                if not self._going:
+                    at = self.text.find(GO)
+                    if at < 0:
+                        continue
+                    self._going = True
+                    chunk = bytes(self.text[at + len(GO):])
+                self.times += [t] * chunk.count(b".")
+                self.cond.notify_all()
+
+    def wait(self, n: int, timeout: float = 60.0) -> float:
+        with self.cond:
+            if not self.cond.wait_for(lambda: len(self.times) >= n, timeout):
+                raise RuntimeError(f"{len(self.times)} of {n} marks in {timeout:.0f} s: "
+                                   f"{bytes(self.text[-300:])!r}")
+            return self.times[n - 1]
+
+    def failed(self) -> bool:
+        return b"bench:" in self.text or b"VIRTIO ERROR" in self.text
+
+
+def longest_gap(times: list[float], start: float, end: float) -> float:
+    inside = [t for t in times if start < t <= end]
+    before = [t for t in times if t <= start]
+    points = [before[-1] if before else start, *inside, end]
+    return max(b - a for a, b in itertools.pairwise(points))
+
+
+class Vmm:
+    label = ""
+
+    def __init__(self, work: str, image: str) -> None:
+        self.work, self.image = work, image
+        self.procs: list[subprocess.Popen] = []
+        self.qmps: list[Qmp] = []
+
+    def _spawn(self, name: str, args: list[str], env: dict | None = None) -> Marks:
+        p = popen(args, os.path.join(self.work, f"{self.label}-{name}.err"), env=env)
+        self.procs.append(p)
+        return Marks(p.stdout)
+
+    def close(self) -> None:
+        for q in self.qmps:
+            q.close()
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        self.procs, self.qmps = [], []
+
+
+class Pyhyve(Vmm):
+    label = "pyhyve"
+
+    def __init__(self, work: str, image: str) -> None:
+        super().__init__(work, image)
+        self.env = {**os.environ, "PYHYVE_RUNDIR": os.path.join(work, "run")}
+        self.key = os.path.join(work, "key")
+        with open(self.key, "w") as f:
+            f.write(KEY)
+
+    def boot(self) -> Marks:
+        return self._spawn("src", [PYHYVE, "run", "src", "--memory", MEMORY, "--kernel", KERNEL,
+                                   "--cmdline", CMDLINE, "--disk", f"{self.image},direct",
+                                   "--console", "stdio"], self.env)
+
+    def _ctl(self, cmd: str, **args: object) -> dict:
+        os.environ["PYHYVE_RUNDIR"] = self.env["PYHYVE_RUNDIR"]
+        with ControlClient("src", timeout=120) as c:
+            reply = c.call(cmd, **args)
+        if not reply.get("ok", True) or reply.get("error"):
+            raise RuntimeError(f"{cmd}: {reply.get('error')}")
+        return reply
+
+    def checkpoint(self, path: str) -> None:
+        self._ctl("checkpoint", path=path)
+
+    def listen(self, port: int, kind: str) -> Marks:
+        return self._spawn("dst", [PYHYVE, "run", "dst", "-R", f"127.0.0.1,{port}",
+                                   "--key-file", self.key, "--reuse-paths",
+                                   "--console", "stdio"], self.env)
+
+    def migrate(self, port: int, kind: str) -> None:
+        opts = {"defaults": {}, "matched": {"downtime_ms": 300.0, "compress": "none"}}[kind]
+        r = self._ctl("migrate", target=f"127.0.0.1:{port}", live=True,
+                      key=load_key_hex(self.key), **opts)
+        if r.get("state") != "completed":
+            raise RuntimeError(f"pyhyve migration {r.get('state')}: {r.get('error')}")
+
+
+class Qemu(Vmm):
+    label = "QEMU"
+
+    def __init__(self, work: str, image: str, qemu: str) -> None:
+        super().__init__(work, image)
+        self.qemu = qemu
+
+    def _vm(self, name: str, extra: list[str]) -> Marks:
+        sock = os.path.join(self.work, f"{name}.qmp")
+        m = self._spawn(name, [*qemu_args(self.qemu, self.image, CMDLINE, "native"),
+                               "-m", MEMORY, "-qmp", f"unix:{sock},server=on,wait=off",
+                               *extra])
+        self.qmps.append(Qmp(sock))
+        return m
+
+    def boot(self) -> Marks:
+        return self._vm("src", [])
+
+    def checkpoint(self, path: str) -> None:
+        q = self.qmps[0]
+        q.cmd("migrate-set-parameters", **{"max-bandwidth": 10 << 30})
+        q.cmd("migrate", uri=f"exec:cat > {path}")
+        if q.wait_migration(QEMU_TIMEOUT) is None:
+            raise TimeoutError("QEMU's snapshot did not complete")
+        q.cmd("cont")
+
+    def listen(self, port: int, kind: str) -> Marks:
+        return self._vm("dst", ["-incoming", f"tcp:127.0.0.1:{port}"])
+
+    def migrate(self, port: int, kind: str) -> None:
+        q = self.qmps[0]
+        if kind == "matched":
+            q.cmd("migrate-set-capabilities",
+                  capabilities=[{"capability": "auto-converge", "state": True}])
+            q.cmd("migrate-set-parameters", **{"max-bandwidth": 10 << 30,
+                                               "downtime-limit": 300})
+        q.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+        if q.wait_migration(QEMU_TIMEOUT) is None:
+            q.cmd("migrate_cancel")
+            raise TimeoutError(f"QEMU's migration did not complete in {QEMU_TIMEOUT:.0f} s")
+
+
+def one(vmm: Vmm, op: str) -> dict[str, float]:
+    """Boot, let the disk run for a second and more, do `op`, watch 2 s more."""
+    try:
+        dst = None
+        if op != "checkpoint":
+            port = free_port()
+            dst = vmm.listen(port, op)
+        src = vmm.boot()
+        t_go = src.wait(1)
+        while src.wait(len(src.times) + 1) - t_go < 1.5:  # warmed up, then a quiet second
+            pass
+        t0 = time.monotonic()
+        floor = longest_gap(src.times, t0 - 1.0, t0)
+        if op == "checkpoint":
+            vmm.checkpoint(os.path.join(vmm.work, f"{vmm.label}-ck"))
+        else:
+            vmm.migrate(port, op)
+        t1 = time.monotonic()
+        time.sleep(AFTER)
+        marks = sorted(src.times + (dst.times if dst else []))
+        for m in (src, dst):
+            if m is not None and m.failed():
+                raise RuntimeError(f"the guest failed: {bytes(m.text[-300:])!r}")
+        if dst is not None and not [t for t in dst.times if t > t1]:
+            raise RuntimeError("the destination's disk made no progress after the migration")
+        return {"pause": longest_gap(marks, t0, t1 + AFTER), "floor": floor, "cmd": t1 - t0}
+    finally:
+        vmm.close()
+
+
+def col(got: dict[str, list[dict[str, float]]], label: str, key: str) -> float:
+    """Median of `key` over `label`'s runs, in ms."""
+    return median([r[key] for r in got[label]]) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--work", default="/var/tmp", help="a directory on a disk-backed file "
+                    "system (O_DIRECT); the 1 GiB image is made there and removed")
+    a = ap.parse_args()
+    if not os.path.exists(KERNEL):
+        subprocess.run(["make", "-s", "-C", os.path.join(os.path.dirname(KERNEL), "..")],
+                       check=True)
+    qemu = ensure_qemu()
+    work = tempfile.mkdtemp(prefix="pyhyve-bench-", dir=a.work)
+    errors: list[str] = []
+    try:
+        image = make_image(work)
+        sides = (Pyhyve(work, image), Qemu(work, image, qemu))
+        rows = []
+        for op in ("checkpoint", "defaults", "matched"):
+            got: dict[str, list[dict[str, float]]] = {s.label: [] for s in sides}
+            for _ in range(a.runs):
+                for s in sides:
+                    try:
+                        got[s.label].append(one(s, op))
+                    except Exception as e:  # a failed run is a finding, not the end
+                        errors.append(f"{s.label} {op}: {type(e).__name__}: {e}")
+
+            p, q = col(got, "pyhyve", "pause"), col(got, "QEMU", "pause")
+            name = "checkpoint" if op == "checkpoint" else f"live migration ({op})"
+            rows.append([name, f"{p:.1f} ms", f"{q:.1f} ms", f"{p - q:+.1f} ms",
+                         f"{col(got, 'pyhyve', 'floor'):.1f} / {col(got, 'QEMU', 'floor'):.1f} ms",
+                         f"{col(got, 'pyhyve', 'cmd'):.0f} / {col(got, 'QEMU', 'cmd'):.0f} ms",
+                         f"{len(got['pyhyve'])}/{len(got['QEMU'])}"])
+            print(f"bench: {name}: pyhyve {p:.1f} ms, QEMU {q:.1f} ms", file=sys.stderr)
+        print(table(f"busy disk (32 random 4 KiB writes in flight, O_DIRECT): longest pause in "
+                    f"its progress, medians of {a.runs} ({qemu_version(qemu)})",
+                    ["operation", "pyhyve", "QEMU", "pyhyve - QEMU", "quiet floor (p / Q)",
+                     "command (p / Q)", "runs ok (p / Q)"], rows))
+        for e in errors:
+            print(f"bench: failed run: {e}", file=sys.stderr)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
