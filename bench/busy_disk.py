@@ -42,17 +42,18 @@ from common import PYHYVE, ensure_qemu, median, qemu_version, table
 CMDLINE = "bench=blk bs=4096 qd=32 rand write ms=60000 mark=64 span=536870912"
 MEMORY = "256M"
 AFTER = 2.0
-GO = b"BENCH go\n"
+GO = b"BENCH go"
 
 
 class Marks:
-    """A guest's console pipe, read on a thread: when each progress mark arrived."""
+    """A guest's console pipe, read on a thread: when each progress mark arrived (after
+    "BENCH go" on a guest that boots here, from the first byte on one that arrives)."""
 
-    def __init__(self, stream: object) -> None:
+    def __init__(self, stream: object, going: bool) -> None:
         self.times: list[float] = []
         self.text = bytearray()
         self.cond = threading.Condition()
-        self._going = False
+        self._going = going
         threading.Thread(target=self._read, args=(stream,), daemon=True).start()
 
     def _read(self, stream: object) -> None:
@@ -94,21 +95,21 @@ class Vmm:
     def __init__(self, work: str, image: str) -> None:
         self.work, self.image = work, image
         self.procs: list[subprocess.Popen] = []
-        self.qmps: list[Qmp] = []
+        self.qmps: dict[str, Qmp] = {}
 
     def _spawn(self, name: str, args: list[str], env: dict | None = None) -> Marks:
         p = popen(args, os.path.join(self.work, f"{self.label}-{name}.err"), env=env)
         self.procs.append(p)
-        return Marks(p.stdout)
+        return Marks(p.stdout, going=name == "dst")
 
     def close(self) -> None:
-        for q in self.qmps:
+        for q in self.qmps.values():
             q.close()
         for p in self.procs:
             if p.poll() is None:
                 p.kill()
             p.wait()
-        self.procs, self.qmps = [], []
+        self.procs, self.qmps = [], {}
 
 
 class Pyhyve(Vmm):
@@ -162,14 +163,14 @@ class Qemu(Vmm):
         m = self._spawn(name, [*qemu_args(self.qemu, self.image, CMDLINE, "native"),
                                "-m", MEMORY, "-qmp", f"unix:{sock},server=on,wait=off",
                                *extra])
-        self.qmps.append(Qmp(sock))
+        self.qmps[name] = Qmp(sock)
         return m
 
     def boot(self) -> Marks:
         return self._vm("src", [])
 
     def checkpoint(self, path: str) -> None:
-        q = self.qmps[0]
+        q = self.qmps["src"]
         q.cmd("migrate-set-parameters", **{"max-bandwidth": 10 << 30})
         q.cmd("migrate", uri=f"exec:cat > {path}")
         if q.wait_migration(QEMU_TIMEOUT) is None:
@@ -180,7 +181,7 @@ class Qemu(Vmm):
         return self._vm("dst", ["-incoming", f"tcp:127.0.0.1:{port}"])
 
     def migrate(self, port: int, kind: str) -> None:
-        q = self.qmps[0]
+        q = self.qmps["src"]
         if kind == "matched":
             q.cmd("migrate-set-capabilities",
                   capabilities=[{"capability": "auto-converge", "state": True}])
