@@ -92,6 +92,19 @@ def test_a_chain_is_read_and_completed():
     assert q.pop(ram) is None and q.should_signal(ram) and not q.should_signal(ram)
 
 
+def test_a_batch_of_completions_publishes_the_used_index_once_past_the_ring_end():
+    ram = FakeRam()
+    q = queue(ram, size=4)
+    q.next_used = 0xFFFE  # the index wraps inside the batch
+    ram.marked.clear()
+    q.push_many(ram, [(3, 10), (1, 11), (2, 12)])
+    entries = [struct.unpack_from("<II", ram.b, USED + 4 + 8 * i) for i in range(4)]
+    assert entries[2:] == [(3, 10), (1, 11)] and entries[0] == (2, 12)  # slots 2, 3, then 0
+    assert struct.unpack_from("<H", ram.b, USED + 2)[0] == 1 == q.next_used
+    assert ram.marked == [(USED, 4 + 8 * 4)]  # one dirty mark for the batch
+    assert q.should_signal(ram) and not q.should_signal(ram)  # one interrupt for it
+
+
 def test_indirect_descriptors():
     ram = FakeRam()
     q = queue(ram)

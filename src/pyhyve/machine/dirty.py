@@ -75,7 +75,11 @@ class DirtyTracker:
             return c
 
     def mark(self, first_page: int, count: int) -> None:
-        """Pages the VMM wrote itself (KVM does not see those writes)."""
+        """Pages the VMM wrote itself (KVM does not see those writes). Without consumers,
+        no lock (every device completion comes here): a write done before a consumer
+        exists is never its to see, with or without the lock."""
+        if not self._consumers:
+            return
         with self._lock:
             for c in self._consumers:
                 c.pending[first_page:first_page + count] = True

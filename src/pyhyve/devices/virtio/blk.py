@@ -282,14 +282,18 @@ class Blk:
             return -5
         return length
 
-    def reap(self, mem: Memory) -> list[tuple[int, Chain, int]]:
-        """Finished AIO requests, completed in guest RAM: (queue, chain, bytes written)."""
+    def reap(self, mem: Memory, limit: int) -> list[tuple[int, Chain, int]]:
+        """Up to `limit` finished requests, completed in guest RAM: (queue, chain, bytes
+        written); the rest wait for the next call, the completion fd kept readable."""
         if self.aio is None:
             return []
         finished, self._later = self._later, []
         for token, res in self.aio.reap():
             queue, chain, length, write, _ = self._flying.pop(token)
             finished.append((queue, chain, length, write, res))
+        finished, self._later = finished[:limit], finished[limit:]
+        if self._later:
+            os.eventfd_write(self.aio.fd, 1)
         out: list[tuple[int, Chain, int]] = []
         for queue, chain, length, write, res in finished:
             room = chain.out_room - 1

@@ -60,6 +60,9 @@ from .layout import (
 from .msix import Msix
 from .queue import Chain, Memory, QueueError, Virtqueue
 
+REAP_CHUNK = 16  # completions between looks at the available ring (see _reap); of 2, 4, 8,
+# 16 and 24, 16 gave the most 4 KiB random reads at depth 32 here
+
 
 class VirtioPci(Device):
     kind = "virtio-pci"
@@ -359,16 +362,30 @@ class VirtioPci(Device):
                         self._kicked.add(bells.index(fd))
 
     def _reap(self) -> None:
-        """Complete the backend's finished asynchronous requests."""
-        finished = self.backend.reap(self.mem)  # type: ignore[attr-defined]
-        with self.lock:
-            for index, chain, written in finished:
-                self._inflight -= 1
-                try:
-                    self._complete(self.queues[index], chain, written)
-                except Exception:
-                    self._broken()
-            self._work.notify_all()
+        """Complete the backend's finished asynchronous requests, REAP_CHUNK at a time, and
+        between chunks take what the driver made available meanwhile. A disk tends to
+        finish a whole batch at once; completing all of it before starting anything new
+        left the disk idle while Python worked through it (lockstep rounds of 32 requests,
+        about half of each round spent here)."""
+        reap = self.backend.reap  # type: ignore[attr-defined]
+        while finished := reap(self.mem, REAP_CHUNK):
+            with self.lock:
+                self._inflight -= len(finished)
+                by_queue: dict[int, list[tuple[int, int]]] = {}
+                for index, chain, written in finished:
+                    if written < 0:
+                        self._broken()
+                    else:
+                        by_queue.setdefault(index, []).append((chain.head, written))
+                for index, done in by_queue.items():
+                    self._complete_many(self.queues[index], done)
+                self._work.notify_all()
+                if self._closing or self._paused or not self.status & DRIVER_OK \
+                        or self.status & NEEDS_RESET:
+                    continue
+                for index, q in enumerate(self.queues):
+                    if q.ready:
+                        self._serve(index)
 
     def _serve(self, index: int) -> None:
         """Take and complete what queue `index` holds; then let the backend start what it
@@ -421,11 +438,16 @@ class VirtioPci(Device):
         if written < 0:
             self._broken()
             return False
+        return self._complete_many(q, [(chain.head, written)])
+
+    def _complete_many(self, q: Virtqueue, done: list[tuple[int, int]]) -> bool:
+        """(head, bytes written) of handled requests into the used ring, then at most one
+        interrupt for them all."""
         try:
-            q.push(self.mem, chain.head, written)
+            q.push_many(self.mem, done)
             if q.should_signal(self.mem):
                 self._interrupt(q.vector, 1)
-        except QueueError:
+        except Exception:
             self._broken()
             return False
         return True
