@@ -6,9 +6,11 @@ flight on its virtio-blk disk and prints a '.' every M completions; every byte o
 console is timestamped here as it arrives. The pause is the longest time no mark arrived,
 from the command until 2 s after it finished (across source and destination consoles for
 a migration), so it counts whatever stopped the disk: the guest paused, requests held
-while the device quiesced, the switch-over, a slow restart of I/O after it. The same
-guest's longest gap in the undisturbed second before the command is printed beside it
-(the noise floor), with the command's own duration.
+while the device quiesced (AIO in flight drained, the image fdatasync'd), the switch-over,
+a slow restart of I/O after it. Printed beside it: the same guest's longest gap in an
+undisturbed second before the command (the noise floor, taken 2 s after its start), the
+command's own duration, and when the longest gap began relative to the command's end
+(negative: during it). A run whose disk makes no progress after the operation fails.
 
 Both sides bypass the host's page cache (pyhyve `--disk IMG,direct`, QEMU `cache=none`,
 `aio=native`) on one image a migration's two ends share (the destination opens the same
@@ -82,11 +84,12 @@ class Marks:
         return b"bench:" in self.text or b"VIRTIO ERROR" in self.text
 
 
-def longest_gap(times: list[float], start: float, end: float) -> float:
+def longest_gap(times: list[float], start: float, end: float) -> tuple[float, float]:
+    """The longest time without a mark in [start, end], and when it began."""
     inside = [t for t in times if start < t <= end]
     before = [t for t in times if t <= start]
     points = [before[-1] if before else start, *inside, end]
-    return max(b - a for a, b in itertools.pairwise(points))
+    return max((b - a, a) for a, b in itertools.pairwise(points))
 
 
 class Vmm:
@@ -202,10 +205,12 @@ def one(vmm: Vmm, op: str) -> dict[str, float]:
             dst = vmm.listen(port, op)
         src = vmm.boot()
         t_go = src.wait(1)
-        while src.wait(len(src.times) + 1) - t_go < 1.5:  # warmed up, then a quiet second
+        # warmed up (pyhyve imports its save and migration code 1 s after start, in the
+        # background: not in the quiet second), then a quiet second
+        while src.wait(len(src.times) + 1) - t_go < 3.0:
             pass
         t0 = time.monotonic()
-        floor = longest_gap(src.times, t0 - 1.0, t0)
+        floor, _ = longest_gap(src.times, t0 - 1.0, t0)
         if op == "checkpoint":
             vmm.checkpoint(os.path.join(vmm.work, f"{vmm.label}-ck"))
         else:
@@ -216,9 +221,10 @@ def one(vmm: Vmm, op: str) -> dict[str, float]:
         for m in (src, dst):
             if m is not None and m.failed():
                 raise RuntimeError(f"the guest failed: {bytes(m.text[-300:])!r}")
-        if dst is not None and not [t for t in dst.times if t > t1]:
-            raise RuntimeError("the destination's disk made no progress after the migration")
-        return {"pause": longest_gap(marks, t0, t1 + AFTER), "floor": floor, "cmd": t1 - t0}
+        if not [t for t in (dst or src).times if t > t1]:
+            raise RuntimeError("the disk made no progress after the operation")
+        pause, at = longest_gap(marks, t0, t1 + AFTER)
+        return {"pause": pause, "at": at - t1, "floor": floor, "cmd": t1 - t0}
     finally:
         vmm.close()
 
@@ -258,12 +264,14 @@ def main() -> None:
             rows.append([name, f"{p:.1f} ms", f"{q:.1f} ms", f"{p - q:+.1f} ms",
                          f"{col(got, 'pyhyve', 'floor'):.1f} / {col(got, 'QEMU', 'floor'):.1f} ms",
                          f"{col(got, 'pyhyve', 'cmd'):.0f} / {col(got, 'QEMU', 'cmd'):.0f} ms",
+                         f"{col(got, 'pyhyve', 'at'):+.0f} / {col(got, 'QEMU', 'at'):+.0f} ms",
                          f"{len(got['pyhyve'])}/{len(got['QEMU'])}"])
             print(f"bench: {name}: pyhyve {p:.1f} ms, QEMU {q:.1f} ms", file=sys.stderr)
         print(table(f"busy disk (32 random 4 KiB writes in flight, O_DIRECT): longest pause in "
                     f"its progress, medians of {a.runs} ({qemu_version(qemu)})",
                     ["operation", "pyhyve", "QEMU", "pyhyve - QEMU", "quiet floor (p / Q)",
-                     "command (p / Q)", "runs ok (p / Q)"], rows))
+                     "command (p / Q)", "pause began, from its end (p / Q)",
+                     "runs ok (p / Q)"], rows))
         for e in errors:
             print(f"bench: failed run: {e}", file=sys.stderr)
     finally:

@@ -415,11 +415,20 @@ def test_nmi_then_acpi_power_button_shuts_down_cleanly(acpi2: Booted, tmp_path: 
         r = cli("pyhyvectl", "--vm", "pd", "--nmi")
         assert r.returncode == 0 and "NMI sent to 2 vCPU(s)" in r.stdout, r.stderr
         deadline = time.monotonic() + 60
-        while len(re.findall(rb"NMI received for unknown reason \w+ on CPU \d", log.read_bytes())
-                  ) < acpi2.cpus:
-            assert p.poll() is None and time.monotonic() < deadline, \
-                (err.read_text()[-500:], log.read_bytes()[-500:])
-            time.sleep(0.1)
+
+        def nmis_seen(n: int) -> None:
+            while len(re.findall(rb"NMI received for unknown reason \w+ on CPU \d",
+                                 log.read_bytes())) < n:
+                assert p.poll() is None and time.monotonic() < deadline, \
+                    (err.read_text()[-500:], log.read_bytes()[-500:])
+                time.sleep(0.1)
+
+        nmis_seen(acpi2.cpus)
+        assert cli("pyhyvectl", "--vm", "pd", "--pause").returncode == 0
+        r = cli("pyhyvectl", "--vm", "pd", "--nmi")  # paused: queued, delivered on resume
+        assert r.returncode == 0 and "NMI queued for 2 vCPU(s)" in r.stdout, r.stderr
+        assert cli("pyhyvectl", "--vm", "pd", "--resume").returncode == 0
+        nmis_seen(2 * acpi2.cpus)
         seen = ticks(log.read_bytes())[-1].seq
         while ticks(log.read_bytes())[-1].seq < seen + 2:  # and goes on working
             assert p.poll() is None and time.monotonic() < deadline, err.read_text()[-500:]

@@ -462,15 +462,22 @@ class VirtualMachine:
                           "machine built without one)")
         pm.press_power_button()
 
-    def inject_nmi(self) -> None:
-        """An NMI to every vCPU (QEMU's inject-nmi): a hung guest's kernel prints its
-        stacks, or panics into its crash kernel, as it is configured. Under a hold: KVM
-        takes a vCPU's ioctls only outside KVM_RUN."""
-        if self.state not in ("running", "paused"):
-            raise VmError(f"VM is {self.state}")
-        with self.paused():
-            for v in self.vcpus:
-                v.nmi()
+    def inject_nmi(self) -> bool:
+        """An NMI to every vCPU (QEMU's inject-nmi): Linux reports it, or panics (and
+        kdumps) with kernel.unknown_nmi_panic=1. True: delivered now; False: queued in
+        KVM (a paused VM's vCPUs are parked outside KVM_RUN) for when they run, and
+        carried by a snapshot taken meanwhile. No pause: a hung guest's devices may not
+        quiesce."""
+        with self._pause_lock:
+            if self.state == "paused":
+                for v in self.vcpus:
+                    v.nmi()
+                return False
+            if self.state != "running":
+                raise VmError(f"VM is {self.state}")
+            for t in self.threads:
+                t.request_nmi()
+            return True
 
     def announce(self) -> None:
         """Arrived by migration: devices that must tell the outside world do (a NIC's

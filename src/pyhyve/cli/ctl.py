@@ -28,8 +28,8 @@ def build_parser() -> Parser:
                       help="press the ACPI power button: the guest shuts down cleanly (waits "
                       "up to --timeout seconds for the VM to end)")
     acts.add_argument("--nmi", action="store_true",
-                      help="send an NMI to every vCPU (a hung Linux guest prints its stacks, "
-                      "or panics into kdump, as its kernel is configured)")
+                      help="send an NMI to every vCPU (Linux reports it; with "
+                      "kernel.unknown_nmi_panic=1 it panics, and kdumps if set up)")
     acts.add_argument("--destroy", action="store_true",
                       help="stop the VM and its process; returns once the process is gone")
     acts.add_argument("--suspend", metavar="FILE", help="save to FILE (+.kern, .meta); the VM exits")

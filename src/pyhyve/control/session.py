@@ -87,8 +87,11 @@ class Session:
     def nmi(self, _msg: dict[str, Any]) -> dict[str, Any]:
         with self.lock:
             self._no_migration()
-            self.vm.inject_nmi()
-        return {"line": f"NMI sent to {len(self.vm.vcpus)} vCPU(s)", "state": self.vm.state}
+            now = self.vm.inject_nmi()
+        n = len(self.vm.vcpus)
+        return {"line": f"NMI sent to {n} vCPU(s)" if now else
+                f"NMI queued for {n} vCPU(s): delivered when the VM resumes",
+                "state": self.vm.state}
 
     def resume(self, _msg: dict[str, Any]) -> dict[str, Any]:
         with self.lock:

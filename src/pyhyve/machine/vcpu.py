@@ -46,6 +46,7 @@ class VcpuThread:
         self.vcpu, self.control, self.pio, self.mmio = vcpu, control, pio, mmio
         self.thread = threading.Thread(target=self._main, name=f"vcpu{vcpu.index}", daemon=True)
         self.exits = 0
+        self.nmi_requested = False
 
     def start(self) -> None:
         self.thread.start()
@@ -56,6 +57,17 @@ class VcpuThread:
         if ident is not None and self.thread.is_alive():
             with contextlib.suppress(ProcessLookupError):
                 signal.pthread_kill(ident, KICK_SIGNAL)
+
+    def request_nmi(self) -> None:
+        """Queue an NMI from this thread, between two KVM_RUNs (KVM takes a vCPU's ioctls
+        only outside KVM_RUN, and a halted guest may stay inside it for long)."""
+        self.nmi_requested = True
+        self.kick()
+
+    def _take_nmi(self) -> None:
+        if self.nmi_requested:
+            self.nmi_requested = False
+            self.vcpu.nmi()
 
     def _main(self) -> None:
         try:
@@ -75,9 +87,11 @@ class VcpuThread:
                 run.immediate_exit = 0
                 if not ctl.park():
                     return
+                self._take_nmi()
                 continue
-            if run.immediate_exit:  # kicked for throttling (or a pause that was withdrawn)
+            if run.immediate_exit:  # kicked: throttling, an NMI, a pause that was withdrawn
                 run.immediate_exit = 0
+                self._take_nmi()
                 if ctl.throttle > 0:
                     ctl.throttle_sleep()
                 continue

@@ -303,8 +303,8 @@ class Blk:
                 ok = res == length  # a short transfer is an error, as a disk has it
                 chain.write(mem, bytes([S_OK if ok else S_IOERR]), room)
                 out.append((queue, chain, (room if ok and not write else 0) + 1))
-            except QueueError:
-                out.append((queue, chain, -1))
+            except Exception:  # any failure ends the request (the device breaks), never
+                out.append((queue, chain, -1))  # drops it: it is counted in flight
         return out
 
     def _check(self, sector: int, length: int) -> int:

@@ -380,12 +380,13 @@ class VirtioPci(Device):
                 for index, done in by_queue.items():
                     self._complete_many(self.queues[index], done)
                 self._work.notify_all()
-                if self._closing or self._paused or not self.status & DRIVER_OK \
-                        or self.status & NEEDS_RESET:
-                    continue
-                for index, q in enumerate(self.queues):
-                    if q.ready:
-                        self._serve(index)
+                if not (self._closing or self._paused or not self.status & DRIVER_OK
+                        or self.status & NEEDS_RESET):
+                    for index, q in enumerate(self.queues):
+                        if q.ready:
+                            self._serve(index)
+            if len(finished) < REAP_CHUNK:  # none left over: later ones signal the fd again
+                return
 
     def _serve(self, index: int) -> None:
         """Take and complete what queue `index` holds; then let the backend start what it

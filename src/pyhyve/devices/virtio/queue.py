@@ -22,7 +22,6 @@ entry (a kit guest caught exactly this).
 
 from __future__ import annotations
 
-import functools
 import struct
 import threading
 from collections.abc import Iterable, Iterator
@@ -74,12 +73,11 @@ class Chain:
     readable: list[Segment] = field(default_factory=list)
     writable: list[Segment] = field(default_factory=list)
 
-    # asked several times a request; a chain's buffers never change once it is walked
-    @functools.cached_property
+    @property
     def in_bytes(self) -> int:
         return sum(s.length for s in self.readable)
 
-    @functools.cached_property
+    @property
     def out_room(self) -> int:
         return sum(s.length for s in self.writable)
 
