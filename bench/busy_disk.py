@@ -31,11 +31,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 from devices import KERNEL, make_image, qemu_args
-from guestview import KEY, QEMU_TIMEOUT, free_port, load_key_hex, popen
+from guestview import KEY, QEMU_TIMEOUT, Console, free_port, load_key_hex, popen
 from pyhyve.control.client import ControlClient
 from qmp import Qmp
 
@@ -44,44 +43,6 @@ from common import PYHYVE, ensure_qemu, median, qemu_version, table
 CMDLINE = "bench=blk bs=4096 qd=32 rand write ms=60000 mark=64 span=536870912"
 MEMORY = "256M"
 AFTER = 2.0
-GO = b"BENCH go"
-
-
-class Marks:
-    """A guest's console pipe, read on a thread: when each progress mark arrived (after
-    "BENCH go" on a guest that boots here, from the first byte on one that arrives)."""
-
-    def __init__(self, stream: object, going: bool) -> None:
-        self.times: list[float] = []
-        self.text = bytearray()
-        self.cond = threading.Condition()
-        self._going = going
-        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
-
-    def _read(self, stream: object) -> None:
-        fd = stream.fileno()  # type: ignore[attr-defined]
-        while chunk := os.read(fd, 65536):
-            t = time.monotonic()
-            with self.cond:
-                self.text += chunk
-                if not self._going:
-                    at = self.text.find(GO)
-                    if at < 0:
-                        continue
-                    self._going = True
-                    chunk = bytes(self.text[at + len(GO):])
-                self.times += [t] * chunk.count(b".")
-                self.cond.notify_all()
-
-    def wait(self, n: int, timeout: float = 60.0) -> float:
-        with self.cond:
-            if not self.cond.wait_for(lambda: len(self.times) >= n, timeout):
-                raise RuntimeError(f"{len(self.times)} of {n} marks in {timeout:.0f} s: "
-                                   f"{bytes(self.text[-300:])!r}")
-            return self.times[n - 1]
-
-    def failed(self) -> bool:
-        return b"bench:" in self.text or b"VIRTIO ERROR" in self.text
 
 
 def longest_gap(times: list[float], start: float, end: float) -> tuple[float, float]:
@@ -100,10 +61,12 @@ class Vmm:
         self.procs: list[subprocess.Popen] = []
         self.qmps: dict[str, Qmp] = {}
 
-    def _spawn(self, name: str, args: list[str], env: dict | None = None) -> Marks:
+    def _spawn(self, name: str, args: list[str], env: dict | None = None) -> Console:
+        """The guest's progress marks: after "BENCH go" on one that boots here, from the
+        first byte on one that arrives."""
         p = popen(args, os.path.join(self.work, f"{self.label}-{name}.err"), env=env)
         self.procs.append(p)
-        return Marks(p.stdout, going=name == "dst")
+        return Console(p.stdout, name != "dst", mark=b".", start=b"BENCH go")
 
     def close(self) -> None:
         for q in self.qmps.values():
@@ -125,7 +88,7 @@ class Pyhyve(Vmm):
         with open(self.key, "w") as f:
             f.write(KEY)
 
-    def boot(self) -> Marks:
+    def boot(self) -> Console:
         return self._spawn("src", [PYHYVE, "run", "src", "--memory", MEMORY, "--kernel", KERNEL,
                                    "--cmdline", CMDLINE, "--disk", f"{self.image},direct",
                                    "--console", "stdio"], self.env)
@@ -141,7 +104,7 @@ class Pyhyve(Vmm):
     def checkpoint(self, path: str) -> None:
         self._ctl("checkpoint", path=path)
 
-    def listen(self, port: int, kind: str) -> Marks:
+    def listen(self, port: int, kind: str) -> Console:
         return self._spawn("dst", [PYHYVE, "run", "dst", "-R", f"127.0.0.1,{port}",
                                    "--key-file", self.key, "--reuse-paths",
                                    "--console", "stdio"], self.env)
@@ -161,7 +124,7 @@ class Qemu(Vmm):
         super().__init__(work, image)
         self.qemu = qemu
 
-    def _vm(self, name: str, extra: list[str]) -> Marks:
+    def _vm(self, name: str, extra: list[str]) -> Console:
         sock = os.path.join(self.work, f"{name}.qmp")
         m = self._spawn(name, [*qemu_args(self.qemu, self.image, CMDLINE, "native"),
                                "-m", MEMORY, "-qmp", f"unix:{sock},server=on,wait=off",
@@ -169,7 +132,7 @@ class Qemu(Vmm):
         self.qmps[name] = Qmp(sock)
         return m
 
-    def boot(self) -> Marks:
+    def boot(self) -> Console:
         return self._vm("src", [])
 
     def checkpoint(self, path: str) -> None:
@@ -180,7 +143,7 @@ class Qemu(Vmm):
             raise TimeoutError("QEMU's snapshot did not complete")
         q.cmd("cont")
 
-    def listen(self, port: int, kind: str) -> Marks:
+    def listen(self, port: int, kind: str) -> Console:
         return self._vm("dst", ["-incoming", f"tcp:127.0.0.1:{port}"])
 
     def migrate(self, port: int, kind: str) -> None:
@@ -207,21 +170,21 @@ def one(vmm: Vmm, op: str) -> dict[str, float]:
         t_go = src.wait(1)
         # warmed up (pyhyve imports its save and migration code 1 s after start, in the
         # background: not in the quiet second), then a quiet second
-        while src.wait(len(src.times) + 1) - t_go < 3.0:
+        while src.wait(len(src.passes) + 1) - t_go < 3.0:
             pass
         t0 = time.monotonic()
-        floor, _ = longest_gap(src.times, t0 - 1.0, t0)
+        floor, _ = longest_gap(src.passes, t0 - 1.0, t0)
         if op == "checkpoint":
             vmm.checkpoint(os.path.join(vmm.work, f"{vmm.label}-ck"))
         else:
             vmm.migrate(port, op)
         t1 = time.monotonic()
         time.sleep(AFTER)
-        marks = sorted(src.times + (dst.times if dst else []))
+        marks = sorted(src.passes + (dst.passes if dst else []))
         for m in (src, dst):
-            if m is not None and m.failed():
+            if m is not None and (b"bench:" in m.text or b"VIRTIO ERROR" in m.text):
                 raise RuntimeError(f"the guest failed: {bytes(m.text[-300:])!r}")
-        if not [t for t in (dst or src).times if t > t1]:
+        if not [t for t in (dst or src).passes if t > t1]:
             raise RuntimeError("the disk made no progress after the operation")
         pause, at = longest_gap(marks, t0, t1 + AFTER)
         return {"pause": pause, "at": at - t1, "floor": floor, "cmd": t1 - t0}

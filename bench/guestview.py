@@ -61,14 +61,17 @@ AFTER = 2.0  # seconds watched after an operation ends
 
 
 class Console:
-    """A guest's console pipe, read on a thread: the time each pass marker arrived."""
+    """A guest's console pipe, read on a thread: the time each pass marker (`mark`)
+    arrived; with `banner`, only those after the first `start` (a guest booting here
+    prints a banner first; one that arrives by restore or migration does not)."""
 
-    def __init__(self, stream: object, banner: bool) -> None:
+    def __init__(self, stream: object, banner: bool, mark: bytes = b"B",
+                 start: bytes = b"\n") -> None:
         self.passes: list[float] = []
         self.text = bytearray()
         self.first = 0.0  # when its first byte came
         self.cond = threading.Condition()
-        self._in_banner = banner
+        self._in_banner, self._mark, self._start = banner, mark, start
         threading.Thread(target=self._read, args=(stream,), daemon=True).start()
 
     def _read(self, stream: object) -> None:
@@ -80,12 +83,12 @@ class Console:
                     self.first = t
                 self.text += chunk
                 if self._in_banner:  # "A-B start ws=..." has a B of its own
-                    nl = chunk.find(b"\n")
-                    if nl < 0:
+                    at = self.text.find(self._start)
+                    if at < 0:
                         continue
                     self._in_banner = False
-                    chunk = chunk[nl:]
-                self.passes += [t] * chunk.count(b"B")
+                    chunk = bytes(self.text[at + len(self._start):])
+                self.passes += [t] * chunk.count(self._mark)
                 self.cond.notify_all()
 
     def wait(self, n: int, timeout: float = 120.0) -> float:
