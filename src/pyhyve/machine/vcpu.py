@@ -85,9 +85,9 @@ class VcpuThread:
                 run.immediate_exit = 1
                 run_ioctl(fd)  # completes in-flight I/O, returns -EINTR
                 run.immediate_exit = 0
+                self._take_nmi()  # into KVM before parking: a capture meanwhile has it
                 if not ctl.park():
                     return
-                self._take_nmi()
                 continue
             if run.immediate_exit:  # kicked: throttling, an NMI, a pause that was withdrawn
                 run.immediate_exit = 0
