@@ -739,6 +739,42 @@ def test_frames_the_guest_sends_reach_the_tap_whole(kit):
         subprocess.run(["ip", "tuntap", "del", "dev", tap, "mode", "tap"], check=False)
 
 
+@pytest.mark.kvm
+def test_frames_sent_into_the_tap_reach_the_guest_whole(kit):
+    """The host sends 200 frames of 100 bytes into the device's tap; the kit guest
+    (bench=netrx, 72 receive buffers) counts every one, at its length."""
+    import socket
+    import subprocess
+
+    tap = _tap_name("r")
+    subprocess.run(["ip", "tuntap", "add", "dev", tap, "mode", "tap"], check=True)
+    try:
+        subprocess.run(["ip", "link", "set", tap, "up"], check=True)
+        out = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+        out.bind((tap, 0))
+        con = CaptureConsole()
+        desc_ = with_virtio(default_description("null"), [], False,
+                            nets=[f"tap:{tap},mac=02:00:00:00:00:43"])
+        vm = VirtualMachine.create(VmConfig("nr", 64 * MB, 1, kernel=kit["virtio"],
+                                            cmdline="bench=netrx ms=3000",
+                                            description=desc_), console=con)
+        try:
+            vm.start()
+            con.wait_for("BENCH go", timeout=60)
+            for i in range(200):
+                out.send(b"\xff" * 6 + bytes.fromhex("020000000099") + b"\x88\xb5"
+                         + bytes([i]) * 86)
+            con.wait_for("BENCH end", timeout=60)
+            con.wait_for("\n", timeout=10, start=bytes(con.buf).index(b"BENCH end"))
+        finally:
+            out.close()
+            vm.close()
+        end = bytes(con.buf).split(b"BENCH end ")[1].split(b"\n")[0]
+        assert end.split() == [b"ops=200", b"bytes=20000"], end
+    finally:
+        subprocess.run(["ip", "tuntap", "del", "dev", tap, "mode", "tap"], check=False)
+
+
 def test_net_specs_state_and_the_announce_frame():
     from pyhyve.devices.virtio.net import MAX_PENDING, Net, NetError, parse_net, rarp
 

@@ -5,8 +5,11 @@ interface, opened with IFF_TAP|IFF_NO_PI), or `loop[,mac=MAC]`: every frame the 
 comes back to it (for tests, and a guest with no network). Frames carry the 12-byte
 virtio_net_hdr_v1 on the rings, no offloads; the VMM adds and strips it.
 
-Received frames wait in the device (at most MAX_PENDING; more are dropped and counted, as
-a NIC drops) until the guest offers receive buffers; a receive request with nothing to
+The device's worker thread polls the tap itself (`completion_fd`; `reap` reads what it
+holds): a reader thread of its own handed every frame over to the worker, a thread
+switch per frame that cost more than the frame. Received frames wait in the device (at
+most MAX_PENDING; more are dropped and counted, as a NIC drops) until the guest offers
+receive buffers; a receive request with nothing to
 deliver goes back into the ring (WAIT), so no request is held across a save. The state is
 the MAC and the frames not yet delivered. The MAC is the guest's: it comes from the state
 at restore and migration, from `mac=` or a random locally administered one at boot, and a
@@ -24,7 +27,6 @@ import fcntl
 import json
 import os
 import re
-import select
 import struct
 import threading
 from collections.abc import Callable
@@ -37,6 +39,7 @@ F_MAC, F_STATUS = 1 << 5, 1 << 16
 HDR = 12
 MAX_FRAME = 65536
 MAX_PENDING = 256
+TAP_BATCH = 64  # frames read per wake-up of the worker
 RX, TX = 0, 1
 TUNSETIFF, IFF_TAP, IFF_NO_PI = 0x400454CA, 0x0002, 0x1000
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
@@ -91,17 +94,17 @@ class Net:
         self._lock = threading.Lock()
         self.kick: Callable[[int], None] = lambda queue: None  # set by the transport
         self.tap = -1
-        self._stop_r, self._stop_w = -1, -1
-        self._reader: threading.Thread | None = None
+        self.completion_fd: int | None = None  # the tap: the transport polls it for reap()
         if self.kind == "tap":
             try:
-                self.tap = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+                self.tap = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
                 fcntl.ioctl(self.tap, TUNSETIFF,
                             struct.pack("16sH14x", self.ifname.encode(), IFF_TAP | IFF_NO_PI))
             except OSError as e:
                 if self.tap >= 0:
                     os.close(self.tap)
                 raise NetError(f"cannot open tap {self.ifname}: {e.strerror}") from None
+            self.completion_fd = self.tap
 
     def features(self) -> int:
         return F_MAC | F_STATUS
@@ -112,29 +115,27 @@ class Net:
     def config_write(self, offset: int, data: bytes) -> None:
         pass
 
-    def start(self) -> None:
-        if self.tap >= 0 and self._reader is None:
-            self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
-            self._reader = threading.Thread(target=self._read_tap, name="net-tap", daemon=True)
-            self._reader.start()
-
-    def _read_tap(self) -> None:
-        while True:
-            ready, _, _ = select.select([self.tap, self._stop_r], [], [])
-            if self._stop_r in ready:
-                return
+    def reap(self, mem: Memory, limit: int) -> list[tuple[int, Chain, int]]:
+        """The tap is readable (the transport polls it): take up to TAP_BATCH frames into
+        the device, then let the receive queue be served. Completes no request. Always
+        drains, dropping what does not fit: an unread tap would keep poll() awake."""
+        frames = []
+        for _ in range(TAP_BATCH):
             try:
-                frame = os.read(self.tap, MAX_FRAME)
-            except OSError:
-                return
-            self._arrived(frame)
+                frames.append(os.read(self.tap, MAX_FRAME))
+            except OSError:  # empty (EAGAIN), or the interface went away: nothing now
+                break
+        if frames:
+            self._arrived(*frames)
+        return []
 
-    def _arrived(self, frame: bytes) -> None:
+    def _arrived(self, *frames: bytes) -> None:
         with self._lock:
-            if len(self.pending) >= MAX_PENDING:
-                self.dropped += 1
-                return
-            self.pending.append(frame)
+            for frame in frames:
+                if len(self.pending) >= MAX_PENDING:
+                    self.dropped += 1
+                else:
+                    self.pending.append(frame)
         self.kick(RX)
 
     def handle(self, queue: int, chain: Chain, mem: Memory) -> int:
@@ -194,13 +195,7 @@ class Net:
         self.pending, self.dropped = collections.deque(frames), dropped
 
     def close(self) -> None:
-        if self._stop_w >= 0:
-            os.write(self._stop_w, b"x")
-        if self._reader is not None:
-            self._reader.join(5)
-            if self._reader.is_alive():
-                return  # still reading: its fds stay open until the process ends
-        for fd in (self.tap, self._stop_r, self._stop_w):
-            if fd >= 0:
-                os.close(fd)
-        self.tap = self._stop_r = self._stop_w = -1
+        """(The transport has stopped its worker, the tap's only reader, before this.)"""
+        if self.tap >= 0:
+            os.close(self.tap)
+        self.tap, self.completion_fd = -1, None
