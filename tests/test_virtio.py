@@ -687,6 +687,15 @@ def test_the_destination_announces_the_mac_on_its_tap_right_after_migration(kit,
         subprocess.run(["ip", "tuntap", "del", "dev", dst, "mode", "tap"], check=False)
 
 
+def _kit_on_tap(kit, name: str, tap: str, mac: str,
+                cmdline: str) -> tuple[VirtualMachine, CaptureConsole]:
+    """The kit's device guest with one NIC, on `tap`, and no disk."""
+    con = CaptureConsole()
+    desc_ = with_virtio(default_description("null"), [], False, nets=[f"tap:{tap},mac={mac}"])
+    return VirtualMachine.create(VmConfig(name, 64 * MB, 1, kernel=kit["virtio"],
+                                          cmdline=cmdline, description=desc_), console=con), con
+
+
 @pytest.mark.kvm
 def test_frames_the_guest_sends_reach_the_tap_whole(kit):
     """The kit guest's net benchmark floods its transmit queue (32 frames of 100 bytes in
@@ -714,12 +723,8 @@ def test_frames_the_guest_sends_reach_the_tap_whole(kit):
                     continue
         t = threading.Thread(target=capture, daemon=True)
         t.start()
-        con = CaptureConsole()
-        desc_ = with_virtio(default_description("null"), [], False,
-                            nets=[f"tap:{tap},mac=02:00:00:00:00:42"])
-        vm = VirtualMachine.create(VmConfig("nb", 64 * MB, 1, kernel=kit["virtio"],
-                                            cmdline="bench=net qd=32 size=100 ms=200",
-                                            description=desc_), console=con)
+        vm, con = _kit_on_tap(kit, "nb", tap, "02:00:00:00:00:42",
+                              "bench=net qd=32 size=100 ms=200")
         try:
             vm.start()
             con.wait_for(" rx=", timeout=60)
@@ -752,12 +757,7 @@ def test_frames_sent_into_the_tap_reach_the_guest_whole(kit):
         subprocess.run(["ip", "link", "set", tap, "up"], check=True)
         out = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
         out.bind((tap, 0))
-        con = CaptureConsole()
-        desc_ = with_virtio(default_description("null"), [], False,
-                            nets=[f"tap:{tap},mac=02:00:00:00:00:43"])
-        vm = VirtualMachine.create(VmConfig("nr", 64 * MB, 1, kernel=kit["virtio"],
-                                            cmdline="bench=netrx ms=3000",
-                                            description=desc_), console=con)
+        vm, con = _kit_on_tap(kit, "nr", tap, "02:00:00:00:00:43", "bench=netrx ms=3000")
         try:
             vm.start()
             con.wait_for("BENCH go", timeout=60)
