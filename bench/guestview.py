@@ -1,7 +1,7 @@
 """What the guest sees: pyhyve vs QEMU 7.2 on the same A-B guest, in the same run.
 
 Run: .venv/bin/python bench/guestview.py [--runs 5] [--ws 0,64,512] [--only snapshot,migration]
-     [--kinds defaults,matched,postcopy]
+     [--kinds defaults,matched,postcopy] [--cold MIB]
 
 The A-B guest prints one `B` per pass over its working set; every byte of its console is
 timestamped as it arrives (pyhyve `--console stdio`, QEMU `-serial stdio`, both into a pipe
@@ -11,7 +11,10 @@ read here), so each figure is the guest's own progress, not a VMM's "done":
 - restore: process start to the first `B` after the restore (the end of the pass the guest
   was in), to its first full pass (the second `B`), and to steady speed (three passes in a
   row no slower than 1.5x the steady pass time). pyhyve --lazy and --eager (its default);
-  QEMU `-incoming "exec:cat FILE"` of a stopped-guest snapshot, `cont` when loaded.
+  QEMU `-incoming "exec:cat FILE"` of a stopped-guest snapshot, `cont` when loaded. And the
+  VMM process's resident memory (VmRSS) after 8 passes, beside the booted guest's.
+  `--cold MIB` adds that much data after the working set, written once at boot and never
+  read again (the A-B guest's `ro=MIB roevery=0`): what a loading set leaves in the file.
 - checkpoint: the longest silence of the guest from the command until 2 s after it
   finished, and the passes lost: passes in that window against the same guest's passes in
   the undisturbed second before it, scaled to the window. pyhyve
@@ -334,6 +337,13 @@ def free_port() -> int:
 Result = dict[str, float]
 
 
+def rss_mib(vm: Vm) -> float:
+    """The VMM process's resident memory (guest RAM it holds, page cache it maps, its own)."""
+    with open(f"/proc/{vm.proc.pid}/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return kb / 1024
+
+
 def floor_and_snapshots(side: Pyhyve | Qemu, work: str) -> Result:
     """Boot (floor), checkpoint, suspend, then restore from the suspend's files."""
     out: Result = {}
@@ -341,6 +351,7 @@ def floor_and_snapshots(side: Pyhyve | Qemu, work: str) -> Result:
     try:
         out["boot_first_pass"] = vm.con.wait(1) - vm.t_start
         steady = out["steady_pass"] = steady_pass(vm.con)
+        out["boot_rss"] = rss_mib(vm)
         time.sleep(1.0)  # an undisturbed second to compare the window with
         t0 = time.monotonic()
         side.checkpoint(vm, os.path.join(work, f"{side.label}-ck"))
@@ -361,6 +372,7 @@ def floor_and_snapshots(side: Pyhyve | Qemu, work: str) -> Result:
             first = r.con.wait(1)
             second = r.con.wait(2)
             r.con.wait(8)
+            out[f"{tag}_rss"] = rss_mib(r)
             no_restart(r.con)
             st = at_steady(r.con.passes, steady)
             out[f"{tag}_first_b"] = first - r.t_start
@@ -440,7 +452,8 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x"
 
 
-def run_ws(ws: int, runs: int, kernel: str, qemu: str, only: set[str]) -> list[list[str]]:
+def run_ws(ws: int, runs: int, kernel: str, qemu: str, only: set[str],
+           cold: int = 0) -> list[list[str]]:
     snap: dict[str, list[Result]] = {"pyhyve": [], "QEMU": []}
     mig: dict[tuple[str, str], list[Result]] = {(s, k): [] for s in ("pyhyve", "QEMU")
                                                 for k in KINDS}
@@ -448,8 +461,9 @@ def run_ws(ws: int, runs: int, kernel: str, qemu: str, only: set[str]) -> list[l
         for label in ("pyhyve", "QEMU"):
             work = tempfile.mkdtemp(dir=os.environ.get("BENCH_DIR"))
             try:
-                side = (Pyhyve(kernel, ws, work) if label == "pyhyve"
-                        else Qemu(qemu, kernel, ws, work))
+                cmdline = f"ws={ws}M" + (f" ro={cold}M roevery=0" if cold else "")
+                side = (Pyhyve(kernel, ws, work, cmdline) if label == "pyhyve"
+                        else Qemu(qemu, kernel, ws, work, cmdline))
                 if "snapshot" in only:
                     snap[label].append(attempt(partial(floor_and_snapshots, side, work)))
                 if "migration" in only:
@@ -461,7 +475,8 @@ def run_ws(ws: int, runs: int, kernel: str, qemu: str, only: set[str]) -> list[l
     p, q = snap["pyhyve"], snap["QEMU"]
 
     def row(what: str, pv: float | None, qv: float | None, note: str = "") -> None:
-        rows.append([f"{ws} MiB" if not rows else "", what, ms(pv), ms(qv), ratio(pv, qv), note])
+        label = f"{ws} MiB" + (f" + {cold} MiB cold" if cold else "")
+        rows.append([label if not rows else "", what, ms(pv), ms(qv), ratio(pv, qv), note])
 
     if "snapshot" in only:
         row("floor: boot to first pass", med(p, "boot_first_pass"), med(q, "boot_first_pass"))
@@ -472,6 +487,13 @@ def run_ws(ws: int, runs: int, kernel: str, qemu: str, only: set[str]) -> list[l
                 med(q, f"restore_{k}"))
             row(f"restore --eager: start to {what}", med(p, f"restore_eager_{k}"),
                 med(q, f"restore_{k}"), "pyhyve's default")
+        rows.append(["", "memory after boot (MiB RSS)", num(med(p, "boot_rss")),
+                     num(med(q, "boot_rss")), ratio(med(p, "boot_rss"), med(q, "boot_rss")),
+                     "the VMM's own + the guest's"])
+        for tag, what in (("restore", "--lazy"), ("restore_eager", "--eager")):
+            rows.append(["", f"restore {what}: memory after 8 passes (MiB RSS)",
+                         num(med(p, f"{tag}_rss")), num(med(q, "restore_rss")),
+                         ratio(med(p, f"{tag}_rss"), med(q, "restore_rss")), ""])
         row("checkpoint: longest guest silence", med(p, "checkpoint_stall"),
             med(q, "checkpoint_stall"), "QEMU: migrate to file + cont, 10G")
         rows.append(["", "checkpoint: passes lost", num(med(p, "checkpoint_lost")),
@@ -502,6 +524,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--ws", default="0,64,512", help="working sets in MiB")
     ap.add_argument("--only", default="snapshot,migration")
+    ap.add_argument("--cold", type=int, default=0,
+                    help="MiB of data the guest writes once and never touches again, "
+                         "after its working set (the loading set leaves it in the file)")
     ap.add_argument("--kinds", default=",".join(KINDS),
                     help="migration settings to compare (" + ", ".join(KINDS) + ")")
     args = ap.parse_args()
@@ -512,7 +537,7 @@ def main() -> None:
     warm_memory()
     rows: list[list[str]] = []
     for ws in (int(x) for x in args.ws.split(",")):
-        rows += run_ws(ws, args.runs, kernel, qemu, set(args.only.split(",")))
+        rows += run_ws(ws, args.runs, kernel, qemu, set(args.only.split(",")), args.cold)
     print(table(f"what the guest sees, 1 GiB A-B guest, median of {args.runs} (ms) — "
                 f"{qemu_version(qemu)}, {time.strftime('%Y-%m-%d')}",
                 ["ws", "what", "pyhyve", "QEMU", "pyhyve/QEMU", "note"], rows))

@@ -70,7 +70,7 @@ def test_the_snapshot_records_the_machine(make_vm, tmp_path):
     save(vm, str(tmp_path / "s"), "checkpoint")
     snap = open_snapshot(str(tmp_path / "s"))
     snap.close()
-    assert snap.meta["format_version"] == 4
+    assert snap.meta["format_version"] == 5
     desc = VmDescription.from_dict(snap.meta["description"])
     assert [d.id for d in desc.devices] == ["com1", "i8042", "post", "pci", "genid", "ecam",
                                           "acpi-pm", "rtc"]

@@ -224,34 +224,53 @@ def test_guest_stops_with_one_line_when_it_cannot_be_moved_off_in_time(make_vm, 
     vm.close()  # lets go of the lease: the writer gets through
 
 
-@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no-prefetch"])
-def test_prefetch_pulls_every_data_page_in_and_changes_none(make_vm, tmp_path, prefetch):
-    """A lazily restored guest gets its snapshot's data pages faulted in for writing by a
-    background thread (so its first touch of each is not a fault and a file read), byte
-    for byte what the file holds; without prefetch they stay in the file until touched."""
+@pytest.mark.parametrize("how", ["loading-set", "paused", "no-prefetch"])
+def test_prefetch_pulls_the_loading_set_in_and_changes_none(make_vm, tmp_path, how):
+    """A lazily restored guest gets its snapshot's loading set (the blocks it was writing
+    before the save: loadset.py) faulted in for writing by a background thread, so its
+    first touch of each is not a fault and a file read, byte for byte what the file holds;
+    cold data stays in the file. A snapshot of a paused VM has no set: every data page is
+    pulled in. Without prefetch, nothing is."""
     import numpy as np
 
     from pyhyve.pipeline.pages import _written_pages
-    base = suspended(make_vm, str(tmp_path / "a"), cmdline="ws=16M", memory=64 * MB)
-    snap = open_snapshot(base)
-    vm2 = restore(snap, console=CaptureConsole(), prefetch=prefetch)  # never started
+    from pyhyve.snapshot.loadset import intersect
+    vm, con = make_vm("ab", "ws=16M", memory=64 * MB)
+    con.wait_for(b"BB")
+    vm.memory.write(32 * MB, os.urandom(8 * MB))  # cold data, written before the window
+    if how == "paused":
+        vm.pause()
+    save(vm, str(tmp_path / "a"), "suspend")
+    vm.stop("suspended")
+    snap = open_snapshot(str(tmp_path / "a"))
+    vm2 = restore(snap, console=CaptureConsole(), prefetch=how != "no-prefetch")  # not started
     try:
         runs, mem = snap.runs, vm2.memory
-        data = sum(n for _, n in runs) * 4096
+        if how == "paused":
+            assert snap.loading == []
+            hot = runs
+        else:  # the working set (4 MiB + 16 MiB), not the cold 8 MiB
+            assert snap.loading == [(1024, 4096)], snap.loading
+            hot = intersect(snap.loading, runs)
+        data = sum(n for _, n in hot) * 4096
         pf = mem.guard.prefetch  # type: ignore[union-attr]
-        if prefetch:
+        if how != "no-prefetch":
             deadline = time.monotonic() + 30
             while pf.done_bytes < data:
                 assert time.monotonic() < deadline, (pf.done_bytes, data)
                 time.sleep(0.01)
+            time.sleep(0.05)
+            assert pf.done_bytes == data
         else:
             assert pf is None
         r = mem.regions[0]
         private = _written_pages(r.host_addr, r.size)
         wanted = np.zeros(r.size // 4096, dtype=bool)
-        for page, count in runs:
+        for page, count in (hot if how != "no-prefetch" else runs):
             wanted[page:page + count] = True
-        assert (private[wanted].all() if prefetch else not private[wanted].any())
+        assert private[wanted].all() if how != "no-prefetch" else not private[wanted].any()
+        cold = slice(32 * MB // 4096, 40 * MB // 4096)
+        assert private[cold].all() if how == "paused" else not private[cold].any()
         with open(snap.memory_path, "rb") as f:
             for page, count in runs:
                 f.seek(page * 4096)

@@ -57,6 +57,7 @@ def ab_snapshot(make_vm, tmp_path):
     (1, ["ab", "ab.kern"], 1),        # before generations
     (2, ["ab.g1", "ab.g1.kern"], 2),  # before the VM description
     (3, ["ab.g1", "ab.g1.kern"], 2),  # before incremental layers (and the generation ID)
+    (4, ["ab.g1", "ab.g1.kern"], 2),  # before loading sets
 ])
 def test_old_format_fixtures_restore_and_the_ab_invariant_continues(tmp_path, version, old,
                                                                      gen):

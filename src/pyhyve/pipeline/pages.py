@@ -144,14 +144,14 @@ def encode_runs(runs: Runs) -> bytes:
     return b"".join(RUN.pack(p, n) for p, n in runs)
 
 
-def decode_runs(raw: bytes, total_pages: int) -> Runs:
+def decode_runs(raw: bytes, total_pages: int, what: str = "memory run table") -> Runs:
     """Runs from a file or stream, checked: sorted, disjoint, non-empty, inside RAM."""
     if len(raw) % RUN.size:
-        raise ValueError("memory run table has a partial entry")
+        raise ValueError(f"{what} has a partial entry")
     runs, last_end = [], 0
     for p, n in RUN.iter_unpack(raw):
         if n == 0 or p < last_end or p + n > total_pages:
-            raise ValueError("memory run table is not sorted, overlaps or leaves RAM")
+            raise ValueError(f"{what} is not sorted, overlaps or leaves RAM")
         runs.append((p, n))
         last_end = p + n
     return runs

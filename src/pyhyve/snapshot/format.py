@@ -2,7 +2,8 @@
 
     FILE.gN       guest RAM; byte `file_offset + x` of a region is guest-physical
                   `guest_phys_addr + x`; zero pages are holes. Plain-mmap usable.
-    FILE.gN.kern  a 16-byte header, then state sections (vm, vcpuN, dev:NAME, memory-runs).
+    FILE.gN.kern  a 16-byte header, then state sections (vm, vcpuN, dev:NAME, memory-runs,
+                  loading-set).
     FILE.meta     JSON: what the snapshot is, its generation N, the VM config, CPUID, host
                   facts, memory regions, every section's offset/length/checksum, the memory
                   checksum, and a checksum of the metadata itself. Renaming it into place
@@ -30,10 +31,12 @@ from ..pipeline.record import validate_record
 from ..pipeline.sections import RUNS_SECTION
 from .errors import SnapshotError as SnapshotError
 from .files import MAX_GENERATION
+from .loadset import SECTION as LOADING_SECTION
 
 FORMAT = "pyhyve-snapshot"
-FORMAT_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)  # 3: no parent (layers); 2: no VM description; 1: nor generations
+FORMAT_VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)  # 4: no loading set; 3: nor parent (layers); 2: nor VM
+# description; 1: nor generations
 MAX_CHAIN = 64  # layers over one full snapshot; `snapshot merge` flattens a longer chain
 KERN_MAGIC = b"PYHYVE-KERN\0"
 KERN_HEADER_SIZE = 16
@@ -126,7 +129,8 @@ def _validate(meta: dict[str, Any]) -> None:
     _int(meta["memory"], "data_pages", 0, size // PAGE)
     names = _validate_sections(meta)
     cpus = meta["vm"]["cpus"]
-    for need in ["vm", RUNS_SECTION, *(f"vcpu{i}" for i in range(cpus))]:
+    loading = [LOADING_SECTION] if version >= 5 else []
+    for need in ["vm", RUNS_SECTION, *loading, *(f"vcpu{i}" for i in range(cpus))]:
         _need(need in names, f"section '{need}' is missing")
     _need(not any(n.startswith("vcpu") and n[4:].isdigit() and int(n[4:]) >= cpus for n in names),
           "more vCPU sections than vCPUs")

@@ -59,13 +59,14 @@ def merge(src: str, out: str) -> tuple[SnapshotFiles, int, int]:
                 names = [s["name"] for s in snap.meta["state"]["sections"]]
                 blobs = [(n, encode_runs(runs) if n == RUNS_SECTION else snap.blobs[n])
                          for n in names]
-                table, off = [], len(kern_header())
+                table, off = [], len(kern_header(snap.meta["format_version"]))
                 for n, blob in blobs:
                     table.append({"name": n, "offset": off, "length": len(blob),
                                   "checksum": checksum(blob)})
                     off += len(blob)
                 kfd, ktmp = temps.create(".kern")
-                write_all(kfd, kern_header() + b"".join(b for _, b in blobs))
+                write_all(kfd, kern_header(snap.meta["format_version"])
+                          + b"".join(b for _, b in blobs))
                 os.fsync(kfd)
 
                 def make_meta(files: SnapshotFiles) -> bytes:

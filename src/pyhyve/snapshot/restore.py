@@ -23,7 +23,7 @@ from ..devices.console import Console
 from ..errors import PyhyveError, RecordError
 from ..machine.memory import PAGE, GuestMemory
 from ..pipeline.build import build_vm, decode_for
-from ..pipeline.pages import decode_runs
+from ..pipeline.pages import Runs, decode_runs
 from ..pipeline.record import MachineSpec
 from ..vm import VirtualMachine
 from .chain import layers, open_parents, root, stack
@@ -31,6 +31,8 @@ from .files import dir_lock, generation_files, meta_path, resolve_base
 from .format import KERN_MAGIC, Section, SnapshotError, checksum, kern_header, read_meta, sections
 from .incremental import ParentRef, depth_of, track
 from .lease import LeaseGuard, take_lease
+from .loadset import SECTION as LOADING_SECTION
+from .loadset import prefetch_runs
 from .memfile import hash_file_runs, load_eager, stray_data, zero_spans
 from .prefetch import Prefetcher
 
@@ -48,6 +50,7 @@ class Snapshot:
     verify_seconds: float = 0.0
     memory_verified: bool = False
     parent: Snapshot | None = None  # an incremental layer's (chain.py)
+    loading: Runs | None = None  # the recorded loading set (loadset.py); None before v5
 
     def close(self) -> None:
         if self.mem_fd >= 0:
@@ -122,8 +125,14 @@ def _open_one(base: str, verify_memory: bool, progress: ProgressFactory | None) 
             raise SnapshotError(f"memory run table: {e}") from None
         if sum(n for _, n in runs) != meta["memory"]["data_pages"]:
             raise SnapshotError("memory run table disagrees with the metadata's page count")
+        loading = None
+        if LOADING_SECTION in blobs:  # required from version 5 (format.py)
+            try:
+                loading = decode_runs(blobs[LOADING_SECTION], size // PAGE, "loading set")
+            except ValueError as e:
+                raise SnapshotError(f"state section '{LOADING_SECTION}': {e}") from None
         snap = Snapshot(base, meta, blobs, runs, fd, memory_path=mem_path,
-                        lease_error=lease_error)
+                        lease_error=lease_error, loading=loading)
         if verify_memory:
             verify_memory_file(snap, progress)
         snap.verify_seconds = time.perf_counter() - t0
@@ -237,7 +246,8 @@ def _build(snap: Snapshot, name: str | None, console: Console | None, bindings: 
         vm.apply(state)
         vm.renew_generation()  # the guest's memory is a copy now: it may run twice
         if lazy:
-            _guard(vm, bottom, prefetch, clone)
+            _guard(vm, bottom, prefetch_runs(snap.loading, bottom.runs) if prefetch else None,
+                   clone)
     except PyhyveError as e:  # the user's or the host's: said as it is
         vm.close()
         raise _loading_error(e) from None
@@ -285,16 +295,17 @@ def _lazy_memory(snap: Snapshot, size: int) -> GuestMemory:
     return memory
 
 
-def _guard(vm: VirtualMachine, snap: Snapshot, prefetch: bool, clone: bool) -> None:
-    """Watch the memory file's lease: a writer elsewhere detaches the guest from it."""
+def _guard(vm: VirtualMachine, snap: Snapshot, prefetch: Runs | None, clone: bool) -> None:
+    """Watch the memory file's lease: a writer elsewhere detaches the guest from it; and
+    prefetch the runs `prefetch` names (the loading set's data pages, or all of them)."""
     guard = LeaseGuard(vm.memory, snap.mem_fd, snap.memory_path, snap.meta["memory"]["size"],
                        snap.lease_error, lambda why: vm.stop(why, 1), vm.paused)
     vm.memory.guard = guard
     guard.start()
-    if prefetch and guard.depends:  # measured (docs/benchmarks.md): populating for writing
-        # reaches full speed 2.3x sooner at 512 MiB; for reading it is slower than nothing,
-        # but a clone reads to keep the page cache's pages shared
-        guard.prefetch = Prefetcher(vm.memory, snap.runs, write=not clone)
+    if prefetch is not None and guard.depends:  # measured (docs/benchmarks.md): populating
+        # for writing reaches full speed 2.3x sooner at 512 MiB; for reading it is slower
+        # than nothing, but a clone reads to keep the page cache's pages shared
+        guard.prefetch = Prefetcher(vm.memory, prefetch, write=not clone)
         guard.prefetch.start()
 
 

@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..machine.memory import PAGE
-from ..pipeline.pages import Runs, guest_runs
+from ..pipeline.pages import Runs, encode_runs, guest_runs
 from ..pipeline.record import machine_record
 from ..pipeline.sections import device_list, to_sections
 from ..vmtypes import meminfo
+from . import loadset
 from .files import SnapshotFiles, commit, create_temp, write_all
 from .format import FORMAT, FORMAT_VERSION, SnapshotError, checksum, kern_header, meta_checksum
 from .incremental import Layer, begin, pending_pages, plan
@@ -139,10 +140,12 @@ def _memory_file(temps: _Temps, vm: VirtualMachine, runs: Runs,
     return fd, tmp, write_memory(vm.memory, fd, runs, report)
 
 
-def _state_file(temps: _Temps, st: MachineState, runs: Runs) -> tuple[str, list[SectionRow], int]:
-    """The state sections into a temporary, fsynced; returns it, its table and its size."""
+def _state_file(temps: _Temps, st: MachineState, runs: Runs,
+                loading: Runs) -> tuple[str, list[SectionRow], int]:
+    """The state sections (and the loading set) into a temporary, fsynced; returns it, its
+    table and its size."""
     table, off = [], len(kern_header())
-    blobs = to_sections(st, runs)
+    blobs = [*to_sections(st, runs), (loadset.SECTION, encode_runs(loading))]
     for name, blob in blobs:
         table.append((name, off, len(blob), checksum(blob)))
         off += len(blob)
@@ -169,14 +172,25 @@ def _staging(vm: VirtualMachine, incremental: bool) -> Staging | None:
         return None
 
 
+def _recorder(vm: VirtualMachine, window: float) -> loadset.Recorder | None:
+    """The loading set's recorder, if the host lets the dirty log be switched on (a save
+    without one still works: its restore prefetches every data page)."""
+    try:
+        return loadset.Recorder(vm, window)
+    except OSError:
+        return None
+
+
 def save(vm: VirtualMachine, base: str, kind: str, progress: ProgressFactory | None = None,
-         keep_paused: bool = False, stage: bool = True, incremental: bool = False) -> SaveStats:
+         keep_paused: bool = False, stage: bool = True, incremental: bool = False,
+         loading_window: float = loadset.WINDOW) -> SaveStats:
     """Snapshot `vm` to `base` (FILE.meta naming FILE.gN and FILE.gN.kern). `kind` is
     "suspend" or "checkpoint"; a checkpoint resumes the guest as soon as its memory is
     copied aside (a staging buffer, unless `stage` is False) or written (unless
     keep_paused). A suspended VM stays paused; the caller stops it. `incremental`
     writes only the pages written since the VM's previous incremental save, as a layer
-    over it (incremental.py)."""
+    over it (incremental.py). For `loading_window` seconds before the pause the guest's
+    writes are sampled for the loading set a lazy restore prefetches (loadset.py)."""
     base = _target(base)
     refusal = vm.save_refusal()
     if refusal:
@@ -184,8 +198,15 @@ def save(vm: VirtualMachine, base: str, kind: str, progress: ProgressFactory | N
     t0 = time.perf_counter()
     if keep_paused and vm.state == "running":
         vm.pause()  # the caller's pause: it outlives the save
-    ahead = plan(vm, base) if incremental else None  # file checks, before the guest waits
-    staging = _staging(vm, incremental) if stage and kind == "checkpoint" else None
+    recorder = _recorder(vm, loading_window)
+    try:
+        ahead = plan(vm, base) if incremental else None  # file checks, before the guest waits
+        staging = _staging(vm, incremental) if stage and kind == "checkpoint" else None
+        loading = recorder.finish() if recorder else []  # the window overlaps the staging
+    finally:
+        if recorder:
+            recorder.cancel()
+    t_hold = time.perf_counter()
     vm.hold()
     held, done, resumed_at = True, False, None
     layer: Layer | None = None
@@ -208,7 +229,7 @@ def save(vm: VirtualMachine, base: str, kind: str, progress: ProgressFactory | N
                 vm.release()  # the memory bytes are in the file: the guest may go on
                 held, resumed_at = False, time.perf_counter()
             os.fsync(fd)
-            ktmp, table, kern_size = _state_file(temps, st, runs)
+            ktmp, table, kern_size = _state_file(temps, st, runs, loading)
 
             written: dict[str, Any] = {}
 
@@ -235,7 +256,7 @@ def save(vm: VirtualMachine, base: str, kind: str, progress: ProgressFactory | N
             vm.release()
     end = time.perf_counter()
     data_bytes = mem_stats.data_pages * PAGE
-    downtime = (resumed_at or end) - t0
+    downtime = (resumed_at or end) - t_hold  # the guest's, not the window's or the staging's
     return SaveStats(base, kind, vm.memory.size, data_bytes, mem_stats.zero_pages, end - t0,
                      downtime, files.generation, tuple(removed),
                      layer.parent.base if layer and layer.parent else None,

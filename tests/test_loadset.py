@@ -1,0 +1,173 @@
+"""The loading set (snapshot/loadset.py): recorded at save, prefetched by a lazy restore,
+and checked like every other state section: a damaged one refuses the snapshot."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import pytest
+
+from pyhyve import guestkit
+from pyhyve.pipeline.pages import RUN, _written_pages
+from pyhyve.snapshot.files import current_files
+from pyhyve.snapshot.format import SnapshotError, checksum, meta_checksum
+from pyhyve.snapshot.loadset import SECTION, blocks_of, intersect
+from pyhyve.snapshot.restore import open_snapshot, restore
+from pyhyve.snapshot.save import save
+
+from conftest import CaptureConsole, cli
+
+pytestmark = pytest.mark.kvm
+
+MB = 1 << 20
+WS, COLD = 8 * MB, 24 * MB  # the A-B guest's working set at 4 MiB; cold data after it
+
+
+@pytest.fixture(scope="module")
+def hot_and_cold(tmp_path_factory, kit):
+    """A suspended A-B guest that writes 8 MiB every pass and wrote 24 MiB once at boot."""
+    from pyhyve.vm import VirtualMachine, VmConfig
+
+    d = tmp_path_factory.mktemp("loadset")
+    con = CaptureConsole()
+    vm = VirtualMachine.create(VmConfig("ls", 64 * MB, 1, kernel=kit["ab"],
+                                        cmdline="ws=8M ro=24M roevery=0"), console=con)
+    vm.start()
+    con.wait_for(b"BBB")
+    save(vm, str(d / "snap"), "suspend")
+    vm.close()
+    return str(d / "snap")
+
+
+@pytest.fixture
+def snap(hot_and_cold, tmp_path):
+    src = current_files(hot_and_cold)
+    for path in (src.memory, src.state, src.meta):
+        shutil.copy(path, str(tmp_path / os.path.basename(path)))
+    return str(tmp_path / "snap")
+
+
+def section_of(base: str) -> tuple[dict, dict]:
+    with open(current_files(base).meta) as f:
+        meta = json.load(f)
+    return meta, next(s for s in meta["state"]["sections"] if s["name"] == SECTION)
+
+
+def test_the_set_is_the_working_set_and_a_lazy_restore_leaves_cold_data_in_the_file(snap):
+    s = open_snapshot(snap)
+    start = 4 * MB // 4096
+    assert s.loading == [(start, WS // 4096)]  # not the cold 24 MiB after it
+    con = CaptureConsole()
+    vm = restore(s, console=con)
+    s.close()
+    try:
+        vm.start()
+        pf = vm.memory.guard.prefetch  # type: ignore[union-attr]
+        deadline = time.monotonic() + 30
+        while pf.done_bytes < WS:
+            assert time.monotonic() < deadline, pf.done_bytes
+            time.sleep(0.01)
+        n = con.text.count("B")
+        con.wait_count(b"B", n + 5, timeout=30)
+        vm.pause()
+        r = vm.memory.regions[0]
+        private = _written_pages(r.host_addr, r.size)
+        cold = slice(start + WS // 4096, start + (WS + COLD) // 4096)
+        assert private[start:start + WS // 4096].all()
+        assert not private[cold].any()  # never read: still only in the file
+        assert private.sum() * 4096 < 2 * WS  # the guest's memory is what it uses
+        saved = guestkit.ab_check(r.array)  # the invariant holds, and the cold data is whole
+        assert saved.passes > 0
+        with open(current_files(snap).memory, "rb") as f:
+            f.seek(4 * MB + WS)
+            assert f.read(COLD) == bytes(r.array[4 * MB + WS:4 * MB + WS + COLD])
+    finally:
+        vm.close()
+
+
+def test_a_corrupt_loading_set_refuses_the_snapshot(snap):
+    _, sec = section_of(snap)
+    assert sec["length"] > 0
+    with open(current_files(snap).state, "r+b") as f:
+        f.seek(sec["offset"] + 3)
+        b = f.read(1)
+        f.seek(sec["offset"] + 3)
+        f.write(bytes([b[0] ^ 0x40]))
+    with pytest.raises(SnapshotError, match="state section 'loading-set' checksum mismatch"):
+        open_snapshot(snap)
+    r = cli("pyhyve", "run", "ls", "-r", snap, "--lazy")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].endswith("checksum mismatch (corrupt)"), r.stderr
+
+
+def test_a_missing_loading_set_refuses_a_version_5_snapshot(snap):
+    def drop(m):
+        m["state"]["sections"] = [s for s in m["state"]["sections"] if s["name"] != SECTION]
+    _edit(snap, drop)
+    with pytest.raises(SnapshotError, match="section 'loading-set' is missing"):
+        open_snapshot(snap)
+
+
+@pytest.mark.parametrize("runs", [[(2000, 10), (1000, 10)],   # unsorted
+                                  [(1000, 10), (1005, 10)],   # overlapping
+                                  [(16383, 2)],               # leaves RAM
+                                  [(10, 0)]])                 # empty run
+def test_a_malformed_loading_set_with_a_good_checksum_is_refused(snap, runs):
+    meta, sec = section_of(snap)
+    blob = b"".join(RUN.pack(p, n) for p, n in runs)
+    state = current_files(snap).state
+    with open(state, "r+b") as f:
+        f.truncate(sec["offset"])
+        f.seek(sec["offset"])
+        f.write(blob)
+        size = f.tell()
+
+    def rewrite(m):
+        m["state"]["size"] = size
+        for s in m["state"]["sections"]:
+            if s["name"] == SECTION:
+                s.update(length=len(blob), checksum=checksum(blob))
+    assert sec["offset"] + sec["length"] == meta["state"]["size"]  # the last section
+    _edit(snap, rewrite)
+    with pytest.raises(SnapshotError, match="state section 'loading-set': loading set is not "
+                                            "sorted, overlaps or leaves RAM"):
+        open_snapshot(snap)
+
+
+def test_a_paused_vm_records_no_set_and_its_restore_prefetches_every_data_page(make_vm,
+                                                                               tmp_path):
+    vm, con = make_vm("ab", "ws=4M", memory=32 * MB)
+    con.wait_for(b"BB")
+    vm.pause()
+    save(vm, str(tmp_path / "p"), "checkpoint")
+    s = open_snapshot(str(tmp_path / "p"))
+    try:
+        assert s.loading == []
+    finally:
+        s.close()
+
+
+def test_blocks_and_intersections():
+    import numpy as np
+
+    w = np.zeros(2048, dtype=bool)
+    w[[5, 600, 1990]] = True  # blocks 0, 1 and the last, short one
+    assert blocks_of(w[:2000], 2000) == [(0, 1024), (1536, 464)]
+    w[:] = False
+    w[600] = True
+    assert blocks_of(w, 2048) == [(512, 512)]
+    assert intersect([(0, 10), (20, 10)], [(5, 20)]) == [(5, 5), (20, 5)]
+    assert intersect([(0, 10)], []) == []
+
+
+def _edit(base: str, change) -> None:
+    path = current_files(base).meta
+    with open(path) as f:
+        meta = json.load(f)
+    change(meta)
+    meta["meta_checksum"] = meta_checksum(meta)
+    with open(path, "w") as f:
+        json.dump(meta, f)
