@@ -265,6 +265,49 @@ def test_a_source_that_gives_up_keeps_its_guest_paused(make_vm):
             dest.vm.close()
 
 
+def test_a_source_that_gave_up_finishes_on_migrate_recover(make_vm):
+    """The destination is away longer than the source's deadline: the source gives up,
+    paused, with its pages. Once the network is back, `--migrate-recover` (Migration.
+    recover) reconnects with the same session and finishes: every page arrives, the guest
+    over there holds the invariant, and only then does this VM end."""
+    vm, con = make_vm("ab", "ws=8M ro=24M roevery=1000000", memory=128 * MB)
+    con.wait_count(b"B", 3, timeout=60, start=con.wait_for("\n") + 1)
+    dest = Destination()
+    proxy = RelayProxy(dest.port)
+    m, t = start_postcopy(vm, proxy.port, bandwidth=16 * MB, recover_timeout=1.0)
+    wait_for_switch(m, t)
+    back = threading.Thread(target=proxy.down_for, args=(3.0,), daemon=True)
+    back.start()
+    t.join(20)
+    try:
+        assert m.stats.state == "failed" and m.recoverable(), m.stats.line()
+        assert vm.state == "paused" and not vm.stopped
+        back.join(10)
+        stats = m.recover(30.0)
+        assert stats.state == "completed", stats.line() + " " + stats.error
+        assert vm.stopped and not m.recoverable()
+        dest.join()
+        assert dest.receiver.postcopy.done.wait(30)
+        dest.console.wait_count(b"B", 3, timeout=60)
+        ab_on(dest.vm)
+    finally:
+        proxy.close()
+        dest.join(5)
+        if dest.vm is not None:
+            dest.vm.close()
+
+
+def test_migrate_recover_without_a_failed_postcopy_is_refused(make_vm):
+    from pyhyve.migration.source import MigrationError
+
+    vm, con = make_vm("ab", "ws=1M")
+    con.wait_for(b"B")
+    m = Migration(vm, "127.0.0.1", 9, KEY, Options(live=True))
+    assert not m.recoverable()
+    with pytest.raises(MigrationError, match="no post-copy migration to recover"):
+        m.recover()
+
+
 def start_postcopy(vm, port: int, **opts: object) -> tuple[Migration, threading.Thread]:
     m = Migration(vm, "127.0.0.1", port, KEY,
                   Options(live=True, postcopy=True, compress="none", io_timeout=5.0,
@@ -362,3 +405,22 @@ def test_a_go_cut_short_gives_the_guest_back_to_the_source(make_vm):
     ab_on(vm)
     assert dest.vm is None
     dest.receiver.close()
+
+
+def test_pyhyvectl_migrate_recover_says_why_it_cannot(kit, rundir):
+    import subprocess
+
+    from conftest import cli, spawn, wait_socket
+
+    p = spawn("pyhyve", "run", "rec", "-k", kit["ab"], "--cmdline", "ws=1M", "--console",
+              "null", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_socket(rundir, "rec")
+        r = cli("pyhyvectl", "--vm", "rec", "--migrate-recover")
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+        assert "no post-copy migration to recover here" in r.stderr
+        assert cli("pyhyvectl", "--vm", "rec", "--destroy").returncode == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait()

@@ -119,3 +119,54 @@ def test_a_guest_runs_on_pages_that_arrive_after_it_resumed(make_vm) -> None:
     assert server.error is None
     assert server.faults_served >= 1  # the vCPU itself waited on a page at least once
     server.stop()
+
+
+RING_SCRIPT = r"""
+import struct, sys, time
+import numpy as np
+from pyhyve.devices.virtio.queue import Virtqueue
+from pyhyve.machine.memory import PAGE, GuestMemory
+from pyhyve.machine.uffd import PageServer
+
+mem = GuestMemory(16 << 20)
+DESC, AVAIL, USED, BUF = 0x100000, 0x101000, 0x102000, 0x200000
+q = Virtqueue(max_size=8)
+q.ready, q.desc, q.avail, q.used = True, DESC, AVAIL, USED
+mem.write(DESC, struct.pack("<QIHH", BUF, 512, 0, 0))      # one request, 512 bytes at BUF
+mem.write(AVAIL + 4, struct.pack("<H", 0))
+mem.write(AVAIL + 2, struct.pack("<H", 1))
+mem.write(BUF, b"payload!" * 64)
+q.check_layout(mem)
+assert q.pending(mem) == 1     # a look at the rings before post-copy starts: views kept
+source = bytes(mem.regions[0].mm)
+
+def slow(first, count):        # the source is far away: nothing is here at once
+    time.sleep(0.3)
+    return source[first * PAGE:(first + count) * PAGE]
+
+missing = np.zeros(mem.size // PAGE, dtype=bool)
+missing[DESC // PAGE:USED // PAGE + 1] = True
+missing[BUF // PAGE] = True
+ps = PageServer(mem, missing, slow)
+ps.drop_missing()
+ps.start()
+chain = q.pop(mem)             # a device thread, holding Python's lock, reads the rings
+data = b"".join(bytes(v) for v in chain.views(mem, False, 0, 512))
+print("popped", chain.head, data[:8].decode(), ps.prepared_missing > 0, flush=True)
+ps.stop()
+"""
+
+
+def test_a_device_reading_rings_viewed_before_the_switch_waits_for_them(tmp_path):
+    """A device that looked at its rings before the switch holds views of them; post-copy
+    then drops those pages. A device thread reading its rings right after the switch must
+    wait for them without holding Python's lock (the page server needs it): the views are
+    taken again, through `prepare`. Run in a child, since the failure this guards against is a process that
+    hangs for good."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", RING_SCRIPT], capture_output=True, text=True,
+                       timeout=30)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split() == ["popped", "0", "payload!", "True"], p.stdout

@@ -167,21 +167,92 @@ def test_restore_needs_the_disk_bound(kit, disk, tmp_path):
 
 
 @pytest.mark.kvm
-@pytest.mark.parametrize("direct", [False, True], ids=["buffered", "direct"])
-def test_live_migration_while_busy_loses_no_block(kit, disk, direct):
+@pytest.mark.parametrize("direct,postcopy", [(False, False), (True, False), (True, True),
+                                             (False, True)],
+                         ids=["buffered", "direct", "postcopy-direct", "postcopy-buffered"])
+def test_live_migration_while_busy_loses_no_block(kit, disk, direct, postcopy):
+    """Post-copy: the destination's device threads read rings and buffers that are still
+    on the source; each access brings its pages in first (machine/uffd.py), so neither a
+    device nor the page server waits on the other."""
     from migrate_helpers import Destination, migrate
 
     vm, con = device_vm(kit, f"{disk},direct" if direct else disk)
     vm.start()
     wait_rounds(con, 2)
     dest = Destination(reuse_paths=True)  # shared storage: the same image
-    stats = migrate(vm, dest, live=True)
+    opts = {"postcopy": True, "bandwidth": 64 << 20} if postcopy else {}
+    stats = migrate(vm, dest, live=True, **opts)
     assert stats.state == "completed", stats.error
     try:
         runs_on(dest.vm, con, dest.console, disk)
+        if postcopy:  # the pages came after the switch, some because a device asked
+            assert stats.phases_ms["postcopy requests"] > 0, stats.phases_ms
+            assert dest.receiver.postcopy.server.prepared_missing > 0
     finally:
         dest.vm.close()
         vm.close()
+
+
+@pytest.mark.kvm
+def test_postcopy_of_a_busy_device_guest_from_the_command_line(kit, disk, tmp_path, rundir,
+                                                                keyfile):
+    """Two pyhyve processes, as a user runs them: the device guest keeps its disk busy
+    through a post-copy switch and after it, on the destination, with its pages still
+    arriving (its data capped at 100 KiB/s, so they do for seconds). A destination whose
+    device threads waited on the page server under Python's lock would print nothing
+    more; here its rounds go on and the image is whole."""
+    import socket
+    import subprocess
+    import time
+
+    from conftest import cli, spawn, wait_file, wait_socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    src_log, dst_log = tmp_path / "src.log", tmp_path / "dst.log"
+    common = ["--disk", f"{disk},direct,serial=kit-disk", "--rng"]
+    src = spawn("pyhyve", "run", "src", "-k", kit["virtio"], "-m", "64M", "--cmdline",
+                f"blocks={BLOCKS} frames=16", *common, "--console", f"file:{src_log}",
+                stderr=subprocess.PIPE, text=True)
+    dst = spawn("pyhyve", "run", "dst", "-R", f"127.0.0.1,{port}", "--key-file", keyfile,
+                "--reuse-paths", "--console", f"file:{dst_log}", stderr=subprocess.PIPE,
+                text=True)
+    try:
+        wait_socket(rundir, "src")
+        wait_file(src_log, "V2 ")
+        r = cli("pyhyvectl", "--vm", "src", "--migrate-live", f"127.0.0.1:{port}",
+                "--key-file", keyfile, "--postcopy", "--bandwidth", "100K", "--compress",
+                "none", timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert "post-copy pages to go 0" in r.stdout, r.stdout
+        assert src.wait(30) == 0 and "(post-copy)" in src.stderr.read()
+        wait_socket(rundir, "dst")
+        before = len(rounds_in(src_log.read_bytes()))
+        deadline = time.monotonic() + 60
+        while len(rounds_in(dst_log.read_bytes())) < 3:
+            assert time.monotonic() < deadline, dst_log.read_bytes()[-300:]
+            time.sleep(0.05)
+        assert cli("pyhyvectl", "--vm", "dst", "--pause").returncode == 0
+        got = rounds_in(src_log.read_bytes() + dst_log.read_bytes())
+        assert got == list(range(1, len(got) + 1)) and len(got) >= before + 3, got
+        assert b"VIRTIO ERROR" not in dst_log.read_bytes()
+        guestkit.check_blocks(disk, BLOCKS)
+        assert cli("pyhyvectl", "--vm", "dst", "--destroy").returncode == 0
+        dst.wait(30)
+        said = re.search(r"post-copy: every page is here \((\d+) guest faults, (\d+) device "
+                         r"accesses waited", dst.stderr.read())
+        assert said, "the destination never had every page"
+        assert int(said.group(2)) > 0, said.group(0)  # the case this test is for
+    finally:
+        for p in (src, dst):
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+def rounds_in(out: bytes) -> list[int]:
+    return [int(m.group(1)) for m in _V.finditer(out)]
 
 
 # --- the transport against a hostile driver (no KVM) ---------------------------------------

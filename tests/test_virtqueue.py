@@ -27,6 +27,7 @@ class FakeRam:
 
     def __init__(self) -> None:
         self.b = bytearray(RAM)
+        self.epoch = 0
         self.outside: list[int] = []
         self.marked: list[tuple[int, int]] = []
 

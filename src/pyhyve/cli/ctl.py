@@ -41,6 +41,9 @@ def build_parser() -> Parser:
     acts.add_argument("--migrate-status", action="store_true", help="progress of a migration")
     acts.add_argument("--migrate-cancel", action="store_true",
                       help="cancel a migration; the guest keeps running here")
+    acts.add_argument("--migrate-recover", action="store_true",
+                      help="a post-copy that gave up after its switch (its --recover-timeout "
+                      "passed): reconnect to the same destination and finish sending")
     p.add_argument("--incremental", action="store_true",
                    help="with --checkpoint/--suspend: write only the pages written since the "
                    "VM's previous incremental snapshot, as a layer over it (the first one is "
@@ -104,7 +107,8 @@ def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     cmd = next(c for c in ("status", "pause", "resume", "powerdown", "nmi", "destroy", "suspend",
                            "checkpoint",
-                           "migrate", "migrate_live", "migrate_status", "migrate_cancel")
+                           "migrate", "migrate_live", "migrate_status", "migrate_cancel",
+                           "migrate_recover")
                if getattr(args, c))
     extra: dict[str, Any] = {}
     if args.incremental and cmd not in ("suspend", "checkpoint"):
@@ -115,6 +119,8 @@ def _main(argv: list[str] | None) -> int:
     if cmd in ("migrate", "migrate_live"):
         extra = migrate_args(args, cmd)
         cmd = "migrate"
+    if cmd == "migrate_recover":
+        extra = {"recover_timeout": args.recover_timeout}
     cmd = cmd.replace("_", "-")
     progress = Progress(args.vm) if cmd == "migrate" and sys.stderr.isatty() else None
     try:
@@ -130,10 +136,11 @@ def _main(argv: list[str] | None) -> int:
         if progress:
             progress.stop()
     reply.pop("ok", None)
-    if cmd == "migrate" and reply.get("state") != "completed":
+    if cmd in ("migrate", "migrate-recover") and reply.get("state") != "completed":
         state, error = reply.get("state"), str(reply.get("error"))
         why = error if error.startswith("migration") else f"migration {state}: {error}"
-        fail(PROG, why if "stays paused" in why else f"{why} (the guest keeps running here)")
+        paused = "stays paused" in why or "kept paused" in why
+        fail(PROG, why if paused else f"{why} (the guest keeps running here)")
     if args.json:
         print(json.dumps(reply, indent=2))
     elif "line" in reply:

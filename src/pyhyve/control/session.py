@@ -40,7 +40,7 @@ class Session:
             "suspend": self.suspend,
             "checkpoint": self.checkpoint,
             "migrate": self.migrate, "migrate-status": self.migrate_status,
-            "migrate-cancel": self.migrate_cancel,
+            "migrate-cancel": self.migrate_cancel, "migrate-recover": self.migrate_recover,
         }
         self.migration: Migration | None = None
         self.server: ControlServer | None = None
@@ -169,6 +169,25 @@ class Session:
                 raise VmError(f"VM is {self.vm.state}")
             mig = self.migration = Migration(self.vm, host, port, key, opts)
         stats = mig.run()
+        out = asdict(stats)
+        out["line"] = stats.line()
+        return out
+
+    def migrate_recover(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """A post-copy that gave up after its switch: reconnect and finish it; the reply
+        comes when it has ended."""
+        from ..migration.source import MigrationError
+
+        timeout = msg.get("recover_timeout")
+        if timeout is not None and (not isinstance(timeout, (int, float))
+                                    or isinstance(timeout, bool) or timeout <= 0):
+            raise MigrationError("bad option recover_timeout")
+        with self.lock:
+            mig = self.migration
+            if mig is None or not mig.recoverable():
+                raise MigrationError("no post-copy migration to recover here (only one that "
+                                     "gave up after its switch can be)")
+        stats = mig.recover(float(timeout) if timeout is not None else None)
         out = asdict(stats)
         out["line"] = stats.line()
         return out

@@ -106,9 +106,10 @@ class GuestMemory:
         if size <= 0 or size % PAGE:
             raise ValueError(f"memory size must be a positive multiple of {PAGE}")
         self.size = size
-        # post-copy: (gpa, length) -> whether a page there is still to come; our reads
-        # refuse those (a GIL holder must never fault on a page only the GIL can bring)
-        self.unavailable: Callable[[int, int], bool] | None = None
+        # post-copy: makes [gpa, gpa+length) present before one of our threads touches it
+        # (a GIL holder must never fault on a page only the GIL can bring: machine/uffd.py)
+        self.prepare: Callable[[int, int], None] | None = None
+        self.epoch = 0  # bumped when pages may have gone: views of guest RAM are taken again
         self.name = name
         self.fd = os.dup(backing_fd) if backing_fd is not None else -1
         self.hugetlb = hugetlb and self.fd < 0 and self._reserve_huge()
@@ -161,12 +162,16 @@ class GuestMemory:
         raise ValueError(f"guest range {gpa:#x}+{length:#x} is not RAM")
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        if self.prepare is not None:
+            self.prepare(gpa, len(data))
         r = self.region_for(gpa, len(data))
         off = gpa - r.gpa
         r.mm[off:off + len(data)] = data
         self._wrote(r, off, len(data))
 
     def fill(self, gpa: int, length: int, value: int = 0) -> None:
+        if self.prepare is not None:
+            self.prepare(gpa, length)
         r = self.region_for(gpa, length)
         C.memset(r.host_addr + gpa - r.gpa, value, length)
         self._wrote(r, gpa - r.gpa, length)
@@ -183,8 +188,8 @@ class GuestMemory:
             self.on_write(first, last - first + 1)
 
     def read(self, gpa: int, length: int) -> bytes:
-        if self.unavailable is not None and self.unavailable(gpa, length):
-            raise ValueError(f"guest memory at {gpa:#x} is still arriving (post-copy)")
+        if self.prepare is not None:
+            self.prepare(gpa, length)
         r = self.region_for(gpa, length)
         off = gpa - r.gpa
         return r.mm[off:off + length]
@@ -193,8 +198,8 @@ class GuestMemory:
         """A writable view of [gpa, gpa+length), for a device's I/O straight into guest
         RAM (a disk read lands here without a copy); whoever writes through it calls
         mark_written."""
-        if self.unavailable is not None and self.unavailable(gpa, length):
-            raise ValueError(f"guest memory at {gpa:#x} is still arriving (post-copy)")
+        if self.prepare is not None:
+            self.prepare(gpa, length)
         r = self.region_for(gpa, length)
         off = gpa - r.gpa
         return memoryview(r.mm)[off:off + length]
@@ -202,12 +207,14 @@ class GuestMemory:
     def address(self, gpa: int, length: int) -> int:
         """The host address of [gpa, gpa+length), checked like span(); for I/O the kernel
         does into guest RAM on its own time (a disk's AIO)."""
-        if self.unavailable is not None and self.unavailable(gpa, length):
-            raise ValueError(f"guest memory at {gpa:#x} is still arriving (post-copy)")
+        if self.prepare is not None:
+            self.prepare(gpa, length)
         r = self.region_for(gpa, length)
         return r.host_addr + gpa - r.gpa
 
     def view(self, gpa: int, length: int) -> np.ndarray:
+        if self.prepare is not None:
+            self.prepare(gpa, length)
         r = self.region_for(gpa, length)
         off = gpa - r.gpa
         return r.array[off:off + length]

@@ -11,9 +11,15 @@ served from Python costs ~44 us from touch to resume; 64 KiB around each fault a
 2 MiB push brought a guest's 64 MiB working set in within ~31 ms.
 
 Rules for users of guest memory while a server runs: a thread that holds the GIL must not
-touch a missing page (the server needs the GIL to serve it); read through `ensure` first.
-A fault for a page that another path filled meanwhile gets EEXIST from UFFDIO_COPY: the
-faulting thread is then woken with UFFDIO_WAKE, or it would sleep forever.
+touch a page that is not there (missing, or a zero page never written): the server needs
+the GIL to place it, so the thread would wait forever. GuestMemory's accessors (read,
+write, span, address, fill, view) therefore call `prepare` first, which faults the range
+in through madvise(MADV_POPULATE_WRITE) from ctypes: the GIL is released while the kernel
+waits for the server, exactly as a vCPU waits inside KVM_RUN. Views taken before the
+server started may point at dropped pages: `drop_missing` bumps `memory.epoch`, and the
+virtqueues take their ring views again (through span, so prepared). A fault for a page
+that another path filled meanwhile gets EEXIST from UFFDIO_COPY: the faulting thread is
+then woken with UFFDIO_WAKE, or it would sleep forever.
 """
 
 from __future__ import annotations
@@ -190,6 +196,8 @@ class PageServer:
 
         self.memory, self.source = memory, source
         self.missing = missing.copy()
+        self.ready = np.zeros(len(missing), dtype=bool)  # prepared: there for good
+        self.prepared_missing = 0  # accesses of ours that had to wait for the source
         self.left = int(np.count_nonzero(self.missing))
         self.faults_served = 0
         self.error: BaseException | None = None
@@ -205,8 +213,8 @@ class PageServer:
     def drop_missing(self) -> None:
         """Route faults on all of guest RAM to us, then make every missing page really
         missing (what was there is stale). In that order: khugepaged could otherwise
-        refill a dropped page with zeros before the range is ours. Guest memory reads of
-        ours (`GuestMemory.read`) refuse a missing page from here on, instead of hanging."""
+        refill a dropped page with zeros before the range is ours. Our own accesses to guest
+        memory are `prepare`d from here on, and views taken before are taken again."""
         from ..machine.dirty import runs_of
 
         for r in self.memory.regions:
@@ -215,7 +223,8 @@ class PageServer:
             for off, n in self.memory.pieces(page * PAGE, (page + count) * PAGE, 1 << 30):
                 _check(_libc.madvise(C.c_void_p(self._host(off)), C.c_size_t(n), MADV_DONTNEED),
                        "madvise(MADV_DONTNEED)")
-        self.memory.unavailable = self.missing_at
+        self.memory.prepare = self.prepare
+        self.memory.epoch += 1
 
     def missing_at(self, gpa: int, length: int) -> bool:
         """Is any page of guest-physical [gpa, gpa+length) still to come?"""
@@ -226,9 +235,31 @@ class PageServer:
                 return bool(self.missing[first:last + 1].any())
         return False
 
+    def prepare(self, gpa: int, length: int) -> None:
+        """Make guest-physical [gpa, gpa+length) present before a thread of ours touches it:
+        the kernel faults what is not there to this server, with the GIL released (see the
+        rules above). Once a page is there it stays, so each is prepared once. Ranges
+        outside RAM are left to the caller's own check."""
+        for r in self.memory.regions:
+            if r.gpa <= gpa < r.gpa + r.size:
+                end = min(gpa + max(length, 1), r.gpa + r.size)
+                first = (r.layout.file_offset + gpa - r.gpa) // PAGE
+                last = (r.layout.file_offset + end - r.gpa - 1) // PAGE
+                if self.ready[first:last + 1].all():
+                    return
+                if self.missing[first:last + 1].any():
+                    self.prepared_missing += 1
+                if not self.memory.populate(first * PAGE, (last + 1 - first) * PAGE, True):
+                    raise ValueError(f"guest memory at {gpa:#x} could not be brought in "
+                                     "(post-copy)")
+                self.ready[first:last + 1] = True
+                if end < gpa + length:  # it goes on in the next region
+                    self.prepare(end, gpa + length - end)
+                return
+
     def close(self) -> None:
         """Give the userfaultfd back (a migration that failed before the guest ran)."""
-        self.memory.unavailable = None
+        self.memory.prepare = None
         self._uffd.close()
 
     def start(self) -> None:
@@ -331,7 +362,7 @@ class PageServer:
         """Remote mode, every page in: RAM is ordinary memory again."""
         for r in self.memory.regions:
             self._uffd.unregister(r.host_addr, r.size)
-        self.memory.unavailable = None
+        self.memory.prepare = None
         self.done.set()
 
     def _fault(self, addr: int) -> None:
@@ -354,7 +385,7 @@ class PageServer:
             if not self._stop.is_set():  # all in: RAM is ordinary memory again (the kernel
                 for r in self.memory.regions:  # wakes whoever still waits, to fault as usual)
                     self._uffd.unregister(r.host_addr, r.size)
-                self.memory.unavailable = None
+                self.memory.prepare = None
                 self.done.set()
         except BaseException as e:  # the guest waits on us: say why it will wait forever
             self.error = e

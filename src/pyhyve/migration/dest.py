@@ -199,8 +199,6 @@ class Receiver:
         if not self.session or self.opts.hugepages:
             raise ProtocolError("POSTCOPY without a post-copy session in HELLO, or onto "
                                 "--hugepages")
-        if any(d.bus == "pci" for d in vm.description.devices):
-            raise ProtocolError("post-copy refused: the VM has virtio devices")
         pending = runs_mask(self._postcopy_runs, vm.memory.size // PAGE)
         if self.ch is not None:  # from here on nothing is received straight into RAM
             self.ch.mem_sink = None

@@ -305,6 +305,8 @@ class PostcopyDest:
             if ch is not None:
                 self._done_on(ch)
             self.done.set()
+            self.say(f"post-copy: every page is here ({server.faults_served} guest faults, "
+                     f"{server.prepared_missing} device accesses waited for pages)")
             self._linger()
         except BaseException as e:  # the guest waits on us: say why it will wait forever
             self.error = e

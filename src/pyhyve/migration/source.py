@@ -167,6 +167,7 @@ class Migration:
         self._budget_t = 0.0
         self._budget_bytes = 0
         self._postcopy: PostcopySource | None = None
+        self._at_switch = (0, 0)  # bytes and pages sent before the post-copy switch
         self._go_sent = False
         self._session = new_session() if opts.postcopy else ""
 
@@ -271,10 +272,6 @@ class Migration:
         if refusal:
             raise MigrationError(f"cannot migrate {vm.config.name}: {refusal}")
         was_paused = vm.user_paused  # migrated warm, and paused over there too
-        if opts.postcopy and any(d.bus == "pci" for d in vm.description.devices):
-            raise MigrationError("post-copy is for VMs without virtio devices so far: their "
-                                 "I/O threads read guest memory holding Python's lock, and "
-                                 "would stall on a page still on this host")
         t = time.perf_counter()
         self.ch = ch = self._open()
         st.phases_ms["connect+auth"] = (time.perf_counter() - t) * 1e3
@@ -348,23 +345,65 @@ class Migration:
                 raise  # the destination never ran the guest: ours to resume
             cut = str(e) or type(e).__name__  # it may run it: go on as after a cut
         self.stats.state = "postcopy"
-        self._postcopy = pc = PostcopySource(
+        self._postcopy = PostcopySource(
             self.ch, vm.memory, pending, self._session, self._open,  # type: ignore[arg-type]
             encoder(opts.compress), opts.recover_timeout, self._postcopy_state, self._limit)
-        before = self.stats.bytes_sent
+        self._at_switch = (self.stats.bytes_sent, self.stats.pages_sent)
+        self._after_switch(cut)
+
+    def _after_switch(self, cut: str) -> None:
+        """Push and serve until DONE (reconnecting after a cut), then let the VM go."""
+        pc = self._postcopy
+        assert pc is not None
         try:
             pc.run(cut)
         except NotStarted as e:  # nothing runs over there: ours to resume (run()'s failure
             self._go_sent = False  # handling does, as before GO)
             self._paused_by_us = True
             raise MigrationError(f"post-copy: {e}; the guest runs here again") from None
-        self.stats.pages_sent += pc.pages_sent
+        self.stats.bytes_sent = self._at_switch[0] + pc.bytes_sent
+        self.stats.pages_sent = self._at_switch[1] + pc.pages_sent
         self.stats.postcopy_pages_left = 0
         self.stats.phases_ms["postcopy requests"] = pc.requests
         self.stats.phases_ms["postcopy reconnects"] = pc.reconnects
         self.ch = pc.ch
-        self.stats.bytes_sent = before + pc.bytes_sent
-        vm.stop(f"migrated to {self.host}:{self.port} (post-copy)", 0)
+        self.vm.stop(f"migrated to {self.host}:{self.port} (post-copy)", 0)
+
+    def recoverable(self) -> bool:
+        """A post-copy that gave up after the switch: this VM, kept paused, still holds
+        pages the destination's guest needs, and the session can be resumed."""
+        return (self.done.is_set() and self._postcopy is not None and self._go_sent
+                and self.stats.state == "failed" and not self.vm.stopped)
+
+    def recover(self, recover_timeout: float | None = None) -> Stats:
+        """Try again after a post-copy gave up (`pyhyvectl --migrate-recover`): reconnect
+        to the same destination with the same session, for `recover_timeout` seconds (the
+        migration's own by default), and finish the transfer. On failure the VM stays
+        paused, as before, and this can be called again."""
+        pc = self._postcopy
+        if not self.recoverable() or pc is None:
+            raise MigrationError("no post-copy migration to recover here (only one that "
+                                 "gave up after its switch can be)")
+        if recover_timeout is not None:
+            pc.recover_timeout = recover_timeout
+        self.done.clear()
+        self._t_start = time.perf_counter()
+        self.stats.state, self.stats.error = "postcopy: reconnecting", ""
+        try:
+            self._after_switch("resumed by pyhyvectl --migrate-recover")
+            self.stats.state = "completed"
+        except BaseException as e:  # still the destination's guest: stay paused
+            self.stats.state = "failed"
+            self.stats.error = (f"{e or type(e).__name__} (post-copy: the guest runs on the "
+                                f"destination and this VM, kept paused, holds "
+                                f"{pc.pages_left} pages it has not received; do not destroy "
+                                "it while the destination runs)")
+        finally:
+            self.stats.total_s = time.perf_counter() - self._t_start
+            if self.ch:
+                self.ch.close()
+            self.done.set()
+        return self.stats
 
     def _postcopy_state(self, state: str, why: str) -> None:
         self.stats.state = state

@@ -52,6 +52,8 @@ class QueueError(ValueError):
 
 
 class Memory(Protocol):
+    epoch: int  # changes when views of guest RAM must be taken again (post-copy)
+
     def read(self, gpa: int, length: int) -> bytes: ...
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None: ...
     def span(self, gpa: int, length: int) -> memoryview: ...
@@ -200,7 +202,7 @@ class Virtqueue:
 
     def _rings(self, mem: Memory) -> None:
         """Take views of the table and rings where the driver put them (once per layout)."""
-        key = (id(mem), self.desc, self.avail, self.used, self.size)
+        key = (id(mem), mem.epoch, self.desc, self.avail, self.used, self.size)
         if key == self._key:
             return
         n = self.size
