@@ -109,3 +109,26 @@ def prefetch_runs(loading: Runs | None, data: Runs) -> Runs:
     """What a lazy restore prefetches: the loading set's data pages, or every data page
     when no set was recorded."""
     return intersect(loading, data) if loading else data
+
+
+def hot_blocks(loading: Runs | None, data: Runs) -> Runs:
+    """The loading set's blocks that hold data, as page runs (whole blocks): a lazy
+    restore gives these memory of its own (2 MiB pages) and copies their data in before
+    the guest starts. Blocks without data are left out: they are mapped anonymous as
+    zero stretches already, and two mappings of one range must not be made."""
+    if not loading:
+        return []
+    with_data: set[int] = set()
+    for p, n in intersect(loading, data):
+        with_data.update(range(p // BLOCK_PAGES, (p + n - 1) // BLOCK_PAGES + 1))
+    out: Runs = []
+    for first, count in loading:
+        for b in range(first // BLOCK_PAGES, (first + count - 1) // BLOCK_PAGES + 1):
+            if b not in with_data:
+                continue
+            lo, hi = max(first, b * BLOCK_PAGES), min(first + count, (b + 1) * BLOCK_PAGES)
+            if out and out[-1][0] + out[-1][1] == lo:
+                out[-1] = (out[-1][0], out[-1][1] + hi - lo)
+            else:
+                out.append((lo, hi - lo))
+    return out

@@ -32,7 +32,7 @@ from .format import KERN_MAGIC, Section, SnapshotError, checksum, kern_header, r
 from .incremental import ParentRef, depth_of, track
 from .lease import LeaseGuard, take_lease
 from .loadset import SECTION as LOADING_SECTION
-from .loadset import prefetch_runs
+from .loadset import hot_blocks, intersect, prefetch_runs
 from .memfile import hash_file_runs, load_eager, stray_data, zero_spans
 from .prefetch import Prefetcher
 
@@ -164,21 +164,21 @@ def restore(snap: Snapshot, name: str | None = None, console: Console | None = N
             prefetch: bool = True, clone: bool = False,
             track_dirty: bool = False, clone_dir: str | None = None,
             disk_changed_ok: bool = False, hugepages: bool = False) -> VirtualMachine:
-    """Build a VM from a snapshot; returns it ready to start(). Lazily (this function's
-    default; the command line's is eager, which reaches full speed sooner) the guest reads
-    the memory file through a private mapping, and with `prefetch` a thread pulls its data
-    pages in while it runs. A `clone` is lazy and its prefetch only maps the file's pages
-    (the page cache, shared by every clone of the snapshot) instead of copying them: a
-    clone costs the host only the pages it writes, and gets private copy-on-write disks
-    (scratch files in `clone_dir`, default the temporary directory; devices/virtio/
-    image.py). Every restore gets a new generation ID (devices/genid.py). A layer's chain
-    is stacked (chain.py) and the VM goes on tracking for the next layer over it, as
-    `track_dirty` makes any restore do (incremental.py). A disk that changed since the
-    save is refused unless `disk_changed_ok` (devices/virtio/blk.py). If the memory file has not
-    been verified yet, it is verified here on another thread while the VM is built (the
-    kernel work of building overlaps the hashing), and nothing is returned unless it passed.
-    `hugepages` puts guest RAM in the host's reserved 2 MiB pages (machine/memory.py): an
-    eager restore only, since a lazy one maps the file."""
+    """Build a VM from a snapshot; returns it ready to start(). Lazily (this function's default)
+    the guest reads the memory file through a private mapping, except for the snapshot's loading
+    set, copied into memory of its own first (loadset.py); with no set recorded and `prefetch`,
+    a thread pulls every data page in while it runs. A `clone` is lazy, copies nothing, and its
+    prefetch only maps the file's pages (the page cache, shared by every clone of the snapshot):
+    a clone costs the host only the pages it writes, and gets private copy-on-write disks
+    (scratch files in `clone_dir`, default the temporary directory; devices/virtio/image.py).
+    Every restore gets a new generation ID (devices/genid.py). A layer's chain is stacked
+    (chain.py) and the VM goes on tracking for the next layer over it, as `track_dirty` makes
+    any restore do (incremental.py). A disk that changed since the save is refused unless
+    `disk_changed_ok` (devices/virtio/blk.py). If the memory file has not been verified yet, it
+    is verified here on another thread while the VM is built (the kernel work of building
+    overlaps the hashing), and nothing is returned unless it passed. `hugepages` puts guest RAM
+    in the host's reserved 2 MiB pages (machine/memory.py): an eager restore only, since a lazy
+    one maps the file."""
     if hugepages and (lazy or clone):
         raise SnapshotError("huge pages need an eager restore (a lazy one or a clone maps "
                             "the snapshot's file)")
@@ -231,23 +231,29 @@ def _build(snap: Snapshot, name: str | None, console: Console | None, bindings: 
         if clone and bottom is not snap:
             raise SnapshotError(f"{snap.base} is an incremental layer: clones share a full "
                                 "snapshot's memory (flatten it first: pyhyve snapshot merge)")
-        vm = build_vm(spec, console, (lambda size: _lazy_memory(bottom, size)) if lazy else None)
+        # a lazy restore copies its loading set's blocks in before the guest starts, into
+        # memory of their own (2 MiB pages); a clone keeps every page shared instead
+        hot = hot_blocks(snap.loading, bottom.runs) if lazy and not clone else []
+        vm = build_vm(spec, console,
+                      (lambda size: _lazy_memory(bottom, size, hot)) if lazy else None)
     except PyhyveError as e:
         raise _loading_error(e) from None
     except OSError as e:  # the host refused something (memory, a mapping): not a bug
         raise SnapshotError(f"cannot restore: {e.strerror or e}") from None
     try:
         state = decode_for(vm, snap.blobs, snap.meta["devices"])  # before any copying
-        if not lazy:
+        copy = bottom.runs if not lazy else intersect(hot, bottom.runs)
+        if copy:
             with mmap.mmap(bottom.mem_fd, spec.config.memory, prot=mmap.PROT_READ) as mm:
-                data = sum(n for _, n in bottom.runs) * PAGE
-                load_eager(vm.memory, mm, bottom.runs, progress(data) if progress else None)
+                data = sum(n for _, n in copy) * PAGE
+                load_eager(vm.memory, mm, copy, progress(data) if progress else None)
         stack(vm.memory, snap)
         vm.apply(state)
         vm.renew_generation()  # the guest's memory is a copy now: it may run twice
-        if lazy:
-            _guard(vm, bottom, prefetch_runs(snap.loading, bottom.runs) if prefetch else None,
-                   clone)
+        if lazy:  # what the hot blocks do not hold comes in on first touch, or, with no
+            # loading set recorded, by prefetch
+            _guard(vm, bottom, prefetch_runs(snap.loading, bottom.runs)
+                   if prefetch and not hot else None, clone)
     except PyhyveError as e:  # the user's or the host's: said as it is
         vm.close()
         raise _loading_error(e) from None
@@ -283,12 +289,14 @@ def _loading_error(e: PyhyveError) -> SnapshotError:
     return e if isinstance(e, SnapshotError) else SnapshotError(f"cannot restore: {e}")
 
 
-def _lazy_memory(snap: Snapshot, size: int) -> GuestMemory:
-    """Guest RAM as a private mapping of the memory file; the big zero stretches mapped
-    anonymous (never read from the file)."""
+def _lazy_memory(snap: Snapshot, size: int, hot: Runs) -> GuestMemory:
+    """Guest RAM as a private mapping of the memory file; the big zero stretches and the
+    `hot` blocks mapped anonymous (the former never read from the file, the latter copied
+    in by the caller)."""
     memory = GuestMemory(size, backing_fd=snap.mem_fd)
     try:
         memory.map_anonymous(zero_spans(snap.runs, memory))
+        memory.map_anonymous([(p * PAGE, n * PAGE) for p, n in hot])
     except BaseException:
         memory.close()
         raise
