@@ -167,6 +167,6 @@ def test_a_device_reading_rings_viewed_before_the_switch_waits_for_them(tmp_path
     import sys
 
     p = subprocess.run([sys.executable, "-c", RING_SCRIPT], capture_output=True, text=True,
-                       timeout=30)
+                       timeout=15)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.split() == ["popped", "0", "payload!", "True"], p.stdout

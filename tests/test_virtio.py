@@ -223,7 +223,7 @@ def test_postcopy_of_a_busy_device_guest_from_the_command_line(kit, disk, tmp_pa
         wait_file(src_log, "V2 ")
         r = cli("pyhyvectl", "--vm", "src", "--migrate-live", f"127.0.0.1:{port}",
                 "--key-file", keyfile, "--postcopy", "--bandwidth", "100K", "--compress",
-                "none", timeout=60)
+                "none", timeout=30)
         assert r.returncode == 0, r.stderr
         assert "post-copy pages to go 0" in r.stdout, r.stdout
         assert src.wait(30) == 0 and "(post-copy)" in src.stderr.read()

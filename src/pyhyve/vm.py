@@ -116,6 +116,9 @@ class VirtualMachine:
             self.vm.set_user_memory_region(slot, r.gpa, r.size, r.host_addr)
         self.dirty = DirtyTracker(self.vm, self.memory)  # the one owner of the dirty log
         self.postcopy_left: Callable[[], int] | None = None  # pages still to come (post-copy)
+        # post-copy: gives the userfaultfd back, so a vCPU waiting on a page that will never
+        # come (the VM is closing) wakes up instead of holding the close forever
+        self.postcopy_abort: Callable[[], None] | None = None
         self.pio, self.mmio = Bus("pio"), Bus("mmio")
         self.devices: dict[str, Device] = {}
         self.description = self.config.machine()
@@ -431,6 +434,9 @@ class VirtualMachine:
         if self._closing:
             return
         self._closing = True
+        abort = getattr(self, "postcopy_abort", None)
+        if abort is not None:
+            abort()
         if hasattr(self, "control"):
             self.stop(self.stop_reason or "closed", self.exit_code)
             self.join_threads()

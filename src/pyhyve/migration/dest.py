@@ -205,6 +205,7 @@ class Receiver:
         self._server = server = PageServer(vm.memory, pending)
         server.drop_missing()
         vm.postcopy_left = lambda: server.left  # no save or migration until all is in
+        vm.postcopy_abort = server.close
         return server
 
     def _handshake(self, ch: Channel) -> tuple[MachineSpec, bool]:

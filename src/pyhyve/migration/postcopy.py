@@ -149,6 +149,9 @@ class PostcopySource:
             try:
                 self._serve()
                 return
+            except PeerError as e:  # the destination failed on its own: no reconnection
+                self.ch.close()     # mends that, and its guest has lost its memory
+                raise ProtocolError(f"the destination's post-copy failed: {e}") from None
             except (ProtocolError, OSError) as e:
                 self.ch.close()
                 self._reconnect(str(e) or type(e).__name__)
@@ -311,6 +314,10 @@ class PostcopyDest:
         except BaseException as e:  # the guest waits on us: say why it will wait forever
             self.error = e
             self.say(f"post-copy failed: {e}")
+            if ch is not None:  # and tell the source, which would otherwise wait for DONE
+                with contextlib.suppress(ProtocolError, OSError, ValueError):
+                    ch.send_json(T.ERROR, {"reason": f"post-copy failed here: {e}"[:500]})
+                ch.close()
         finally:
             self.listener.close()
 
