@@ -1,7 +1,7 @@
 """What the guest sees: pyhyve vs QEMU 7.2 on the same A-B guest, in the same run.
 
 Run: .venv/bin/python bench/guestview.py [--runs 5] [--ws 0,64,512] [--only snapshot,migration]
-     [--kinds defaults,matched,postcopy] [--cold MIB]
+     [--kinds defaults,matched,postcopy] [--cold MIB] [--loading-set MS]
 
 The A-B guest prints one `B` per pass over its working set; every byte of its console is
 timestamped as it arrives (pyhyve `--console stdio`, QEMU `-serial stdio`, both into a pipe
@@ -208,7 +208,8 @@ class Pyhyve:
         self.ctl(vm, "checkpoint", path=path)
 
     def suspend(self, vm: Vm, path: str) -> None:
-        self.ctl(vm, "suspend", path=path)
+        extra = {"loading_window": LOADING_MS / 1000} if LOADING_MS else {}
+        self.ctl(vm, "suspend", path=path, **extra)
         vm.proc.wait(60)
 
     def restore(self, name: str, path: str, eager: bool = False) -> Vm:
@@ -432,6 +433,7 @@ KINDS = {  # migration settings compared, and how each side runs them
                   "(QEMU: multifd, 2 channels, multifd-compression zstd)",
 }
 ERRORS: list[str] = []
+LOADING_MS = 0.0  # --loading-set: pyhyve's suspend records a loading set over this long
 
 
 def attempt(run: Callable[[], Result]) -> Result:
@@ -544,9 +546,14 @@ def main() -> None:
     ap.add_argument("--cold", type=int, default=0,
                     help="MiB of data the guest writes once and never touches again, "
                          "after its working set (the loading set leaves it in the file)")
+    ap.add_argument("--loading-set", type=float, default=0.0, metavar="MS",
+                    help="pyhyve's suspend records a loading set over MS ms (its restores "
+                         "then copy in only that; the suspend row includes the window)")
     ap.add_argument("--kinds", default=",".join(KINDS),
                     help="migration settings to compare (" + ", ".join(KINDS) + ")")
     args = ap.parse_args()
+    global LOADING_MS
+    LOADING_MS = args.loading_set
     for k in set(KINDS) - set(args.kinds.split(",")):
         del KINDS[k]
     kernel = guestkit.build()["ab"]

@@ -122,17 +122,15 @@ def test_clones_share_the_memory_they_only_read(make_vm, tmp_path, rundir, reape
                                                 loading_set):
     """A guest that reads a 256 MiB region and writes a 4 MiB one, cloned 20 times, costs
     the host the snapshot's pages once plus what each clone writes and its VMM (issue 12).
-    Saved running, the snapshot's loading set is the 4 MiB the guest writes; saved paused,
-    it has none, and each clone's prefetch maps every data page: for reading, shared."""
+    Recorded, the snapshot's loading set is the 4 MiB the guest writes; without one, each
+    clone's prefetch maps every data page: for reading, shared."""
     from pyhyve.snapshot.save import save
 
     ram = 320 * MB
     base = str(tmp_path / "ro")
     vm, con = make_vm("ab", "ws=4M ro=256M genid", memory=ram)
     con.wait_for(b"G1")
-    if not loading_set:
-        vm.pause()
-    save(vm, base, "suspend")
+    save(vm, base, "suspend", loading_window=0.1 if loading_set else 0.0)
     vm.stop("suspended")
     r = cli("pyhyve", "clone", base, "--count", "20", "--name-prefix", "s", "--dir",
             str(tmp_path), timeout=300)

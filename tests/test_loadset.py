@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 
 import pytest
 
@@ -36,7 +37,7 @@ def hot_and_cold(tmp_path_factory, kit):
                                         cmdline="ws=8M ro=24M roevery=0"), console=con)
     vm.start()
     con.wait_for(b"BBB")
-    save(vm, str(d / "snap"), "suspend")
+    save(vm, str(d / "snap"), "suspend", loading_window=0.1)
     vm.close()
     return str(d / "snap")
 
@@ -137,17 +138,48 @@ def test_a_malformed_loading_set_with_a_good_checksum_is_refused(snap, runs):
         open_snapshot(snap)
 
 
-def test_a_paused_vm_records_no_set_and_its_restore_prefetches_every_data_page(make_vm,
-                                                                               tmp_path):
+def test_no_set_unless_asked_for_or_when_paused(make_vm, tmp_path):
+    """Recording switches the dirty log on and off, which costs the guest: only when asked.
+    A paused guest writes nothing to watch."""
     vm, con = make_vm("ab", "ws=4M", memory=32 * MB)
     con.wait_for(b"BB")
+    save(vm, str(tmp_path / "d"), "checkpoint")
     vm.pause()
-    save(vm, str(tmp_path / "p"), "checkpoint")
-    s = open_snapshot(str(tmp_path / "p"))
+    save(vm, str(tmp_path / "p"), "checkpoint", loading_window=0.1)
+    for name in ("d", "p"):
+        s = open_snapshot(str(tmp_path / name))
+        try:
+            assert s.loading == [], name
+        finally:
+            s.close()
+
+
+def test_pyhyvectl_records_a_loading_set_when_asked(kit, tmp_path, rundir):
+    import subprocess
+
+    from conftest import spawn, wait_socket
+
+    p = spawn("pyhyve", "run", "ls", "-k", kit["ab"], "-m", "64M", "--cmdline",
+              "ws=8M ro=24M roevery=0", "--console", "null", stdout=subprocess.DEVNULL,
+              stderr=subprocess.DEVNULL)
     try:
-        assert s.loading == []
+        wait_socket(rundir, "ls")
+        time.sleep(0.5)  # past the ro region's fill
+        r = cli("pyhyvectl", "--vm", "ls", "--suspend", str(tmp_path / "s"), "--loading-set",
+                "100")
+        assert r.returncode == 0, r.stderr
+        assert p.wait(30) == 0
+        s = open_snapshot(str(tmp_path / "s"))
+        try:
+            assert s.loading == [(4 * MB // 4096, WS // 4096)], s.loading
+        finally:
+            s.close()
+        bad = cli("pyhyvectl", "--vm", "ls", "--pause", "--loading-set", "100")
+        assert bad.returncode == 2 and "--loading-set goes with" in bad.stderr
     finally:
-        s.close()
+        if p.poll() is None:
+            p.kill()
+        p.wait()
 
 
 def test_blocks_and_intersections():

@@ -240,7 +240,7 @@ def test_prefetch_pulls_the_loading_set_in_and_changes_none(make_vm, tmp_path, h
     vm.memory.write(32 * MB, os.urandom(8 * MB))  # cold data, written before the window
     if how == "paused":
         vm.pause()
-    save(vm, str(tmp_path / "a"), "suspend")
+    save(vm, str(tmp_path / "a"), "suspend", loading_window=0.1)
     vm.stop("suspended")
     snap = open_snapshot(str(tmp_path / "a"))
     vm2 = restore(snap, console=CaptureConsole(), prefetch=how != "no-prefetch")  # not started

@@ -48,6 +48,10 @@ def build_parser() -> Parser:
                    help="with --checkpoint/--suspend: write only the pages written since the "
                    "VM's previous incremental snapshot, as a layer over it (the first one is "
                    "full and starts the tracking)")
+    p.add_argument("--loading-set", type=float, metavar="MS", nargs="?", const=100.0,
+                   help="with --checkpoint/--suspend: first watch for MS ms (default 100) "
+                   "which 2 MiB blocks the guest writes, so a --lazy restore copies in only "
+                   "those; the guest re-faults its memory once (docs/snapshot-format.md)")
     m = p.add_argument_group("migration options")
     m.add_argument("--downtime-ms", type=float, help="downtime target (default 5)")
     m.add_argument("--bandwidth", metavar="SIZE", help="cap per second, e.g. 100M (default: none)")
@@ -113,9 +117,15 @@ def _main(argv: list[str] | None) -> int:
     extra: dict[str, Any] = {}
     if args.incremental and cmd not in ("suspend", "checkpoint"):
         fail(PROG, "--incremental goes with --checkpoint or --suspend", 2)
+    if args.loading_set is not None and cmd not in ("suspend", "checkpoint"):
+        fail(PROG, "--loading-set goes with --checkpoint or --suspend", 2)
     if cmd in ("suspend", "checkpoint"):
         extra["path"] = os.path.abspath(getattr(args, cmd))  # the VMM has its own cwd
         extra["incremental"] = args.incremental
+        if args.loading_set is not None:
+            if not 0 < args.loading_set <= 10000:
+                fail(PROG, "--loading-set takes 1 to 10000 ms", 2)
+            extra["loading_window"] = args.loading_set / 1000
     if cmd in ("migrate", "migrate_live"):
         extra = migrate_args(args, cmd)
         cmd = "migrate"

@@ -107,13 +107,18 @@ class Session:
         path = msg.get("path")
         if not isinstance(path, str) or not path:
             raise SnapshotError("no snapshot path given")
+        window = msg.get("loading_window") or 0.0
+        if not isinstance(window, (int, float)) or isinstance(window, bool) \
+                or not 0 <= window <= 10:
+            raise SnapshotError("the loading-set window must be 0 to 10000 ms")
         with self.lock:
             self._no_migration()
             if self.vm.state not in ("running", "paused"):
                 raise VmError(f"VM is {self.vm.state}")
             with bar(f"{kind} {self.vm.config.name}") as progress:
                 stats = save(self.vm, path, kind, progress,
-                             incremental=msg.get("incremental") is True)
+                             incremental=msg.get("incremental") is True,
+                             loading_window=float(window))
             if kind == "suspend":
                 self.vm.stop(f"suspended to {stats.path}", 0)
         return {"line": stats.line(), "downtime": stats.downtime, "seconds": stats.seconds,

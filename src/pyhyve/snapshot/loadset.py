@@ -4,19 +4,23 @@ A lazy restore prefetches these blocks and leaves every other page in the file u
 guest touches it (REAP, ASPLOS'21): a guest that works in 64 MiB of a 512 MiB snapshot
 gets its 64 MiB pulled in on a background thread, and memory stays at what it uses.
 
-Recording must not disturb the guest it watches. Tracking every page through the dirty
-log costs a write fault per page written (3-5 us here, a whole pass of the A-B guest's
-working set), so the recorder watches a sample: SAMPLES pages of every 2 MiB block are
-write-protected (KVM's manual dirty-log protection) for a window before the save's pause,
-and a block counts as hot when the guest wrote any of its sampled pages. That costs at most
-SAMPLES faults per block (a few milliseconds for 1 GiB, spread over the window). When the
-dirty log already has another reader (an incremental snapshot's), every page is protected
-anyway and the recorder reads exactly which were written. Reads are not seen (no host
-offers a cheap per-page accessed bit here: no page_idle, no soft-dirty); a block the guest
-only reads comes in on its first touch, as without a loading set.
+Recording is asked for (`pyhyvectl --suspend FILE --loading-set MS`), because it is not
+free. Tracking every page through the dirty log costs a write fault per page written, so
+the recorder watches a sample: SAMPLES pages of every 2 MiB block are write-protected
+(KVM's manual dirty-log protection) for a window before the save's pause, and a block
+counts as hot when the guest wrote any of its sampled pages. The faults are few; what costs
+is switching the dirty log on and off at all: KVM then maps the guest's memory in 4 KiB
+pages and rebuilds its large mappings after, so the guest re-faults its working set. On
+our kvm_pvm hosts a checkpoint of a guest writing 512 MiB stalled it for 120-440 ms with a
+window against 79 ms without (docs/snapshot-format.md), so saves record no set unless told
+to. When the dirty log already has another reader (an incremental snapshot's), nothing is
+switched and the recorder reads exactly which pages were written. Reads are not seen (this
+host has no cheap per-page accessed bit: no page_idle, no soft-dirty); a block the guest
+only reads comes in on its first touch.
 
-An empty set means nothing was recorded (the VM was paused, or wrote nothing in the window):
-the restore then prefetches every data page, as before loading sets.
+An empty set means nothing was recorded (not asked for, the VM was paused, or it wrote
+nothing in the window): a lazy restore then prefetches every data page, as before loading
+sets.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ if TYPE_CHECKING:
 SECTION = "loading-set"
 BLOCK_PAGES = 512     # 2 MiB: the prefetch's step, and a huge page
 SAMPLES = 8           # pages watched per block
-WINDOW = 0.1          # seconds of watching before the pause, at least
+WINDOW = 0.1          # seconds of watching before the pause (the command line's default)
 
 
 class Recorder:

@@ -173,8 +173,11 @@ def _staging(vm: VirtualMachine, incremental: bool) -> Staging | None:
 
 
 def _recorder(vm: VirtualMachine, window: float) -> loadset.Recorder | None:
-    """The loading set's recorder, if the host lets the dirty log be switched on (a save
-    without one still works: its restore prefetches every data page)."""
+    """The loading set's recorder, if asked for and the host lets the dirty log be
+    switched on (a save without one still works: its restore prefetches every data
+    page)."""
+    if window <= 0:
+        return None
     try:
         return loadset.Recorder(vm, window)
     except OSError:
@@ -183,14 +186,15 @@ def _recorder(vm: VirtualMachine, window: float) -> loadset.Recorder | None:
 
 def save(vm: VirtualMachine, base: str, kind: str, progress: ProgressFactory | None = None,
          keep_paused: bool = False, stage: bool = True, incremental: bool = False,
-         loading_window: float = loadset.WINDOW) -> SaveStats:
+         loading_window: float = 0.0) -> SaveStats:
     """Snapshot `vm` to `base` (FILE.meta naming FILE.gN and FILE.gN.kern). `kind` is
     "suspend" or "checkpoint"; a checkpoint resumes the guest as soon as its memory is
     copied aside (a staging buffer, unless `stage` is False) or written (unless
     keep_paused). A suspended VM stays paused; the caller stops it. `incremental`
     writes only the pages written since the VM's previous incremental save, as a layer
-    over it (incremental.py). For `loading_window` seconds before the pause the guest's
-    writes are sampled for the loading set a lazy restore prefetches (loadset.py)."""
+    over it (incremental.py). With `loading_window` (seconds), the guest's writes are
+    sampled that long before the pause for the loading set a lazy restore copies in
+    (loadset.py); without, the set is empty."""
     base = _target(base)
     refusal = vm.save_refusal()
     if refusal:
