@@ -14,7 +14,7 @@ from pyhyve import guestkit
 from pyhyve.pipeline.pages import RUN, _written_pages
 from pyhyve.snapshot.files import current_files
 from pyhyve.snapshot.format import SnapshotError, checksum, meta_checksum
-from pyhyve.snapshot.loadset import SECTION, blocks_of, hot_blocks, intersect
+from pyhyve.snapshot.loadset import MAX_HOT_RUNS, SECTION, blocks_of, hot_blocks, intersect
 from pyhyve.snapshot.restore import open_snapshot, restore
 from pyhyve.snapshot.save import save
 
@@ -193,9 +193,13 @@ def test_blocks_and_intersections():
     assert blocks_of(w, 2048) == [(512, 512)]
     assert intersect([(0, 10), (20, 10)], [(5, 20)]) == [(5, 5), (20, 5)]
     assert intersect([(0, 10)], []) == []
-    # the set's blocks that hold data, whole: block 1 has none, the last one is short
-    assert hot_blocks([(0, 1536), (2048, 100)], [(5, 1), (1100, 10), (2050, 3)]) == \
+    # the set's blocks that hold data, whole: block 1 has none, the last one ends with RAM
+    assert hot_blocks([(0, 1536), (2048, 100)], [(5, 1), (1100, 10), (2050, 3)], 2148) == \
         [(0, 512), (1024, 512), (2048, 100)]
+    # a set of scattered single pages still gives whole blocks, and at most MAX_HOT_RUNS
+    scattered = [(p, 1) for p in range(0, 1 << 24, 1024)]
+    runs = hot_blocks(scattered, [(0, 1 << 24)], 1 << 24)
+    assert len(runs) == MAX_HOT_RUNS and all(n == 512 and p % 512 == 0 for p, n in runs)
     assert hot_blocks([], [(0, 10)]) == [] and hot_blocks(None, [(0, 10)]) == []
 
 

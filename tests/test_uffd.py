@@ -170,3 +170,22 @@ def test_a_device_reading_rings_viewed_before_the_switch_waits_for_them(tmp_path
                        timeout=15)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.split() == ["popped", "0", "payload!", "True"], p.stdout
+
+
+def test_an_aborted_server_refuses_our_accesses_to_pages_that_never_came():
+    """The VM closes with pages still on the source: what waited wakes (the kernel then
+    gives zeros), so every access of ours is refused from then on, and no device acts on
+    those zeros (a disk write of a buffer that never arrived)."""
+    mem = GuestMemory(16 * MB)
+    try:
+        missing = np.zeros(mem.size // PAGE, dtype=bool)
+        missing[256:512] = True
+        ps = PageServer(mem, missing)  # remote mode: nobody will bring them
+        ps.drop_missing()
+        ps.abort()
+        with pytest.raises(ValueError, match="never arrived"):
+            mem.read(300 * PAGE, 16)
+        with pytest.raises(ValueError, match="never arrived"):
+            mem.write(5 * PAGE, b"x")  # any access: the VM is closing
+    finally:
+        mem.close()

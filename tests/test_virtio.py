@@ -194,6 +194,30 @@ def test_live_migration_while_busy_loses_no_block(kit, disk, direct, postcopy):
 
 
 @pytest.mark.kvm
+def test_postcopy_of_a_paused_device_guest_arrives_paused_and_runs_on(kit, disk):
+    """A paused guest arrives paused: the destination quiesces its devices before the guest
+    runs, and they may wait on pages still on the source, so the page service is up
+    first. Resumed, it goes on with no lost or repeated block."""
+    from migrate_helpers import Destination, migrate
+
+    vm, con = device_vm(kit, f"{disk},direct")
+    vm.start()
+    wait_rounds(con, 2)
+    vm.pause()
+    dest = Destination(reuse_paths=True)
+    stats = migrate(vm, dest, live=True, postcopy=True, bandwidth=64 << 20,
+                    recover_timeout=3.0)
+    assert stats.state == "completed", stats.error
+    try:
+        assert dest.vm.state == "paused"
+        dest.vm.resume()
+        runs_on(dest.vm, con, dest.console, disk)
+    finally:
+        dest.vm.close()
+        vm.close()
+
+
+@pytest.mark.kvm
 def test_postcopy_of_a_busy_device_guest_from_the_command_line(kit, disk, tmp_path, rundir,
                                                                 keyfile):
     """Two pyhyve processes, as a user runs them: the device guest keeps its disk busy

@@ -63,9 +63,14 @@ class Session:
         return {**self.vm.status(), **status(self.vm)}
 
     def _no_migration(self) -> None:
-        """A migration owns the VM's run state until it ends: no pause, resume or save."""
+        """A migration owns the VM's run state until it ends: no pause, resume or save;
+        nor after a post-copy gave up with the guest running on the destination (this
+        VM's copy is stale: it must not run, be saved or be sent anywhere else)."""
         if self.migration is not None and not self.migration.done.is_set():
             raise VmError("a migration is in progress (use --migrate-cancel first)")
+        if self.migration is not None and self.migration.recoverable():
+            raise VmError("the guest runs on the post-copy destination, which still needs "
+                          "pages from this VM: finish with --migrate-recover")
 
     def pause(self, _msg: dict[str, Any]) -> dict[str, Any]:
         with self.lock:
@@ -170,6 +175,7 @@ class Session:
         with self.lock:
             if self.migration is not None and not self.migration.done.is_set():
                 raise MigrationError("a migration is already running")
+            self._no_migration()
             if self.vm.state not in ("running", "paused"):
                 raise VmError(f"VM is {self.vm.state}")
             mig = self.migration = Migration(self.vm, host, port, key, opts)
@@ -189,9 +195,10 @@ class Session:
             raise MigrationError("bad option recover_timeout")
         with self.lock:
             mig = self.migration
-            if mig is None or not mig.recoverable():
+            if mig is None:
                 raise MigrationError("no post-copy migration to recover here (only one that "
-                                     "gave up after its switch can be)")
+                                     "gave up after its switch, cut off, can be)")
+            mig.claim_recovery()
         stats = mig.recover(float(timeout) if timeout is not None else None)
         out = asdict(stats)
         out["line"] = stats.line()
@@ -219,6 +226,10 @@ class Session:
         if mig is not None and mig.past_switch:
             raise VmError("refusing to destroy: post-copy is still sending this VM's pages to "
                           "the guest that runs on the destination (see --migrate-status)")
+        if mig is not None and mig.recoverable():
+            raise VmError("refusing to destroy: the guest on the post-copy destination still "
+                          "needs pages only this VM has (--migrate-recover finishes; a "
+                          "signal still ends this process)")
         self.vm.stop("destroyed by pyhyvectl", EXIT_DESTROYED)
         return {"state": "stopped", "pid": os.getpid()}
 

@@ -198,6 +198,7 @@ class PageServer:
         self.missing = missing.copy()
         self.ready = np.zeros(len(missing), dtype=bool)  # prepared: there for good
         self.prepared_missing = 0  # accesses of ours that had to wait for the source
+        self._aborted = False
         self.left = int(np.count_nonzero(self.missing))
         self.faults_served = 0
         self.error: BaseException | None = None
@@ -249,7 +250,10 @@ class PageServer:
                     return
                 if self.missing[first:last + 1].any():
                     self.prepared_missing += 1
-                if not self.memory.populate(first * PAGE, (last + 1 - first) * PAGE, True):
+                ok = self.memory.populate(first * PAGE, (last + 1 - first) * PAGE, True)
+                if self._aborted:  # woken by abort(): what is there may be zeros
+                    self._refuse(gpa, length)
+                if not ok:
                     raise ValueError(f"guest memory at {gpa:#x} could not be brought in "
                                      "(post-copy)")
                 self.ready[first:last + 1] = True
@@ -261,6 +265,19 @@ class PageServer:
         """Give the userfaultfd back (a migration that failed before the guest ran)."""
         self.memory.prepare = None
         self._uffd.close()
+
+    def abort(self) -> None:
+        """The VM is closing with pages still to come: give the userfaultfd back, so what
+        waits on it wakes (a missing page then reads as zeros), and refuse every access of
+        ours from here on, so no device acts on those zeros (a disk write of a buffer that
+        never arrived would put them in the image)."""
+        self._aborted = True
+        if not self.done.is_set():
+            self.memory.prepare = self._refuse
+        self._uffd.close()
+
+    def _refuse(self, gpa: int, length: int) -> None:
+        raise ValueError(f"guest memory at {gpa:#x} never arrived (the VM is closing)")
 
     def start(self) -> None:
         self._thread.start()

@@ -177,8 +177,9 @@ class Receiver:
         ch.send_json(T.READY, {})
         ch.recv(T.GO)
         self.vm = None  # ours from GO on, whatever happens to the connection
-        vm.start(paused=paused)  # the source guest was paused: so is ours
-        vm.announce()
+        if server is None:
+            vm.start(paused=paused)  # the source guest was paused: so is ours
+            vm.announce()
         try:
             ch.send_json(T.RUNNING, {})
         except ProtocolError as e:  # the source will say the hand-over is unconfirmed
@@ -188,7 +189,11 @@ class Receiver:
                                          self.session, self.opts.io_timeout, say)  # channel
             self.ch = None                                   # and the listener from here
             self._server = None
+            # serving before the guest and its devices start: a paused start quiesces the
+            # devices, which may be waiting on pages still on the source
             self.postcopy.start()
+            vm.start(paused=paused)
+            vm.announce()
         return vm
 
     def _page_server(self, vm: VirtualMachine) -> PageServer | None:
@@ -205,7 +210,7 @@ class Receiver:
         self._server = server = PageServer(vm.memory, pending)
         server.drop_missing()
         vm.postcopy_left = lambda: server.left  # no save or migration until all is in
-        vm.postcopy_abort = server.close
+        vm.postcopy_abort = server.abort
         return server
 
     def _handshake(self, ch: Channel) -> tuple[MachineSpec, bool]:

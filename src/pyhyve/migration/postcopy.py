@@ -138,6 +138,7 @@ class PostcopySource:
         self.requests = 0
         self.reconnects = 0
         self.pages_sent = 0
+        self.dest_failed = False  # it said ERROR: nothing to recover
         self._base, self._bytes_before = ch.bytes_sent, 0
 
     def run(self, cut: str = "") -> None:
@@ -151,6 +152,7 @@ class PostcopySource:
                 return
             except PeerError as e:  # the destination failed on its own: no reconnection
                 self.ch.close()     # mends that, and its guest has lost its memory
+                self.dest_failed = True
                 raise ProtocolError(f"the destination's post-copy failed: {e}") from None
             except (ProtocolError, OSError) as e:
                 self.ch.close()
@@ -315,17 +317,20 @@ class PostcopyDest:
             self.error = e
             self.say(f"post-copy failed: {e}")
             if ch is not None:  # and tell the source, which would otherwise wait for DONE
-                with contextlib.suppress(ProtocolError, OSError, ValueError):
-                    ch.send_json(T.ERROR, {"reason": f"post-copy failed here: {e}"[:500]})
-                ch.close()
+                self._last_word(ch, T.ERROR, {"reason": f"post-copy failed here: {e}"[:500]})
         finally:
             self.listener.close()
 
     def _done_on(self, ch: Channel) -> None:
-        """DONE, then read what the source still sends until it closes: closing with its
-        pages unread would reset the connection, and the DONE with it."""
+        self._last_word(ch, T.DONE, {})
+
+    @staticmethod
+    def _last_word(ch: Channel, kind: T, body: dict[str, object]) -> None:
+        """`kind` (DONE or ERROR), then read what the source still sends until it closes:
+        closing with its pages unread would reset the connection, and the last word with
+        it (the source would take a cut for it and reconnect in vain)."""
         with contextlib.suppress(ProtocolError, OSError, ValueError):
-            ch.send_json(T.DONE, {})
+            ch.send_json(kind, body)
             ch.sock.settimeout(5.0)
             ch.sock.shutdown(socket.SHUT_WR)
             while ch.sock.recv(1 << 16):

@@ -168,6 +168,7 @@ class Migration:
         self._budget_bytes = 0
         self._postcopy: PostcopySource | None = None
         self._at_switch = (0, 0)  # bytes and pages sent before the post-copy switch
+        self._claimed = False  # claim_recovery() made this one running again
         self._go_sent = False
         self._session = new_session() if opts.postcopy else ""
 
@@ -370,34 +371,52 @@ class Migration:
         self.vm.stop(f"migrated to {self.host}:{self.port} (post-copy)", 0)
 
     def recoverable(self) -> bool:
-        """A post-copy that gave up after the switch: this VM, kept paused, still holds
-        pages the destination's guest needs, and the session can be resumed."""
-        return (self.done.is_set() and self._postcopy is not None and self._go_sent
-                and self.stats.state == "failed" and not self.vm.stopped)
+        """A post-copy that gave up after the switch (a cut it could not mend in time, not
+        the destination's own failure): this VM, kept paused, still holds pages the
+        destination's guest needs, and the session can be resumed."""
+        pc = self._postcopy
+        return (self.done.is_set() and pc is not None and self._go_sent
+                and not pc.dest_failed and self.stats.state == "failed"
+                and not self.vm.stopped)
+
+    def claim_recovery(self) -> None:
+        """Make this migration a running one again, for `recover` (one at a time: the
+        caller holds the VM's control lock, so no other command slips in between)."""
+        if not self.recoverable():
+            raise MigrationError("no post-copy migration to recover here (only one that "
+                                 "gave up after its switch, cut off, can be)")
+        self.done.clear()
+        self._claimed = True
+        self.stats.state, self.stats.error = "postcopy: reconnecting", ""
 
     def recover(self, recover_timeout: float | None = None) -> Stats:
         """Try again after a post-copy gave up (`pyhyvectl --migrate-recover`): reconnect
         to the same destination with the same session, for `recover_timeout` seconds (the
         migration's own by default), and finish the transfer. On failure the VM stays
-        paused, as before, and this can be called again."""
+        paused, as before, and this can be called again; if the destination says it never
+        started the guest, the guest runs here again."""
+        if not self._claimed:
+            self.claim_recovery()
+        self._claimed = False
         pc = self._postcopy
-        if not self.recoverable() or pc is None:
-            raise MigrationError("no post-copy migration to recover here (only one that "
-                                 "gave up after its switch can be)")
+        assert pc is not None
         if recover_timeout is not None:
             pc.recover_timeout = recover_timeout
-        self.done.clear()
         self._t_start = time.perf_counter()
-        self.stats.state, self.stats.error = "postcopy: reconnecting", ""
         try:
             self._after_switch("resumed by pyhyvectl --migrate-recover")
             self.stats.state = "completed"
-        except BaseException as e:  # still the destination's guest: stay paused
+        except BaseException as e:
             self.stats.state = "failed"
-            self.stats.error = (f"{e or type(e).__name__} (post-copy: the guest runs on the "
-                                f"destination and this VM, kept paused, holds "
-                                f"{pc.pages_left} pages it has not received; do not destroy "
-                                "it while the destination runs)")
+            if not self._go_sent:  # never started over there (NotStarted): ours again
+                self._paused_by_us = False
+                self.vm.resume()
+                self.stats.error = str(e)
+            else:  # still the destination's guest: stay paused
+                self.stats.error = (f"{e or type(e).__name__} (post-copy: the guest runs on "
+                                    f"the destination and this VM, kept paused, holds "
+                                    f"{pc.pages_left} pages it has not received; do not "
+                                    "destroy it while the destination runs)")
         finally:
             self.stats.total_s = time.perf_counter() - self._t_start
             if self.ch:

@@ -1,8 +1,8 @@
 """The loading set: the 2 MiB blocks of guest RAM the guest was writing just before a save.
 
-A lazy restore prefetches these blocks and leaves every other page in the file until the
-guest touches it (REAP, ASPLOS'21): a guest that works in 64 MiB of a 512 MiB snapshot
-gets its 64 MiB pulled in on a background thread, and memory stays at what it uses.
+A lazy restore copies these blocks in before the guest starts and leaves every other page
+in the file until the guest touches it (REAP, ASPLOS'21): a guest that works in 64 MiB of
+a 512 MiB snapshot starts at full speed on its 64 MiB, and memory stays at what it uses.
 
 Recording is asked for (`pyhyvectl --suspend FILE --loading-set MS`), because it is not
 free. Tracking every page through the dirty log costs a write fault per page written, so
@@ -115,24 +115,30 @@ def prefetch_runs(loading: Runs | None, data: Runs) -> Runs:
     return intersect(loading, data) if loading else data
 
 
-def hot_blocks(loading: Runs | None, data: Runs) -> Runs:
-    """The loading set's blocks that hold data, as page runs (whole blocks): a lazy
-    restore gives these memory of its own (2 MiB pages) and copies their data in before
-    the guest starts. Blocks without data are left out: they are mapped anonymous as
-    zero stretches already, and two mappings of one range must not be made."""
+MAX_HOT_RUNS = 4096  # mappings a lazy restore makes for the set (like its zero stretches)
+
+
+def hot_blocks(loading: Runs | None, data: Runs, pages: int | None = None) -> Runs:
+    """The loading set's 2 MiB blocks that hold data, whole (clipped to `pages`), as page
+    runs: a lazy restore gives these memory of its own (2 MiB pages) and copies their data
+    in before the guest starts. Blocks without data are left out: they are mapped
+    anonymous as zero stretches already, and two mappings of one range must not be made.
+    At most MAX_HOT_RUNS runs, the largest (each is one mapping; the rest stays lazy)."""
     if not loading:
         return []
     with_data: set[int] = set()
     for p, n in intersect(loading, data):
         with_data.update(range(p // BLOCK_PAGES, (p + n - 1) // BLOCK_PAGES + 1))
+    end = pages if pages is not None else max(p + n for p, n in data) if data else 0
     out: Runs = []
-    for first, count in loading:
-        for b in range(first // BLOCK_PAGES, (first + count - 1) // BLOCK_PAGES + 1):
-            if b not in with_data:
-                continue
-            lo, hi = max(first, b * BLOCK_PAGES), min(first + count, (b + 1) * BLOCK_PAGES)
-            if out and out[-1][0] + out[-1][1] == lo:
-                out[-1] = (out[-1][0], out[-1][1] + hi - lo)
-            else:
-                out.append((lo, hi - lo))
+    for b in sorted(with_data):
+        lo, hi = b * BLOCK_PAGES, min((b + 1) * BLOCK_PAGES, end)
+        if lo >= hi:
+            continue
+        if out and out[-1][0] + out[-1][1] == lo:
+            out[-1] = (out[-1][0], out[-1][1] + hi - lo)
+        else:
+            out.append((lo, hi - lo))
+    if len(out) > MAX_HOT_RUNS:
+        out = sorted(sorted(out, key=lambda r: -r[1])[:MAX_HOT_RUNS])
     return out

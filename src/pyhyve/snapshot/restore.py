@@ -31,8 +31,8 @@ from .files import dir_lock, generation_files, meta_path, resolve_base
 from .format import KERN_MAGIC, Section, SnapshotError, checksum, kern_header, read_meta, sections
 from .incremental import ParentRef, depth_of, track
 from .lease import LeaseGuard, take_lease
+from .loadset import BLOCK_PAGES, hot_blocks, intersect, prefetch_runs
 from .loadset import SECTION as LOADING_SECTION
-from .loadset import hot_blocks, intersect, prefetch_runs
 from .memfile import hash_file_runs, load_eager, stray_data, zero_spans
 from .prefetch import Prefetcher
 
@@ -127,6 +127,9 @@ def _open_one(base: str, verify_memory: bool, progress: ProgressFactory | None) 
             raise SnapshotError("memory run table disagrees with the metadata's page count")
         loading = None
         if LOADING_SECTION in blobs:  # required from version 5 (format.py)
+            if len(blobs[LOADING_SECTION]) > 16 * (size // PAGE // BLOCK_PAGES + 1):
+                raise SnapshotError(f"state section '{LOADING_SECTION}' has more runs than "
+                                    "RAM has 2 MiB blocks (corrupt)")
             try:
                 loading = decode_runs(blobs[LOADING_SECTION], size // PAGE, "loading set")
             except ValueError as e:
@@ -233,7 +236,8 @@ def _build(snap: Snapshot, name: str | None, console: Console | None, bindings: 
                                 "snapshot's memory (flatten it first: pyhyve snapshot merge)")
         # a lazy restore copies its loading set's blocks in before the guest starts, into
         # memory of their own (2 MiB pages); a clone keeps every page shared instead
-        hot = hot_blocks(snap.loading, bottom.runs) if lazy and not clone else []
+        hot = hot_blocks(snap.loading, bottom.runs, spec.config.memory // PAGE) \
+            if lazy and not clone else []
         vm = build_vm(spec, console,
                       (lambda size: _lazy_memory(bottom, size, hot)) if lazy else None)
     except PyhyveError as e:
@@ -296,7 +300,8 @@ def _lazy_memory(snap: Snapshot, size: int, hot: Runs) -> GuestMemory:
     memory = GuestMemory(size, backing_fd=snap.mem_fd)
     try:
         memory.map_anonymous(zero_spans(snap.runs, memory))
-        memory.map_anonymous([(p * PAGE, n * PAGE) for p, n in hot])
+        memory.map_anonymous([piece for p, n in hot  # never across a region's edge
+                              for piece in memory.pieces(p * PAGE, (p + n) * PAGE, 1 << 62)])
     except BaseException:
         memory.close()
         raise
