@@ -13,10 +13,11 @@ import pytest
 from pyhyve import guestkit
 from pyhyve.pipeline.pages import RUN, _written_pages
 from pyhyve.snapshot.files import current_files
-from pyhyve.snapshot.format import SnapshotError, checksum, meta_checksum
+from pyhyve.snapshot.format import SnapshotError, checksum
 from pyhyve.snapshot.loadset import MAX_HOT_RUNS, SECTION, blocks_of, hot_blocks, intersect
 from pyhyve.snapshot.restore import open_snapshot, restore
 from pyhyve.snapshot.save import save
+from test_snapshot_refusals import edit_meta
 
 from conftest import CaptureConsole, cli
 
@@ -107,7 +108,7 @@ def test_a_corrupt_loading_set_refuses_the_snapshot(snap):
 def test_a_missing_loading_set_refuses_a_version_5_snapshot(snap):
     def drop(m):
         m["state"]["sections"] = [s for s in m["state"]["sections"] if s["name"] != SECTION]
-    _edit(snap, drop)
+    edit_meta(snap, drop)
     with pytest.raises(SnapshotError, match="section 'loading-set' is missing"):
         open_snapshot(snap)
 
@@ -132,7 +133,7 @@ def test_a_malformed_loading_set_with_a_good_checksum_is_refused(snap, runs):
             if s["name"] == SECTION:
                 s.update(length=len(blob), checksum=checksum(blob))
     assert sec["offset"] + sec["length"] == meta["state"]["size"]  # the last section
-    _edit(snap, rewrite)
+    edit_meta(snap, rewrite)
     with pytest.raises(SnapshotError, match="state section 'loading-set': loading set is not "
                                             "sorted, overlaps or leaves RAM"):
         open_snapshot(snap)
@@ -201,13 +202,3 @@ def test_blocks_and_intersections():
     runs = hot_blocks(scattered, [(0, 1 << 24)], 1 << 24)
     assert len(runs) == MAX_HOT_RUNS and all(n == 512 and p % 512 == 0 for p, n in runs)
     assert hot_blocks([], [(0, 10)]) == [] and hot_blocks(None, [(0, 10)]) == []
-
-
-def _edit(base: str, change) -> None:
-    path = current_files(base).meta
-    with open(path) as f:
-        meta = json.load(f)
-    change(meta)
-    meta["meta_checksum"] = meta_checksum(meta)
-    with open(path, "w") as f:
-        json.dump(meta, f)

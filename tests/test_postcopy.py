@@ -270,12 +270,8 @@ def test_a_source_that_gave_up_finishes_on_migrate_recover(make_vm):
     paused, with its pages. Once the network is back, `--migrate-recover` (Migration.
     recover) reconnects with the same session and finishes: every page arrives, the guest
     over there holds the invariant, and only then does this VM end."""
-    vm, con = make_vm("ab", "ws=8M ro=24M roevery=1000000", memory=128 * MB)
-    con.wait_count(b"B", 3, timeout=60, start=con.wait_for("\n") + 1)
-    dest = Destination()
-    proxy = RelayProxy(dest.port)
-    m, t = start_postcopy(vm, proxy.port, bandwidth=16 * MB, recover_timeout=1.0)
-    wait_for_switch(m, t)
+    vm, dest, proxy, m, t = switched_behind_a_proxy(make_vm, bandwidth=16 * MB,
+                                                    recover_timeout=1.0)
     back = threading.Thread(target=proxy.down_for, args=(3.0,), daemon=True)
     back.start()
     t.join(20)
@@ -317,15 +313,23 @@ def start_postcopy(vm, port: int, **opts: object) -> tuple[Migration, threading.
     return m, t
 
 
-def test_a_destination_away_for_a_while_is_retried_until_it_is_back(make_vm):
-    """Connections are refused for 1.5 s after the cut: the source keeps trying (each
-    refusal is one failed attempt, not the end) and the transfer completes."""
+def switched_behind_a_proxy(make_vm, **opts: object):
+    """An A-B guest (8 MiB written, 24 MiB only read) past its post-copy switch to a
+    destination reached through a RelayProxy: (vm, dest, proxy, migration, its thread)."""
     vm, con = make_vm("ab", "ws=8M ro=24M roevery=1000000", memory=128 * MB)
     con.wait_count(b"B", 3, timeout=60, start=con.wait_for("\n") + 1)
     dest = Destination()
     proxy = RelayProxy(dest.port)
-    m, t = start_postcopy(vm, proxy.port, bandwidth=32 * MB, recover_timeout=30.0)
+    m, t = start_postcopy(vm, proxy.port, **opts)
     wait_for_switch(m, t)
+    return vm, dest, proxy, m, t
+
+
+def test_a_destination_away_for_a_while_is_retried_until_it_is_back(make_vm):
+    """Connections are refused for 1.5 s after the cut: the source keeps trying (each
+    refusal is one failed attempt, not the end) and the transfer completes."""
+    _, dest, proxy, m, t = switched_behind_a_proxy(make_vm, bandwidth=32 * MB,
+                                                    recover_timeout=30.0)
     proxy.down_for(1.5)
     t.join(30)
     proxy.close()
