@@ -259,6 +259,16 @@ def test_a_source_that_gives_up_keeps_its_guest_paused(make_vm):
         n = con.buf.count(b"B")
         time.sleep(0.3)
         assert con.buf.count(b"B") == n  # it never ran again here
+        # its copy of the guest is stale: nothing may run, save, move or end it
+        from pyhyve.control.session import Session, VmError
+        session = Session(vm)
+        session.migration = m
+        for name, args in (("resume", {}), ("pause", {}), ("checkpoint", {"path": "/x"}),
+                           ("destroy", {}),
+                           ("migrate", {"target": "127.0.0.1:9", "live": True})):
+            with pytest.raises(VmError, match="post-copy destination"):
+                session.handlers[name](args)
+        assert vm.state == "paused" and not vm.stopped and m.recoverable()
     finally:
         dest.join(5)
         if dest.vm is not None:

@@ -198,7 +198,7 @@ class PageServer:
         self.missing = missing.copy()
         self.ready = np.zeros(len(missing), dtype=bool)  # prepared: there for good
         self.prepared_missing = 0  # accesses of ours that had to wait for the source
-        self._aborted = False
+        self.aborted = False  # abort(): the VM is closing
         self.left = int(np.count_nonzero(self.missing))
         self.faults_served = 0
         self.error: BaseException | None = None
@@ -251,7 +251,7 @@ class PageServer:
                 if self.missing[first:last + 1].any():
                     self.prepared_missing += 1
                 ok = self.memory.populate(first * PAGE, (last + 1 - first) * PAGE, True)
-                if self._aborted:  # woken by abort(): what is there may be zeros
+                if self.aborted:  # woken by abort(): what is there may be zeros
                     self._refuse(gpa, length)
                 if not ok:
                     raise ValueError(f"guest memory at {gpa:#x} could not be brought in "
@@ -271,7 +271,7 @@ class PageServer:
         waits on it wakes (a missing page then reads as zeros), and refuse every access of
         ours from here on, so no device acts on those zeros (a disk write of a buffer that
         never arrived would put them in the image)."""
-        self._aborted = True
+        self.aborted = True
         if not self.done.is_set():
             self.memory.prepare = self._refuse
         self._uffd.close()

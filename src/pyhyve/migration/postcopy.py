@@ -315,9 +315,12 @@ class PostcopyDest:
             self._linger()
         except BaseException as e:  # the guest waits on us: say why it will wait forever
             self.error = e
-            self.say(f"post-copy failed: {e}")
+            why = (f"the VM was closed with {server.left} pages still to come"
+                   if server.aborted else f"post-copy failed here: {e}")
+            self.say(f"post-copy stopped: {why}" if server.aborted
+                     else f"post-copy failed: {e}")
             if ch is not None:  # and tell the source, which would otherwise wait for DONE
-                self._last_word(ch, T.ERROR, {"reason": f"post-copy failed here: {e}"[:500]})
+                self._last_word(ch, T.ERROR, {"reason": why[:500]})
         finally:
             self.listener.close()
 
