@@ -227,15 +227,6 @@ class PageServer:
         self.memory.prepare = self.prepare
         self.memory.epoch += 1
 
-    def missing_at(self, gpa: int, length: int) -> bool:
-        """Is any page of guest-physical [gpa, gpa+length) still to come?"""
-        for r in self.memory.regions:
-            if r.gpa <= gpa < r.gpa + r.size:
-                first = (r.layout.file_offset + gpa - r.gpa) // PAGE
-                last = (r.layout.file_offset + gpa - r.gpa + max(length, 1) - 1) // PAGE
-                return bool(self.missing[first:last + 1].any())
-        return False
-
     def prepare(self, gpa: int, length: int) -> None:
         """Make guest-physical [gpa, gpa+length) present before a thread of ours touches it:
         the kernel faults what is not there to this server, with the GIL released (see the
@@ -297,11 +288,6 @@ class PageServer:
         return None
 
     # --- serving --------------------------------------------------------------------------
-    def ensure(self, first_page: int, count: int) -> None:
-        """Bring [first_page, first_page+count) in now, on the caller's thread: for our own
-        reads of guest memory (a GIL holder must never fault on a missing page)."""
-        self._serve(first_page, count)
-
     def _serve(self, first: int, count: int) -> None:
         """Place the missing pages of [first, first+count) from the source."""
         assert self.source is not None
