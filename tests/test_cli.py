@@ -274,6 +274,39 @@ def test_sigint_exit_status(kit, rundir):
     assert proc.wait(20) == 130 and "SIGINT" in proc.stderr.read()
 
 
+SIGNAL_IN_A_LOCK = """
+import os, signal, sys, threading
+from pyhyve.cli.main import serve
+from pyhyve.vm import VirtualMachine, VmConfig
+
+class SignalledInside:
+    # the VM's state lock, with a SIGINT to ourselves while start() holds it
+    def __init__(self, lock):
+        self.lock, self.fired = lock, False
+    def __enter__(self):
+        self.lock.acquire()
+        if not self.fired and threading.current_thread() is threading.main_thread():
+            self.fired = True
+            os.kill(os.getpid(), signal.SIGINT)  # its handler runs before __exit__
+    def __exit__(self, *exc):
+        self.lock.release()
+
+vm = VirtualMachine.create(VmConfig("sl", 64 << 20, 1, kernel=sys.argv[1]))
+vm._state_lock = SignalledInside(vm._state_lock)
+sys.exit(serve(vm))
+"""
+
+
+def test_a_signal_that_lands_inside_a_lock_of_the_stop_path_still_stops(kit, rundir):
+    """SIGINT while the main thread holds the lock that stopping takes (start() setting
+    "running"): the handler must not stop the VM itself, or the process deadlocks."""
+    proc = subprocess.run([os.path.join(BIN, "python"), "-c", SIGNAL_IN_A_LOCK, kit["ab"]],
+                          capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "PYHYVE_RUNDIR": rundir})
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert "stopped by signal SIGINT" in proc.stderr
+
+
 def test_a_waiting_destination_killed_says_so(rundir, tmp_path):
     (tmp_path / "key").write_text("k" * 32)
     with socket.create_server(("127.0.0.1", 0)) as s:

@@ -29,6 +29,7 @@ EXIT_HELP = ("exit status: 0 the guest powered off or reset, or was suspended or
              "by signal N (130 SIGINT, 143 SIGTERM)")
 DEFAULT_MEMORY = "512M"
 GIL_SWITCH_S = 0.0002
+SIGNAL_POLL_S = 0.05  # how soon serve() acts on a recorded SIGINT/SIGTERM
 
 
 def _console_spec(args: argparse.Namespace) -> str:
@@ -331,17 +332,29 @@ def note(msg: str) -> None:
     print(msg, end=eol(), file=sys.stderr, flush=True)
 
 
+class SignalLatch:
+    """SIGINT/SIGTERM for serve(): the handler only records the signal, serve's loop acts.
+
+    A Python handler runs between two bytecodes of the main thread, which may be inside
+    a lock the stop path takes (the VM's state lock while start() sets "running"):
+    stopping the VM from the handler itself deadlocked the process."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+
+    def __call__(self, signum: int, _frame: object) -> None:
+        if not self.signum:
+            self.signum = signum
+
+
 def serve(vm: VirtualMachine, on_running: Callable[[], None] | None = None) -> int:
     """Run `vm` under a control socket until it stops; return the exit status."""
     # A vCPU thread needs the GIL to handle each exit; while another thread runs Python
     # (an import, a migration) it would wait up to the 5 ms default switch interval.
     sys.setswitchinterval(GIL_SWITCH_S)
-
-    def on_signal(signum: int, _frame: object) -> None:
-        vm.stop(f"stopped by signal {signal.Signals(signum).name}", 128 + signum)
-
-    signal.signal(signal.SIGINT, on_signal)  # before the socket appears: a client that
-    signal.signal(signal.SIGTERM, on_signal)  # sees it may signal us at once
+    latch = SignalLatch()
+    signal.signal(signal.SIGINT, latch)  # before the socket appears: a client that
+    signal.signal(signal.SIGTERM, latch)  # sees it may signal us at once
     session = Session(vm)
     try:
         session.listen()
@@ -354,8 +367,10 @@ def serve(vm: VirtualMachine, on_running: Callable[[], None] | None = None) -> i
             vm.start()
         if on_running:
             on_running()
-        while not vm.wait(0.5):
-            pass
+        while not vm.wait(SIGNAL_POLL_S):
+            if latch.signum:
+                vm.stop(f"stopped by signal {signal.Signals(latch.signum).name}",
+                        128 + latch.signum)
     finally:
         session.close()
         vm.close()
