@@ -12,10 +12,13 @@ Both sides bypass the host's page cache: pyhyve `--disk IMG,direct` (O_DIRECT, n
 QEMU `cache=none` with `aio=threads` (its default) and `aio=native`; each row takes QEMU's
 better of the two, and says which. QEMU runs the guest as `-M pc` (SeaBIOS assigns the
 BARs; the guest finds its device's registers through the virtio capabilities, in whatever
-BAR they are), pyhyve as its default machine. The guest polls the used ring and asks for no
-interrupts (VIRTQ_AVAIL_F_NO_INTERRUPT) on both sides: an interrupt handler is ring-0 code,
-emulated at about 1 us an instruction on the project's hosts, and would time the host's
-emulator rather than either VMM. Medians of --runs runs, pyhyve and QEMU interleaved.
+BAR they are), pyhyve as its default machine. Each case runs twice (--completions): with
+interrupts, the guest routes the queue's MSI-X vector to its xAPIC and sleeps in `hlt`
+(kernel mode, entered through a #UD gate: guests/entry.S) until one arrives, then reaps the
+used ring; polled, it spins on the used ring and asks for no interrupts
+(VIRTQ_AVAIL_F_NO_INTERRUPT). On the project's hosts the interrupt path's kernel-mode
+instructions are emulated (about 1 us each) for both VMMs alike; polling shows the VMM's
+own per-request cost without them. Medians of --runs runs, pyhyve and QEMU interleaved.
 
 virtio-net (`bench=net`): the guest keeps `qd` frames in flight on the transmit queue for a
 second, to a tap device the script creates (pyhyve `--net tap:NAME`, QEMU `-netdev tap`
@@ -116,9 +119,9 @@ def timed_run(args: list[str], timeout: float = 60.0) -> tuple[float, int]:
     return marks["end"] - marks["go"], ops[0]
 
 
-def guest_cmdline(bs: int, qd: int, rand: bool, write: bool) -> str:
+def guest_cmdline(bs: int, qd: int, rand: bool, write: bool, irq: bool = False) -> str:
     return (f"bench=blk bs={bs} qd={qd} ms=1000 span={SPAN}"
-            + (" rand" if rand else "") + (" write" if write else ""))
+            + (" rand" if rand else "") + (" write" if write else "") + (" irq" if irq else ""))
 
 
 def pyhyve_args(image: str, cmdline: str) -> list[str]:
@@ -211,6 +214,9 @@ def main() -> None:
     ap.add_argument("--only", choices=["blk", "net"], help="one device type")
     ap.add_argument("--work", default="/var/tmp", help="a directory on a disk-backed file "
                     "system (O_DIRECT); the 1 GiB image is made there and removed")
+    ap.add_argument("--completions", choices=["irq", "poll", "both"], default="both",
+                    help="how the guest learns of a finished request: an MSI-X interrupt "
+                    "(it sleeps in hlt until one comes), polling the used ring, or both")
     a = ap.parse_args()
     if not os.path.exists(KERNEL):
         subprocess.run(["make", "-s", "-C", os.path.join(REPO, "guests")], check=True)
@@ -219,8 +225,11 @@ def main() -> None:
     try:
         image = make_image(work) if a.only != "net" else ""
         rows = []
-        for name, bs, qd, rand, write in CASES if a.only != "net" else []:
-            cmd = guest_cmdline(bs, qd, rand, write)
+        modes = [m == "irq" for m in ("irq", "poll") if a.completions in (m, "both")]
+        cases = [(c, irq) for irq in modes for c in CASES] if a.only != "net" else []
+        for (name, bs, qd, rand, write), irq in cases:
+            cmd = guest_cmdline(bs, qd, rand, write, irq)
+            name += ", interrupts" if irq else ", polled"
             got: dict[str, list[float]] = {"pyhyve": [], "threads": [], "native": []}
             for _ in range(a.runs):
                 for side, args in (("pyhyve", pyhyve_args(image, cmd)),

@@ -11,6 +11,7 @@
 #define KSTACK 4096
 #define USTACK 65536
 #define COM1 0x3f8
+#define IRQ_VECTOR 0x40		/* rt.h: KIT_IRQ_VECTOR */
 #define TSS_SIZE (104 + 8192 + 8)	/* TSS, I/O bitmap (all ports open), 0xFF end byte */
 
 /* ---- PVH note: XEN_ELFNOTE_PHYS32_ENTRY (18) ------------------------------------- */
@@ -179,6 +180,18 @@ setup_tables:
 	movq $bp_handler, %rax
 	movb $0xEE, %bl			/* DPL 3: int3 from ring 3 too */
 	call set_gate
+	movl $6, %ecx
+	movq $ud_handler, %rax
+	movb $0x8E, %bl
+	call set_gate
+	movl $IRQ_VECTOR, %ecx
+	movq $irq_handler, %rax
+	movb $0x8E, %bl
+	call set_gate
+	movl $0xFF, %ecx		/* the LAPIC's spurious vector: no EOI */
+	movq $spurious_handler, %rax
+	movb $0x8E, %bl
+	call set_gate
 	ret
 
 /* rcx = vector, rax = handler, bl = type/attributes */
@@ -283,6 +296,45 @@ bp_handler:
 	iretq
 
 /*
+ * kit_wait_irq(): ring 3 sleeps until an interrupt was taken. Ring 3 runs with interrupts
+ * off, and on kvm_pvm neither an interrupt nor a `syscall` enters kernel mode from there
+ * (docs/linux.md, patch 0001), but an exception does: the ud2 below raises #UD, whose
+ * handler sees it came from here and waits in kernel mode (sti; hlt, as an idle loop does),
+ * then returns past it. Any other #UD is fatal, as before.
+ */
+	.text
+	.globl kit_wait_irq
+kit_wait_irq:
+wait_irq_ud2:
+	ud2
+	ret
+	.section .text.entry, "ax"
+
+ud_handler:
+	cmpq $wait_irq_ud2, (%rsp)	/* the saved rip */
+	jne 1f
+	addq $2, (%rsp)
+	sti				/* its shadow keeps the interrupt out until hlt sleeps */
+	hlt
+	cli
+	iretq
+1:	pushq $0
+	pushq $6
+	jmp exc_common
+
+/* A device's interrupt (a virtio MSI-X vector the guest pointed here): count it and end
+ * it at the xAPIC. Ring-3 code waits for the count to change; a handful of instructions,
+ * because each one is emulated at CPL0 on the project's hosts. */
+irq_handler:
+	incq irq_count
+	pushq %rax
+	movl $0xFEE000B0, %eax		/* EOI */
+	movl $0, (%rax)
+	popq %rax
+spurious_handler:
+	iretq
+
+/*
  * `syscall` from ring 3 (software interrupts from ring 3 raise #UD on kvm_pvm, syscall
  * works everywhere). rax = 1: execute int3 at CPL0, which exercises the VMM's #BP path.
  * rax = 2 / 3: CPUID leaf 1 / leaf 7.0 as kernel mode sees it, returned as
@@ -382,6 +434,10 @@ idt_desc:
 	.p2align 2
 cpu_count:
 	.long 1
+	.globl irq_count
+	.p2align 3
+irq_count:
+	.quad 0
 
 	.section .bss
 	.p2align 12

@@ -25,6 +25,9 @@ void delay_us(uint64_t us);
 int smp_boot(int ncpus, void (*fn)(int cpu));   /* returns CPUs running, BSP included */
 void poweroff(void) __attribute__((noreturn));  /* i8042 reset: the VMM stops the guest */
 long kit_syscall(long nr);
+void kit_wait_irq(void);          /* sleep (sti; hlt in kernel mode) until an interrupt */
+#define KIT_IRQ_VECTOR 0x40      /* entry.S counts each interrupt on it in irq_count */
+extern volatile uint64_t irq_count;
 
 extern uint64_t ram_top;         /* end of the highest RAM range in the PVH memory map */
 void main(const char *cmdline);  /* each guest provides it; runs at CPL3 on CPU 0 */

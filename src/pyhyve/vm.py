@@ -30,6 +30,7 @@ from .kvm import ioctls as I
 from .kvm.structs import KvmCpuidEntry2
 from .machine.cpuid import build_cpuid, for_vcpu
 from .machine.dirty import DirtyTracker
+from .machine.irqroute import MsiRoutes
 from .machine.memory import GuestMemory
 from .machine.state import (
     apply_clock,
@@ -124,12 +125,17 @@ class VirtualMachine:
         self.description = self.config.machine()
         self.console: Console = Console()
         lines = IrqLines(lambda irq, level: self.vm.irq_line(irq, level))
+        self.msi_routes: MsiRoutes | None = None
+        if (self.kvm.check_extension(I.KVM_CAP_IRQFD)
+                and self.kvm.check_extension(I.KVM_CAP_IRQ_ROUTING)):
+            self.msi_routes = MsiRoutes(self.vm)
         wiring = Wiring(irq_line=lines.source(),
                         reset=self._guest_reset, console=console, memory=self.memory,
                         power_off=lambda: self.control.stop("guest powered off", 0, False),
                         signal_msi=self.vm.signal_msi,
                         ioeventfd=(self.vm.ioeventfd
                                    if self.kvm.check_extension(I.KVM_CAP_IOEVENTFD) else None),
+                        irqfds=self.msi_routes.vectors if self.msi_routes else None,
                         pci_host=self._pci_host,
                         quit=lambda: self.stop("quit from the console (Ctrl-A x)", EXIT_DESTROYED))
         for d in self.description.devices:  # the machine is what its description says
@@ -445,6 +451,9 @@ class VirtualMachine:
                 v.close()
         for d in getattr(self, "devices", {}).values():
             d.close()
+        routes: MsiRoutes | None = getattr(self, "msi_routes", None)
+        if routes is not None:
+            routes.close()
         if hasattr(self, "vm"):
             self.vm.close()
         if hasattr(self, "memory"):

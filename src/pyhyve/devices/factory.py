@@ -3,7 +3,7 @@ into a device, given what the VM wires it to. New kinds (virtio) are added here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -20,6 +20,7 @@ from .uart import Uart
 
 if TYPE_CHECKING:
     from ..machine.memory import GuestMemory
+    from .virtio.msix import Irqfd
 
 
 class DeviceBuildError(BootFailed, ValueError):
@@ -38,6 +39,7 @@ class Wiring:
     memory: GuestMemory | None = None     # what virtio devices read and write
     signal_msi: Callable[[int, int], bool] | None = None  # (address, data): an MSI
     ioeventfd: Callable[[int, int, int, bool], bool] | None = None  # KVM's, where offered
+    irqfds: Callable[[int], Sequence[Irqfd] | None] | None = None  # n MSI irqfds, if offered
     pci_host: Callable[[], PciHostBridge | None] = lambda: None  # the VM's, for ECAM
 
 VIRTIO_BAR_BASE = 0xE000_0000  # slot N's BAR0 at + N * 0x10000, in the MMIO hole
@@ -118,4 +120,4 @@ def _virtio(d: DeviceDesc, wiring: Wiring) -> Device:
         backend = Rng()
     irq = d.irq if d.irq is not None else VIRTIO_DEFAULT_IRQ
     return VirtioPci(backend, wiring.memory, VIRTIO_BAR_BASE + d.base * 0x10000, irq,
-                     wiring.irq_line, wiring.signal_msi, wiring.ioeventfd)
+                     wiring.irq_line, wiring.signal_msi, wiring.ioeventfd, wiring.irqfds)

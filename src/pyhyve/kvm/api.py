@@ -156,6 +156,24 @@ class Vm:
             return False
         return True
 
+    def set_gsi_routing(self, routes: list[tuple[int, int, tuple[int, ...]]]) -> None:
+        """Replace KVM's whole GSI routing table: (gsi, KVM_IRQ_ROUTING_*, the union's
+        words: (chip, pin) or (address_lo, address_hi, data))."""
+        head = C.sizeof(S.KvmIrqRouting)
+        table = (C.c_uint8 * (head + len(routes) * C.sizeof(S.KvmIrqRoutingEntry)))()
+        S.KvmIrqRouting.from_buffer(table).nr = len(routes)
+        entries = (S.KvmIrqRoutingEntry * len(routes)).from_buffer(table, head)
+        for e, (gsi, kind, words) in zip(entries, routes, strict=True):
+            e.gsi, e.type = gsi, kind
+            for i, w in enumerate(words):
+                e.u[i] = w
+        ioctl(self.fd, I.KVM_SET_GSI_ROUTING, table)
+
+    def irqfd(self, fd: int, gsi: int, assign: bool = True) -> None:
+        """A write to eventfd `fd` raises GSI `gsi` inside KVM (or undo that)."""
+        flags = 0 if assign else I.KVM_IRQFD_FLAG_DEASSIGN
+        ioctl(self.fd, I.KVM_IRQFD, S.KvmIrqfd(fd, gsi, flags, 0))
+
     def get_irqchip(self, chip_id: int) -> S.KvmIrqchip:
         chip = S.KvmIrqchip(chip_id=chip_id)
         ioctl(self.fd, I.KVM_GET_IRQCHIP, chip)

@@ -185,6 +185,21 @@ class KvmMsi(C.Structure):
                 ("devid", u32), ("pad", u8 * 12)]
 
 
+class KvmIrqRoutingEntry(C.Structure):
+    """One route; `u` is the union: irqchip (chip, pin) or msi (address lo/hi, data)."""
+    _fields_ = [("gsi", u32), ("type", u32), ("flags", u32), ("pad", u32), ("u", u32 * 8)]
+
+
+class KvmIrqRouting(C.Structure):
+    """The header of KVM_SET_GSI_ROUTING's argument; the entries follow it."""
+    _fields_ = [("nr", u32), ("flags", u32)]
+
+
+class KvmIrqfd(C.Structure):
+    _fields_ = [("fd", u32), ("gsi", u32), ("flags", u32), ("resamplefd", u32),
+                ("pad", u8 * 16)]
+
+
 class KvmIoeventfd(C.Structure):
     _fields_ = [("datamatch", u64), ("addr", u64), ("len", u32), ("fd", C.c_int32),
                 ("flags", u32), ("pad", u8 * 36)]

@@ -1,20 +1,32 @@
 """MSI-X for a virtio function: the vector table and pending bits in BAR0, the enable and
-function-mask bits in its capability. A vector fires through KVM_SIGNAL_MSI; a masked one
-(or a masked function) is remembered in the pending bits and fires when unmasked."""
+function-mask bits in its capability. A vector fires through its irqfd where the VM has
+them (an eventfd write; KVM sends the message the table holds), else by KVM_SIGNAL_MSI; a
+masked one (or a masked function) is remembered in the pending bits and fires when
+unmasked."""
 
 from __future__ import annotations
 
 import contextlib
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from ..pci import PciFunction
 
 
+class Irqfd(Protocol):
+    """One vector's eventfd in KVM (machine/irqroute.py's MsiVector)."""
+
+    def route(self, address: int, data: int) -> bool: ...
+    def fire(self) -> None: ...
+
+
 class Msix:
     def __init__(self, vectors: int, function: PciFunction, cap: int,
-                 signal: Callable[[int, int], bool]) -> None:
+                 signal: Callable[[int, int], bool],
+                 irqfds: Sequence[Irqfd] | None = None) -> None:
         self.vectors, self.function, self.cap, self.signal = vectors, function, cap, signal
+        self.irqfds = irqfds if irqfds is not None and len(irqfds) >= vectors else None
         self.table = bytearray(16 * vectors)
         for v in range(vectors):  # every vector starts masked
             struct.pack_into("<I", self.table, 16 * v + 12, 1)
@@ -54,6 +66,9 @@ class Msix:
 
     def _send(self, vector: int) -> None:
         addr, data = struct.unpack_from("<QI", self.table, 16 * vector)
+        if self.irqfds is not None and self.irqfds[vector].route(addr, data):
+            self.irqfds[vector].fire()  # routed to this very message (set on a change)
+            return
         with contextlib.suppress(Exception):  # a message KVM cannot route: the guest's loss
             self.signal(addr, data)
 

@@ -11,12 +11,12 @@ vendor capabilities (cap id 0x09) and an MSI-X capability:
     BAR0 + 0x4000  MSI-X table, BAR0 + 0x5000 its pending bits
 
 The VMM assigns the BAR (no firmware here); a guest that moves it is followed. Queue
-notifications arrive as MMIO exits on a vCPU thread and are handed to the device's worker
-thread, so requests never run on a vCPU. Interrupts: MSI-X through KVM_SIGNAL_MSI when the
-driver enabled it, else INTx (level, on the IRQ in the interrupt line register) with the
-ISR. A driver error (a broken ring) sets NEEDS_RESET and raises a configuration interrupt;
-the VMM carries on. (ioeventfd/irqfd are offered by our hosts and would spare the exit and
-the thread hop; docs/devices.md says what is used.)
+notifications reach the device's worker thread through ioeventfds where KVM offers them
+(else as MMIO exits handed over by the vCPU thread), so requests never run on a vCPU.
+Interrupts: MSI-X when the driver enabled it (an irqfd per vector where KVM offers them,
+else KVM_SIGNAL_MSI), else INTx (level, on the IRQ in the interrupt line register) with
+the ISR. A driver error (a broken ring) sets NEEDS_RESET and raises a configuration
+interrupt; the VMM carries on. docs/devices.md says what is used on our hosts.
 
 State (save/load_state): features, status, the queues' registers and ring positions, the
 MSI-X table and pending bits, the ISR, and the device's own part. Quiesce waits until no
@@ -31,7 +31,7 @@ import os
 import select
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from ..base import Device, DeviceState
 from .backend import ASYNC, WAIT, Backend, VirtioState
@@ -57,7 +57,7 @@ from .layout import (
     NOTIFY_MULT,
     config_space,
 )
-from .msix import Msix
+from .msix import Irqfd, Msix
 from .queue import Chain, Memory, QueueError, Virtqueue
 
 REAP_CHUNK = 16  # completions between looks at the available ring (see _reap); of 2, 4, 8,
@@ -71,7 +71,8 @@ class VirtioPci(Device):
     def __init__(self, backend: Backend, mem: Memory, bar: int, irq: int,
                  irq_line: Callable[[int, int], None],
                  signal_msi: Callable[[int, int], bool],
-                 ioeventfd: Register | None = None) -> None:
+                 ioeventfd: Register | None = None,
+                 irqfds: Callable[[int], Sequence[Irqfd] | None] | None = None) -> None:
         super().__init__()
         self.backend, self.mem, self.irq = backend, mem, irq
         self.irq_line, self.signal_msi = irq_line, signal_msi
@@ -81,7 +82,8 @@ class VirtioPci(Device):
             backend.device_type, backend.class_code, len(self.queues), self.nvec, bar, irq)
         self.function.on_write = self._config_written
         self.function.on_read = self._config_read
-        self.msix = Msix(self.nvec, self.function, cap, signal_msi)
+        self.msix = Msix(self.nvec, self.function, cap, signal_msi,
+                         irqfds(self.nvec) if irqfds is not None else None)
         self.bar = bar  # what the config space says
         self.decoded: int | None = bar  # where the MMIO bus has us (None: nowhere)
         # (old, new) -> whether the bus took the new place (None: stop decoding); the VM's
