@@ -171,9 +171,11 @@ def test_restore_needs_the_disk_bound(kit, disk, tmp_path):
                                              (False, True)],
                          ids=["buffered", "direct", "postcopy-direct", "postcopy-buffered"])
 def test_live_migration_while_busy_loses_no_block(kit, disk, direct, postcopy):
-    """Post-copy: the destination's device threads read rings and buffers that are still
-    on the source; each access brings its pages in first (machine/uffd.py), so neither a
-    device nor the page server waits on the other."""
+    """Post-copy: the destination's device threads may read rings and buffers that are
+    still on the source; each access brings its pages in first (machine/uffd.py), so
+    neither a device nor the page server waits on the other. Whether any access finds a
+    page missing here depends on who runs first (the push reaches the guest's few pages
+    within milliseconds); the command-line test below, at 100 KiB/s, always has some."""
     from migrate_helpers import Destination, migrate
 
     vm, con = device_vm(kit, f"{disk},direct" if direct else disk)
@@ -185,9 +187,6 @@ def test_live_migration_while_busy_loses_no_block(kit, disk, direct, postcopy):
     assert stats.state == "completed", stats.error
     try:
         runs_on(dest.vm, con, dest.console, disk)
-        if postcopy:  # the pages came after the switch, some because a device asked
-            assert stats.phases_ms["postcopy requests"] > 0, stats.phases_ms
-            assert dest.receiver.postcopy.server.prepared_missing > 0
     finally:
         dest.vm.close()
         vm.close()
