@@ -93,6 +93,30 @@ def test_a_chain_is_read_and_completed():
     assert q.pop(ram) is None and q.should_signal(ram) and not q.should_signal(ram)
 
 
+def test_host_addresses_found_by_the_walk_are_not_used_once_guest_ram_moved(monkeypatch):
+    """spans() reuses the addresses the descriptor walk looked up (one lookup a buffer, not
+    two), but not after the memory's epoch changed: its mapping may be elsewhere now (a
+    disk's AIO into the old address would write host memory that is no longer the
+    guest's)."""
+    ram = FakeRam()
+    q = queue(ram)
+    desc(ram, 0, 0x10000, 16, DESC_F_NEXT, 1)
+    desc(ram, 1, 0x20000, 4096, DESC_F_WRITE | DESC_F_NEXT, 2)
+    desc(ram, 2, 0x30000, 1, DESC_F_WRITE)
+    offer(ram, q, 0)
+    c = q.pop(ram)
+    base = ram.address(0, 1)
+    assert c.spans(ram, True, 0, 4096) == [(base + 0x20000, 4096)]
+    assert c.spans(ram, False, 8, 8) == [(base + 0x10008, 8)]
+    looked: list[int] = []
+    monkeypatch.setattr(ram, "address", lambda gpa, n: looked.append(gpa) or 7 << 40)
+    assert c.spans(ram, True, 0, 4097) == [(base + 0x20000, 4096), (base + 0x30000, 1)]
+    assert looked == []  # the walk's addresses
+    ram.epoch += 1  # e.g. post-copy gave some pages back: mappings are taken again
+    assert c.spans(ram, True, 0, 4097) == [(7 << 40, 4096), (7 << 40, 1)]
+    assert looked == [0x20000, 0x30000]
+
+
 def test_a_batch_of_completions_publishes_the_used_index_once_past_the_ring_end():
     ram = FakeRam()
     q = queue(ram, size=4)

@@ -19,8 +19,11 @@ from __future__ import annotations
 import contextlib
 import ctypes as C
 import ctypes.util
+import errno
 import os
 from collections.abc import Sequence
+
+import numpy as np
 
 _SYS_IO_SETUP, _SYS_IO_DESTROY, _SYS_IO_GETEVENTS, _SYS_IO_SUBMIT = 206, 207, 208, 209
 _CMD_PREAD, _CMD_PWRITE, _CMD_PREADV, _CMD_PWRITEV = 0, 1, 7, 8
@@ -50,11 +53,13 @@ class _Iovec(C.Structure):
 
 
 def _syscall(nr: int, *args: object) -> int:
-    r = int(_libc.syscall(C.c_long(nr), *args))
-    if r < 0:
+    while True:
+        r = int(_libc.syscall(C.c_long(nr), *args))
+        if r >= 0:
+            return r
         e = C.get_errno()
-        raise OSError(e, os.strerror(e))
-    return r
+        if e != errno.EINTR:  # a signal (or a debugger's stop) is no I/O error
+            raise OSError(e, os.strerror(e))
 
 
 def address(v: memoryview) -> int:
@@ -73,7 +78,12 @@ class Aio:
         self.depth = depth
         self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._events = (_Event * depth)()
+        # the completions' tokens and results, read for a whole batch at once
+        self._ev = np.frombuffer(memoryview(self._events).cast("B"), dtype=[("data", "<u8"), ("obj", "<u8"),
+                                                      ("res", "<i8"), ("res2", "<i8")])
         self._cbs = (_Iocb * depth)()
+        for slot, cb in enumerate(self._cbs):  # what never changes for a slot
+            cb.aio_data, cb.aio_flags, cb.aio_resfd = slot, _FLAG_RESFD, self.fd
         self._ptrs = (C.POINTER(_Iocb) * depth)(*[C.pointer(cb) for cb in self._cbs])
         self._iovs: dict[int, C.Array[_Iovec]] = {}  # slot -> its vector, while in flight
         self._free = list(range(depth - 1, -1, -1))
@@ -93,8 +103,7 @@ class Aio:
             return None
         slot = self._free.pop()
         cb = self._cbs[slot]
-        cb.aio_data, cb.aio_fildes, cb.aio_offset = slot, fd, offset
-        cb.aio_flags, cb.aio_resfd = _FLAG_RESFD, self.fd
+        cb.aio_fildes, cb.aio_offset = fd, offset
         if len(spans) == 1:  # the usual request: one buffer, no vector
             cb.aio_lio_opcode = _CMD_PWRITE if write else _CMD_PREAD
             cb.aio_buf, cb.aio_nbytes = spans[0]
@@ -139,9 +148,10 @@ class Aio:
             if n == 0:
                 break
             self._flying -= n
-            for ev in self._events[:n]:
-                self._release(int(ev.data))
-                done.append((int(ev.data), int(ev.res)))
+            tokens, results = self._ev["data"][:n].tolist(), self._ev["res"][:n].tolist()
+            for token in tokens:
+                self._release(token)
+            done += zip(tokens, results, strict=True)
         return done
 
     def close(self) -> None:

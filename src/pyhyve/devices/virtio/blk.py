@@ -46,6 +46,8 @@ from .queue import Chain, Memory, QueueError
 SECTOR = 512
 T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
 S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
+_STATUS = [bytes([i]) for i in range(256)]
+_HEADER = struct.Struct("<IIQ")
 F_SIZE_MAX, F_SEG_MAX, F_RO, F_BLK_SIZE, F_FLUSH = 2, 4, 32, 64, 512
 F_DISCARD, F_WRITE_ZEROES = 1 << 13, 1 << 14
 SIZE_MAX = 256 << 10  # x seg_max (254) stays under the queue's 64 MiB request bound
@@ -204,7 +206,7 @@ class Blk:
     def handle(self, queue: int, chain: Chain, mem: Memory) -> int:
         if chain.in_bytes < 16 or chain.out_room < 1:
             raise QueueError("virtio-blk request without a header or a status byte")
-        typ, _, sector = struct.unpack("<IIQ", chain.read(mem, 16))
+        typ, _, sector = _HEADER.unpack(chain.read(mem, 16))
         room = chain.out_room - 1
         written = 0
         try:
@@ -239,7 +241,7 @@ class Blk:
                 status = S_UNSUPP
         except OSError:
             status = S_IOERR
-        chain.write(mem, bytes([status]), room)
+        chain.write_last(mem, _STATUS[status])
         return written + 1
 
     def _started(self, queue: int, chain: Chain, mem: Memory, skip: int, length: int,
@@ -301,7 +303,7 @@ class Blk:
                 if not write:
                     chain.mark(mem, length)
                 ok = res == length  # a short transfer is an error, as a disk has it
-                chain.write(mem, bytes([S_OK if ok else S_IOERR]), room)
+                chain.write_last(mem, _STATUS[S_OK if ok else S_IOERR])
                 out.append((queue, chain, (room if ok and not write else 0) + 1))
             except Exception:  # any failure ends the request (the device breaks), never
                 out.append((queue, chain, -1))  # drops it: it is counted in flight

@@ -65,6 +65,7 @@ class Segment(NamedTuple):  # a tuple: made for every descriptor of every reques
     gpa: int
     length: int
     writable: bool
+    host: int = 0  # its host address when the chain was walked (0: look it up)
 
 
 @dataclass
@@ -74,17 +75,18 @@ class Chain:
     head: int
     readable: list[Segment] = field(default_factory=list)
     writable: list[Segment] = field(default_factory=list)
+    epoch: int = -1  # the memory's epoch its host addresses belong to (-1: none)
+    in_bytes: int = field(default=0, init=False)   # of the readable buffers
+    out_room: int = field(default=0, init=False)   # of the writable buffers
 
-    @property
-    def in_bytes(self) -> int:
-        return sum(s.length for s in self.readable)
-
-    @property
-    def out_room(self) -> int:
-        return sum(s.length for s in self.writable)
+    def __post_init__(self) -> None:
+        self.in_bytes = sum(s.length for s in self.readable)
+        self.out_room = sum(s.length for s in self.writable)
 
     def read(self, mem: Memory, limit: int = MAX_CHAIN_BYTES) -> bytes:
         """The readable buffers, concatenated (at most `limit` bytes)."""
+        if self.readable and self.readable[0].length >= limit:  # a header in its own buffer
+            return _read(mem, self.readable[0].gpa, limit)
         out = bytearray()
         for s in self.readable:
             take = min(s.length, limit - len(out))
@@ -115,8 +117,29 @@ class Chain:
     def spans(self, mem: Memory, writable: bool, skip: int,
               length: int) -> list[tuple[int, int]]:
         """Like views(), as (host address, length): for I/O the kernel does on its own
-        time (AIO), which needs no Python object to hold the memory."""
-        return [(_check(mem, gpa, n), n) for gpa, n in self._pieces(writable, skip, length)]
+        time (AIO), which needs no Python object to hold the memory. The addresses the
+        walk found are used while guest RAM is still mapped where it was then."""
+        known = self.epoch == mem.epoch
+        out = []
+        for s in self.writable if writable else self.readable:
+            if length <= 0:
+                break
+            if skip >= s.length:
+                skip -= s.length
+                continue
+            n = min(s.length - skip, length)
+            out.append((s.host + skip if known and s.host else _check(mem, s.gpa + skip, n), n))
+            length -= n
+            skip = 0
+        return out
+
+    def write_last(self, mem: Memory, data: bytes) -> None:
+        """`data` as the last bytes of the writable buffers (a status byte's place)."""
+        s = self.writable[-1] if self.writable else None
+        if s is not None and s.length >= len(data):
+            _write(mem, s.gpa + s.length - len(data), data)
+        elif self.write(mem, data, self.out_room - len(data)) != len(data):
+            raise QueueError("no room for the status")
 
     def mark(self, mem: Memory, length: int) -> None:
         """Tell dirty tracking that the first `length` writable bytes were written through
@@ -276,7 +299,9 @@ class Virtqueue:
         return chain
 
     def _walk(self, mem: Memory, head: int) -> Chain:
-        chain = Chain(head)
+        readable: list[Segment] = []
+        writable: list[Segment] = []
+        epoch = mem.epoch
         table, entries, idx, indirect = self._desc_v, self.size, head, False
         seen, total = 0, 0
         while True:
@@ -295,18 +320,18 @@ class Virtqueue:
                 entries, idx, indirect, seen = length // 16, 0, True, 0
                 continue
             if length:
-                _check(mem, addr, length)  # all of it in guest RAM
+                host = _check(mem, addr, length)  # all of it in guest RAM
                 total += length
                 if total > MAX_CHAIN_BYTES:
                     raise QueueError(f"request of more than {MAX_CHAIN_BYTES} bytes")
                 if flags & DESC_F_WRITE:
-                    chain.writable.append(Segment(addr, length, True))
-                elif chain.writable:
+                    writable.append(Segment(addr, length, True, host))
+                elif writable:
                     raise QueueError("a readable buffer follows a writable one")
                 else:
-                    chain.readable.append(Segment(addr, length, False))
+                    readable.append(Segment(addr, length, False, host))
             if not flags & DESC_F_NEXT:
-                return chain
+                return Chain(head, readable, writable, epoch)
             idx = nxt
 
     def push(self, mem: Memory, head: int, written: int) -> None:
