@@ -252,8 +252,9 @@ class Blk:
             return False
         self._mem = mem
         spans = chain.spans(mem, not write, skip, length)
-        if any(a % SECTOR or n % SECTOR for a, n in spans):
-            return False
+        for a, n in spans:
+            if (a | n) % SECTOR:
+                return False
         assert isinstance(self.image, RawImage)
         token = self.aio.add(self.image.fd, write, spans, sector * SECTOR)
         if token is None:

@@ -68,20 +68,25 @@ class Segment(NamedTuple):  # a tuple: made for every descriptor of every reques
     host: int = 0  # its host address when the chain was walked (0: look it up)
 
 
-@dataclass
 class Chain:
-    """One request: its head index (what the used ring names) and its buffers."""
+    """One request: its head index (what the used ring names) and its buffers. A plain
+    class with slots: one is made for every request, in Python."""
 
-    head: int
-    readable: list[Segment] = field(default_factory=list)
-    writable: list[Segment] = field(default_factory=list)
-    epoch: int = -1  # the memory's epoch its host addresses belong to (-1: none)
-    in_bytes: int = field(default=0, init=False)   # of the readable buffers
-    out_room: int = field(default=0, init=False)   # of the writable buffers
+    __slots__ = ("epoch", "head", "in_bytes", "out_room", "readable", "writable")
 
-    def __post_init__(self) -> None:
-        self.in_bytes = sum(s.length for s in self.readable)
-        self.out_room = sum(s.length for s in self.writable)
+    def __init__(self, head: int, readable: list[Segment] | None = None,
+                 writable: list[Segment] | None = None, epoch: int = -1,
+                 in_bytes: int = -1, out_room: int = -1) -> None:
+        self.head = head
+        self.readable = readable if readable is not None else []
+        self.writable = writable if writable is not None else []
+        self.epoch = epoch  # the memory's epoch its host addresses belong to (-1: none)
+        # the buffers' sizes, readable and writable (the walk counts them as it goes)
+        self.in_bytes = in_bytes if in_bytes >= 0 else sum(s.length for s in self.readable)
+        self.out_room = out_room if out_room >= 0 else sum(s.length for s in self.writable)
+
+    def __repr__(self) -> str:
+        return f"Chain({self.head}, {self.readable}, {self.writable})"
 
     def read(self, mem: Memory, limit: int = MAX_CHAIN_BYTES) -> bytes:
         """The readable buffers, concatenated (at most `limit` bytes)."""
@@ -143,7 +148,10 @@ class Chain:
 
     def mark(self, mem: Memory, length: int) -> None:
         """Tell dirty tracking that the first `length` writable bytes were written through
-        views() or spans()."""
+        views() or spans() (nothing to do while no one tracks the memory's writes; the
+        walk checked the buffers lie in RAM)."""
+        if getattr(mem, "on_write", True) is None:
+            return
         for gpa, n in self._pieces(True, 0, length):
             try:
                 mem.mark_written(gpa, n)
@@ -301,7 +309,7 @@ class Virtqueue:
     def _walk(self, mem: Memory, head: int) -> Chain:
         readable: list[Segment] = []
         writable: list[Segment] = []
-        epoch = mem.epoch
+        epoch, in_bytes, out_room = mem.epoch, 0, 0
         table, entries, idx, indirect = self._desc_v, self.size, head, False
         seen, total = 0, 0
         while True:
@@ -326,12 +334,14 @@ class Virtqueue:
                     raise QueueError(f"request of more than {MAX_CHAIN_BYTES} bytes")
                 if flags & DESC_F_WRITE:
                     writable.append(Segment(addr, length, True, host))
+                    out_room += length
                 elif writable:
                     raise QueueError("a readable buffer follows a writable one")
                 else:
                     readable.append(Segment(addr, length, False, host))
+                    in_bytes += length
             if not flags & DESC_F_NEXT:
-                return Chain(head, readable, writable, epoch)
+                return Chain(head, readable, writable, epoch, in_bytes, out_room)
             idx = nxt
 
     def push(self, mem: Memory, head: int, written: int) -> None:
