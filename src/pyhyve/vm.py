@@ -452,8 +452,9 @@ class VirtualMachine:
         for d in getattr(self, "devices", {}).values():
             d.close()
         routes: MsiRoutes | None = getattr(self, "msi_routes", None)
-        if routes is not None:
-            routes.close()
+        if routes is not None:  # a device thread still alive may yet fire its irqfds
+            routes.close(keep_fds=any(getattr(d, "outlived_close", False)
+                                      for d in getattr(self, "devices", {}).values()))
         if hasattr(self, "vm"):
             self.vm.close()
         if hasattr(self, "memory"):

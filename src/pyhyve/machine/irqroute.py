@@ -44,13 +44,17 @@ class MsiVector:
     def __init__(self, routes: MsiRoutes, gsi: int, fd: int) -> None:
         self._routes, self.gsi, self.fd = routes, gsi, fd
         self.message: tuple[int, int] | None = None  # what KVM routes it to; None: nothing
+        self.refused: tuple[int, int] | None = None  # the last message KVM would not take
 
     def route(self, address: int, data: int) -> bool:
         """Point this vector at (address, data); False if KVM refused the message (the
-        caller then signals it another way)."""
-        if self.message != (address, data):
-            self.message = (address, data) if self._routes.set(self.gsi, address, data) else None
-        return self.message is not None
+        caller then signals it another way; the same message is not offered again, so a
+        guest's bad entry costs one table rebuild, not one per interrupt)."""
+        msg = (address, data)
+        if self.message != msg and self.refused != msg:
+            ok = self._routes.set(self.gsi, address, data)
+            self.message, self.refused = (msg, None) if ok else (None, msg)
+        return self.message == msg
 
     def fire(self) -> None:
         os.eventfd_write(self.fd, 1)
@@ -115,8 +119,14 @@ class MsiRoutes:
         os.close(fd)
         self._msi.pop(gsi, None)
 
-    def close(self) -> None:
-        """Unbind and close every irqfd (before the VM's fd closes)."""
+    def close(self, keep_fds: bool = False) -> None:
+        """Unbind every irqfd (before the VM's fd closes) and close them; with `keep_fds`
+        (a device thread outlived its close and may still fire) they stay open, unbound:
+        a late write lands in an eventfd nobody reads, never in a reused descriptor."""
         with self._lock:
             for gsi in list(self._fds):
-                self._drop(gsi)
+                if keep_fds:
+                    with contextlib.suppress(KvmError):
+                        self._vm.irqfd(self._fds[gsi], gsi, assign=False)
+                else:
+                    self._drop(gsi)

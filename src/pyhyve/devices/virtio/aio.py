@@ -21,13 +21,13 @@ import ctypes as C
 import ctypes.util
 import errno
 import os
+import struct
 from collections.abc import Sequence
-
-import numpy as np
 
 _SYS_IO_SETUP, _SYS_IO_DESTROY, _SYS_IO_GETEVENTS, _SYS_IO_SUBMIT = 206, 207, 208, 209
 _CMD_PREAD, _CMD_PWRITE, _CMD_PREADV, _CMD_PWRITEV = 0, 1, 7, 8
 _FLAG_RESFD = 1
+_EVENT = struct.Struct("<QQqq")  # struct io_event: data, obj, res, res2
 MAX_IOV = 1024  # IOV_MAX
 
 _libc = C.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -78,9 +78,7 @@ class Aio:
         self.depth = depth
         self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._events = (_Event * depth)()
-        # the completions' tokens and results, read for a whole batch at once
-        self._ev = np.frombuffer(memoryview(self._events).cast("B"), dtype=[("data", "<u8"), ("obj", "<u8"),
-                                                      ("res", "<i8"), ("res2", "<i8")])
+        self._ev = memoryview(self._events).cast("B")  # completions, unpacked in bulk
         self._cbs = (_Iocb * depth)()
         for slot, cb in enumerate(self._cbs):  # what never changes for a slot
             cb.aio_data, cb.aio_flags, cb.aio_resfd = slot, _FLAG_RESFD, self.fd
@@ -148,10 +146,9 @@ class Aio:
             if n == 0:
                 break
             self._flying -= n
-            tokens, results = self._ev["data"][:n].tolist(), self._ev["res"][:n].tolist()
-            for token in tokens:
+            for token, _obj, res, _res2 in _EVENT.iter_unpack(self._ev[:_EVENT.size * n]):
                 self._release(token)
-            done += zip(tokens, results, strict=True)
+                done.append((token, res))
         return done
 
     def close(self) -> None:

@@ -55,18 +55,20 @@ class Msix:
     def read_pending(self, offset: int, size: int) -> int:
         return (self.pending >> (8 * offset)) & ((1 << (8 * size)) - 1)
 
-    def fire(self, vector: int) -> None:
-        """Signal `vector` (MSI-X enabled): now, or when it is unmasked."""
+    def fire(self, vector: int, sync: bool = False) -> None:
+        """Signal `vector` (MSI-X enabled): now, or when it is unmasked. `sync`: in the
+        local APIC when this returns (a device quiescing for a capture): KVM may inject an
+        irqfd's message later, from a work queue, and it must not miss the snapshot."""
         if vector >= self.vectors:
             return  # NO_VECTOR or out of range: the driver asked for no interrupt
         if self._masked(vector):
             self.pending |= 1 << vector
             return
-        self._send(vector)
+        self._send(vector, sync)
 
-    def _send(self, vector: int) -> None:
+    def _send(self, vector: int, sync: bool = False) -> None:
         addr, data = struct.unpack_from("<QI", self.table, 16 * vector)
-        if self.irqfds is not None and self.irqfds[vector].route(addr, data):
+        if not sync and self.irqfds is not None and self.irqfds[vector].route(addr, data):
             self.irqfds[vector].fire()  # routed to this very message (set on a change)
             return
         with contextlib.suppress(Exception):  # a message KVM cannot route: the guest's loss

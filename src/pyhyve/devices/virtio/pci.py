@@ -105,6 +105,7 @@ class VirtioPci(Device):
         self._resetting = False
         self._paused = True
         self._closing = False
+        self.outlived_close = False  # close() gave up waiting for the worker thread
         self._thread: threading.Thread | None = None
         if hasattr(backend, "kick"):  # a backend with input of its own (console) wakes us
             backend.kick = self._backend_kick
@@ -314,7 +315,7 @@ class VirtioPci(Device):
     def _interrupt(self, vector: int, isr_bit: int) -> None:
         """MSI-X when the driver enabled it, else INTx with the ISR bit."""
         if self.msix.enabled:
-            self.msix.fire(vector)
+            self.msix.fire(vector, sync=self._paused)  # quiescing: in the APIC at once
             return
         self.isr |= isr_bit
         self.irq_line(self.irq, 1)
@@ -511,7 +512,8 @@ class VirtioPci(Device):
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(30)
             if self._thread.is_alive():  # still inside host I/O: closing its fds under it
-                return  # could send its writes to another file; leave them to exit
+                self.outlived_close = True  # could send its writes to another file; leave
+                return  # them (and its irqfds: the VM sees this) to exit
         if self.doorbells is not None:
             self.doorbells.release()
         close = getattr(self.backend, "close", None)

@@ -143,15 +143,13 @@ class Chain:
         s = self.writable[-1] if self.writable else None
         if s is not None and s.length >= len(data):
             _write(mem, s.gpa + s.length - len(data), data)
-        elif self.write(mem, data, self.out_room - len(data)) != len(data):
+        elif self.out_room < len(data) or \
+                self.write(mem, data, self.out_room - len(data)) != len(data):
             raise QueueError("no room for the status")
 
     def mark(self, mem: Memory, length: int) -> None:
         """Tell dirty tracking that the first `length` writable bytes were written through
-        views() or spans() (nothing to do while no one tracks the memory's writes; the
-        walk checked the buffers lie in RAM)."""
-        if getattr(mem, "on_write", True) is None:
-            return
+        views() or spans()."""
         for gpa, n in self._pieces(True, 0, length):
             try:
                 mem.mark_written(gpa, n)
