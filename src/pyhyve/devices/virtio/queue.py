@@ -100,9 +100,10 @@ class Chain:
             out += _read(mem, s.gpa, take)
         return bytes(out)
 
-    def _pieces(self, writable: bool, skip: int, length: int) -> Iterator[tuple[int, int]]:
-        """(gpa, length) of `length` bytes of the readable (or writable) buffers, from byte
-        `skip` on."""
+    def _pieces(self, writable: bool, skip: int,
+                length: int) -> Iterator[tuple[Segment, int, int]]:
+        """(segment, offset in it, length) of `length` bytes of the readable (or writable)
+        buffers, from byte `skip` on."""
         for s in self.writable if writable else self.readable:
             if length <= 0:
                 return
@@ -110,14 +111,14 @@ class Chain:
                 skip -= s.length
                 continue
             n = min(s.length - skip, length)
-            yield s.gpa + skip, n
+            yield s, skip, n
             length -= n
             skip = 0
 
     def views(self, mem: Memory, writable: bool, skip: int, length: int) -> list[memoryview]:
         """Views of those bytes, for I/O straight into or out of guest RAM (whoever writes
         into them calls mark())."""
-        return [_span(mem, gpa, n) for gpa, n in self._pieces(writable, skip, length)]
+        return [_span(mem, s.gpa + off, n) for s, off, n in self._pieces(writable, skip, length)]
 
     def spans(self, mem: Memory, writable: bool, skip: int,
               length: int) -> list[tuple[int, int]]:
@@ -125,18 +126,18 @@ class Chain:
         time (AIO), which needs no Python object to hold the memory. The addresses the
         walk found are used while guest RAM is still mapped where it was then."""
         known = self.epoch == mem.epoch
-        out = []
-        for s in self.writable if writable else self.readable:
-            if length <= 0:
-                break
-            if skip >= s.length:
-                skip -= s.length
-                continue
-            n = min(s.length - skip, length)
-            out.append((s.host + skip if known and s.host else _check(mem, s.gpa + skip, n), n))
-            length -= n
-            skip = 0
-        return out
+        return [(s.host + off if known and s.host else _check(mem, s.gpa + off, n), n)
+                for s, off, n in self._pieces(writable, skip, length)]
+
+    def mark(self, mem: Memory, length: int) -> None:
+        """Tell dirty tracking that the first `length` writable bytes were written through
+        views() or spans()."""
+        for s, off, n in self._pieces(True, 0, length):
+            gpa = s.gpa + off
+            try:
+                mem.mark_written(gpa, n)
+            except ValueError:
+                raise QueueError(f"guest range {gpa:#x}+{n:#x} is not RAM") from None
 
     def write_last(self, mem: Memory, data: bytes) -> None:
         """`data` as the last bytes of the writable buffers (a status byte's place)."""
@@ -146,15 +147,6 @@ class Chain:
         elif self.out_room < len(data) or \
                 self.write(mem, data, self.out_room - len(data)) != len(data):
             raise QueueError("no room for the status")
-
-    def mark(self, mem: Memory, length: int) -> None:
-        """Tell dirty tracking that the first `length` writable bytes were written through
-        views() or spans()."""
-        for gpa, n in self._pieces(True, 0, length):
-            try:
-                mem.mark_written(gpa, n)
-            except ValueError:
-                raise QueueError(f"guest range {gpa:#x}+{n:#x} is not RAM") from None
 
     def write(self, mem: Memory, data: bytes | memoryview, offset: int = 0) -> int:
         """Write `data` into the writable buffers from byte `offset` on; returns how much
