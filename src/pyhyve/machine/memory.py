@@ -303,6 +303,10 @@ class GuestMemory:
                 if addr:
                     _libc.munmap(addr, n)
 
+    def file_address(self, off: int, length: int) -> int:
+        """Host address of guest RAM by file offset; the range must lie in one region."""
+        return self._host_addr(off, length)
+
     def _host_addr(self, off: int, length: int) -> int:
         for r in self.regions:
             base = r.layout.file_offset

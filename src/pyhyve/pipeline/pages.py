@@ -73,11 +73,12 @@ def _written_pages(addr: int, size: int) -> npt.NDArray[np.bool_]:
 
     with open("/proc/self/pagemap", "rb") as f:
         raw = os.pread(f.fileno(), size // PAGE * 8, addr // PAGE * 8)
-    pm = np.frombuffer(raw, dtype=np.uint64)
-    present = (pm >> np.uint64(63)) & np.uint64(1)
-    swapped = (pm >> np.uint64(62)) & np.uint64(1)
-    file_page = (pm >> np.uint64(61)) & np.uint64(1)
-    return ((present & ~file_page & np.uint64(1)) | swapped).astype(bool)
+    top = np.frombuffer(raw, dtype=np.uint64) >> np.uint64(61)  # present, swapped, file
+    return cast("npt.NDArray[np.bool_]", np.array(_WRITTEN_BITS)[top])
+
+
+# written = (present and not file-backed) or swapped, for each value of bits 63..61
+_WRITTEN_BITS = [bool((v & 4 and not v & 1) or v & 2) for v in range(8)]
 
 
 def _spans(mem: GuestMemory, r: Region) -> list[tuple[int, int]]:
@@ -100,6 +101,17 @@ def guest_runs(mem: GuestMemory) -> Runs:
         base = r.layout.file_offset
         for s, e in _spans(mem, r):
             runs += nonzero_runs(r.array[s:e], (base + s) // PAGE)
+    return merge(runs)
+
+
+def candidate_runs(mem: GuestMemory) -> Runs:
+    """Where guest RAM can hold data (`_spans`), in file pages, without reading a byte of
+    it: a superset of `guest_runs` at about a third of its cost, for a pause that copies
+    first and looks for zero pages after the guest runs again."""
+    runs: Runs = []
+    for r in mem.regions:
+        base = r.layout.file_offset
+        runs += [((base + s) // PAGE, (e - s) // PAGE) for s, e in _spans(mem, r)]
     return merge(runs)
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..machine.memory import PAGE
-from ..pipeline.pages import Runs, encode_runs, guest_runs
+from ..pipeline.pages import Runs, candidate_runs, encode_runs, guest_runs
 from ..pipeline.record import machine_record
 from ..pipeline.sections import device_list, to_sections
 from ..vmtypes import meminfo
@@ -31,7 +31,7 @@ from .files import SnapshotFiles, commit, create_temp, write_all
 from .format import FORMAT, FORMAT_VERSION, SnapshotError, checksum, kern_header, meta_checksum
 from .incremental import Layer, begin, pending_pages, plan
 from .memfile import MemStats, write_memory
-from .staging import Staging
+from .staging import Placed, Staging
 
 if TYPE_CHECKING:
     from ..vm import MachineState, VirtualMachine
@@ -129,14 +129,16 @@ def _target(base: str) -> str:
 
 def _memory_file(temps: _Temps, vm: VirtualMachine, runs: Runs,
                  progress: ProgressFactory | None,
-                 staging: Staging | None = None) -> tuple[int, str, MemStats]:
-    """Guest RAM (or its staged copy) into a temporary (page cache; the caller fsyncs)."""
+                 staging: Staging | None = None,
+                 placed: Placed | None = None) -> tuple[int, str, MemStats]:
+    """Guest RAM (or its staged copy, `placed` in it) into a temporary (page cache; the
+    caller fsyncs)."""
     fd, tmp = temps.create(".mem")
     os.ftruncate(fd, vm.memory.size)
     data_bytes = sum(n for _, n in runs) * PAGE
     report = progress(data_bytes) if progress else None
-    if staging is not None:
-        return fd, tmp, staging.write_out(fd, runs, vm.memory.size, report)
+    if staging is not None and placed is not None:
+        return fd, tmp, staging.write_out(fd, placed, vm.memory.size, report)
     return fd, tmp, write_memory(vm.memory, fd, runs, report)
 
 
@@ -161,8 +163,8 @@ def _staging(vm: VirtualMachine, incremental: bool) -> Staging | None:
     runs; none when the host could not spare the memory (the checkpoint then writes while
     the guest is held)."""
     pages = pending_pages(vm) if incremental else None
-    if pages is None:
-        pages = sum(n for _, n in guest_runs(vm.memory))
+    if pages is None:  # what the pause will copy: zero pages the guest touched too
+        pages = sum(n for _, n in candidate_runs(vm.memory))
     want = pages * PAGE
     if want * 2 > meminfo("MemAvailable"):
         return None
@@ -219,15 +221,19 @@ def save(vm: VirtualMachine, base: str, kind: str, progress: ProgressFactory | N
             st = vm.capture()
             if ahead is not None:
                 layer = begin(vm, lambda: guest_runs(vm.memory), ahead)
-                runs = layer.runs
-            else:
-                runs = guest_runs(vm.memory)
+                runs = layer.runs  # a layer records the pages written, zero or not
+            else:  # zero pages are found after the pause when staging, else now
+                runs = candidate_runs(vm.memory) if staging else guest_runs(vm.memory)
             if staging is not None and staging.fits(runs):
                 staging.copy_in(vm.memory, runs)
                 vm.release()  # the guest's memory is copied aside: it may go on
                 held, resumed_at = False, time.perf_counter()
-                fd, tmp, mem_stats = _memory_file(temps, vm, runs, progress, staging)
+                placed = staging.placed(drop_zero=ahead is None)
+                runs = [(page, count) for page, count, _ in placed]
+                fd, tmp, mem_stats = _memory_file(temps, vm, runs, progress, staging, placed)
             else:
+                if ahead is None and staging is not None:
+                    runs = guest_runs(vm.memory)  # outgrew the buffer: written while held
                 fd, tmp, mem_stats = _memory_file(temps, vm, runs, progress)
             if kind == "checkpoint" and held:
                 vm.release()  # the memory bytes are in the file: the guest may go on

@@ -11,11 +11,13 @@ from __future__ import annotations
 import ctypes as C
 import mmap
 import os
+import threading
 
 import xxhash
 
+from ..machine.dirty import runs_of
 from ..machine.memory import PAGE, GuestMemory
-from ..pipeline.pages import RUN, Runs, chunks
+from ..pipeline.pages import RUN, Runs, page_flags
 from .memfile import CHUNK, MemStats, Progress
 
 _libc = C.CDLL(None, use_errno=True)
@@ -26,6 +28,14 @@ _libc.madvise.argtypes = [C.c_void_p, C.c_size_t, C.c_int]
 MAP_NORESERVE, MADV_HUGEPAGE, MADV_POPULATE_WRITE = 0x4000, 14, 23
 MAP_FAILED = C.c_void_p(-1).value
 SLACK = 1.25  # room for pages the guest writes between the scan and the pause
+COPIERS = max(1, min(4, os.cpu_count() or 1))  # threads copying while the guest is held
+SCAN_PAGES = 2048  # 8 MiB per zero-page scan: numpy's temporaries stay small
+Placed = list[tuple[int, int, int]]  # (file page, count, offset in the buffer)
+
+
+def _copy(copies: list[tuple[int, int, int]]) -> None:
+    for dst, src, n in copies:
+        C.memmove(dst, src, n)
 
 
 class Staging:
@@ -41,24 +51,58 @@ class Staging:
         # faulted in now, GIL released, while the guest runs; refused: plain faults later
         _libc.madvise(addr, self.size, MADV_POPULATE_WRITE)
         self.used = 0
+        self._runs: Runs = []
 
     def fits(self, runs: Runs) -> bool:
         return sum(n for _, n in runs) * PAGE <= self.size
 
     def copy_in(self, mem: GuestMemory, runs: Runs) -> None:
-        """The guest is held: its data runs, back to back, at memory speed."""
-        pos = 0
-        for _, view in chunks(mem, runs, CHUNK):
-            self.view[pos:pos + len(view)] = view
-            pos += len(view)
+        """The guest is held: these runs, back to back, at memory speed. They may hold
+        zero pages (`candidate_runs`): `placed` finds those after the guest runs again."""
+        copies, pos = [], 0
+        for page, count in runs:
+            for off, n in mem.pieces(page * PAGE, (page + count) * PAGE, CHUNK):
+                copies.append((self.addr + pos, mem.file_address(off, n), n))
+                pos += n
+        if pos > self.size:
+            raise ValueError("the runs outgrew the staging buffer")
+        # ctypes drops the GIL in memmove: the held guest's cores copy too (2 cores
+        # here: 512 MiB in ~30 ms against ~55-85 ms on one)
+        helpers = [threading.Thread(target=_copy, args=(copies[i::COPIERS],), daemon=True)
+                   for i in range(1, min(COPIERS, len(copies)))]
+        for t in helpers:
+            t.start()
+        _copy(copies[::COPIERS])
+        for t in helpers:
+            t.join()
         self.used = pos
+        self._runs = runs
 
-    def write_out(self, fd: int, runs: Runs, total_bytes: int,
+    def placed(self, drop_zero: bool) -> Placed:
+        """(file page, count, buffer offset) of what was copied in; with `drop_zero`, only
+        the maximal runs of pages holding a non-zero byte (what the memory file records)."""
+        out: Placed = []
+        pos = 0
+        for page, count in self._runs:
+            if not drop_zero:
+                out.append((page, count, pos))
+            for first in range(0, count if drop_zero else 0, SCAN_PAGES):
+                n = min(SCAN_PAGES, count - first)
+                at = pos + first * PAGE
+                for a, k in runs_of(page_flags(self.view[at:at + n * PAGE])):
+                    if out and out[-1][0] + out[-1][1] == page + first + a:
+                        p0, k0, at0 = out.pop()  # split only by the scan's chunking
+                        out.append((p0, k0 + k, at0))
+                    else:
+                        out.append((page + first + a, k, at + a * PAGE))
+            pos += count * PAGE
+        return out
+
+    def write_out(self, fd: int, placed: Placed, total_bytes: int,
                   progress: Progress | None = None) -> MemStats:
         """To the memory file at each run's offset, hashed as memfile.write_memory does."""
         h = xxhash.xxh3_128()
-        pos = 0
-        for page, count in runs:
+        for page, count, pos in placed:
             h.update(RUN.pack(page, count))
             off, end = page * PAGE, (page + count) * PAGE
             while off < end:
@@ -71,7 +115,7 @@ class Staging:
                 pos, off = pos + n, off + n
                 if progress:
                     progress(n)
-        data_pages = sum(n for _, n in runs)
+        data_pages = sum(n for _, n, _ in placed)
         return MemStats(total_bytes, data_pages, total_bytes // PAGE - data_pages, h.hexdigest())
 
     def close(self) -> None:
