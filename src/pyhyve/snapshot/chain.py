@@ -18,7 +18,6 @@ cannot pin more than one snapshot's worth of memory.
 
 from __future__ import annotations
 
-import mmap
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -99,5 +98,4 @@ def stack(memory: GuestMemory, snap: Snapshot) -> None:
             mine[page:page + count] = True
         todo = runs_of(mine & ~covered)
         covered |= mine
-        with mmap.mmap(layer.mem_fd, size, prot=mmap.PROT_READ) as mm:
-            load_eager(memory, mm, todo)
+        load_eager(memory, layer.mem_fd, todo)

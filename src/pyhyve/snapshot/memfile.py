@@ -10,9 +10,11 @@ zero, or the snapshot is refused.
 from __future__ import annotations
 
 import bisect
+import errno
 import mmap
 import os
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -20,6 +22,7 @@ import xxhash
 
 from ..machine.memory import PAGE, GuestMemory
 from ..pipeline.pages import RUN, Runs, chunks, extents, nonzero_runs
+from ..pipeline.spread import spread
 
 if TYPE_CHECKING:  # numpy is imported when first used: it costs ~80 ms of every start
     import numpy as np
@@ -128,15 +131,22 @@ def _np_view(mm: mmap.mmap, start: int, end: int) -> npt.NDArray[np.uint8]:
     return np.frombuffer(mm, dtype=np.uint8, count=end - start, offset=start)
 
 
-def load_eager(mem: GuestMemory, mm: mmap.mmap, runs: Runs,
+def load_eager(mem: GuestMemory, fd: int, runs: Runs,
                progress: Progress | None = None) -> None:
-    """Copy the runs from the mapped file into (fresh, zero) guest RAM."""
-    src = memoryview(mm)
-    try:
-        for page, count in runs:
-            for off, n in mem.pieces(page * PAGE, (page + count) * PAGE, CHUNK):
-                mem.file_view(off, n)[:] = src[off:off + n]
-                if progress:
+    """Copy the runs from the memory file into (fresh, zero) guest RAM: read, not mapped
+    (a file cut short is an error here, not a SIGBUS), on every core (spread.py)."""
+    lock = threading.Lock()
+
+    def copy(pieces: Sequence[tuple[int, int]]) -> None:
+        for off, n in pieces:
+            view, got = mem.file_view(off, n), 0
+            while got < n:
+                k = os.preadv(fd, [view[got:]], off + got)
+                if k <= 0:
+                    raise OSError(errno.EIO, "the memory file ends inside its data")
+                got += k
+            if progress:
+                with lock:
                     progress(n)
-    finally:
-        src.release()
+    spread(copy, [piece for page, count in runs
+                  for piece in mem.pieces(page * PAGE, (page + count) * PAGE, CHUNK)])

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import datetime
 import json
-import mmap
 import os
 from typing import Any
 
@@ -47,8 +46,7 @@ def merge(src: str, out: str) -> tuple[SnapshotFiles, int, int]:
                                 "are more than the host's available memory")
         memory = GuestMemory(size, name="pyhyve-merge")
         try:
-            with mmap.mmap(chain[0].mem_fd, size, prot=mmap.PROT_READ) as mm:
-                load_eager(memory, mm, chain[0].runs)
+            load_eager(memory, chain[0].mem_fd, chain[0].runs)
             stack(memory, snap)
             runs = guest_runs(memory)
             with _Temps(out) as temps:

@@ -248,9 +248,8 @@ def _build(snap: Snapshot, name: str | None, console: Console | None, bindings: 
         state = decode_for(vm, snap.blobs, snap.meta["devices"])  # before any copying
         copy = bottom.runs if not lazy else intersect(hot, bottom.runs)
         if copy:
-            with mmap.mmap(bottom.mem_fd, spec.config.memory, prot=mmap.PROT_READ) as mm:
-                data = sum(n for _, n in copy) * PAGE
-                load_eager(vm.memory, mm, copy, progress(data) if progress else None)
+            data = sum(n for _, n in copy) * PAGE
+            load_eager(vm.memory, bottom.mem_fd, copy, progress(data) if progress else None)
         stack(vm.memory, snap)
         vm.apply(state)
         vm.renew_generation()  # the guest's memory is a copy now: it may run twice

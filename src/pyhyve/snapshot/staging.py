@@ -11,13 +11,14 @@ from __future__ import annotations
 import ctypes as C
 import mmap
 import os
-import threading
+from collections.abc import Sequence
 
 import xxhash
 
 from ..machine.dirty import runs_of
 from ..machine.memory import PAGE, GuestMemory
 from ..pipeline.pages import RUN, Runs, page_flags
+from ..pipeline.spread import spread
 from .memfile import CHUNK, MemStats, Progress
 
 _libc = C.CDLL(None, use_errno=True)
@@ -28,12 +29,11 @@ _libc.madvise.argtypes = [C.c_void_p, C.c_size_t, C.c_int]
 MAP_NORESERVE, MADV_HUGEPAGE, MADV_POPULATE_WRITE = 0x4000, 14, 23
 MAP_FAILED = C.c_void_p(-1).value
 SLACK = 1.25  # room for pages the guest writes between the scan and the pause
-COPIERS = max(1, min(4, os.cpu_count() or 1))  # threads copying while the guest is held
 SCAN_PAGES = 2048  # 8 MiB per zero-page scan: numpy's temporaries stay small
 Placed = list[tuple[int, int, int]]  # (file page, count, offset in the buffer)
 
 
-def _copy(copies: list[tuple[int, int, int]]) -> None:
+def _copy(copies: Sequence[tuple[int, int, int]]) -> None:
     for dst, src, n in copies:
         C.memmove(dst, src, n)
 
@@ -66,15 +66,7 @@ class Staging:
                 pos += n
         if pos > self.size:
             raise ValueError("the runs outgrew the staging buffer")
-        # ctypes drops the GIL in memmove: the held guest's cores copy too (2 cores
-        # here: 512 MiB in ~30 ms against ~55-85 ms on one)
-        helpers = [threading.Thread(target=_copy, args=(copies[i::COPIERS],), daemon=True)
-                   for i in range(1, min(COPIERS, len(copies)))]
-        for t in helpers:
-            t.start()
-        _copy(copies[::COPIERS])
-        for t in helpers:
-            t.join()
+        spread(_copy, copies)  # the held guest's cores copy too
         self.used = pos
         self._runs = runs
 
