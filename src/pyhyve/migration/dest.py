@@ -14,8 +14,6 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import zstandard
-
 from ..description import CONSOLE_ID
 from ..devices.console import Console
 from ..errors import MigrationDestFailed, PyhyveError, RecordError
@@ -27,7 +25,7 @@ from ..pipeline.pages import decode_runs
 from ..pipeline.record import MAX_CPUS, MachineSpec
 from ..pipeline.sections import check_device_list
 from ..vm import VirtualMachine
-from .encoding import COMPRESSIONS, decode
+from .encoding import COMPRESSIONS, Decoder
 from .listen import HANDSHAKE_TIMEOUT, Listener, listen_address
 from .postcopy import PostcopyDest, runs_mask, valid_session
 from .protocol import MAX_PAGES_PER_FRAME, MEM_HEADER, PROTOCOL_VERSION, Channel, Enc, Frame, ProtocolError, T
@@ -252,7 +250,7 @@ class Receiver:
         total_pages = vm.memory.size // PAGE
         ch.mem_sink = lambda first, count, enc, n: self._sink(first, count, enc, n, total_pages)
         blobs: dict[str, bytes] = {}
-        decompress = zstandard.ZstdDecompressor()
+        decompress = Decoder()
         while True:
             f = ch.recv(T.MEM, T.ROUND, T.STATE, T.COMPLETE, T.RUNS, T.POSTCOPY)
             if f.type == T.MEM:
@@ -315,7 +313,7 @@ class Receiver:
         except ValueError:
             return None  # crosses a region edge
 
-    def _memory(self, f: Frame, total_pages: int, zd: zstandard.ZstdDecompressor) -> None:
+    def _memory(self, f: Frame, total_pages: int, decoder: Decoder) -> None:
         if len(f.payload) < MEM_HEADER.size:
             raise ProtocolError("short MEM frame")
         first, count, enc = MEM_HEADER.unpack_from(f.payload)
@@ -326,10 +324,15 @@ class Receiver:
         if not 0 < count <= MAX_PAGES_PER_FRAME or first + count > total_pages:
             raise ProtocolError("MEM frame outside guest memory")
         size = count * PAGE
-        data = decode(enc, body, size, zd)
         mem = self.vm.memory  # type: ignore[union-attr]
         start = first * PAGE
-        for off, n in mem.pieces(start, start + size, size):
+        pieces = list(mem.pieces(start, start + size, size))
+        if len(pieces) == 1:  # in one region: decoded where it belongs
+            decoder.into(enc, body, mem.file_address(start, size), size)
+            self.pages += count
+            return
+        data = decoder.decode(enc, body, size)
+        for off, n in pieces:
             dst = mem.file_view(off, n)
             if data is None:
                 dst[:] = bytes(n)

@@ -3,6 +3,7 @@ encoding per chunk; the receiver decodes into exactly the announced size or refu
 
 from __future__ import annotations
 
+import ctypes as C
 from collections.abc import Callable
 
 import lz4.block
@@ -44,6 +45,71 @@ def _worth_it(z: zstandard.ZstdCompressor, chunk: memoryview) -> bool:
     step = n // SAMPLE_PAGES
     sample = b"".join(chunk[i * step * PAGE:(i * step + 1) * PAGE] for i in range(SAMPLE_PAGES))
     return len(z.compress(sample)) * 2 <= len(sample)
+
+
+class Decoder:
+    """Decodes MEM bodies. `into` places them straight in memory of the caller's (guest
+    RAM, a scratch buffer) through the host's libzstd and liblz4 when it has them: ctypes
+    drops the GIL, and no 8 MiB result is allocated and copied per frame (64 MiB of the
+    A-B guest's pages: ~15 ms against ~50 ms through the Python modules). Without them,
+    the modules decode and the result is copied. Either way a body must decode to exactly
+    the announced size, or it is refused."""
+
+    def __init__(self, native: bool = True) -> None:
+        self.zd = zstandard.ZstdDecompressor()
+        self._lib = _native() if native else None
+
+    def decode(self, enc: int, body: memoryview, size: int) -> memoryview | None:
+        return decode(enc, body, size, self.zd)
+
+    def into(self, enc: int, body: memoryview, addr: int, size: int) -> None:
+        """Decode to host memory [addr, addr+size); ZERO fills it with zeros."""
+        lib = self._lib
+        if lib is None or enc not in (Enc.ZSTD, Enc.LZ4) or not len(body):
+            data = decode(enc, body, size, self.zd)
+            if data is None:
+                C.memset(addr, 0, size)
+            else:
+                src = _buffer(data)  # held until the copy is done
+                C.memmove(addr, C.addressof(src), size)
+            return
+        src = _buffer(body)
+        if enc == Enc.ZSTD:
+            got = lib.zstd.ZSTD_decompress(addr, size, C.addressof(src), len(body))
+            if lib.zstd.ZSTD_isError(got) or got != size:
+                raise ProtocolError("corrupt zstd data in MEM frame")
+        elif lib.lz4.LZ4_decompress_safe(C.addressof(src), addr, len(body), size) != size:
+            raise ProtocolError("corrupt lz4 data in MEM frame")
+
+
+class _Libs:
+    def __init__(self, zstd: C.CDLL, lz4: C.CDLL) -> None:
+        self.zstd, self.lz4 = zstd, lz4
+
+
+def _native() -> _Libs | None:
+    """libzstd and liblz4 as the host has them (Debian: libzstd1 is required, liblz4-1
+    nearly so); None if either is missing."""
+    try:
+        zstd, lz4 = C.CDLL("libzstd.so.1"), C.CDLL("liblz4.so.1")
+    except OSError:
+        return None
+    zstd.ZSTD_decompress.restype = C.c_size_t
+    zstd.ZSTD_decompress.argtypes = [C.c_void_p, C.c_size_t, C.c_void_p, C.c_size_t]
+    zstd.ZSTD_isError.restype = C.c_uint
+    zstd.ZSTD_isError.argtypes = [C.c_size_t]
+    lz4.LZ4_decompress_safe.restype = C.c_int
+    lz4.LZ4_decompress_safe.argtypes = [C.c_void_p, C.c_void_p, C.c_int, C.c_int]
+    return _Libs(zstd, lz4)
+
+
+def _buffer(view: memoryview | bytes) -> C.c_char:
+    """A ctypes view of a buffer's bytes, keeping it alive (a read-only one is copied
+    first: ctypes maps only writable buffers)."""
+    mv = memoryview(view)
+    if mv.readonly:
+        mv = memoryview(bytearray(mv))
+    return C.c_char.from_buffer(mv)
 
 
 def decode(enc: int, body: memoryview, size: int,

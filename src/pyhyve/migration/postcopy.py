@@ -18,6 +18,7 @@ on. docs/migration-protocol.md has the whole failure model.
 from __future__ import annotations
 
 import contextlib
+import ctypes as C
 import secrets
 import select
 import socket
@@ -26,14 +27,12 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import zstandard
-
 from ..errors import PyhyveError
 from ..machine.dirty import runs_of
 from ..machine.memory import PAGE
 from ..machine.uffd import UffdError
 from ..pipeline.pages import decode_runs, encode_runs, page_flags
-from .encoding import decode
+from .encoding import Decoder
 from .listen import HANDSHAKE_TIMEOUT
 from .protocol import (
     LIMITS,
@@ -256,7 +255,8 @@ class PostcopyDest:
         self.error: BaseException | None = None
         self.reconnects = 0
         self.done = threading.Event()
-        self._zd = zstandard.ZstdDecompressor()
+        self._decoder = Decoder()
+        self._scratch: bytearray | None = None  # decoded frames, before UFFDIO_COPY
         self._thread = threading.Thread(target=self._run, name="postcopy", daemon=True)
 
     def start(self) -> None:
@@ -370,8 +370,16 @@ class PostcopyDest:
         if not 0 < count <= MAX_PAGES_PER_FRAME or first + count > total:
             raise ProtocolError("MEM frame outside guest memory")
         body = memoryview(f.payload)[MEM_HEADER.size:]
-        data = decode(enc, body, count * PAGE, self._zd)
-        self.server.deliver(first, data if data is not None else bytes(count * PAGE))
+        if enc == Enc.RAW:  # placed from where it was received
+            data = self._decoder.decode(enc, body, count * PAGE)
+            assert data is not None
+            self.server.deliver(first, data)
+            return
+        if self._scratch is None:  # one 8 MiB buffer, faulted in once
+            self._scratch = bytearray(MAX_PAGES_PER_FRAME * PAGE)
+        out = memoryview(self._scratch)[:count * PAGE]
+        self._decoder.into(enc, body, C.addressof(C.c_char.from_buffer(out)), len(out))
+        self.server.deliver(first, out)
 
     def _wait_for_source(self, outstanding: set[int]) -> Channel:
         """Serve zero-page faults and note the others while the source is away; take its
