@@ -659,6 +659,8 @@ static void blk_bench(struct dev *d, const char *cmdline, uint64_t sectors)
 	putu(ops);
 	puts_(" bytes=");
 	putu(ops * bs);
+	puts_(" irqs=");
+	putu(irq_count);
 	putc_('\n');
 	poweroff();
 }

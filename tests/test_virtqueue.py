@@ -254,3 +254,35 @@ def test_any_ring_contents_give_chains_or_queue_errors(descs, heads, avail_idx):
         for s in c.readable + c.writable:
             assert s.gpa >= 0 and s.gpa + s.length <= RAM
         q.push(ram, c.head, 0)
+
+
+def test_guest_memory_s_inline_window_checks_every_buffer_like_address_does():
+    """With real guest RAM the walk checks and translates buffers inline (one window, not
+    a lookup per descriptor): a buffer inside gets the address address() gives; one that
+    starts past the end, or starts inside and runs past it, is a QueueError all the same;
+    while post-copy may have a page missing there is no window (every access prepares)."""
+    from pyhyve.machine.memory import GuestMemory
+
+    mem = GuestMemory(RAM, name="pyhyve-test")
+    try:
+        view = mem.span(0, RAM)
+        ram = FakeRam()
+        ram.b = view  # the fake's rings, in real guest RAM
+        q = queue(ram)
+        for last_addr, last_len in ((RAM - 64, 64), (RAM - 64, 65), (RAM, 1)):
+            desc(ram, 0, 0x10000, 16, DESC_F_NEXT, 1)
+            desc(ram, 1, last_addr, last_len, DESC_F_WRITE)
+            offer(ram, q, 0)
+            if last_addr + last_len <= RAM:
+                c = q.pop(mem)
+                assert c.spans(mem, True, 0, last_len) == [(mem.address(last_addr, 64), 64)]
+            else:
+                with pytest.raises(QueueError):
+                    q.pop(mem)
+        assert mem.window() is not None
+        mem.prepare = lambda gpa, n: None
+        assert mem.window() is None
+        mem.prepare = None
+        view.release()
+    finally:
+        mem.close()

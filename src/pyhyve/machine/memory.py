@@ -76,6 +76,8 @@ class Region:
         self.layout = layout
         self.mm = mm
         self.host_addr = C.addressof(C.c_char.from_buffer(mm))
+        # plain attributes, not properties: every device access reads them
+        self.gpa, self.size = layout.guest_phys_addr, layout.size
 
     @cached_property
     def array(self) -> np.ndarray:
@@ -83,14 +85,6 @@ class Region:
         import numpy as np
 
         return np.frombuffer(self.mm, dtype=np.uint8)
-
-    @property
-    def gpa(self) -> int:
-        return self.layout.guest_phys_addr
-
-    @property
-    def size(self) -> int:
-        return self.layout.size
 
     def contains(self, gpa: int, length: int = 1) -> bool:
         return self.gpa <= gpa and gpa + length <= self.gpa + self.size
@@ -203,6 +197,15 @@ class GuestMemory:
         r = self.region_for(gpa, length)
         off = gpa - r.gpa
         return memoryview(r.mm)[off:off + length]
+
+    def window(self) -> tuple[int, int, int] | None:
+        """(first gpa, end gpa, host address minus gpa) of the first region, for a device's
+        hot path to check and translate many guest addresses without a call each; None
+        while a page may be missing (post-copy: every access goes through `prepare`)."""
+        if self.prepare is not None or not self._spans:
+            return None
+        start, end, r = self._spans[0]
+        return start, end, r.host_addr - start
 
     def address(self, gpa: int, length: int) -> int:
         """The host address of [gpa, gpa+length), checked like span(); for I/O the kernel

@@ -300,6 +300,8 @@ class Virtqueue:
         readable: list[Segment] = []
         writable: list[Segment] = []
         epoch, in_bytes, out_room = mem.epoch, 0, 0
+        win = mem.window() if hasattr(mem, "window") else None  # RAM checked inline
+        lo, hi, delta = win if win is not None else (1, 0, 0)
         table, entries, idx, indirect = self._desc_v, self.size, head, False
         seen, total = 0, 0
         while True:
@@ -317,8 +319,9 @@ class Virtqueue:
                 table = _span(mem, addr, length)
                 entries, idx, indirect, seen = length // 16, 0, True, 0
                 continue
-            if length:
-                host = _check(mem, addr, length)  # all of it in guest RAM
+            if length:  # all of it in guest RAM
+                host = addr + delta if lo <= addr and addr + length <= hi else \
+                    _check(mem, addr, length)
                 total += length
                 if total > MAX_CHAIN_BYTES:
                     raise QueueError(f"request of more than {MAX_CHAIN_BYTES} bytes")
