@@ -321,3 +321,70 @@ def test_staged_checkpoint_writes_the_same_memory_and_resumes_before_the_write(m
         staging_mod.Staging.write_out = real  # type: ignore[method-assign]
     assert writes and writes[0] - t0 >= stats.downtime, (writes, stats)  # guest went on first
     assert vm.state == "running"
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("outgrown", [False, True], ids=["staged", "buffer-outgrown"])
+def test_a_checkpoint_of_a_guest_writing_on_is_the_stop_and_copy_of_its_pause(
+        make_vm, tmp_path, monkeypatch, outgrown):
+    """An A-B guest that never stops writing is checkpointed while it runs. Inside the
+    checkpoint's pause (the guest held, its memory copied aside or not) a stop-and-copy
+    image of the same memory is written here too: the checkpoint's memory file must be
+    that image byte for byte, and hold the A-B invariant. When the guest's data outgrew
+    the staging buffer sized before the pause, the checkpoint writes while holding the
+    guest instead, and the same holds."""
+    from pyhyve.machine.memory import PAGE
+    from pyhyve.pipeline.pages import guest_runs
+    from pyhyve.snapshot import save as save_mod
+    from pyhyve.snapshot import staging as staging_mod
+    from pyhyve.snapshot.memfile import write_memory
+
+    vm, con = make_vm("ab", "ws=32M", memory=128 * MB)
+    con.wait_count(b"B", 3)
+    image = str(tmp_path / "stop-and-copy")
+    seen: dict[str, object] = {}
+
+    def at_the_pause(mem) -> None:
+        fd = os.open(image, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, mem.size)
+            seen["stats"] = write_memory(mem, fd, guest_runs(mem))
+        finally:
+            os.close(fd)
+        seen["passes"] = con.buf.count(b"B")
+
+    if outgrown:
+        monkeypatch.setattr(staging_mod, "SLACK", 0.0)  # 8 MiB: less than 32 MiB of data
+        real_write = save_mod.write_memory
+
+        def held_write(mem, fd, runs, progress=None):
+            at_the_pause(mem)
+            return real_write(mem, fd, runs, progress)
+        monkeypatch.setattr(save_mod, "write_memory", held_write)
+    else:
+        real_copy = staging_mod.Staging.copy_in
+
+        def copy_then_image(self, mem, runs) -> None:
+            real_copy(self, mem, runs)
+            at_the_pause(mem)
+        monkeypatch.setattr(staging_mod.Staging, "copy_in", copy_then_image)
+    n = con.buf.count(b"B")
+    stats = save(vm, str(tmp_path / "ck"), "checkpoint")
+    assert vm.state == "running" and "stats" in seen
+    con.wait_count(b"B", n + 3)  # it goes on
+    snap = open_snapshot(str(tmp_path / "ck"), verify_memory=True)
+    try:
+        assert snap.meta["memory"]["checksum"] == seen["stats"].checksum  # type: ignore[attr-defined]
+        assert snap.meta["memory"]["data_pages"] >= 32 * MB // PAGE
+    finally:
+        snap.close()
+    with open(current_files(str(tmp_path / "ck")).memory, "rb") as a, open(image, "rb") as b:
+        while True:
+            x, y = a.read(8 * MB), b.read(8 * MB)
+            assert x == y
+            if not x:
+                break
+    ab = guestkit.ab_check_file(str(tmp_path / "ck"))
+    assert ab.passes >= 3
+    if not outgrown:  # staged: the guest went on before the file was written
+        assert stats.downtime < stats.seconds
