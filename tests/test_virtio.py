@@ -1442,3 +1442,77 @@ def test_a_restores_own_backend_options_are_never_recorded():
     backends = {x["id"]: x["backend"] for x in changed.to_dict()["devices"]}
     assert backends["disk0"] == "/img,ro,serial=x"
     assert backends["net0"] == "tap:t0,mac=02:00:00:00:00:01"
+
+
+def blk_request(blk: Blk, ram: FakeRam, typ: int, body: bytes = b"", out: int = 0,
+                sector: int = 0) -> int:
+    """One virtio-blk request through handle(): header at 0x1000, `body` readable at
+    0x2000, `out` writable bytes at 0x4000, status at 0x3000; returns the status."""
+    from pyhyve.devices.virtio.queue import Chain, Segment
+
+    struct.pack_into("<IIQ", ram.b, 0x1000, typ, 0, sector)
+    ram.b[0x2000:0x2000 + len(body)] = body
+    ram.b[0x3000] = 0xEE
+    chain = Chain(0, [Segment(0x1000, 16, False)] + ([Segment(0x2000, len(body), False)]
+                                                       if body else []),
+                  ([Segment(0x4000, out, True)] if out else []) + [Segment(0x3000, 1, True)])
+    blk.handle(0, chain, ram)
+    return ram.b[0x3000]
+
+
+def test_blk_discard_and_write_zeroes_clear_exactly_their_ranges(tmp_path):
+    """Discard (a hole punched) and write-zeroes clear the sectors named and nothing else,
+    for one range or several; the image keeps its size."""
+    path = tmp_path / "d.img"
+    path.write_bytes(b"\x5a" * 65536)
+    blk = Blk(str(path))
+    ram = FakeRam()
+    try:
+        ranges = struct.pack("<QII", 8, 8, 0) + struct.pack("<QII", 100, 1, 0)
+        assert blk_request(blk, ram, 11, ranges) == 0  # discard: sectors 8-15 and 100
+        assert blk_request(blk, ram, 13, struct.pack("<QII", 40, 2, 1)) == 0  # zeroes, unmap
+        blk.flush()
+        data = path.read_bytes()
+        zero = set(range(8, 16)) | {100, 40, 41}
+        for s in range(128):
+            want = b"\0" * 512 if s in zero else b"\x5a" * 512
+            assert data[s * 512:(s + 1) * 512] == want, s
+        assert len(data) == 65536
+    finally:
+        blk.close()
+
+
+@pytest.mark.parametrize("case", ["past-the-end", "too-long", "unmap-on-discard", "ragged",
+                                  "empty", "read-only"])
+def test_blk_discard_refusals_leave_the_image_alone(tmp_path, case):
+    path = tmp_path / "d.img"
+    path.write_bytes(b"\x5a" * 65536)
+    blk = Blk(f"{path},ro" if case == "read-only" else str(path))
+    ram = FakeRam()
+    body = {"past-the-end": struct.pack("<QII", 120, 9, 0),
+            "too-long": struct.pack("<QII", 0, (1 << 21) + 1, 0),
+            "unmap-on-discard": struct.pack("<QII", 0, 1, 1),
+            "ragged": struct.pack("<QII", 0, 1, 0) + b"\0" * 8,
+            "empty": b"",
+            "read-only": struct.pack("<QII", 0, 1, 0)}[case]
+    want = 2 if case == "unmap-on-discard" else 1  # UNSUPP, else IOERR
+    try:
+        assert blk_request(blk, ram, 11, body) == want
+    finally:
+        blk.close()
+    assert path.read_bytes() == b"\x5a" * 65536
+
+
+def test_blk_get_id_is_the_serial_padded_and_flush_syncs(tmp_path, monkeypatch):
+    path = tmp_path / "d.img"
+    path.write_bytes(bytes(4096))
+    blk = Blk(f"{path},serial=disk-42")
+    ram = FakeRam()
+    try:
+        assert blk_request(blk, ram, 8, out=20) == 0
+        assert bytes(ram.b[0x4000:0x4014]) == b"disk-42".ljust(20, b"\0")
+        synced: list[int] = []
+        monkeypatch.setattr("os.fdatasync", lambda fd: synced.append(fd))
+        assert blk_request(blk, ram, 4) == 0 and synced == [blk.image.fd]
+    finally:
+        blk.close()
