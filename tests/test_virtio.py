@@ -1516,3 +1516,50 @@ def test_blk_get_id_is_the_serial_padded_and_flush_syncs(tmp_path, monkeypatch):
         assert blk_request(blk, ram, 4) == 0 and synced == [blk.image.fd]
     finally:
         blk.close()
+
+
+@pytest.mark.kvm
+def test_every_device_s_state_round_trips_caught_busy(kit, disk, tmp_path):
+    """restore(save(x)) saves identically, for every device of the device guest at once
+    (blk, rng, console on a socket, net on its loop, vsock with connections made): the
+    state is taken while all of them are busy, encoded and decoded as a snapshot or a
+    migration carries it, loaded into the same device of a second VM built from the same
+    description, and saved again."""
+    from pyhyve.devices.virtio.pci import VirtioPci
+
+    uds = str(tmp_path / "v.sock")
+    host = EchoHost(uds)
+
+    def build(name: str) -> tuple[VirtualMachine, CaptureConsole]:
+        con = CaptureConsole()
+        d = with_virtio(default_description("null"), [f"{disk},serial=kit-disk"], True,
+                        vconsoles=[f"unix:{tmp_path / name}.sock"], nets=["loop"],
+                        vsocks=[f"cid=7,uds={uds if name == 'rt-a' else uds + '-b'}"])
+        return VirtualMachine.create(VmConfig(name, 64 * MB, 1, kernel=kit["virtio"],
+                                              cmdline=f"blocks={BLOCKS} frames=16",
+                                              description=d), console=con), con
+    vm, con = build("rt-a")
+    other = None
+    try:
+        vm.start()
+        wait_rounds(con, 3)
+        assert _VS.search(bytes(con.buf)), "no vsock traffic before the capture"
+        vm.pause()
+        st = vm.capture()
+        kinds = {type(d.backend).__name__ for d in vm.devices.values()
+                 if isinstance(d, VirtioPci)}
+        assert kinds == {"Blk", "Rng", "VConsole", "Net", "Vsock"}, kinds
+        other, _ = build("rt-b")
+        checked = 0
+        for name, saved in st.devices.items():
+            dev = other.devices[name]
+            dev.load_state(decode(type(saved), encode(saved)))  # as VirtualMachine.apply
+            with dev.lock:  # as VirtualMachine.capture
+                assert dev.save() == saved, name
+            checked += isinstance(dev, VirtioPci)
+        assert checked == 5
+    finally:
+        vm.close()
+        if other is not None:
+            other.close()
+        host.close()
