@@ -790,9 +790,10 @@ def test_the_destination_announces_the_mac_on_its_tap_right_after_migration(kit,
         def capture() -> None:
             while not done.is_set():
                 try:
-                    frames.append((time.monotonic(), cap.recv(2048)))
+                    frame = cap.recv(2048)
                 except TimeoutError:
                     continue
+                frames.append((time.monotonic(), frame))  # when it came, not when we waited
         t = threading.Thread(target=capture, daemon=True)
         t.start()
         vm, con = device_vm(kit, disk, net=f"tap:{src},mac=02:00:00:00:00:77", frames=0)
