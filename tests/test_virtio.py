@@ -615,6 +615,12 @@ def test_bhyve_style_slots_and_their_refusals():
                     ["0,hostbridge", "31,lpc", "4,virtio-blk,/a.img,ro", "7,virtio-rnd"])
     pci = [(x.id, x.base, x.backend) for x in d.devices if x.bus == "pci"]
     assert pci == [("disk1", 1, "/b.img"), ("disk0", 4, "/a.img,ro"), ("rng0", 7, None)]
+    d = with_virtio(default_description("null"), [], False,
+                    ["3,virtio-net,tap0,mac=02:00:00:00:00:09", "5,virtio-net,loop",
+                     "6,virtio-console,port1=/run/c.sock", "9,virtio-console,file:/tmp/out"])
+    pci = [(x.id, x.base, x.backend) for x in d.devices if x.bus == "pci"]
+    assert pci == [("net0", 3, "tap:tap0,mac=02:00:00:00:00:09"), ("net1", 5, "loop"),
+                   ("vconsole0", 6, "unix:/run/c.sock"), ("vconsole1", 9, "file:/tmp/out")]
     for bad, match in ((["0,virtio-blk,/a.img"], "slot 0"), (["40,virtio-rnd"], "slot below"),
                        (["3,ahci-hd,/a.img"], "emulations here"),
                        (["3,virtio-rnd", "3,virtio-blk,/a"], "one PCI slot"),

@@ -91,7 +91,9 @@ def build_parser() -> Parser:
     r.add_argument("--vconsole", action="append", metavar="unix:PATH|file:PATH",
                    help="a virtio-console port (vconsole0, ...) to a UNIX socket or a file")
     r.add_argument("-s", dest="slots", action="append", metavar="SLOT,EMULATION[,CONF]",
-                   help="bhyve-style PCI device: SLOT,virtio-blk,PATH[,ro] or SLOT,virtio-rnd")
+                   help="bhyve-style PCI device: SLOT,virtio-blk,PATH[,ro][,serial=ID], "
+                   "SLOT,virtio-net,TAP[,mac=MAC], SLOT,virtio-console,unix:PATH|file:PATH"
+                   " or SLOT,virtio-rnd")
     r.add_argument("--cpuid-clear", default=None,
                    help="CPUID features hidden from the guest (comma list; '' for none); "
                    f"default {','.join(DEFAULT_HIDDEN)}")
