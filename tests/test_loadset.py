@@ -202,3 +202,26 @@ def test_blocks_and_intersections():
     runs = hot_blocks(scattered, [(0, 1 << 24)], 1 << 24)
     assert len(runs) == MAX_HOT_RUNS and all(n == 512 and p % 512 == 0 for p, n in runs)
     assert hot_blocks([], [(0, 10)]) == [] and hot_blocks(None, [(0, 10)]) == []
+
+
+def test_a_restore_without_eager_or_lazy_is_lazy_with_a_set_and_eager_without(snap, rundir,
+                                                                             make_vm,
+                                                                             tmp_path):
+    """The command line's default is whichever reaches full speed first: with a loading
+    set a lazy restore (the set copied in, cold data left in the file), without one an
+    eager restore; --eager and --lazy still choose."""
+    import subprocess
+
+    from conftest import spawn, suspended
+
+    plain = suspended(make_vm, str(tmp_path / "plain"))
+    for base, flags, want in ((snap, [], "(lazy)"), (plain, [], "(eager)"),
+                              (snap, ["--eager"], "(eager)"), (plain, ["--lazy"], "(lazy)")):
+        p = spawn("pyhyve", "run", "d", "-r", base, *flags, "--console", "null",
+                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            line = p.stderr.readline()
+            assert want in line, (base, flags, line)
+        finally:
+            p.kill()
+            p.wait()

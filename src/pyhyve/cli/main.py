@@ -107,10 +107,12 @@ def build_parser() -> Parser:
     how = r.add_mutually_exclusive_group()
     how.add_argument("--eager", action="store_true",
                      help="with --restore: copy the snapshot's data into memory before the "
-                     "guest starts (the default: it reaches full speed soonest)")
+                     "guest starts (the default for a snapshot without a loading set: it "
+                     "reaches full speed soonest)")
     how.add_argument("--lazy", action="store_true",
-                     help="with --restore: map FILE and pull its pages in while the guest "
-                     "runs (it starts sooner; full speed comes later)")
+                     help="with --restore: map FILE, copy its loading set in, and pull the "
+                     "rest in while the guest runs (the default for a snapshot with a "
+                     "loading set: full speed as soon, and cold data stays in the file)")
     r.add_argument("--clone", action="store_true",
                    help="with --restore: one of many guests from FILE at once: memory shared "
                    "copy-on-write with every other clone (lazy), a new generation ID")
@@ -230,8 +232,10 @@ def cmd_restore(a: argparse.Namespace) -> int:
         binds = _bindings(a)  # never the snapshot's: a file must not choose host paths
         with bar(f"restore {a.name}") as progress:
             snap = open_snapshot(a.restore, verify_memory=False)  # restore() verifies it
+            # neither asked for: whichever reaches full speed first (docs/benchmarks.md)
+            lazy = a.lazy or (not a.eager and not a.hugepages and bool(snap.loading))
             try:
-                vm = restore(snap, name=a.name, lazy=a.lazy, progress=progress,
+                vm = restore(snap, name=a.name, lazy=lazy, progress=progress,
                              bindings=binds, reuse_paths=a.reuse_paths, clone=a.clone,
                              track_dirty=a.track_dirty, clone_dir=rundir(),
                              disk_changed_ok=a.disk_changed_ok, hugepages=a.hugepages)
@@ -249,7 +253,7 @@ def cmd_restore(a: argparse.Namespace) -> int:
     except KvmError as e:
         fail(PROG, f"KVM refused: {e}")
     data = snap.meta["memory"]["data_pages"] * 4096
-    mode = "clone" if a.clone else "lazy" if a.lazy else "eager"
+    mode = "clone" if a.clone else "lazy" if lazy else "eager"
     return serve(vm, lambda: note(
         f"{PROG}: restored {a.name} from {snap.base} ({mode}): {vm.config.memory >> 20} MiB RAM, "
         f"{data / (1 << 20):.1f} MiB of data read, {snap.meta['memory']['zero_pages']} zero "
