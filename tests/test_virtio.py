@@ -4,6 +4,7 @@ block; the transport refuses hostile drivers with NEEDS_RESET, never a crash."""
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 import time
@@ -187,6 +188,39 @@ def test_live_migration_while_busy_loses_no_block(kit, disk, direct, postcopy):
     stats = migrate(vm, dest, live=True, **opts)
     assert stats.state == "completed", stats.error
     try:
+        runs_on(dest.vm, con, dest.console, disk)
+    finally:
+        dest.vm.close()
+        vm.close()
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("postcopy", [False, True], ids=["precopy", "postcopy"])
+def test_the_source_syncs_the_disk_before_the_destination_runs(kit, disk, monkeypatch,
+                                                              postcopy):
+    """The hand-over of a shared image: the source's disk is quiesced and its writes are
+    on stable storage (fdatasync) before the destination's guest may run, so a
+    destination on another host never reads an older block than the guest wrote."""
+    from migrate_helpers import Destination, migrate
+
+    events: list[str] = []
+    real_sync = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (events.append("sync"), real_sync(fd)))
+    real_start = VirtualMachine.start
+
+    def start(self, *args, **kw):
+        events.append("start")
+        real_start(self, *args, **kw)
+    vm, con = device_vm(kit, disk)
+    vm.start()
+    wait_rounds(con, 2)
+    monkeypatch.setattr(VirtualMachine, "start", start)
+    events.clear()
+    dest = Destination(reuse_paths=True)
+    stats = migrate(vm, dest, live=True, **({"postcopy": True} if postcopy else {}))
+    assert stats.state == "completed", stats.error
+    try:
+        assert "start" in events and "sync" in events[:events.index("start")], events
         runs_on(dest.vm, con, dest.console, disk)
     finally:
         dest.vm.close()
