@@ -1615,3 +1615,30 @@ def test_every_device_s_state_round_trips_caught_busy(kit, disk, tmp_path):
         if other is not None:
             other.close()
         host.close()
+
+
+@pytest.mark.kvm
+def test_a_migration_onto_another_disk_is_refused_and_the_source_runs_on(kit, disk, tmp_path):
+    """The destination bound disk0 to an image that is not the source's (same size, other
+    blocks): the disk's identity in the device state does not match, the destination
+    refuses before its guest runs, and the source guest carries on with its own disk."""
+    from migrate_helpers import Destination, migrate
+
+    other = tmp_path / "other.img"
+    other.write_bytes(b"\x33" * (16 * MB))
+    vm, con = device_vm(kit, disk)
+    vm.start()
+    wait_rounds(con, 2)
+    dest = Destination(bindings={"disk0": str(other)})
+    try:
+        stats = migrate(vm, dest, live=True)
+        assert stats.state != "completed"
+        dest.join()
+        assert dest.vm is None and "changed since" in str(dest.error), dest.error
+        assert vm.state == "running"
+        wait_rounds(con, 2)  # the source guest goes on, on its own disk
+        vm.pause()
+        guestkit.check_blocks(disk, BLOCKS)
+        assert other.read_bytes() == b"\x33" * (16 * MB)  # never written
+    finally:
+        vm.close()
