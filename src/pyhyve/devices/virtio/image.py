@@ -7,7 +7,7 @@ image's size that receives every write, and a bitmap of which 4 KiB chunks it ho
 take each chunk from the overlay if written, else from the base (opened read-only). A write
 that covers part of a chunk first copies the chunk up. The overlay file is created
 exclusively and unlinked at once (it lives as long as the VMM): an overlay clone's disk is
-scratch space, and saving or migrating such a VM is refused (docs/devices.md).
+scratch space, and saving or migrating such a VM is refused (docs/devices/virtio-blk.md).
 
 A raw image may be opened for direct I/O (O_DIRECT, QEMU's cache=none): the host's page
 cache is bypassed, so the guest's cache is the only one and a write is on the device when
