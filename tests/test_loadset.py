@@ -225,3 +225,32 @@ def test_a_restore_without_eager_or_lazy_is_lazy_with_a_set_and_eager_without(sn
         finally:
             p.kill()
             p.wait()
+
+
+def test_a_checkpoint_maps_the_cold_file_pages_before_its_pause(snap):
+    """A lazily restored guest leaves its cold data in the snapshot file; a checkpoint of
+    it would copy that data while holding the guest, from disk if need be. So the save
+    maps those file pages first (save._warm, GIL released), and the pause copies at memory
+    speed."""
+    import numpy as np
+
+    from pyhyve.snapshot import save as save_mod
+
+    def resident(vm, first: int, count: int) -> int:
+        r = vm.memory.regions[0]
+        with open("/proc/self/pagemap", "rb") as f:
+            raw = os.pread(f.fileno(), count * 8, (r.host_addr // 4096 + first) * 8)
+        return int(((np.frombuffer(raw, dtype=np.uint64) >> np.uint64(63)) & 1).sum())
+
+    s = open_snapshot(snap)
+    try:
+        vm = restore(s, console=CaptureConsole(), lazy=True)
+    finally:
+        s.close()
+    try:
+        cold = (4 * MB + WS) // 4096, COLD // 4096
+        assert resident(vm, *cold) < cold[1] // 2  # left in the file, not mapped yet
+        save_mod._warm(vm)
+        assert resident(vm, *cold) == cold[1]
+    finally:
+        vm.close()

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 T = TypeVar("T")
-COPIERS = max(1, min(4, os.cpu_count() or 1))  # past 2-4 threads memory bandwidth is spent
+COPIERS = max(1, min(4, len(os.sched_getaffinity(0))))  # past 2-4 threads bandwidth is spent
 
 
 def spread(work: Callable[[Sequence[T]], None], items: Sequence[T]) -> None:
@@ -29,10 +29,14 @@ def spread(work: Callable[[Sequence[T]], None], items: Sequence[T]) -> None:
 
     helpers = [threading.Thread(target=share, args=(items[i::COPIERS],), daemon=True)
                for i in range(1, min(COPIERS, len(items)))]
-    for t in helpers:
-        t.start()
-    share(items[::COPIERS])
-    for t in helpers:
-        t.join()
+    started: list[threading.Thread] = []
+    try:
+        for t in helpers:
+            t.start()
+            started.append(t)
+        share(items[::COPIERS])
+    finally:  # never return while a share still writes: the caller may free its buffers
+        for t in started:
+            t.join()
     if errors:
         raise errors[0]

@@ -163,8 +163,11 @@ def _staging(vm: VirtualMachine, incremental: bool) -> Staging | None:
     runs; none when the host could not spare the memory (the checkpoint then writes while
     the guest is held)."""
     pages = pending_pages(vm) if incremental else None
-    if pages is None:  # what the pause will copy: zero pages the guest touched too
+    if pages is None:  # what the pause will copy: zero pages the guest touched too, or,
+        # if the host cannot spare that much, only the data (then found during the pause)
         pages = sum(n for _, n in candidate_runs(vm.memory))
+        if pages * PAGE * 2 > meminfo("MemAvailable"):
+            pages = sum(n for _, n in guest_runs(vm.memory))
     want = pages * PAGE
     if want * 2 > meminfo("MemAvailable"):
         return None
@@ -172,6 +175,27 @@ def _staging(vm: VirtualMachine, incremental: bool) -> Staging | None:
         return Staging(want)
     except OSError:
         return None
+
+
+def _warm(vm: VirtualMachine) -> None:
+    """Before the pause, map the snapshot file's data that a lazily restored guest never
+    touched (read from disk if it must be, GIL released), so the pause copies it at memory
+    speed instead of waiting on the disk."""
+    mem = vm.memory
+    backed = [(off, off + n) for off, n in mem.file_backed()]  # sorted, like the runs
+    if not backed:
+        return
+    i = 0
+    for page, count in candidate_runs(mem):  # both sorted: one sweep
+        start, end = page * PAGE, (page + count) * PAGE
+        while i < len(backed) and backed[i][1] <= start:
+            i += 1
+        j = i
+        while j < len(backed) and backed[j][0] < end:
+            lo, hi = max(start, backed[j][0]), min(end, backed[j][1])
+            for piece, k in mem.pieces(lo, hi, 1 << 30):
+                mem.populate(piece, k, write=False)
+            j += 1
 
 
 def _recorder(vm: VirtualMachine, window: float) -> loadset.Recorder | None:
@@ -208,6 +232,8 @@ def save(vm: VirtualMachine, base: str, kind: str, progress: ProgressFactory | N
     try:
         ahead = plan(vm, base) if incremental else None  # file checks, before the guest waits
         staging = _staging(vm, incremental) if stage and kind == "checkpoint" else None
+        if staging is not None:
+            _warm(vm)
         loading = recorder.finish() if recorder else []  # the window overlaps the staging
     finally:
         if recorder:
@@ -224,6 +250,8 @@ def save(vm: VirtualMachine, base: str, kind: str, progress: ProgressFactory | N
                 runs = layer.runs  # a layer records the pages written, zero or not
             else:  # zero pages are found after the pause when staging, else now
                 runs = candidate_runs(vm.memory) if staging else guest_runs(vm.memory)
+                if staging is not None and not staging.fits(runs):
+                    runs = guest_runs(vm.memory)  # only the data: it may still fit
             if staging is not None and staging.fits(runs):
                 staging.copy_in(vm.memory, runs)
                 vm.release()  # the guest's memory is copied aside: it may go on
@@ -231,9 +259,7 @@ def save(vm: VirtualMachine, base: str, kind: str, progress: ProgressFactory | N
                 placed = staging.placed(drop_zero=ahead is None)
                 runs = [(page, count) for page, count, _ in placed]
                 fd, tmp, mem_stats = _memory_file(temps, vm, runs, progress, staging, placed)
-            else:
-                if ahead is None and staging is not None:
-                    runs = guest_runs(vm.memory)  # outgrew the buffer: written while held
+            else:  # outgrew the buffer (runs are guest_runs then): written while held
                 fd, tmp, mem_stats = _memory_file(temps, vm, runs, progress)
             if kind == "checkpoint" and held:
                 vm.release()  # the memory bytes are in the file: the guest may go on
