@@ -301,7 +301,8 @@ def test_staged_checkpoint_writes_the_same_memory_and_resumes_before_the_write(m
     a, b = (open_snapshot(str(tmp_path / n), verify_memory=True) for n in ("staged", "plain"))
     try:
         assert a.meta["memory"]["checksum"] == b.meta["memory"]["checksum"]
-        assert a.meta["memory"]["data_pages"] == b.meta["memory"]["data_pages"] >= 32 * MB // 4096
+        # (not ">= the working set": the A-B guest's page bytes wrap to 0 every 256 passes)
+        assert a.meta["memory"]["data_pages"] == b.meta["memory"]["data_pages"] > 0
         assert a.runs == b.runs and (121 * MB + 4096) // 4096 in {p for p, n in a.runs if n == 1}
     finally:
         a.close()
@@ -382,7 +383,7 @@ def test_a_checkpoint_of_a_guest_writing_on_is_the_stop_and_copy_of_its_pause(
     snap = open_snapshot(str(tmp_path / "ck"), verify_memory=True)
     try:
         assert snap.meta["memory"]["checksum"] == seen["stats"].checksum  # type: ignore[attr-defined]
-        assert snap.meta["memory"]["data_pages"] >= 32 * MB // PAGE
+        assert snap.meta["memory"]["data_pages"] == seen["stats"].data_pages > 0  # type: ignore[attr-defined]
     finally:
         snap.close()
     with open(current_files(str(tmp_path / "ck")).memory, "rb") as a, open(image, "rb") as b:
