@@ -1642,3 +1642,21 @@ def test_a_migration_onto_another_disk_is_refused_and_the_source_runs_on(kit, di
         assert other.read_bytes() == b"\x33" * (16 * MB)  # never written
     finally:
         vm.close()
+
+
+def test_bhyve_s_ser_option_names_the_disk_s_serial(tmp_path):
+    """`-s 4,virtio-blk,PATH,ser=ID` is how bhyve users give a disk its serial: it is the
+    serial get-id returns, as `serial=ID` is."""
+    path = tmp_path / "d.img"
+    path.write_bytes(bytes(4096))
+    d = with_virtio(default_description("null"), [], False,
+                    [f"4,virtio-blk,{path},ser=BHYVE-7"])
+    blk = Blk(next(x.backend for x in d.devices if x.id == "disk0"))
+    ram = FakeRam()
+    try:
+        assert blk_request(blk, ram, 8, out=20) == 0
+        assert bytes(ram.b[0x4000:0x4014]) == b"BHYVE-7".ljust(20, b"\0")
+    finally:
+        blk.close()
+    with pytest.raises(ValueError, match="bad disk option"):
+        Blk(f"{path},ser={'x' * 21}")  # at most 20 characters, as serial=

@@ -74,7 +74,7 @@ class DiskSpec:
 
 
 def parse_disk(spec: str) -> DiskSpec:
-    """PATH[,ro][,serial=ID][,direct][,clone=DIR][,force]."""
+    """PATH[,ro][,serial=ID][,direct][,clone=DIR][,force]; `ser=ID` is bhyve's serial=."""
     path, *opts = spec.split(",")
     ro, serial, clone, force, direct = False, "", "", False, False
     for o in opts:
@@ -86,6 +86,8 @@ def parse_disk(spec: str) -> DiskSpec:
             force = True
         elif o.startswith("serial=") and len(o) <= 7 + 20 and o[7:].isprintable():
             serial = o[7:]
+        elif o.startswith("ser=") and len(o) <= 4 + 20 and o[4:].isprintable():
+            serial = o[4:]  # bhyve's spelling (-s SLOT,virtio-blk,PATH,ser=ID)
         elif o.startswith("clone=") and len(o) > 6:
             clone = o[6:]
         else:
