@@ -234,6 +234,7 @@ def test_a_checkpoint_maps_the_cold_file_pages_before_its_pause(snap):
     speed."""
     import numpy as np
 
+    from pyhyve.pipeline.pages import candidate_runs
     from pyhyve.snapshot import save as save_mod
 
     def resident(vm, first: int, count: int) -> int:
@@ -250,7 +251,7 @@ def test_a_checkpoint_maps_the_cold_file_pages_before_its_pause(snap):
     try:
         cold = (4 * MB + WS) // 4096, COLD // 4096
         assert resident(vm, *cold) < cold[1] // 2  # left in the file, not mapped yet
-        save_mod._warm(vm)
+        save_mod._warm(vm, candidate_runs(vm.memory))
         assert resident(vm, *cold) == cold[1]
     finally:
         vm.close()

@@ -121,10 +121,8 @@ def data_pages(mem: GuestMemory) -> npt.NDArray[np.bool_]:
     import numpy as np
 
     out = np.zeros(mem.size // PAGE, dtype=bool)
-    for r in mem.regions:
-        base = r.layout.file_offset // PAGE
-        for s, e in _spans(mem, r):
-            out[base + s // PAGE:base + e // PAGE] = True
+    for page, count in candidate_runs(mem):
+        out[page:page + count] = True
     return out
 
 

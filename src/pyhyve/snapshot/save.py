@@ -157,7 +157,7 @@ def _state_file(temps: _Temps, st: MachineState, runs: Runs,
     return ktmp, table, off
 
 
-def _staging(vm: VirtualMachine, incremental: bool) -> Staging | None:
+def _staging(vm: VirtualMachine, incremental: bool, candidates: Runs) -> Staging | None:
     """A staging buffer for the guest's data (an incremental layer's: the pages written so
     far, with slack for what the guest writes until it is held), faulted in while it still
     runs; none when the host could not spare the memory (the checkpoint then writes while
@@ -165,7 +165,7 @@ def _staging(vm: VirtualMachine, incremental: bool) -> Staging | None:
     pages = pending_pages(vm) if incremental else None
     if pages is None:  # what the pause will copy: zero pages the guest touched too, or,
         # if the host cannot spare that much, only the data (then found during the pause)
-        pages = sum(n for _, n in candidate_runs(vm.memory))
+        pages = sum(n for _, n in candidates)
         if pages * PAGE * 2 > meminfo("MemAvailable"):
             pages = sum(n for _, n in guest_runs(vm.memory))
     want = pages * PAGE
@@ -177,25 +177,15 @@ def _staging(vm: VirtualMachine, incremental: bool) -> Staging | None:
         return None
 
 
-def _warm(vm: VirtualMachine) -> None:
+def _warm(vm: VirtualMachine, candidates: Runs) -> None:
     """Before the pause, map the snapshot file's data that a lazily restored guest never
     touched (read from disk if it must be, GIL released), so the pause copies it at memory
     speed instead of waiting on the disk."""
     mem = vm.memory
-    backed = [(off, off + n) for off, n in mem.file_backed()]  # sorted, like the runs
-    if not backed:
-        return
-    i = 0
-    for page, count in candidate_runs(mem):  # both sorted: one sweep
-        start, end = page * PAGE, (page + count) * PAGE
-        while i < len(backed) and backed[i][1] <= start:
-            i += 1
-        j = i
-        while j < len(backed) and backed[j][0] < end:
-            lo, hi = max(start, backed[j][0]), min(end, backed[j][1])
-            for piece, k in mem.pieces(lo, hi, 1 << 30):
-                mem.populate(piece, k, write=False)
-            j += 1
+    backed = [(off // PAGE, n // PAGE) for off, n in mem.file_backed()]  # sorted runs
+    for page, count in loadset.intersect(backed, candidates):
+        for off, n in mem.pieces(page * PAGE, (page + count) * PAGE, 1 << 30):
+            mem.populate(off, n, write=False)
 
 
 def _recorder(vm: VirtualMachine, window: float) -> loadset.Recorder | None:
@@ -231,9 +221,12 @@ def save(vm: VirtualMachine, base: str, kind: str, progress: ProgressFactory | N
     recorder = _recorder(vm, loading_window)
     try:
         ahead = plan(vm, base) if incremental else None  # file checks, before the guest waits
-        staging = _staging(vm, incremental) if stage and kind == "checkpoint" else None
-        if staging is not None:
-            _warm(vm)
+        staging = None
+        if stage and kind == "checkpoint":
+            candidates = candidate_runs(vm.memory)  # one scan for both, before the pause
+            staging = _staging(vm, incremental, candidates)
+            if staging is not None:
+                _warm(vm, candidates)
         loading = recorder.finish() if recorder else []  # the window overlaps the staging
     finally:
         if recorder:
