@@ -644,6 +644,165 @@ def test_a_disk_changed_since_the_save_is_refused_unless_accepted(kit, disk, tmp
     vm2.close()
 
 
+@pytest.mark.kvm
+@pytest.mark.parametrize("direct", [False, True], ids=["buffered", "direct"])
+def test_a_checkpoint_while_busy_keeps_the_disk_as_it_was_and_restores_with_it(
+        kit, disk, tmp_path, monkeypatch, direct):
+    """The guest writes on for half a second before the save goes on and for a second
+    before the copier starts: every chunk it writes is copied first, so the copy is the
+    disk at the pause; the guest restored on it reads back the blocks of its own round (a
+    newer round's would be a wrong block)."""
+    import shutil
+    import time
+
+    from pyhyve.devices.virtio.diskcopy import DiskCopy
+    from pyhyve.snapshot.files import current_files
+    from pyhyve.snapshot.format import SnapshotError
+    from pyhyve.snapshot.restore import check_disk_copies
+
+    run = DiskCopy._run
+    monkeypatch.setattr(DiskCopy, "_run", lambda self: (time.sleep(1.0), run(self)))
+    spec = f"{disk},direct" if direct else disk
+    vm, con = device_vm(kit, spec)
+    release = vm.release
+
+    def late() -> None:  # the guest runs on before the save's next step
+        release()
+        time.sleep(0.5)
+    try:
+        vm.start()
+        wait_rounds(con, 2)
+        first = len(rounds(con))
+        monkeypatch.setattr(vm, "release", late)
+        stats = save(vm, str(tmp_path / "cp"), "checkpoint")
+        monkeypatch.setattr(vm, "release", release)
+        last = len(rounds(con))
+        assert stats.downtime < 5.0  # the guest went on while the copy was made
+        wait_rounds(con, 2)
+        assert all(d.backend.copy is None for d in vm.devices.values()
+                   if hasattr(d, "backend") and hasattr(d.backend, "copy"))
+    finally:
+        vm.close()
+    kept = current_files(str(tmp_path / "cp")).memory + ".disk0"
+    snap = open_snapshot(str(tmp_path / "cp"))
+    try:
+        assert check_disk_copies(snap) == 1
+        with pytest.raises(SnapshotError, match=f"kept its disks as they were.*{kept}"):
+            restore(snap, console=CaptureConsole(), bindings={"disk0": spec})  # wrote on
+    finally:
+        snap.close()
+    work = str(tmp_path / "work.img")
+    shutil.copy(kept, work)
+    vm2, con2 = restored(tmp_path / "cp", {"disk0": work + (",direct" if direct else "")
+                                           + ",serial=kit-disk"})
+    try:
+        vm2.start()
+        wait_rounds(con2, 3)
+        got = rounds(con2)
+        assert first <= got[0] <= last + 1 and got == list(range(got[0], got[0] + len(got)))
+        vm2.pause()
+        guestkit.check_blocks(work, BLOCKS)
+    finally:
+        vm2.close()
+    with open(kept, "r+b") as f:  # the kept copy changed: verify says so
+        f.write(b"x")
+    snap = open_snapshot(str(tmp_path / "cp"))
+    try:
+        with pytest.raises(SnapshotError, match="is not the disk at the checkpoint"):
+            check_disk_copies(snap)
+    finally:
+        snap.close()
+
+
+@pytest.mark.kvm
+def test_checkpoint_disk_copies_from_the_command_line(kit, disk, tmp_path, rundir):
+    import shutil
+    import subprocess
+    import time
+
+    from conftest import cli, spawn, wait_file, wait_socket
+
+    log, log2 = tmp_path / "a.log", tmp_path / "b.log"
+    vm = spawn("pyhyve", "run", "cpd", "-k", kit["virtio"], "-m", "64M", "--cmdline",
+               f"blocks={BLOCKS}", "--disk", f"{disk},serial=kit-disk", "--rng", "--console",
+               f"file:{log}", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    vm2 = None
+    try:
+        wait_socket(rundir, "cpd")
+        wait_file(log, "V2 ")
+        os.chdir(tmp_path)
+        r = cli("pyhyvectl", "--vm", "cpd", "--checkpoint", "ck")
+        assert r.returncode == 0 and "checkpoint to" in r.stdout, r.stderr
+        r = cli("pyhyvectl", "--vm", "cpd", "--checkpoint", "bare", "--no-disk-copy")
+        assert r.returncode == 0, r.stderr
+        r = cli("pyhyvectl", "--vm", "cpd", "--suspend", "x", "--no-disk-copy")
+        assert r.returncode == 2 and "goes with --checkpoint" in r.stderr
+        have = set(os.listdir(tmp_path))
+        assert {"ck.g1.disk0", "bare.g1"} <= have and "bare.g1.disk0" not in have
+        assert "disk copy     disk0: ck.g1.disk0" in cli("pyhyve", "snapshot", "info",
+                                                           "ck").stdout
+        v = cli("pyhyve", "snapshot", "verify", "ck")
+        assert v.returncode == 0 and "1 disk copies" in v.stdout, v.stdout + v.stderr
+        wait_file(log, f"V{len(rounds_in(log.read_bytes())) + 2} ")  # it writes on
+        r = cli("pyhyve", "run", "x", "-r", "ck", "--reuse-paths")
+        assert r.returncode == 1 and r.stderr.count("\n") == 1
+        assert "has changed since" in r.stderr and "ck.g1.disk0" in r.stderr
+        shutil.copy(tmp_path / "ck.g1.disk0", tmp_path / "work.img")
+        vm2 = spawn("pyhyve", "run", "cpd2", "-r", "ck", "--bind",
+                    "disk0=work.img,serial=kit-disk", "--reuse-paths", "--console",
+                    f"file:{log2}", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_socket(rundir, "cpd2")
+        deadline = time.monotonic() + 60
+        while len(got := rounds_in(log2.read_bytes())) < 3:
+            assert time.monotonic() < deadline, log2.read_bytes()[-300:]
+            time.sleep(0.05)
+        assert got == list(range(got[0], got[0] + len(got)))
+        assert b"VIRTIO ERROR" not in log2.read_bytes()
+        with open(tmp_path / "ck.g1.disk0", "r+b") as f:
+            f.write(b"x")  # the kept disk changed since: verify says so
+        v = cli("pyhyve", "snapshot", "verify", "ck")
+        assert v.returncode == 1 and "is not the disk at the checkpoint" in v.stderr
+    finally:
+        for p in (vm, vm2):
+            if p is not None:
+                p.kill()
+                p.wait()
+
+
+@pytest.mark.kvm
+def test_a_checkpoint_whose_disk_copy_fails_leaves_the_vm_and_the_last_snapshot(
+        kit, disk, tmp_path, monkeypatch):
+    import errno
+
+    from pyhyve.devices.virtio import diskcopy
+    from pyhyve.snapshot.files import current_files
+    from pyhyve.snapshot.format import SnapshotError
+
+    vm, con = device_vm(kit, disk)
+    try:
+        vm.start()
+        wait_rounds(con, 1)
+        save(vm, str(tmp_path / "cp"), "checkpoint")
+        good = current_files(str(tmp_path / "cp"))
+
+        def full(*_a: object) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(diskcopy, "_copy_range", full)
+        with pytest.raises(SnapshotError, match="No space left"):
+            save(vm, str(tmp_path / "cp"), "checkpoint")
+        assert vm.state == "running"
+        wait_rounds(con, 2)  # its disk as good as ever
+        assert current_files(str(tmp_path / "cp")) == good
+        assert sorted(os.listdir(tmp_path)) == ["cp.g1", "cp.g1.disk0", "cp.g1.kern",
+                                                "cp.meta", "disk.img"]
+        assert all(d.backend.copy is None for d in vm.devices.values()
+                   if hasattr(d, "backend") and hasattr(d.backend, "copy"))
+    finally:
+        vm.close()
+    snap = open_snapshot(str(tmp_path / "cp"))
+    snap.close()
+
+
 def test_bhyve_style_slots_and_their_refusals():
     d = with_virtio(default_description("null"), ["/b.img"], False,
                     ["0,hostbridge", "31,lpc", "4,virtio-blk,/a.img,ro", "7,virtio-rnd"])
@@ -1660,3 +1819,92 @@ def test_bhyve_s_ser_option_names_the_disk_s_serial(tmp_path):
         blk.close()
     with pytest.raises(ValueError, match="bad disk option"):
         Blk(f"{path},ser={'x' * 21}")  # at most 20 characters, as serial=
+
+
+def test_blk_copies_what_a_write_or_discard_changes_before_it_changes_it(tmp_path, monkeypatch):
+    """A checkpoint's disk copy (diskcopy.py) with its copier held back: each request
+    that changes the disk has its chunk copied first."""
+    import threading
+
+    from pyhyve.devices.virtio.diskcopy import CHUNK, DiskCopy
+
+    path = tmp_path / "d.img"
+    path.write_bytes(b"\x5a" * (3 * CHUNK))
+    gate = threading.Event()
+    run = DiskCopy._run
+    monkeypatch.setattr(DiskCopy, "_run", lambda self: (gate.wait(), run(self)))
+    blk = Blk(str(path))
+    ram = FakeRam()
+    fd = os.open(tmp_path / "copy", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        blk.begin_copy(fd)
+        assert blk_request(blk, ram, 1, b"\x11" * 512, sector=1) == 0  # a write, chunk 0
+        discard = struct.pack("<QII", 2 * CHUNK // 512, 8, 0)
+        assert blk_request(blk, ram, 11, discard) == 0  # a discard, chunk 2
+        assert blk.copy is not None and blk.copy.left == 1  # chunk 1 waits for the copier
+        gate.set()
+        blk.copy.finish()
+        assert os.pread(fd, 3 * CHUNK + 1, 0) == b"\x5a" * (3 * CHUNK)
+        assert path.read_bytes()[512:1024] == b"\x11" * 512
+    finally:
+        gate.set()
+        blk.close()
+        os.close(fd)
+
+
+@pytest.mark.kvm
+def test_a_checkpoint_with_every_device_busy_restores_with_none_lost(kit, disk, tmp_path):
+    """The device guest with blk, rng, net on its loop, a console port to a file and
+    vsock, checkpointed busy; it writes on, then is restored from the checkpoint with the
+    kept disk (a copy) and new backends: its rounds go on from the checkpoint's round, the
+    guest finds every block, frame and pong as it expects, the console stream resumes
+    where the checkpoint was with no gap, vsock resets and reconnects, the image is whole."""
+    import shutil
+
+    from pyhyve.snapshot.files import current_files
+
+    uds = str(tmp_path / "v.sock")
+    host = EchoHost(uds)
+
+    def build(port: str) -> tuple[VirtualMachine, CaptureConsole]:
+        con = CaptureConsole()
+        d = with_virtio(default_description("null"), [f"{disk},serial=kit-disk"], True,
+                        vconsoles=[f"file:{port}"], nets=["loop"], vsocks=[f"cid=7,uds={uds}"])
+        return VirtualMachine.create(VmConfig("all", 64 * MB, 1, kernel=kit["virtio"],
+                                              cmdline=f"blocks={BLOCKS} frames=16",
+                                              description=d), console=con), con
+    port_a, port_b = tmp_path / "a.out", tmp_path / "b.out"
+    vm, con = build(str(port_a))
+    try:
+        vm.start()
+        wait_rounds(con, 3)
+        assert _VS.search(bytes(con.buf)), "no vsock traffic before the checkpoint"
+        first = len(rounds(con))
+        save(vm, str(tmp_path / "cp"), "checkpoint")
+        last = len(rounds(con))
+        wait_rounds(con, 2)
+    finally:
+        vm.close()
+    work = str(tmp_path / "work.img")
+    shutil.copy(current_files(str(tmp_path / "cp")).memory + ".disk0", work)
+    vm2, con2 = restored(tmp_path / "cp", {"disk0": f"{work},serial=kit-disk",
+                                           "vconsole0": f"file:{port_b}", "net0": "loop",
+                                           "vsock0": f"cid=7,uds={uds}"})
+    try:
+        vm2.start()
+        wait_rounds(con2, 3)
+        vm2.pause()
+        out = bytes(con2.buf)
+        got = rounds(con2)
+        assert first <= got[0] <= last + 1 and got == list(range(got[0], got[0] + len(got)))
+        nets = re.findall(rb"net (\d+) (\d+)\r?\n", out)
+        assert nets and all(int(n) == int(r) * 16 for r, n in nets), nets[-3:]
+        assert b"vsock reset" in out and _VS.search(out) and b"virtio ready" not in out
+        after = vcon_lines(port_b)
+        assert after and after == list(range(after[0], after[0] + len(after))), after
+        # (the round in progress at the pause may have written its line already)
+        assert first + 1 <= after[0] <= last + 2 and after[0] - 1 in vcon_lines(port_a)
+        guestkit.check_blocks(work, BLOCKS)
+    finally:
+        vm2.close()
+        host.close()

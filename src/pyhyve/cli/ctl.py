@@ -52,6 +52,10 @@ def build_parser() -> Parser:
                    help="with --checkpoint/--suspend: first watch for MS ms (default 100) "
                    "which 2 MiB blocks the guest writes, so a --lazy restore copies in only "
                    "those; the guest re-faults its memory once (docs/snapshot-format.md)")
+    p.add_argument("--no-disk-copy", action="store_true",
+                   help="with --checkpoint: do not keep the VM's writable disks as they are "
+                   "at the pause beside the snapshot (FILE.gN.diskK); its restore then needs "
+                   "--disk-changed-ok once the guest has written on")
     m = p.add_argument_group("migration options")
     m.add_argument("--downtime-ms", type=float, help="downtime target (default 5)")
     m.add_argument("--bandwidth", metavar="SIZE", help="cap per second, e.g. 100M (default: none)")
@@ -119,9 +123,13 @@ def _main(argv: list[str] | None) -> int:
         fail(PROG, "--incremental goes with --checkpoint or --suspend", 2)
     if args.loading_set is not None and cmd not in ("suspend", "checkpoint"):
         fail(PROG, "--loading-set goes with --checkpoint or --suspend", 2)
+    if args.no_disk_copy and cmd != "checkpoint":
+        fail(PROG, "--no-disk-copy goes with --checkpoint", 2)
     if cmd in ("suspend", "checkpoint"):
         extra["path"] = os.path.abspath(getattr(args, cmd))  # the VMM has its own cwd
         extra["incremental"] = args.incremental
+        if args.no_disk_copy:
+            extra["disk_copy"] = False
         if args.loading_set is not None:
             if not 0 < args.loading_set <= 10000:
                 fail(PROG, "--loading-set takes 1 to 10000 ms", 2)

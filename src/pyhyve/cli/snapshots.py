@@ -19,7 +19,7 @@ def cmd_snapshot(a: argparse.Namespace) -> int:
     from ..snapshot.files import clean, resolve_base
     from ..snapshot.format import SnapshotError
     from ..snapshot.info import describe
-    from ..snapshot.restore import open_snapshot
+    from ..snapshot.restore import check_disk_copies, open_snapshot
 
     base = resolve_base(a.file)
     try:
@@ -42,13 +42,17 @@ def cmd_snapshot(a: argparse.Namespace) -> int:
                     print(f"{base}: removed {len(removed)} stale file(s) of interrupted saves: "
                           f"{', '.join(os.path.basename(p) for p in removed)}", file=sys.stderr)
                 raise
-            snap.close()
+            try:
+                disks = check_disk_copies(snap)
+            finally:
+                snap.close()
             m = snap.meta
             removed = clean(base)
             gone = (f"; removed {len(removed)} stale file(s) of interrupted or replaced saves: "
                     f"{', '.join(os.path.basename(p) for p in removed)}" if removed else "")
+            kept = f", {disks} disk copies" if disks else ""
             print(f"{snap.base}: OK ({len(m['state']['sections'])} state sections, "
-                  f"{m['memory']['data_pages']} data pages, all checksums match, "
+                  f"{m['memory']['data_pages']} data pages{kept}, all checksums match, "
                   f"{(time.perf_counter() - t0) * 1e3:.0f} ms){gone}")
             return 0
         return info(base, a.json, describe)

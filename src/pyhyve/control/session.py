@@ -123,7 +123,8 @@ class Session:
             with bar(f"{kind} {self.vm.config.name}") as progress:
                 stats = save(self.vm, path, kind, progress,
                              incremental=msg.get("incremental") is True,
-                             loading_window=float(window))
+                             loading_window=float(window),
+                             disk_copies=msg.get("disk_copy") is not False)
             if kind == "suspend":
                 self.vm.stop(f"suspended to {stats.path}", 0)
         return {"line": stats.line(), "downtime": stats.downtime, "seconds": stats.seconds,

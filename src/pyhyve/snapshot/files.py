@@ -4,6 +4,7 @@ last good snapshot.
     FILE.meta         the commit record: names the generation N that is current
     FILE.gN           guest RAM of generation N
     FILE.gN.kern      vCPU, VM and device state of generation N
+    FILE.gN.diskK     a checkpoint's copy of disk K as it was at the pause (save.py)
     (format 1, read only: FILE and FILE.kern)
 
 A save writes its data into temporaries created exclusively (O_EXCL|O_NOFOLLOW, mode
@@ -31,8 +32,9 @@ from dataclasses import astuple, dataclass
 from .errors import SnapshotError
 
 MAX_GENERATION = 999_999_999
-_TMP = re.compile(r"\.tmp-([0-9]+)-[A-Za-z0-9_]+\.(mem|kern|meta)$")
-_GEN = re.compile(r"\.g([0-9]{1,9})(\.kern)?$")
+_TMP = re.compile(r"\.tmp-([0-9]+)-[A-Za-z0-9_]+\.(mem|kern|meta|disk[0-9]{1,3})$")
+_GEN = re.compile(r"\.g([0-9]{1,9})(\.kern|\.disk[0-9]{1,3})?$")
+DISK_COPY = re.compile(r"disk[0-9]{1,3}")  # the device ids whose copies a snapshot keeps
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,13 @@ def generation_files(base: str, generation: int) -> SnapshotFiles:
         return SnapshotFiles(base, base + ".kern", meta_path(base), 0)
     g = f"{base}.g{generation}"
     return SnapshotFiles(g, g + ".kern", meta_path(base), generation)
+
+
+def disk_copy_path(files: SnapshotFiles, dev_id: str) -> str:
+    """Where a checkpoint keeps disk `dev_id` (FILE.gN.diskK): named by the command line's
+    FILE and the device's id, never by the snapshot's content."""
+    assert DISK_COPY.fullmatch(dev_id) and files.generation
+    return f"{files.memory}.{dev_id}"
 
 
 def resolve_base(path: str) -> str:
@@ -229,14 +238,17 @@ def write_all(fd: int, data: bytes | memoryview, offset: int = 0) -> None:
 
 
 def commit(base: str, tmp_memory: str, tmp_state: str,
-           make_meta: Callable[[SnapshotFiles], bytes]) -> tuple[SnapshotFiles, list[str]]:
-    """Make the written temporaries the current snapshot at `base`: rename them to a new
-    generation, write and rename FILE.meta (the commit), then remove what the old
-    snapshot and interrupted saves left. Returns the new files and what was removed."""
+           make_meta: Callable[[SnapshotFiles], bytes],
+           disks: dict[str, str] | None = None) -> tuple[SnapshotFiles, list[str]]:
+    """Make the written temporaries the current snapshot at `base`: rename them (and the
+    disk copies, device id -> temporary) to a new generation, write and rename FILE.meta
+    (the commit), then remove what the old snapshot and interrupted saves left. Returns
+    the new files and what was removed."""
     with dir_lock(base, exclusive=True):
         old = current_generation(base)
         gen = max(old[1] if old else 0, _highest_generation(base)) + 1
-        while any(os.path.lexists(p) for p in astuple(generation_files(base, gen))[:2]):
+        while any(os.path.lexists(p) for p in (*astuple(generation_files(base, gen))[:2], *(
+                disk_copy_path(generation_files(base, gen), d) for d in disks or {}))):
             gen += 1  # a name someone else put there: step over it, never write through it
         if gen > MAX_GENERATION:
             raise SnapshotError(f"cannot save snapshot to {base}: generation numbers are "
@@ -245,7 +257,8 @@ def commit(base: str, tmp_memory: str, tmp_state: str,
         renamed: list[str] = []
         mfd, tmp_meta = create_temp(base, ".meta")
         try:
-            for a, b in ((tmp_memory, files.memory), (tmp_state, files.state)):
+            for a, b in ((tmp_memory, files.memory), (tmp_state, files.state),
+                         *((t, disk_copy_path(files, d)) for d, t in (disks or {}).items())):
                 os.rename(a, b)
                 renamed.append(b)
             write_all(mfd, make_meta(files))

@@ -30,7 +30,7 @@ from ..machine.memory import PAGE
 from ..pipeline.record import validate_record
 from ..pipeline.sections import RUNS_SECTION
 from .errors import SnapshotError as SnapshotError
-from .files import MAX_GENERATION
+from .files import DISK_COPY, MAX_GENERATION
 from .loadset import SECTION as LOADING_SECTION
 
 FORMAT = "pyhyve-snapshot"
@@ -139,6 +139,15 @@ def _validate(meta: dict[str, Any]) -> None:
         _need(f"dev:{_str(d, 'name')}" in names, f"device '{d.get('name')}' has no section")
         _str(d, "kind")
         _int(d, "version", 1, 1 << 16)
+    if "disk_copies" in meta:  # a checkpoint's copies of its disks (save.py)
+        copies = F.obj(meta, "disk_copies")
+        _need(len(copies) <= MAX_SECTIONS, "too many disk copies")
+        for dev_id in copies:
+            _need(DISK_COPY.fullmatch(dev_id) is not None and f"dev:{dev_id}" in names,
+                  f"disk copy '{str(dev_id)[:20]}' names no disk of the snapshot")
+            ident = F.obj(copies, dev_id)
+            _int(ident, "size", 512, 1 << 62)
+            _need(len(_str(ident, "sample")) == 32, f"bad identity of the copy of {dev_id}")
 
 
 def _validate_sections(meta: dict[str, Any]) -> set[str]:

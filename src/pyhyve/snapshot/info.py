@@ -41,4 +41,8 @@ def describe(meta: dict[str, Any], marks: dict[str, str] | None = None,
                      f"{marks.get(s['name'], '')}")
     for d in meta["devices"]:
         lines.append(f"device        {d['name']}: {d['kind']} v{d['version']}")
+    mem_file = mem["file"]
+    for dev_id, ident in sorted((meta.get("disk_copies") or {}).items()):
+        lines.append(f"disk copy     {dev_id}: {mem_file}.{dev_id}, {ident['size']} bytes as at "
+                     f"the pause (bind a copy of it to restore)")
     return "\n".join(lines)

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..description import CONSOLE_ID, VmDescription
 from ..devices.console import Console
+from ..devices.virtio.blk import DiskError, file_identity
 from ..errors import PyhyveError, RecordError
 from ..machine.memory import PAGE, GuestMemory
 from ..pipeline.build import build_vm, decode_for
@@ -27,7 +28,7 @@ from ..pipeline.pages import Runs, decode_runs
 from ..pipeline.record import MachineSpec
 from ..vm import VirtualMachine
 from .chain import layers, open_parents, root, stack
-from .files import dir_lock, generation_files, meta_path, resolve_base
+from .files import dir_lock, disk_copy_path, generation_files, meta_path, resolve_base
 from .format import KERN_MAGIC, Section, SnapshotError, checksum, kern_header, read_meta, sections
 from .incremental import ParentRef, depth_of, track
 from .lease import LeaseGuard, take_lease
@@ -259,7 +260,7 @@ def _build(snap: Snapshot, name: str | None, console: Console | None, bindings: 
                    if prefetch and not hot else None, clone)
     except PyhyveError as e:  # the user's or the host's: said as it is
         vm.close()
-        raise _loading_error(e) from None
+        raise _loading_error(e, snap) from None
     except OSError as e:
         vm.close()
         raise SnapshotError(f"cannot restore: {e.strerror or e}") from None
@@ -288,8 +289,35 @@ def _device_options(spec: MachineSpec, disk_opts: str, clone: bool) -> MachineSp
     return replace(spec, config=replace(spec.config, description=VmDescription(devices)))
 
 
-def _loading_error(e: PyhyveError) -> SnapshotError:
+def _loading_error(e: PyhyveError, snap: Snapshot | None = None) -> SnapshotError:
+    kept = snap.meta.get("disk_copies") if snap is not None else None
+    if kept and isinstance(e, DiskError):  # a checkpoint's VM wrote on: say where the
+        # disks as they were are (the user binds one, or a copy to keep the snapshot's)
+        files = generation_files(snap.base, snap.meta["generation"])  # type: ignore[union-attr]
+        where = ", ".join(f"{d} in {disk_copy_path(files, d)}" for d in sorted(kept))
+        return SnapshotError(f"cannot restore: {e}; the checkpoint kept its disks as they "
+                             f"were ({where}): bind a copy of one, e.g. --bind "
+                             f"{min(kept)}=COPY after cp --sparse=always")
     return e if isinstance(e, SnapshotError) else SnapshotError(f"cannot restore: {e}")
+
+
+def check_disk_copies(snap: Snapshot) -> int:
+    """Every disk the checkpoint kept is there and is the disk at its pause (its identity,
+    module docstring of devices/virtio/blk.py); returns how many."""
+    kept = snap.meta.get("disk_copies") or {}
+    files = generation_files(snap.base, snap.meta["generation"]) if kept else None
+    for dev_id, ident in sorted(kept.items()):
+        assert files is not None
+        path = disk_copy_path(files, dev_id)
+        fd = _open_read(path, f"the copy of {dev_id}")
+        try:
+            size = os.fstat(fd).st_size
+            if size != ident["size"] or file_identity(fd, size) != ident:
+                raise SnapshotError(f"the copy of {dev_id} ({path}) is not the disk at the "
+                                    "checkpoint (changed or corrupt)")
+        finally:
+            os.close(fd)
+    return len(kept)
 
 
 def _lazy_memory(snap: Snapshot, size: int, hot: Runs) -> GuestMemory:

@@ -21,13 +21,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
+from ..devices.virtio.blk import Blk, file_identity
 from ..machine.memory import PAGE
 from ..pipeline.pages import Runs, candidate_runs, encode_runs, guest_runs
 from ..pipeline.record import machine_record
 from ..pipeline.sections import device_list, to_sections
 from ..vmtypes import meminfo
 from . import loadset
-from .files import SnapshotFiles, commit, create_temp, write_all
+from .files import DISK_COPY, SnapshotFiles, commit, create_temp, write_all
 from .format import FORMAT, FORMAT_VERSION, SnapshotError, checksum, kern_header, meta_checksum
 from .incremental import Layer, begin, pending_pages, plan
 from .memfile import MemStats, write_memory
@@ -67,7 +68,8 @@ class SaveStats:
 
 def build_meta(vm: VirtualMachine, files: SnapshotFiles, kind: str, st: MachineState,
                sections: list[SectionRow], kern_size: int,
-               mem_stats: MemStats, parent: dict[str, Any] | None = None) -> dict[str, Any]:
+               mem_stats: MemStats, parent: dict[str, Any] | None = None,
+               disks: dict[str, dict[str, object]] | None = None) -> dict[str, Any]:
     """FILE.meta: the machine record (pipeline/record.py) plus what the files hold."""
     record = machine_record(vm)
     meta = {
@@ -88,6 +90,8 @@ def build_meta(vm: VirtualMachine, files: SnapshotFiles, kind: str, st: MachineS
                                for n, o, ln, c in sections]},
         "devices": device_list(vm, st),
     }
+    if disks:  # a checkpoint's copies of its disks (FILE.gN.diskK), with their identities
+        meta["disk_copies"] = disks
     meta["meta_checksum"] = meta_checksum(meta)
     return meta
 
@@ -200,9 +204,46 @@ def _recorder(vm: VirtualMachine, window: float) -> loadset.Recorder | None:
         return None
 
 
+class _DiskCopies:
+    """A checkpoint's copies of its writable disks (devices/virtio/diskcopy.py), begun
+    while the devices are quiesced; always ended, so a failed save leaves the disks as
+    they were."""
+
+    def __init__(self) -> None:
+        self.disks: list[tuple[str, Blk, int, str]] = []  # id, device, fd, temporary
+
+    def begin(self, vm: VirtualMachine, temps: _Temps) -> None:
+        for name, dev in vm.devices.items():
+            blk = getattr(dev, "backend", None)
+            if isinstance(blk, Blk) and not blk.read_only and DISK_COPY.fullmatch(name):
+                fd, tmp = temps.create(f".{name}")
+                self.disks.append((name, blk, fd, tmp))
+                blk.begin_copy(fd)
+
+    def finish(self) -> dict[str, dict[str, object]]:
+        """Wait for every copy; each must be the disk at the pause (its identity then,
+        taken by the capture). Returns id -> identity for the metadata."""
+        out = {}
+        for name, blk, fd, _ in self.disks:
+            assert blk.copy is not None
+            blk.copy.finish()
+            got = file_identity(fd, blk.image.size)
+            if got != blk.saved_identity:
+                raise SnapshotError(f"the copy of {name} does not match the disk at the pause")
+            out[name] = got
+        return out
+
+    def end(self) -> None:
+        for _, blk, _, _ in self.disks:
+            blk.end_copy()
+
+    def temporaries(self) -> dict[str, str]:
+        return {name: tmp for name, _, _, tmp in self.disks}
+
+
 def save(vm: VirtualMachine, base: str, kind: str, progress: ProgressFactory | None = None,
          keep_paused: bool = False, stage: bool = True, incremental: bool = False,
-         loading_window: float = 0.0) -> SaveStats:
+         loading_window: float = 0.0, disk_copies: bool = True) -> SaveStats:
     """Snapshot `vm` to `base` (FILE.meta naming FILE.gN and FILE.gN.kern). `kind` is
     "suspend" or "checkpoint"; a checkpoint resumes the guest as soon as its memory is
     copied aside (a staging buffer, unless `stage` is False) or written (unless
@@ -210,7 +251,9 @@ def save(vm: VirtualMachine, base: str, kind: str, progress: ProgressFactory | N
     writes only the pages written since the VM's previous incremental save, as a layer
     over it (incremental.py). With `loading_window` (seconds), the guest's writes are
     sampled that long before the pause for the loading set a lazy restore copies in
-    (loadset.py); without, the set is empty."""
+    (loadset.py); without, the set is empty. A checkpoint keeps each writable disk as it
+    was at the pause (FILE.gN.diskK), unless `disk_copies` is False; it commits once the
+    copies are complete."""
     base = _target(base)
     refusal = vm.save_refusal()
     if refusal:
@@ -235,9 +278,12 @@ def save(vm: VirtualMachine, base: str, kind: str, progress: ProgressFactory | N
     vm.hold()
     held, done, resumed_at = True, False, None
     layer: Layer | None = None
+    copies = _DiskCopies()
     try:
         with _Temps(base) as temps:
             st = vm.capture()
+            if kind == "checkpoint" and disk_copies:
+                copies.begin(vm, temps)
             if ahead is not None:
                 layer = begin(vm, lambda: guest_runs(vm.memory), ahead)
                 runs = layer.runs  # a layer records the pages written, zero or not
@@ -259,22 +305,24 @@ def save(vm: VirtualMachine, base: str, kind: str, progress: ProgressFactory | N
                 held, resumed_at = False, time.perf_counter()
             os.fsync(fd)
             ktmp, table, kern_size = _state_file(temps, st, runs, loading)
+            disks = copies.finish()
 
             written: dict[str, Any] = {}
 
             def make_meta(files: SnapshotFiles) -> bytes:
                 meta = build_meta(vm, files, kind, st, table, kern_size, mem_stats,
-                                  layer.record(base) if layer else None)
+                                  layer.record(base) if layer else None, disks)
                 written.update(meta)
                 return json.dumps(meta, indent=1).encode() + b"\n"
 
-            files, removed = commit(base, tmp, ktmp, make_meta)
+            files, removed = commit(base, tmp, ktmp, make_meta, copies.temporaries())
             done = True
             if layer is not None:
                 layer.committed(base, written)
     except OSError as e:
         raise SnapshotError(f"cannot save snapshot to {base}: {e.strerror or e}") from None
     finally:
+        copies.end()
         if layer is not None and not done:
             layer.failed()
         if staging is not None:

@@ -33,6 +33,7 @@ import fcntl
 import json
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import xxhash
@@ -40,6 +41,7 @@ import xxhash
 from ...errors import PyhyveError
 from .aio import Aio
 from .backend import ASYNC
+from .diskcopy import DiskCopy
 from .image import Overlay, RawImage, clone_image
 from .queue import Chain, Memory, QueueError
 
@@ -61,6 +63,22 @@ BLOCK_SAMPLE = 4096
 
 class DiskError(PyhyveError, ValueError):
     pass
+
+
+def identity_of(read: Callable[[int, int], bytes], size: int) -> dict[str, object]:
+    """A disk's identity (module docstring) through `read(offset, length)`."""
+    step = max(BLOCK_SAMPLE, (size - BLOCK_SAMPLE) // (SAMPLES - 1) // 4096 * 4096)
+    h = xxhash.xxh3_128()
+    for i in range(SAMPLES):
+        h.update(read(min(i * step, max(0, size - BLOCK_SAMPLE)), BLOCK_SAMPLE))
+    return {"size": size, "sample": h.hexdigest()}
+
+
+def file_identity(fd: int, size: int) -> dict[str, object]:
+    """The identity of the image in the file `fd` (a checkpoint's copy of a disk)."""
+    def read(offset: int, length: int) -> bytes:
+        return os.pread(fd, length, offset)
+    return identity_of(read, size)
 
 
 @dataclass(frozen=True)
@@ -147,17 +165,28 @@ class Blk:
         self._later: list[tuple[int, Chain, int, bool, int]] = []
         self._mem: Memory | None = None
         self.sectors = self.image.size // SECTOR
+        self.copy: DiskCopy | None = None  # a checkpoint's copy of the disk being made
+        self.saved_identity: dict[str, object] | None = None  # at the last state()
 
     def identity(self) -> dict[str, object]:
-        size = self.image.size
-        step = max(BLOCK_SAMPLE, (size - BLOCK_SAMPLE) // (SAMPLES - 1) // 4096 * 4096)
-        h = xxhash.xxh3_128()
-        for i in range(SAMPLES):
-            h.update(self.image.read(min(i * step, max(0, size - BLOCK_SAMPLE)), BLOCK_SAMPLE))
-        return {"size": size, "sample": h.hexdigest()}
+        return identity_of(self.image.read, self.image.size)
 
     def state(self) -> bytes:
-        return json.dumps(self.identity(), sort_keys=True).encode()
+        self.saved_identity = self.identity()
+        return json.dumps(self.saved_identity, sort_keys=True).encode()
+
+    def begin_copy(self, dst: int) -> DiskCopy:
+        """Keep this disk as it is now in `dst` (diskcopy.py); the device is quiesced."""
+        assert isinstance(self.image, RawImage) and self.copy is None
+        self.copy = DiskCopy(self.image.fd, dst, self.image.size)
+        self.copy.start()
+        return self.copy
+
+    def end_copy(self) -> None:
+        if self.copy is not None:
+            self.copy.cancel()
+            self.copy.close()
+            self.copy = None
 
     def load(self, raw: bytes) -> None:
         """Check the saved identity against this disk (module docstring)."""
@@ -227,6 +256,9 @@ class Blk:
                 length = chain.in_bytes - 16
                 status = S_IOERR if self.read_only else self._check(sector, length)
                 if status == S_OK:
+                    copy = self.copy  # (the save's thread may end it meanwhile)
+                    if copy is not None:
+                        copy.before(sector * SECTOR, length)
                     if self._started(queue, chain, mem, 16, length, sector, True):
                         return ASYNC
                     self.image.writefrom(sector * SECTOR, chain.views(mem, False, 16, length))
@@ -327,11 +359,15 @@ class Blk:
                 return S_UNSUPP  # the unmap flag is for write-zeroes only
             if sector + count > self.sectors or count > MAX_RANGE_SECTORS:
                 return S_IOERR
+        copy = self.copy
         for sector, count, _flags in ranges:
+            if copy is not None:
+                copy.before(sector * SECTOR, count * SECTOR)
             self.image.discard(sector * SECTOR, count * SECTOR)
         return S_OK
 
     def close(self) -> None:
+        self.end_copy()
         if self.aio is not None:
             self.aio.close()  # waits for requests in flight: their buffers are guest RAM
         self.image.close()
