@@ -15,9 +15,13 @@ command's own duration, and when the longest gap began relative to the command's
 Both sides bypass the host's page cache (pyhyve `--disk IMG,direct`, QEMU `cache=none`,
 `aio=native`) on one image a migration's two ends share (the destination opens the same
 file: pyhyve `--reuse-paths`, QEMU the same `-drive`). Checkpoint: pyhyve `checkpoint` on
-the control socket; QEMU `migrate "exec:cat > F"` then `cont` (its running-guest snapshot),
-at 10 GiB/s. Migration (loopback TCP): each at its defaults and matched as bench/guestview.py
-defines them. Medians of --runs runs, the two interleaved; a run that fails is reported.
+the control socket, which keeps the 1 GiB disk as it was at the pause (copy-before-write,
+docs/snapshot-format.md), and again with `--no-disk-copy`, which does not, as QEMU's does
+not; each run checkpoints to the same path, so from the second run on a save also removes
+the generation before it (its disk copy too); QEMU `migrate "exec:cat > F"` then `cont`
+(its running-guest snapshot), at 10 GiB/s. Migration (loopback TCP): each at its defaults
+and matched as bench/guestview.py defines them. Medians of --runs runs, the two
+interleaved; a run that fails is reported.
 
     .venv/bin/python bench/busy_disk.py --runs 5
 """
@@ -101,8 +105,8 @@ class Pyhyve(Vmm):
             raise RuntimeError(f"{cmd}: {reply.get('error')}")
         return reply
 
-    def checkpoint(self, path: str) -> None:
-        self._ctl("checkpoint", path=path)
+    def checkpoint(self, path: str, disk_copy: bool = True) -> None:
+        self._ctl("checkpoint", path=path, disk_copy=disk_copy)
 
     def listen(self, port: int, kind: str) -> Console:
         return self._spawn("dst", [PYHYVE, "run", "dst", "-R", f"127.0.0.1,{port}",
@@ -135,7 +139,8 @@ class Qemu(Vmm):
     def boot(self) -> Console:
         return self._vm("src", [])
 
-    def checkpoint(self, path: str) -> None:
+    def checkpoint(self, path: str, disk_copy: bool = True) -> None:
+        """(QEMU's snapshot never keeps the disk: `disk_copy` is pyhyve's alone.)"""
         q = self.qmps["src"]
         q.cmd("migrate-set-parameters", **{"max-bandwidth": 10 << 30})
         q.cmd("migrate", uri=f"exec:cat > {path}")
@@ -163,7 +168,7 @@ def one(vmm: Vmm, op: str) -> dict[str, float]:
     """Boot, let the disk run for a second and more, do `op`, watch 2 s more."""
     try:
         dst = None
-        if op != "checkpoint":
+        if not op.startswith("checkpoint"):
             port = free_port()
             dst = vmm.listen(port, op)
         src = vmm.boot()
@@ -174,8 +179,8 @@ def one(vmm: Vmm, op: str) -> dict[str, float]:
             pass
         t0 = time.monotonic()
         floor, _ = longest_gap(src.passes, t0 - 1.0, t0)
-        if op == "checkpoint":
-            vmm.checkpoint(os.path.join(vmm.work, f"{vmm.label}-ck"))
+        if op.startswith("checkpoint"):
+            vmm.checkpoint(os.path.join(vmm.work, f"{vmm.label}-ck"), op == "checkpoint")
         else:
             vmm.migrate(port, op)
         t1 = time.monotonic()
@@ -200,6 +205,9 @@ def col(got: dict[str, list[dict[str, float]]], label: str, key: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--ops", default="checkpoint,checkpoint-nocopy,defaults,matched",
+                    help="which of checkpoint, checkpoint-nocopy, defaults, matched "
+                    "(comma-separated)")
     ap.add_argument("--work", default="/var/tmp", help="a directory on a disk-backed file "
                     "system (O_DIRECT); the 1 GiB image is made there and removed")
     a = ap.parse_args()
@@ -213,7 +221,7 @@ def main() -> None:
         image = make_image(work)
         sides = (Pyhyve(work, image), Qemu(work, image, qemu))
         rows = []
-        for op in ("checkpoint", "defaults", "matched"):
+        for op in a.ops.split(","):
             got: dict[str, list[dict[str, float]]] = {s.label: [] for s in sides}
             for _ in range(a.runs):
                 for s in sides:
@@ -223,7 +231,9 @@ def main() -> None:
                         errors.append(f"{s.label} {op}: {type(e).__name__}: {e}")
 
             p, q = col(got, "pyhyve", "pause"), col(got, "QEMU", "pause")
-            name = "checkpoint" if op == "checkpoint" else f"live migration ({op})"
+            name = {"checkpoint": "checkpoint (pyhyve keeps the disk)",
+                    "checkpoint-nocopy": "checkpoint (pyhyve --no-disk-copy)"}.get(
+                        op, f"live migration ({op})")
             rows.append([name, f"{p:.1f} ms", f"{q:.1f} ms", f"{p - q:+.1f} ms",
                          f"{col(got, 'pyhyve', 'floor'):.1f} / {col(got, 'QEMU', 'floor'):.1f} ms",
                          f"{col(got, 'pyhyve', 'cmd'):.0f} / {col(got, 'QEMU', 'cmd'):.0f} ms",

@@ -72,7 +72,7 @@ def test_the_copy_is_the_disk_at_the_pause_whatever_is_written_after(tmp_path_fa
 def test_data_chunks_finds_the_holes(tmp_path):
     fd = image(str(tmp_path / "d"), [0, 3 * CHUNK + 8192 + 10, 8 * CHUNK])
     try:
-        assert list(data_chunks(fd, SIZE)) == [1, 0, 0, 1, 0, 0, 0, 0, 1]
+        assert list(data_chunks(fd, SIZE)) == [1, 0, 0, 1, 1, 0, 0, 0, 1]  # 64 KiB each
     finally:
         os.close(fd)
 
@@ -83,7 +83,7 @@ def test_a_copy_that_fails_ends_and_writes_go_through(tmp_path, monkeypatch):
 
     def full(*_a: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(diskcopy, "_copy_range", full)
+    monkeypatch.setattr(diskcopy, "pwrite_all", full)
     copy = DiskCopy(fd, out, SIZE)
     try:
         copy.before(0, 4096)  # the write that met the full disk goes on, and the next
@@ -93,6 +93,67 @@ def test_a_copy_that_fails_ends_and_writes_go_through(tmp_path, monkeypatch):
         with pytest.raises(OSError, match="No space"):
             copy.finish()
     finally:
+        copy.close()
+        os.close(fd)
+        os.close(out)
+
+
+def test_a_big_stale_file_is_emptied_in_steps_unless_someone_has_it_open(tmp_path,
+                                                                        monkeypatch):
+    """An old generation's disk copy goes a step at a time (one long journal commit would
+    stall a running guest's disk); one that a VM has open as its disk is only unlinked,
+    its content whole for that VM."""
+    from pyhyve.snapshot import files
+
+    monkeypatch.setattr(files, "TRUNCATE_STEP", 1 << 20)
+    free, used = tmp_path / "a.g1.disk0", tmp_path / "b.g1.disk0"
+    for p in (free, used):
+        p.write_bytes(b"\x42" * (4 << 20))
+    held = os.open(used, os.O_RDWR)  # a VM bound to it
+    steps: list[int] = []
+    real = os.ftruncate
+
+    def step(fd: int, size: int) -> None:
+        steps.append(size)
+        real(fd, size)
+    monkeypatch.setattr(os, "ftruncate", step)
+    try:
+        assert files.remove([str(free), str(used)]) == [str(free), str(used)]
+        assert not free.exists() and not used.exists()
+        assert steps == [3 << 20, 2 << 20, 1 << 20]  # the free one's, none of the other's
+        assert os.pread(held, 5 << 20, 0) == b"\x42" * (4 << 20)
+    finally:
+        os.close(held)
+
+
+def test_a_chunk_written_while_the_copier_reads_it_keeps_its_old_data(tmp_path, monkeypatch):
+    """The copier has taken a run of chunks to read; before its read the device copies
+    one of them itself and writes it. What the copier then reads of that chunk is new
+    data and must not reach the copy."""
+    fd = image(str(tmp_path / "d"), [0, 64 << 10])
+    out = os.open(tmp_path / "c", os.O_RDWR | os.O_CREAT, 0o600)
+    before = os.pread(fd, SIZE, 0)
+    reading, written = threading.Event(), threading.Event()
+    real = diskcopy._read_all
+
+    def read(f: int, length: int, offset: int) -> bytes:
+        if threading.current_thread().name == "disk-copy":
+            reading.set()
+            written.wait(10)
+        return real(f, length, offset)
+    monkeypatch.setattr(diskcopy, "_read_all", read)
+    copy = DiskCopy(fd, out, SIZE)
+    try:
+        copy.start()
+        assert reading.wait(10)
+        copy.before(CHUNK, 4096)  # chunk 1, inside the run the copier is about to read
+        os.pwrite(fd, b"\xee" * 4096, CHUNK)
+        written.set()
+        copy.finish()
+        assert os.pread(out, SIZE + 1, 0) == before
+    finally:
+        written.set()
+        copy.cancel()
         copy.close()
         os.close(fd)
         os.close(out)

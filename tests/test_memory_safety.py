@@ -13,7 +13,7 @@ import pytest
 
 from migrate_helpers import Destination, migrate
 from pyhyve import guestkit
-from pyhyve.snapshot.files import current_files
+from pyhyve.snapshot.files import current_files, remove
 from pyhyve.snapshot.restore import open_snapshot, restore
 from pyhyve.snapshot.save import save
 
@@ -162,6 +162,23 @@ def test_lazy_guest_survives_its_snapshot_file_changing(make_vm, tmp_path, how):
         vm.close()
 
 
+def test_a_lazy_guest_keeps_its_file_when_a_new_save_replaces_it(make_vm, tmp_path):
+    """A save to the same path removes the old generation's files; the one a lazily
+    restored guest maps is only unlinked (never emptied first, which its lease would
+    have to be broken for): the guest still reads it, undisturbed."""
+    vm, con = ab_restored(make_vm, tmp_path)
+    try:
+        old = current_files(str(tmp_path / "a")).memory
+        save(vm, str(tmp_path / "a"), "checkpoint")  # generation 2: a.g1 goes
+        assert not os.path.exists(old)
+        dep = vm.snapshot_dependency()
+        assert dep["depends_on_snapshot"] and dep["snapshot_file"] == old
+        ab_continues(vm, con)
+        assert not vm.stopped and vm.snapshot_dependency()["depends_on_snapshot"]
+    finally:
+        vm.close()
+
+
 def test_without_a_lease_the_guest_is_made_independent_at_restore(make_vm, tmp_path):
     base = suspended(make_vm, str(tmp_path / "a"), cmdline="ws=8M", memory=64 * MB)
     path = current_files(base).memory
@@ -196,6 +213,12 @@ def test_status_says_whether_the_vm_depends_on_its_snapshot(kit, tmp_path, rundi
         wait_socket(rundir, "s2")
         st = cli("pyhyvectl", "--vm", "s2", "--status").stdout
         assert "depends_on_snapshot: True" in st and "snap.g1" in st
+        # a save replacing the snapshot removes snap.g1 as a stale generation: the guest
+        # keeps reading it, its lease never broken (files.py: only unlinked)
+        assert remove([str(tmp_path / "snap.g1")]) == [str(tmp_path / "snap.g1")]
+        time.sleep(1.0)  # a broken lease would have the VMM copy everything in by now
+        st = cli("pyhyvectl", "--vm", "s2", "--status").stdout
+        assert "depends_on_snapshot: True" in st and "state: running" in st, st
     finally:
         cli("pyhyvectl", "--vm", "s2", "--destroy")
         p.wait(20)

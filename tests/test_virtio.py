@@ -787,7 +787,7 @@ def test_a_checkpoint_whose_disk_copy_fails_leaves_the_vm_and_the_last_snapshot(
 
         def full(*_a: object) -> None:
             raise OSError(errno.ENOSPC, "No space left on device")
-        monkeypatch.setattr(diskcopy, "_copy_range", full)
+        monkeypatch.setattr(diskcopy, "pwrite_all", full)
         with pytest.raises(SnapshotError, match="No space left"):
             save(vm, str(tmp_path / "cp"), "checkpoint")
         assert vm.state == "running"

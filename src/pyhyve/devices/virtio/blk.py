@@ -166,6 +166,7 @@ class Blk:
         self._mem: Memory | None = None
         self.sectors = self.image.size // SECTOR
         self.copy: DiskCopy | None = None  # a checkpoint's copy of the disk being made
+        self._copy_first: list[tuple[int, int]] = []  # writes batched, their ranges
         self.saved_identity: dict[str, object] | None = None  # at the last state()
 
     def identity(self) -> dict[str, object]:
@@ -257,10 +258,12 @@ class Blk:
                 status = S_IOERR if self.read_only else self._check(sector, length)
                 if status == S_OK:
                     copy = self.copy  # (the save's thread may end it meanwhile)
+                    if self._started(queue, chain, mem, 16, length, sector, True):
+                        if copy is not None:  # copied before the batch is submitted
+                            self._copy_first.append((sector * SECTOR, length))
+                        return ASYNC
                     if copy is not None:
                         copy.before(sector * SECTOR, length)
-                    if self._started(queue, chain, mem, 16, length, sector, True):
-                        return ASYNC
                     self.image.writefrom(sector * SECTOR, chain.views(mem, False, 16, length))
             elif typ == T_FLUSH:
                 self.image.sync()
@@ -301,6 +304,10 @@ class Blk:
         what the kernel would not take is done here, synchronously, and reaped as usual."""
         if self.aio is None:
             return
+        if self._copy_first:  # a checkpoint's disk copy: the old data of the batch's
+            copy, ranges, self._copy_first = self.copy, self._copy_first, []  # writes first
+            if copy is not None:
+                copy.before_many(ranges)
         for token in self.aio.submit():
             queue, chain, length, write, offset = self._flying.pop(token)
             self._later.append((queue, chain, length, write,

@@ -7,7 +7,7 @@ the disk as it was at the pause:
 - where the file system shares extents (FICLONE: btrfs, XFS), a reflink made during the
   pause, at once;
 - elsewhere (ext4 here), a copy made after the pause by copy-before-write, as QEMU's backup
-  job does. A thread copies the image 1 MiB chunk by chunk. Before the device writes or
+  job does. A thread copies the image chunk by chunk (64 KiB). Before the device writes or
   discards in a chunk not yet copied, it copies that chunk's old content first (`before`).
 
 The guest pauses only for the reflink, or for a scan of the image's holes (a hole at the
@@ -18,14 +18,23 @@ on writes go straight through.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import fcntl
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from .image import FICLONE, pwrite_all
 
-CHUNK = 1 << 20
+CHUNK = 64 << 10  # a write's wait to copy its chunk first (QEMU's backup cluster size)
+FLUSH = 8 << 20
+BATCH = 16  # chunks the copier reads at once
+READERS = 8  # threads reading the chunks an AIO batch of writes needs
+WINDOW = 1 << 20  # the copy is written out (the device's chunks in it too) and waited
+# for this much at a time, behind the copier and then to the end: its dirty pages never
+# pile up into one long write-back that would starve the guest's own I/O at the end
 MAX_EXTENTS = 4096  # holes looked for during the pause, at most: the rest is copied whole
 SEEK_DATA, SEEK_HOLE = getattr(os, "SEEK_DATA", 3), getattr(os, "SEEK_HOLE", 4)
 
@@ -71,16 +80,21 @@ class DiskCopy:
             fcntl.ioctl(dst, FICLONE, src)
         except OSError:
             with_reflink = False
+        self.src = self.rsrc = -1
+        self._pool: ThreadPoolExecutor | None = None
         if with_reflink:
-            self.reflinked, self.src, self.pending, self.left = True, -1, bytearray(), 0
+            self.reflinked, self.pending, self.left = True, bytearray(), 0
             return
-        # its own buffered fd on the same file (the device's may be O_DIRECT)
+        # buffered fds of its own on the same file (the device's may be O_DIRECT): one
+        # read in order by the copier, one read at random for the device's writes
         self.src = os.open(f"/proc/self/fd/{src}", os.O_RDONLY | os.O_CLOEXEC)
+        self.rsrc = os.open(f"/proc/self/fd/{src}", os.O_RDONLY | os.O_CLOEXEC)
         try:
+            os.posix_fadvise(self.rsrc, 0, 0, os.POSIX_FADV_RANDOM)
             os.ftruncate(dst, size)
             self.pending = data_chunks(self.src, size)
         except BaseException:
-            os.close(self.src)
+            self.close()
             raise
         self.left = self.pending.count(1)
 
@@ -92,36 +106,83 @@ class DiskCopy:
     def before(self, offset: int, length: int) -> None:
         """Called before the device changes [offset, offset + length): what of it is not
         yet copied is copied now."""
-        if not self.left or length <= 0:
-            return
-        with self.lock:
-            for c in range(offset // CHUNK, min(len(self.pending),
-                                                (offset + length - 1) // CHUNK + 1)):
-                if self.pending[c]:
-                    self._copy(c)
+        self.before_many([(offset, length)])
 
-    def _copy(self, c: int) -> None:
-        """Chunk c into the copy (the lock held); a failure ends the copying."""
-        try:
-            if self.error is None:
-                start = c * CHUNK
-                _copy_range(self.src, self.dst, start, min(CHUNK, self.size - start))
-        except OSError as e:
-            self.error = e
-            self.pending[:] = bytes(len(self.pending))
-            self.left = 0
+    def before_many(self, ranges: list[tuple[int, int]]) -> None:
+        """before() for a batch of writes (the AIO batch about to be submitted): the chunks
+        they need are read in parallel, so the batch waits about one read, not one each."""
+        if not self.left:
             return
-        self.pending[c] = 0
-        self.left -= 1
+        need = sorted({c for off, n in ranges if n > 0
+                       for c in range(off // CHUNK, min(len(self.pending),
+                                                        (off + n - 1) // CHUNK + 1))
+                       if self.pending[c]})  # (a byte is cleared after its chunk's
+        if not need:  # copy, never set again: a clear one needs no wait)
+            return
+        with self.lock:  # (cancel() takes it: no copy runs on after a cancel)
+            need = [c for c in need if self.pending[c]]
+            if not need or self.error is not None:
+                return
+            try:
+                got = list(self._readers().map(self._read, need)) if len(need) > 1 \
+                    else [self._read(need[0])]
+                for c, data in zip(need, got, strict=True):
+                    pwrite_all(self.dst, data, c * CHUNK)
+            except OSError as e:
+                self._failed(e)
+                return
+            for c in need:
+                self.pending[c] = 0
+            self.left -= len(need)
+
+    def _read(self, c: int) -> bytes:
+        return _read_all(self.rsrc, min(CHUNK, self.size - c * CHUNK), c * CHUNK)
+
+    def _readers(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(READERS, thread_name_prefix="disk-copy-read")
+        return self._pool
+
+    def _failed(self, e: OSError) -> None:
+        """The copy cannot be made (the lock held): end it, the writes go on."""
+        self.error = e
+        self.pending[:] = bytes(len(self.pending))
+        self.left = 0
 
     def _run(self) -> None:
-        c = 0
-        while not self._stop:
+        """Copy what is pending, BATCH chunks at a time. The lock is held only to look at
+        and clear pending bytes, never across I/O, so a write waits on no read: a chunk
+        still pending after its read was read before any write to it began (the device
+        clears the byte before it writes), so its data is the old data, whichever of the
+        two puts it in the copy."""
+        c, marks = 0, (0, 0)
+        try:
+            while not self._stop:
+                with self.lock:
+                    c = self.pending.find(1, c)
+                    if c < 0:
+                        break
+                    n = self.pending.find(0, c, min(c + BATCH, len(self.pending)))
+                    n = (n if n >= 0 else min(c + BATCH, len(self.pending))) - c
+                start = c * CHUNK
+                data = _read_all(self.src, min(n * CHUNK, self.size - start), start)
+                with self.lock:
+                    still = [i for i in range(c, c + n) if self.pending[i]]
+                for i in still:
+                    off = (i - c) * CHUNK
+                    pwrite_all(self.dst, data[off:off + CHUNK], i * CHUNK)
+                with self.lock:
+                    for i in still:
+                        if self.pending[i]:
+                            self.pending[i] = 0
+                            self.left -= 1
+                marks = _write_behind(self.dst, marks, start + len(data))
+                c += n
+            for off in range(marks[1], self.size if not self._stop else 0, WINDOW):
+                _libc.sync_file_range(self.dst, off, WINDOW, _WAIT_BEFORE | _WRITE | _WAIT_AFTER)
+        except OSError as e:
             with self.lock:
-                c = self.pending.find(1, c)
-                if c < 0:
-                    return
-                self._copy(c)
+                self._failed(e)
 
     def finish(self) -> None:
         """Wait for the copy, and put it on stable storage; OSError if it failed."""
@@ -141,28 +202,40 @@ class DiskCopy:
             self._thread.join()
 
     def close(self) -> None:
-        if self.src >= 0:
-            os.close(self.src)
-            self.src = -1
+        """After finish() or cancel()."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+        for fd in (self.src, self.rsrc):
+            if fd >= 0:
+                os.close(fd)
+        self.src = self.rsrc = -1
 
 
-def _copy_range(src: int, dst: int, offset: int, length: int) -> None:
-    """[offset, offset + length) of src into dst at the same place, in the kernel where it
-    can (copy_file_range), else through a buffer."""
-    end = offset + length
-    try:
-        while offset < end:
-            n = os.copy_file_range(src, dst, end - offset, offset, offset)
-            if n <= 0:
-                raise OSError(errno.EIO, "the disk image ended early")
-            offset += n
-        return
-    except OSError as e:
-        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-            raise
-    while offset < end:
-        data = os.pread(src, end - offset, offset)
-        if not data:
+def _read_all(fd: int, length: int, offset: int) -> bytes:
+    data = os.pread(fd, length, offset)
+    while len(data) < length:
+        more = os.pread(fd, length - len(data), offset + len(data))
+        if not more:
             raise OSError(errno.EIO, "the disk image ended early")
-        pwrite_all(dst, data, offset)
-        offset += len(data)
+        data += more
+    return data
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+_WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4
+
+
+def _write_behind(fd: int, marks: tuple[int, int], done: int) -> tuple[int, int]:
+    """`marks`: (where writing out was last started, where it was last waited for). Once
+    WINDOW more is written, start writing it out and wait for the window before it."""
+    started, waited = marks
+    if done - started < WINDOW:
+        return marks
+    _libc.sync_file_range(fd, started, done - started, _WRITE)
+    if started > waited:
+        _libc.sync_file_range(fd, waited, started - waited, _WAIT_BEFORE | _WRITE | _WAIT_AFTER)
+    if done // FLUSH != started // FLUSH:
+        os.fdatasync(fd)
+    return done, started
