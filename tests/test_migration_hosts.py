@@ -227,3 +227,68 @@ def test_device_guest_busy_on_every_device_between_namespaces(hosts, kit, tmp_pa
         kill_all(src, dst)
         for e in echo:
             e.close()
+
+
+CAPTURE = """
+import socket, sys, time
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x8035))
+s.bind((sys.argv[1], 0))
+print("ready", flush=True)
+while True:
+    f = s.recv(2048)
+    print(time.monotonic(), f[6:12].hex(), flush=True)  # when it came, and from whom
+"""
+
+
+def test_the_mac_is_announced_on_the_destination_tap_between_namespaces(hosts, kit,
+                                                                        tmp_path, rundir,
+                                                                        keyfile):
+    """The device guest moves from namespace A (its NIC on the loop) to B, where net0 is a
+    tap: B's tap sees the guest's MAC (RARP) after the migration began and within 100 ms
+    of the guest's first console byte there (the switch-over is before that byte). One
+    clock: CLOCK_MONOTONIC is the host's in every network namespace."""
+    import subprocess
+    import sys
+    import threading
+
+    (ns_a, _), (ns_b, ip_b) = hosts["a"], hosts["b"]
+    tap = f"pyht{os.getpid() % 100000}"
+    subprocess.run(["ip", "-n", ns_b, "tuntap", "add", "dev", tap, "mode", "tap"], check=True)
+    subprocess.run(["ip", "-n", ns_b, "link", "set", tap, "up"], check=True)
+    disk = str(tmp_path / "disk.img")
+    with open(disk, "wb") as f:
+        f.truncate(16 << 20)
+    cap = subprocess.Popen(["ip", "netns", "exec", ns_b, sys.executable, "-c", CAPTURE, tap],
+                           stdout=subprocess.PIPE, text=True)
+    src = in_ns(ns_a, "pyhyve", "run", "src", "-k", kit["virtio"], "--cmdline",
+                "blocks=4 frames=0", "-m", "64M", "--console", f"file:{tmp_path / 's.log'}",
+                "--disk", disk, "--net", "loop,mac=02:00:00:00:00:79")
+    dst = subprocess.Popen(["ip", "netns", "exec", ns_b, os.path.join(BIN, "pyhyve"), "run",
+                            "dst", "-R", f"{ip_b},7798", "--key-file", keyfile, "--console",
+                            "stdio", "--bind", f"disk0={disk}", "--bind", f"net0=tap:{tap}"],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    first: list[float] = []
+
+    def first_byte() -> None:
+        if dst.stdout is not None and dst.stdout.read(1):
+            first.append(time.monotonic())
+    reader = threading.Thread(target=first_byte, daemon=True)
+    reader.start()
+    try:
+        assert cap.stdout is not None and cap.stdout.readline().strip() == "ready"
+        wait_socket(rundir, "src")
+        wait_file(tmp_path / "s.log", "V2 ")
+        t_begin = time.monotonic()
+        p = cli("pyhyvectl", "--vm", "src", "--migrate-live", f"{ip_b}:7798", "--key-file",
+                keyfile, timeout=120)
+        assert p.returncode == 0, p.stderr
+        reader.join(30)
+        assert first, "the destination's guest printed nothing"
+        cap.terminate()
+        rarps = [float(t) for t, mac in (line.split() for line in cap.stdout)
+                 if mac == "020000000079"]
+        assert rarps, "no frame from the guest's MAC on the destination's tap"
+        assert t_begin < rarps[0] < first[0] + 0.1, (t_begin, rarps[0], first[0])
+    finally:
+        kill_all(src, dst, cap)
+        subprocess.run(["ip", "-n", ns_b, "link", "del", tap], capture_output=True)
