@@ -1853,12 +1853,14 @@ def test_blk_copies_what_a_write_or_discard_changes_before_it_changes_it(tmp_pat
 
 
 @pytest.mark.kvm
-def test_a_checkpoint_with_every_device_busy_restores_with_none_lost(kit, disk, tmp_path):
+@pytest.mark.parametrize("kind", ["checkpoint", "suspend"])
+def test_a_save_with_every_device_busy_restores_with_none_lost(kit, disk, tmp_path, kind):
     """The device guest with blk, rng, net on its loop, a console port to a file and
-    vsock, checkpointed busy; it writes on, then is restored from the checkpoint with the
-    kept disk (a copy) and new backends: its rounds go on from the checkpoint's round, the
-    guest finds every block, frame and pong as it expects, the console stream resumes
-    where the checkpoint was with no gap, vsock resets and reconnects, the image is whole."""
+    vsock, saved busy. A checkpoint's guest writes on, and is restored with the disk the
+    checkpoint kept (a copy); a suspended one with its own disk. With new backends either
+    way, its rounds go on from the save's round, the guest finds every block, frame and
+    pong as it expects, the console stream resumes where the save was with no gap or
+    repeat, vsock resets and reconnects, and the image is whole."""
     import shutil
 
     from pyhyve.snapshot.files import current_files
@@ -1878,15 +1880,18 @@ def test_a_checkpoint_with_every_device_busy_restores_with_none_lost(kit, disk, 
     try:
         vm.start()
         wait_rounds(con, 3)
-        assert _VS.search(bytes(con.buf)), "no vsock traffic before the checkpoint"
+        assert _VS.search(bytes(con.buf)), "no vsock traffic before the save"
         first = len(rounds(con))
-        save(vm, str(tmp_path / "cp"), "checkpoint")
+        save(vm, str(tmp_path / "cp"), kind)
         last = len(rounds(con))
-        wait_rounds(con, 2)
+        if kind == "checkpoint":
+            wait_rounds(con, 2)
     finally:
         vm.close()
-    work = str(tmp_path / "work.img")
-    shutil.copy(current_files(str(tmp_path / "cp")).memory + ".disk0", work)
+    work = disk
+    if kind == "checkpoint":
+        work = str(tmp_path / "work.img")
+        shutil.copy(current_files(str(tmp_path / "cp")).memory + ".disk0", work)
     vm2, con2 = restored(tmp_path / "cp", {"disk0": f"{work},serial=kit-disk",
                                            "vconsole0": f"file:{port_b}", "net0": "loop",
                                            "vsock0": f"cid=7,uds={uds}"})
@@ -1897,6 +1902,8 @@ def test_a_checkpoint_with_every_device_busy_restores_with_none_lost(kit, disk, 
         out = bytes(con2.buf)
         got = rounds(con2)
         assert first <= got[0] <= last + 1 and got == list(range(got[0], got[0] + len(got)))
+        if kind == "suspend":
+            continued(con, con2)
         nets = re.findall(rb"net (\d+) (\d+)\r?\n", out)
         assert nets and all(int(n) == int(r) * 16 for r, n in nets), nets[-3:]
         assert b"vsock reset" in out and _VS.search(out) and b"virtio ready" not in out
@@ -1904,6 +1911,9 @@ def test_a_checkpoint_with_every_device_busy_restores_with_none_lost(kit, disk, 
         assert after and after == list(range(after[0], after[0] + len(after))), after
         # (the round in progress at the pause may have written its line already)
         assert first + 1 <= after[0] <= last + 2 and after[0] - 1 in vcon_lines(port_a)
+        if kind == "suspend":  # the whole stream, across both files: no gap, no repeat
+            lines = vcon_lines(port_a) + after
+            assert lines == list(range(1, len(lines) + 1)), lines
         guestkit.check_blocks(work, BLOCKS)
     finally:
         vm2.close()
