@@ -13,7 +13,10 @@ the disk as it was at the pause:
 The guest pauses only for the reflink, or for a scan of the image's holes (a hole at the
 pause stays a hole in the copy and is never read). The copy holds exactly the disk at the
 pause. A copy that fails (a full disk) fails the checkpoint, never a guest write: from then
-on writes go straight through.
+on writes go straight through. Everything here is about not stalling the guest's own I/O
+while a whole image is read and written beside it (measured in docs/snapshot-format.md):
+the chunks an AIO batch needs are read in parallel, the copier holds no lock across I/O,
+and the copy goes to disk as it is made, never in one burst at the end.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from .image import FICLONE, pwrite_all
 
 CHUNK = 64 << 10  # a write's wait to copy its chunk first (QEMU's backup cluster size)
-FLUSH = 8 << 20
+FLUSH = 8 << 20  # the copy is fdatasynced this often: a device cache flush of a GiB at the
+# end held the guest's writes up for 100 ms
 BATCH = 16  # chunks the copier reads at once
 READERS = 8  # threads reading the chunks an AIO batch of writes needs
 WINDOW = 1 << 20  # the copy is written out (the device's chunks in it too) and waited
