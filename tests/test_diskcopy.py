@@ -101,14 +101,16 @@ def test_a_copy_that_fails_ends_and_writes_go_through(tmp_path, monkeypatch):
 def test_a_big_stale_file_is_emptied_in_steps_unless_someone_has_it_open(tmp_path,
                                                                         monkeypatch):
     """An old generation's disk copy goes a step at a time (one long journal commit would
-    stall a running guest's disk); one that a VM has open as its disk is only unlinked,
-    its content whole for that VM."""
+    stall a running guest's disk). One that a VM has open as its disk stays, whole: gone
+    by name, the VM's writes would be lost when it exits. One with another name (a hard
+    link: a backup) is only unlinked, its content whole under that name."""
     from pyhyve.snapshot import files
 
     monkeypatch.setattr(files, "TRUNCATE_STEP", 1 << 20)
-    free, used = tmp_path / "a.g1.disk0", tmp_path / "b.g1.disk0"
-    for p in (free, used):
+    free, used, linked = (tmp_path / f"{n}.g1.disk0" for n in "abc")
+    for p in (free, used, linked):
         p.write_bytes(b"\x42" * (4 << 20))
+    os.link(linked, tmp_path / "backup.img")
     held = os.open(used, os.O_RDWR)  # a VM bound to it
     steps: list[int] = []
     real = os.ftruncate
@@ -118,10 +120,11 @@ def test_a_big_stale_file_is_emptied_in_steps_unless_someone_has_it_open(tmp_pat
         real(fd, size)
     monkeypatch.setattr(os, "ftruncate", step)
     try:
-        assert files.remove([str(free), str(used)]) == [str(free), str(used)]
-        assert not free.exists() and not used.exists()
-        assert steps == [3 << 20, 2 << 20, 1 << 20]  # the free one's, none of the other's
+        assert files.remove([str(free), str(used), str(linked)]) == [str(free), str(linked)]
+        assert not free.exists() and used.exists() and not linked.exists()
+        assert steps == [3 << 20, 2 << 20, 1 << 20]  # the free one's, none of the others'
         assert os.pread(held, 5 << 20, 0) == b"\x42" * (4 << 20)
+        assert (tmp_path / "backup.img").read_bytes() == b"\x42" * (4 << 20)
     finally:
         os.close(held)
 

@@ -17,7 +17,7 @@ from pyhyve.snapshot.format import SnapshotError, meta_checksum
 from pyhyve.snapshot.restore import open_snapshot, restore
 from pyhyve.snapshot.save import save
 
-from conftest import CaptureConsole, cli
+from conftest import REPO, CaptureConsole, cli
 
 pytestmark = pytest.mark.kvm  # every test here runs a guest or talks to KVM
 
@@ -305,3 +305,29 @@ def test_a_bug_while_restoring_is_not_relabelled(snap, monkeypatch):
         assert not isinstance(ei.value, SnapshotError)
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("copies,needle", [
+    ({"disk0": {"size": 1 << 20, "sample": "0" * 32}}, "names no disk of the snapshot"),
+    ({"kern": {"size": 1 << 20, "sample": "0" * 32}}, "names no disk of the snapshot"),
+    ({"../x": {"size": 1 << 20, "sample": "0" * 32}}, "names no disk of the snapshot"),
+    ([], "'disk_copies' is missing"),
+])
+def test_meta_disk_copies_must_name_disks_of_the_snapshot(snap, copies, needle):
+    """disk_copies (a checkpoint's kept disks) is untrusted: it may name only the
+    snapshot's own disks, by ids that derive a file FILE.gN.diskK, nothing else."""
+    edit_meta(snap, lambda m: m.update(disk_copies=copies))
+    refused(snap, needle)
+
+
+def test_meta_disk_copies_in_a_format_1_snapshot_is_refused(tmp_path):
+    """Format 1 had no generations, so no FILE.gN.diskK to name: the key is refused
+    there (it used to reach code that needs a generation)."""
+    from pyhyve.snapshot.format import read_meta
+
+    v1 = copy_snapshot(os.path.join(REPO, "tests", "fixtures", "snapshot-v1", "ab"),
+                       str(tmp_path / "ab"))
+    read_meta(v1 + ".meta")  # the fixture as it is: fine
+    edit_meta(v1, lambda m: m.update(disk_copies={}))
+    with pytest.raises(SnapshotError, match="format-1 snapshot keeps no disk copies"):
+        read_meta(v1 + ".meta")

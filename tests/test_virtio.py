@@ -747,6 +747,8 @@ def test_checkpoint_disk_copies_from_the_command_line(kit, disk, tmp_path, rundi
         r = cli("pyhyve", "run", "x", "-r", "ck", "--reuse-paths")
         assert r.returncode == 1 and r.stderr.count("\n") == 1
         assert "has changed since" in r.stderr and "ck.g1.disk0" in r.stderr
+        r = cli("pyhyve", "run", "x", "-r", "ck", "--bind", "disk0=ck.g1.disk0")
+        assert r.returncode == 1 and "checkpoint's kept disk" in r.stderr  # a copy of it
         shutil.copy(tmp_path / "ck.g1.disk0", tmp_path / "work.img")
         vm2 = spawn("pyhyve", "run", "cpd2", "-r", "ck", "--bind",
                     "disk0=work.img,serial=kit-disk", "--reuse-paths", "--console",
@@ -770,6 +772,44 @@ def test_checkpoint_disk_copies_from_the_command_line(kit, disk, tmp_path, rundi
 
 
 @pytest.mark.kvm
+def test_a_vm_closed_during_its_checkpoint_s_disk_copy_fails_the_checkpoint(kit, disk,
+                                                                             tmp_path,
+                                                                             monkeypatch):
+    import threading
+
+    from pyhyve.devices.virtio.diskcopy import DiskCopy
+    from pyhyve.snapshot.format import SnapshotError
+
+    gate = threading.Event()  # the save waits to finish its copy until the VM is closed
+    finish = DiskCopy.finish
+    monkeypatch.setattr(DiskCopy, "finish", lambda self: (gate.wait(30), finish(self)))
+    vm, con = device_vm(kit, disk)
+    vm.start()
+    wait_rounds(con, 1)
+    failed: list[BaseException] = []
+
+    def checkpoint() -> None:
+        try:
+            save(vm, str(tmp_path / "cp"), "checkpoint")
+        except BaseException as e:
+            failed.append(e)
+    t = threading.Thread(target=checkpoint)
+    t.start()
+    try:
+        deadline = time.monotonic() + 30
+        while vm.devices["disk0"].backend.copy is None:  # the copy has begun
+            assert time.monotonic() < deadline and t.is_alive()
+            time.sleep(0.01)
+    finally:
+        vm.close()
+        gate.set()
+        t.join(30)
+    assert len(failed) == 1 and isinstance(failed[0], SnapshotError), failed
+    assert "closed during the copy" in str(failed[0])
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("cp")]
+
+
+@pytest.mark.kvm
 def test_a_checkpoint_whose_disk_copy_fails_leaves_the_vm_and_the_last_snapshot(
         kit, disk, tmp_path, monkeypatch):
     import errno
@@ -784,6 +824,15 @@ def test_a_checkpoint_whose_disk_copy_fails_leaves_the_vm_and_the_last_snapshot(
         wait_rounds(con, 1)
         save(vm, str(tmp_path / "cp"), "checkpoint")
         good = current_files(str(tmp_path / "cp"))
+
+        import pyhyve.snapshot.save as save_mod
+
+        class Statvfs:  # a file system with 10 MiB free: refused before any pause
+            f_bavail, f_frsize = 10 << 8, 4096
+        with monkeypatch.context() as m:
+            m.setattr(save_mod.os, "statvfs", lambda _p: Statvfs())
+            with pytest.raises(SnapshotError, match="MiB free"):
+                save(vm, str(tmp_path / "cp"), "checkpoint")
 
         def full(*_a: object) -> None:
             raise OSError(errno.ENOSPC, "No space left on device")

@@ -24,6 +24,7 @@ import fcntl
 import json
 import os
 import re
+import signal
 import stat
 import time
 from collections.abc import Callable, Iterator
@@ -218,6 +219,8 @@ def remove(paths: list[str]) -> list[str]:
 
 
 TRUNCATE_STEP = 32 << 20
+F_SETSIG = 10
+_DISK_FILE = re.compile(r"\.g[0-9]{1,9}\.disk[0-9]{1,3}$")
 
 
 def _unlink(path: str) -> None:
@@ -225,22 +228,49 @@ def _unlink(path: str) -> None:
     a GiB of extents in one go (an old generation's disk copy, its memory) is one long
     journal commit on ext4, and a running guest's disk writes wait behind it (hundreds of
     ms, measured: docs/snapshot-format.md). A write lease tells whether anybody else has
-    it open (a VM with it bound as its disk, a lazy restore mapping it): then it is only
-    unlinked, and lives on with them. The read-only open and the lease break nobody's
-    lease (a lazy restore holds a read one); the writable open comes once nobody has it."""
+    it open: a lazy restore mapping a memory file (it holds a read lease, which the
+    read-only open and the lease leave alone) keeps its inode, unlinked; a disk copy that
+    some VM has open as its disk is not removed at all (unlinked, the VM's writes after
+    it would be lost when it exits)."""
     fd = _alone(path, os.O_RDONLY)
     if fd is not None:  # nobody else: now a writable fd, still alone (no restore opens it
         os.close(fd)  # meanwhile: the commit holds the directory's lock)
         fd = _alone(path, os.O_RDWR)
     if fd is None:
+        if _DISK_FILE.search(path) and _in_use(path):
+            raise OSError(16, "in use")  # (remove() leaves it, for a later save)
         os.unlink(path)
         return
     try:
         os.unlink(path)  # nobody opens it by its name after this
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        size = st.st_size if st.st_nlink == 0 else 0  # (another name keeps it whole)
         while size > TRUNCATE_STEP:
             size -= TRUNCATE_STEP
             os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
+def _lease(fd: int) -> bool:
+    """Whether a write lease can be had on `fd` (then nobody else has the file open); a
+    break of it would come as SIGURG, ignored, never as the default SIGIO."""
+    try:
+        fcntl.fcntl(fd, F_SETSIG, signal.SIGURG)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    except OSError:
+        return False
+    return True
+
+
+def _in_use(path: str) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return not _lease(fd)
     finally:
         os.close(fd)
 
@@ -252,13 +282,8 @@ def _alone(path: str, mode: int) -> int | None:
         fd = os.open(path, mode | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
-    try:
-        if os.fstat(fd).st_size > TRUNCATE_STEP:
-            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
-            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
-            return fd
-    except OSError:
-        pass
+    if os.fstat(fd).st_size > TRUNCATE_STEP and _lease(fd):
+        return fd
     os.close(fd)
     return None
 

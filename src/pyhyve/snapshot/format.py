@@ -140,6 +140,7 @@ def _validate(meta: dict[str, Any]) -> None:
         _str(d, "kind")
         _int(d, "version", 1, 1 << 16)
     if "disk_copies" in meta:  # a checkpoint's copies of its disks (save.py)
+        _need(version >= 2, "a format-1 snapshot keeps no disk copies")
         copies = F.obj(meta, "disk_copies")
         _need(len(copies) <= MAX_SECTIONS, "too many disk copies")
         for dev_id in copies:

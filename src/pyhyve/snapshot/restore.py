@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -309,8 +310,14 @@ def check_disk_copies(snap: Snapshot) -> int:
     for dev_id, ident in sorted(kept.items()):
         assert files is not None
         path = disk_copy_path(files, dev_id)
-        fd = _open_read(path, f"the copy of {dev_id}")
+        try:  # (not a link, not a FIFO that would hang us)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            raise SnapshotError(f"the copy of {dev_id} ({path}) cannot be read: "
+                                f"{e.strerror}") from None
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise SnapshotError(f"the copy of {dev_id} ({path}) is not a regular file")
             size = os.fstat(fd).st_size
             if size != ident["size"] or file_identity(fd, size) != ident:
                 raise SnapshotError(f"the copy of {dev_id} ({path}) is not the disk at the "

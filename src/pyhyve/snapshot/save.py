@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..devices.virtio.blk import Blk, file_identity
+from ..devices.virtio.diskcopy import DiskCopy
 from ..machine.memory import PAGE
 from ..pipeline.pages import Runs, candidate_runs, encode_runs, guest_runs
 from ..pipeline.record import machine_record
@@ -206,39 +207,64 @@ def _recorder(vm: VirtualMachine, window: float) -> loadset.Recorder | None:
 
 class _DiskCopies:
     """A checkpoint's copies of its writable disks (devices/virtio/diskcopy.py), begun
-    while the devices are quiesced; always ended, so a failed save leaves the disks as
-    they were."""
+    while the devices are quiesced; ended on leaving the block, before the temporaries
+    it writes are closed, so a failed save leaves the disks as they were."""
 
     def __init__(self) -> None:
-        self.disks: list[tuple[str, Blk, int, str]] = []  # id, device, fd, temporary
+        self.disks: list[tuple[str, Blk, DiskCopy, int, str]] = []  # id, device, copy,
+        # its fd and its temporary
 
-    def begin(self, vm: VirtualMachine, temps: _Temps) -> None:
+    def __enter__(self) -> _DiskCopies:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for disk in self.disks:
+            disk[1].end_copy(disk[2])
+
+    @staticmethod
+    def writable(vm: VirtualMachine) -> list[tuple[str, Blk]]:
+        """The disks a checkpoint keeps; refused (one line, before any pause) where one
+        cannot be kept: an id that cannot name a file of the snapshot, or no room."""
+        disks = []
         for name, dev in vm.devices.items():
             blk = getattr(dev, "backend", None)
-            if isinstance(blk, Blk) and not blk.read_only and DISK_COPY.fullmatch(name):
-                fd, tmp = temps.create(f".{name}")
-                self.disks.append((name, blk, fd, tmp))
-                blk.begin_copy(fd)
+            if isinstance(blk, Blk) and not blk.read_only:
+                disks.append((name, blk))
+        for name, _ in disks:
+            if not DISK_COPY.fullmatch(name):
+                raise SnapshotError(f"cannot keep disk '{name}' with the checkpoint (only "
+                                    "disks with ids disk0..disk999 are kept): use --no-disk-copy")
+        return disks
+
+    @staticmethod
+    def check_room(disks: list[tuple[str, Blk]], base: str) -> None:
+        need = sum(blk.allocated() for _, blk in disks)
+        st = os.statvfs(os.path.dirname(base))
+        room = st.f_bavail * st.f_frsize
+        if need and need + (64 << 20) > room:
+            raise SnapshotError(f"cannot keep the VM's disks with the checkpoint: they hold "
+                                f"{need >> 20} MiB, {os.path.dirname(base)} has {room >> 20} "
+                                "MiB free (--no-disk-copy leaves them out)")
+
+    def begin(self, disks: list[tuple[str, Blk]], temps: _Temps) -> None:
+        for name, blk in disks:
+            fd, tmp = temps.create(f".{name}")
+            self.disks.append((name, blk, blk.begin_copy(fd), fd, tmp))
 
     def finish(self) -> dict[str, dict[str, object]]:
         """Wait for every copy; each must be the disk at the pause (its identity then,
         taken by the capture). Returns id -> identity for the metadata."""
         out = {}
-        for name, blk, fd, _ in self.disks:
-            assert blk.copy is not None
-            blk.copy.finish()
-            got = file_identity(fd, blk.image.size)
+        for name, blk, copy, fd, _ in self.disks:
+            copy.finish()
+            got = file_identity(fd, copy.size)
             if got != blk.saved_identity:
                 raise SnapshotError(f"the copy of {name} does not match the disk at the pause")
             out[name] = got
         return out
 
-    def end(self) -> None:
-        for _, blk, _, _ in self.disks:
-            blk.end_copy()
-
     def temporaries(self) -> dict[str, str]:
-        return {name: tmp for name, _, _, tmp in self.disks}
+        return {name: tmp for name, _, _, _, tmp in self.disks}
 
 
 def save(vm: VirtualMachine, base: str, kind: str, progress: ProgressFactory | None = None,
@@ -258,6 +284,9 @@ def save(vm: VirtualMachine, base: str, kind: str, progress: ProgressFactory | N
     refusal = vm.save_refusal()
     if refusal:
         raise SnapshotError(f"cannot save {vm.config.name}: {refusal}")
+    keep = _DiskCopies.writable(vm) if kind == "checkpoint" and disk_copies else []
+    if keep:
+        _DiskCopies.check_room(keep, base)
     t0 = time.perf_counter()
     if keep_paused and vm.state == "running":
         vm.pause()  # the caller's pause: it outlives the save
@@ -278,12 +307,11 @@ def save(vm: VirtualMachine, base: str, kind: str, progress: ProgressFactory | N
     vm.hold()
     held, done, resumed_at = True, False, None
     layer: Layer | None = None
-    copies = _DiskCopies()
     try:
-        with _Temps(base) as temps:
+        with _Temps(base) as temps, _DiskCopies() as copies:
             st = vm.capture()
-            if kind == "checkpoint" and disk_copies:
-                copies.begin(vm, temps)
+            if keep:
+                copies.begin(keep, temps)
             if ahead is not None:
                 layer = begin(vm, lambda: guest_runs(vm.memory), ahead)
                 runs = layer.runs  # a layer records the pages written, zero or not
@@ -322,7 +350,6 @@ def save(vm: VirtualMachine, base: str, kind: str, progress: ProgressFactory | N
     except OSError as e:
         raise SnapshotError(f"cannot save snapshot to {base}: {e.strerror or e}") from None
     finally:
-        copies.end()
         if layer is not None and not done:
             layer.failed()
         if staging is not None:

@@ -32,6 +32,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,6 +64,9 @@ BLOCK_SAMPLE = 4096
 
 class DiskError(PyhyveError, ValueError):
     pass
+
+
+_KEPT = re.compile(r"\.g[0-9]{1,9}\.disk[0-9]{1,3}$")  # a checkpoint's disk (FILE.gN.diskK)
 
 
 def identity_of(read: Callable[[int, int], bytes], size: int) -> dict[str, object]:
@@ -124,6 +128,11 @@ class Blk:
     def __init__(self, spec: str) -> None:
         d = parse_disk(spec)
         self.path, self.read_only, self.serial, self.force = d.path, d.read_only, d.serial, d.force
+        kept = _KEPT.search(d.path)
+        if kept and not d.read_only and os.path.exists(d.path[:kept.start()] + ".meta"):
+            raise DiskError(f"disk {d.path} is a checkpoint's kept disk: written, that "
+                            "checkpoint could not be restored again; use a copy of it "
+                            f"(cp --sparse=always {d.path} NEW.img), or add ,ro")
         try:
             if d.clone and not self.read_only:
                 self.image: RawImage | Overlay = clone_image(self.path, d.clone)
@@ -183,11 +192,19 @@ class Blk:
         self.copy.start()
         return self.copy
 
-    def end_copy(self) -> None:
-        if self.copy is not None:
-            self.copy.cancel()
-            self.copy.close()
-            self.copy = None
+    def end_copy(self, copy: DiskCopy | None = None) -> None:
+        """End the copy (`copy`, if still the current one): it stops, its files close;
+        whoever ends it first (the save, or the disk closing under it) does."""
+        mine = self.copy if copy is None else copy
+        if mine is not None:
+            if self.copy is mine:
+                self.copy = None
+            mine.cancel()
+            mine.close()
+
+    def allocated(self) -> int:
+        """Bytes the image holds on its file system (a sparse one less than its size)."""
+        return os.fstat(self.image.fd).st_blocks * 512
 
     def load(self, raw: bytes) -> None:
         """Check the saved identity against this disk (module docstring)."""

@@ -21,12 +21,14 @@ and the copy goes to disk as it is made, never in one burst at the end.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
 import fcntl
 import os
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from .image import FICLONE, pwrite_all
@@ -36,6 +38,7 @@ FLUSH = 8 << 20  # the copy is fdatasynced this often: a device cache flush of a
 # end held the guest's writes up for 100 ms
 BATCH = 16  # chunks the copier reads at once
 READERS = 8  # threads reading the chunks an AIO batch of writes needs
+GROUP = 64  # chunks read before they are written (4 MiB held at most)
 WINDOW = 1 << 20  # the copy is written out (the device's chunks in it too) and waited
 # for this much at a time, behind the copier and then to the end: its dirty pages never
 # pile up into one long write-back that would starve the guest's own I/O at the end
@@ -117,27 +120,37 @@ class DiskCopy:
         they need are read in parallel, so the batch waits about one read, not one each."""
         if not self.left:
             return
-        need = sorted({c for off, n in ranges if n > 0
-                       for c in range(off // CHUNK, min(len(self.pending),
-                                                        (off + n - 1) // CHUNK + 1))
-                       if self.pending[c]})  # (a byte is cleared after its chunk's
-        if not need:  # copy, never set again: a clear one needs no wait)
+        need = sorted(set(self._pending_in(ranges)))  # (a byte is cleared after its
+        if not need:  # chunk's copy, never set again: a clear one needs no wait)
             return
         with self.lock:  # (cancel() takes it: no copy runs on after a cancel)
             need = [c for c in need if self.pending[c]]
-            if not need or self.error is not None:
-                return
-            try:
-                got = list(self._readers().map(self._read, need)) if len(need) > 1 \
-                    else [self._read(need[0])]
-                for c, data in zip(need, got, strict=True):
-                    pwrite_all(self.dst, data, c * CHUNK)
-            except OSError as e:
-                self._failed(e)
-                return
-            for c in need:
-                self.pending[c] = 0
-            self.left -= len(need)
+            for at in range(0, len(need), GROUP):  # bounded memory, whatever the guest asks
+                if self.error is not None:
+                    return
+                group = need[at:at + GROUP]
+                try:
+                    got = list(self._readers().map(self._read, group)) if len(group) > 1 \
+                        else [self._read(group[0])]
+                    for c, data in zip(group, got, strict=True):
+                        pwrite_all(self.dst, data, c * CHUNK)
+                except OSError as e:
+                    self._failed(e)
+                    return
+                for c in group:
+                    self.pending[c] = 0
+                self.left -= len(group)
+
+    def _pending_in(self, ranges: list[tuple[int, int]]) -> Iterator[int]:
+        """The chunks of `ranges` not yet copied (found with find(): a 1 GiB discard over
+        copied chunks costs no Python loop over them)."""
+        for off, n in ranges:
+            if n <= 0:
+                continue
+            c, end = off // CHUNK, min(len(self.pending), (off + n - 1) // CHUNK + 1)
+            while (c := self.pending.find(1, c, end)) >= 0:
+                yield c
+                c += 1
 
     def _read(self, c: int) -> bytes:
         return _read_all(self.rsrc, min(CHUNK, self.size - c * CHUNK), c * CHUNK)
@@ -148,10 +161,13 @@ class DiskCopy:
         return self._pool
 
     def _failed(self, e: OSError) -> None:
-        """The copy cannot be made (the lock held): end it, the writes go on."""
+        """The copy cannot be made (the lock held): end it, the writes go on, and what it
+        took of a full file system is given back at once."""
         self.error = e
         self.pending[:] = bytes(len(self.pending))
         self.left = 0
+        with contextlib.suppress(OSError):
+            os.ftruncate(self.dst, 0)
 
     def _run(self) -> None:
         """Copy what is pending, BATCH chunks at a time. The lock is held only to look at
@@ -189,31 +205,36 @@ class DiskCopy:
                 self._failed(e)
 
     def finish(self) -> None:
-        """Wait for the copy, and put it on stable storage; OSError if it failed."""
+        """Wait for the copy, and put it on stable storage; OSError if it failed or was
+        cancelled (the disk closed under the checkpoint)."""
         if self._thread is not None:
             self._thread.join()
         if self.error is not None:
             raise self.error
+        if self._stop:
+            raise OSError(errno.ECANCELED, "the disk was closed during the copy")
         os.fdatasync(self.dst)
 
     def cancel(self) -> None:
-        """Stop copying (a failed checkpoint); the device writes straight through."""
+        """Stop copying (a failed checkpoint, a disk closing); the device writes straight
+        through. Any thread, any number of times."""
         self._stop = True
         with self.lock:
             self.left = 0
             self.pending[:] = bytes(len(self.pending))
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
 
     def close(self) -> None:
-        """After finish() or cancel()."""
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
-        for fd in (self.src, self.rsrc):
+        """After cancel(); any number of times. `dst` is the caller's to close."""
+        with self.lock:
+            pool, self._pool = self._pool, None
+            fds, self.src, self.rsrc = (self.src, self.rsrc), -1, -1
+        if pool is not None:
+            pool.shutdown()
+        for fd in fds:
             if fd >= 0:
                 os.close(fd)
-        self.src = self.rsrc = -1
 
 
 def _read_all(fd: int, length: int, offset: int) -> bytes:
