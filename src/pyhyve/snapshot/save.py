@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import json
 import os
 import time
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from .. import __version__
 from ..devices.virtio.blk import Blk, file_identity
 from ..devices.virtio.diskcopy import DiskCopy
+from ..devices.virtio.image import FICLONE
 from ..machine.memory import PAGE
 from ..pipeline.pages import Runs, candidate_runs, encode_runs, guest_runs
 from ..pipeline.record import machine_record
@@ -241,7 +243,7 @@ class _DiskCopies:
         need = sum(blk.allocated() for _, blk in disks)
         st = os.statvfs(os.path.dirname(base))
         room = st.f_bavail * st.f_frsize
-        if need and need + (64 << 20) > room:
+        if need and need + (64 << 20) > room and not _reflinks(disks[0][1], base):
             raise SnapshotError(f"cannot keep the VM's disks with the checkpoint: they hold "
                                 f"{need >> 20} MiB, {os.path.dirname(base)} has {room >> 20} "
                                 "MiB free (--no-disk-copy leaves them out)")
@@ -265,6 +267,19 @@ class _DiskCopies:
 
     def temporaries(self) -> dict[str, str]:
         return {name: tmp for name, _, _, _, tmp in self.disks}
+
+
+def _reflinks(blk: Blk, base: str) -> bool:
+    """Whether the disk can be reflinked beside `base` (then a copy takes no room)."""
+    fd, tmp = create_temp(base, ".disk0")
+    try:
+        fcntl.ioctl(fd, FICLONE, blk.image.fd)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        os.unlink(tmp)
 
 
 def save(vm: VirtualMachine, base: str, kind: str, progress: ProgressFactory | None = None,
