@@ -89,6 +89,7 @@ class DiskCopy:
             with_reflink = False
         self.src = self.rsrc = -1
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
         if with_reflink:
             self.reflinked, self.pending, self.left = True, bytearray(), 0
             return
@@ -156,9 +157,10 @@ class DiskCopy:
         return _read_all(self.rsrc, min(CHUNK, self.size - c * CHUNK), c * CHUNK)
 
     def _readers(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(READERS, thread_name_prefix="disk-copy-read")
-        return self._pool
+        with self._pool_lock:  # (the copier starts it, the device may want it first)
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(READERS, thread_name_prefix="disk-copy-read")
+            return self._pool
 
     def _failed(self, e: OSError) -> None:
         """The copy cannot be made (the lock held): end it, the writes go on, and what it
@@ -176,6 +178,11 @@ class DiskCopy:
         clears the byte before it writes), so its data is the old data, whichever of the
         two puts it in the copy."""
         c, marks = 0, (0, 0)
+        ready = threading.Barrier(READERS + 1)  # the readers' threads, started now, off the
+        for _ in range(READERS):  # device's path: the first batch after the pause found
+            self._readers().submit(ready.wait, 5)  # none and waited 20 ms for them
+        with contextlib.suppress(threading.BrokenBarrierError):
+            ready.wait(5)
         try:
             while not self._stop:
                 with self.lock:
@@ -227,7 +234,7 @@ class DiskCopy:
 
     def close(self) -> None:
         """After cancel(); any number of times. `dst` is the caller's to close."""
-        with self.lock:
+        with self.lock, self._pool_lock:
             pool, self._pool = self._pool, None
             fds, self.src, self.rsrc = (self.src, self.rsrc), -1, -1
         if pool is not None:
