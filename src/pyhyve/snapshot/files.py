@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import astuple, dataclass
 
+from ..devices.virtio.diskcopy import KEPT_NAME
 from .errors import SnapshotError
 
 MAX_GENERATION = 999_999_999
@@ -219,8 +220,7 @@ def remove(paths: list[str]) -> list[str]:
 
 
 TRUNCATE_STEP = 32 << 20
-F_SETSIG = 10
-_DISK_FILE = re.compile(r"\.g[0-9]{1,9}\.disk[0-9]{1,3}$")
+F_SETSIG = 10  # fcntl: the signal a lease break comes as (lease.py too)
 
 
 def _unlink(path: str) -> None:
@@ -237,7 +237,7 @@ def _unlink(path: str) -> None:
         os.close(fd)  # meanwhile: the commit holds the directory's lock)
         fd = _alone(path, os.O_RDWR)
     if fd is None:
-        if _DISK_FILE.search(path) and _in_use(path):
+        if KEPT_NAME.search(path) and _in_use(path):
             raise OSError(16, "in use")  # (remove() leaves it, for a later save)
         os.unlink(path)
         return

@@ -32,9 +32,9 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 from ..machine.memory import GuestMemory
+from .files import F_SETSIG
 from .prefetch import Prefetcher
 
-F_SETSIG = 10
 POLL_S = 0.1
 
 

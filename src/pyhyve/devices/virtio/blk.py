@@ -32,7 +32,6 @@ import errno
 import fcntl
 import json
 import os
-import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ import xxhash
 from ...errors import PyhyveError
 from .aio import Aio
 from .backend import ASYNC
-from .diskcopy import DiskCopy
+from .diskcopy import KEPT_NAME, DiskCopy
 from .image import Overlay, RawImage, clone_image
 from .queue import Chain, Memory, QueueError
 
@@ -64,9 +63,6 @@ BLOCK_SAMPLE = 4096
 
 class DiskError(PyhyveError, ValueError):
     pass
-
-
-_KEPT = re.compile(r"\.g[0-9]{1,9}\.disk[0-9]{1,3}$")  # a checkpoint's disk (FILE.gN.diskK)
 
 
 def identity_of(read: Callable[[int, int], bytes], size: int) -> dict[str, object]:
@@ -128,7 +124,7 @@ class Blk:
     def __init__(self, spec: str) -> None:
         d = parse_disk(spec)
         self.path, self.read_only, self.serial, self.force = d.path, d.read_only, d.serial, d.force
-        kept = _KEPT.search(d.path)
+        kept = KEPT_NAME.search(d.path)
         if kept and not d.read_only and os.path.exists(d.path[:kept.start()] + ".meta"):
             raise DiskError(f"disk {d.path} is a checkpoint's kept disk: written, that "
                             "checkpoint could not be restored again; use a copy of it "

@@ -23,15 +23,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
+import re
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-from .image import FICLONE, pwrite_all
+from .image import FICLONE, libc, pwrite_all
 
 CHUNK = 64 << 10  # a write's wait to copy its chunk first (QEMU's backup cluster size)
 FLUSH = 8 << 20  # the copy is fdatasynced this often: a device cache flush of a GiB at the
@@ -42,6 +42,7 @@ GROUP = 64  # chunks read before they are written (4 MiB held at most)
 WINDOW = 1 << 20  # the copy is written out (the device's chunks in it too) and waited
 # for this much at a time, behind the copier and then to the end: its dirty pages never
 # pile up into one long write-back that would starve the guest's own I/O at the end
+KEPT_NAME = re.compile(r"\.g[0-9]{1,9}\.disk[0-9]{1,3}$")  # FILE.gN.diskK: a kept disk
 MAX_EXTENTS = 4096  # holes looked for during the pause, at most: the rest is copied whole
 SEEK_DATA, SEEK_HOLE = getattr(os, "SEEK_DATA", 3), getattr(os, "SEEK_HOLE", 4)
 
@@ -206,7 +207,7 @@ class DiskCopy:
                 marks = _write_behind(self.dst, marks, start + len(data))
                 c += n
             for off in range(marks[1], self.size if not self._stop else 0, WINDOW):
-                _libc.sync_file_range(self.dst, off, WINDOW, _WAIT_BEFORE | _WRITE | _WAIT_AFTER)
+                libc.sync_file_range(self.dst, off, WINDOW, _WAIT_BEFORE | _WRITE | _WAIT_AFTER)
         except OSError as e:
             with self.lock:
                 self._failed(e)
@@ -254,8 +255,7 @@ def _read_all(fd: int, length: int, offset: int) -> bytes:
     return data
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 _WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4
 
 
@@ -265,9 +265,9 @@ def _write_behind(fd: int, marks: tuple[int, int], done: int) -> tuple[int, int]
     started, waited = marks
     if done - started < WINDOW:
         return marks
-    _libc.sync_file_range(fd, started, done - started, _WRITE)
+    libc.sync_file_range(fd, started, done - started, _WRITE)
     if started > waited:
-        _libc.sync_file_range(fd, waited, started - waited, _WAIT_BEFORE | _WRITE | _WAIT_AFTER)
+        libc.sync_file_range(fd, waited, started - waited, _WAIT_BEFORE | _WRITE | _WAIT_AFTER)
     if done // FLUSH != started // FLUSH:
         os.fdatasync(fd)
     return done, started

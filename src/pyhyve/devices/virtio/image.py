@@ -31,8 +31,8 @@ from .aio import address
 CHUNK = 4096
 FICLONE = 0x40049409
 _FALLOC_PUNCH = 0x01 | 0x02  # KEEP_SIZE | PUNCH_HOLE
-_libc = C.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.fallocate.argtypes = [C.c_int, C.c_int, C.c_long, C.c_long]
+libc = C.CDLL(ctypes.util.find_library("c"), use_errno=True)
+libc.fallocate.argtypes = [C.c_int, C.c_int, C.c_long, C.c_long]
 
 
 def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
@@ -45,7 +45,7 @@ def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
 def zero_range(fd: int, offset: int, length: int,
                write: Callable[[int, bytes], None] | None = None) -> None:
     """Punch a hole, or write zeros (1 MiB at a time) where the file system cannot."""
-    if _libc.fallocate(fd, _FALLOC_PUNCH, offset, length) == 0:
+    if libc.fallocate(fd, _FALLOC_PUNCH, offset, length) == 0:
         return
     zeros = bytes(min(length, 1 << 20))
     while length > 0:
