@@ -132,6 +132,7 @@ class Listener:
                 raw.shutdown(socket.SHUT_RDWR)
         timer = threading.Timer(HANDSHAKE_TIMEOUT, expire)
         timer.daemon = True
+        deadline = time.monotonic() + HANDSHAKE_TIMEOUT
         timer.start()
         try:
             conn.settimeout(HANDSHAKE_TIMEOUT)
@@ -149,7 +150,8 @@ class Listener:
             conn.close()
             if not self.closed:
                 self.failed(peer, f"did not authenticate within {HANDSHAKE_TIMEOUT:g} s"
-                            if expired.is_set() or isinstance(e, TimeoutError) else e)
+                            # the socket's own timeout may beat the timer to it
+                            if expired.is_set() or time.monotonic() >= deadline else e)
         else:
             timer.cancel()
             with self.cond:
