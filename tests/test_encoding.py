@@ -70,3 +70,18 @@ def test_corrupt_bodies_are_refused_and_never_write_past_the_pages(enc, junk, cu
         with contextlib.suppress(ProtocolError):
             Decoder(native).into(enc, memoryview(bytearray(body)), base + 4096, SIZE)
         assert guard[:4096] == b"\xab" * 4096 and guard[-4096:] == b"\xab" * 4096
+
+
+def test_auto_is_lz4_in_the_pause_and_zstd_while_the_guest_runs():
+    """The guest waits on the encoder only while paused: there auto takes the faster lz4.
+    Either way data that does not compress goes raw, never larger."""
+    from pyhyve.migration.encoding import encoder
+
+    chunk = memoryview(DATA[:48 * 4096])
+    assert encoder("auto", paused=True)(chunk)[0] == Enc.LZ4
+    assert encoder("auto")(chunk)[0] == Enc.ZSTD
+    noise = memoryview(os.urandom(16 * 4096))
+    for paused in (False, True):
+        enc, body = encoder("auto", paused=paused)(noise)
+        assert enc == Enc.RAW and bytes(body) == bytes(noise)
+    assert encoder("zstd", paused=True)(chunk)[0] == Enc.ZSTD  # an explicit choice stays

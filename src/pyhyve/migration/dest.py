@@ -31,6 +31,7 @@ from .postcopy import PostcopyDest, runs_mask, valid_session
 from .protocol import MAX_PAGES_PER_FRAME, MEM_HEADER, PROTOCOL_VERSION, Channel, Enc, Frame, ProtocolError, T
 
 MAX_STATE_SECTIONS = 4 * MAX_CPUS + 64
+PREFAULT_WAIT_S = 10.0  # at most, for a round's acknowledgement (the source waits 60 s)
 
 
 class ReceiveError(MigrationDestFailed, RuntimeError):
@@ -265,6 +266,10 @@ class Receiver:
                 self._postcopy_runs = bytes(f.payload)
             elif f.type == T.ROUND:
                 self.rounds += 1
+                if self._prefaulter is not None:  # the guest's memory in place before the
+                    # acknowledgement, so the pages sent in the pause land fast (bounded:
+                    # a slow host must not run into the source's I/O timeout)
+                    self._prefaulter.join(PREFAULT_WAIT_S)
                 ch.send(T.ROUND, bytes(f.payload))  # caught up to here: the source may stop
             elif f.type == T.STATE:
                 gc.disable()  # the source is paused from here on: no collector pauses

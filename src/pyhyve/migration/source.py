@@ -96,6 +96,7 @@ class Stats:
     downtime_target_ms: float = 0.0
     target: str = ""
     postcopy_pages_left: int = -1    # post-copy: pages the destination has yet to get
+    hot_pages: int = 0               # pre-copy: rewritten too fast to send before the pause
 
     @property
     def target_missed(self) -> bool:
@@ -113,7 +114,8 @@ class Stats:
                 f"{self.pages_sent} pages, {self.bytes_sent / (1 << 20):.1f} "
                 f"MiB sent, {self.rounds} rounds, pages per round {self.pages_per_round} "
                 f"in ms {self.ms_per_round}, "
-                f"{self.zero_pages} zero pages skipped, max throttle {self.throttle:.0%}{to}")
+                f"{self.zero_pages} zero pages skipped, {self.hot_pages} hot pages sent in "
+                f"the pause, max throttle {self.throttle:.0%}{to}")
 
 
 def parse_target(target: str, default_port: int) -> tuple[str, int]:
@@ -171,6 +173,8 @@ class Migration:
         self._claimed = False  # claim_recovery() made this one running again
         self._go_sent = False
         self._session = new_session() if opts.postcopy else ""
+        self._hot: Any = None  # pre-copy: pages held back for the pause (_hold_back_hot)
+        self._hot_cost = 0.0   # ... and the seconds per byte they are expected to take
 
     # --- control ---------------------------------------------------------------------
     @property
@@ -294,10 +298,11 @@ class Migration:
             self.dirty = vm.dirty.consumer("migration", deferred=True)
             if opts.auto_converge and not self.dirty.deferred:
                 self._probe_dirty_rate()  # deferred, every page counts as written: no probe
-            runs = guest_runs(vm.memory)
+            runs = self._announce(guest_runs(vm.memory))
             if self.dirty.deferred:
+                runs = self._hold_back_hot(runs)
                 self._arm_the_rest(runs)
-            self._send_runs(self._announce(runs), round_no=0)
+            self._send_runs(runs, round_no=0)
             self._precopy()
         self._finish()
 
@@ -448,13 +453,16 @@ class Migration:
 
     def _arm_the_rest(self, runs: list[tuple[int, int]]) -> None:
         """Deferred dirty logging: round 0 arms each chunk of `runs` as it sends it, so
-        protect every other page now. One that the guest made non-zero since `runs` was
-        taken, before this protected it, went unlogged: it goes in round 1."""
+        protect every other page now, but those held back for the pause. One that the guest
+        made non-zero since `runs` was taken, before this protected it, went unlogged: it
+        goes in round 1."""
         import numpy as np
 
         rest = np.ones(self.vm.memory.size // PAGE, dtype=bool)
         for p, n in runs:
             rest[p:p + n] = False
+        if self._hot is not None:
+            rest &= ~self._hot
         dirty = self.dirty
         assert dirty is not None
         dirty.arm_mask(rest)
@@ -473,6 +481,71 @@ class Migration:
             self.vm.set_throttle(min(THROTTLE_MAX, 1 - self.ASSUMED_BANDWIDTH / rate / 2))
             self.stats.throttle = self.vm.throttle
 
+    HOT_REGION = 512         # pages (2 MiB): a few sampled pages stand for each
+    HOT_PER_REGION = 4
+    HOT_MAX_SAMPLES = 4096   # pages read, twice: bigger guests get bigger regions
+    HOT_SAMPLE_S = 0.01      # per window
+    HOT_WINDOWS = 2
+    MEMORY_RATE = 3e9        # bytes/s the destination decodes or copies into fresh memory
+
+    def _hold_back_hot(self, runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Regions the guest rewrites within a few ms go only in the pause. Sent before,
+        they would be written again at once, each write a fault on a page just protected
+        (about 21 us here: a guest that rewrites 512 MiB stalls for seconds) and each page
+        sent again anyway. A few pages of each region are read HOT_WINDOWS + 1 times,
+        HOT_SAMPLE_S apart (reading costs the guest nothing; protecting even a few pages
+        stalls it here); a region with a changed page is hot: its pages that may hold data
+        are held back.
+        Whether the pause can take them is decided before it (`_precopy`). Returns round
+        0's runs: the rest."""
+        import numpy as np
+
+        n, mem = self.vm.memory.size // PAGE, self.vm.memory
+        inrun = np.zeros(n, dtype=bool)
+        for p, k in runs:
+            inrun[p:p + k] = True
+        data = inrun | data_pages(mem)  # zero pages written here too: they may turn hot
+        idx = np.flatnonzero(data)
+        if not len(idx):
+            return runs
+        r = self.HOT_REGION
+        while (np.count_nonzero(np.diff(idx // r)) + 1) * self.HOT_PER_REGION \
+                > self.HOT_MAX_SAMPLES:  # idx is sorted: regions = changes + 1
+            r *= 2
+        region = idx // r
+        starts = np.flatnonzero(np.r_[True, region[1:] != region[:-1]])
+        ends = np.r_[starts[1:], len(idx)]
+        pages = idx[np.unique(np.concatenate([  # spread over each region's data pages
+            starts + (ends - starts) * j // self.HOT_PER_REGION
+            for j in range(self.HOT_PER_REGION)]))]
+        after = [bytes(mem.file_view(int(p) * PAGE, PAGE)) for p in pages]
+        hot_pages = np.zeros(len(pages), dtype=bool)
+        for _ in range(self.HOT_WINDOWS):  # more than one: the guest's vCPU may not have
+            time.sleep(self.HOT_SAMPLE_S)  # run in one window, on a busy host
+            before, after = after, [bytes(mem.file_view(int(p) * PAGE, PAGE)) for p in pages]
+            hot_pages |= [b != a for b, a in zip(before, after, strict=True)]
+        changed = np.flatnonzero(hot_pages)
+        if not len(changed):
+            return runs
+        hot_regions = np.zeros((n + r - 1) // r, dtype=bool)
+        hot_regions[pages[changed] // r] = True
+        self._hot = np.repeat(hot_regions, r)[:n] & data
+        self.stats.hot_pages = int(self._hot.sum())
+        # what a byte of them will cost in the pause: on the wire as the sample encodes,
+        # then into the destination's memory
+        raw = b"".join(after[i] for i in changed)
+        _, body = encoder(self.opts.compress, paused=True)(memoryview(raw))
+        wire = len(body) / len(raw) / self.ASSUMED_BANDWIDTH
+        self._hot_cost = wire + 1 / self.MEMORY_RATE
+        return runs_of(inrun & ~self._hot)
+
+    def _hot_fits(self, pages: int, target: float) -> bool:
+        """Would the held-back pages, with `pages` more, fit the downtime target? If not,
+        they join the rounds (and the guest pays the faults)."""
+        nbytes = (int(self._hot.sum()) + pages) * PAGE
+        cost = 1 / self._rate if self._rate else self._hot_cost
+        return nbytes * cost <= target
+
     SMALL_SET = 64        # pages: a final set this small fits any downtime target
     RATE_MIN_PAGES = 256  # rounds that moved fewer pages say more about latency than rate
 
@@ -489,9 +562,16 @@ class Migration:
                 self._wait_acks(round_no - 1)
                 mask |= self.dirty.fetch()  # type: ignore[union-attr]
                 pages = int(mask.sum())
-            if self._fits(pages, target) or round_no == MAX_ROUNDS:
+            stop = self._fits(pages, target) or round_no == MAX_ROUNDS
+            if stop and self._hot is not None and round_no < MAX_ROUNDS \
+                    and not self._hot_fits(pages, target):
+                mask |= self._hot  # too many for the pause: sent like any other page
+                pages, stop, self._hot, st.hot_pages = int(mask.sum()), False, None, 0
+            if stop:
                 self._pause()
                 final = mask | self.dirty.fetch()  # type: ignore[union-attr]
+                if self._hot is not None:
+                    final |= self._hot
                 self._send_runs(runs_of(final), round_no)
                 return
             self._send_runs(runs_of(mask), round_no)
@@ -556,7 +636,7 @@ class Migration:
         assert ch is not None
         sent = 0
         t0 = time.perf_counter()
-        compress = encoder(self.opts.compress)
+        compress = encoder(self.opts.compress, paused=self._paused_by_us)
         dirty = self.dirty if self.dirty and self.dirty.deferred and not self._paused_by_us \
             else None
         for off, data in chunks(mem, runs, MAX_PAGES_PER_FRAME * PAGE):
