@@ -17,6 +17,53 @@ from pyhyve.vm import VirtualMachine, VmConfig
 
 REPO = guestkit.REPO
 BIN = os.path.dirname(sys.executable)
+# PYHYVE_TEST_HUGEPAGES=1: the suites run with guest RAM in the host's reserved 2 MiB pages
+# (boots, eager restores, migration destinations; scripts/test runs the snapshot and
+# migration suites so)
+HUGEPAGES = os.environ.get("PYHYVE_TEST_HUGEPAGES") == "1"
+HUGETLB = "hugetlb 2 MiB pages"
+HUGE_POOL = 1280  # pages: a 1 GiB guest and its 1 GiB destination, and room to spare
+NR_HUGEPAGES = "/proc/sys/vm/nr_hugepages"
+
+if HUGEPAGES:  # before the test modules import it: eager restores go on huge pages too
+    import pyhyve.snapshot.restore as _restore
+
+    _eager_restore = _restore.restore
+
+    @functools.wraps(_eager_restore)
+    def _restore_on_huge_pages(*args: object, **kw: object) -> VirtualMachine:
+        if not kw.get("lazy", True) and not kw.get("clone", False):
+            kw.setdefault("hugepages", True)
+        vm = _eager_restore(*args, **kw)  # type: ignore[arg-type]
+        if kw.get("hugepages"):
+            assert vm.status()["memory_backing"] == HUGETLB, vm.status()["memory_backing"]
+        return vm
+    _restore.restore = _restore_on_huge_pages  # type: ignore[assignment]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def huge_page_pool() -> Iterator[None]:
+    """In huge-page mode, a pool big enough for every test, given back afterwards."""
+    if not HUGEPAGES:
+        yield
+        return
+    with open(NR_HUGEPAGES) as f:
+        before = int(f.read())
+    try:
+        with open("/proc/sys/vm/compact_memory", "w") as f:
+            f.write("1")
+        with open(NR_HUGEPAGES, "w") as f:
+            f.write(str(before + HUGE_POOL))
+        with open(NR_HUGEPAGES) as f:
+            got = int(f.read())
+    except PermissionError:
+        pytest.fail(f"huge-page mode sizes {NR_HUGEPAGES}: run the tests as root")
+    try:
+        assert got == before + HUGE_POOL, f"the host gave {got - before} of {HUGE_POOL}"
+        yield
+    finally:
+        with open(NR_HUGEPAGES, "w") as f:
+            f.write(str(before))
 
 
 @functools.cache
@@ -81,9 +128,12 @@ def make_vm(kit: dict[str, str]) -> Iterator[Callable[..., tuple[VirtualMachine,
              start: bool = True) -> tuple[VirtualMachine, CaptureConsole]:
         con = CaptureConsole()
         vm = VirtualMachine.create(VmConfig(f"t{len(vms)}", memory, cpus,
-                                            kernel=kit.get(guest, guest), cmdline=cmdline),
+                                            kernel=kit.get(guest, guest), cmdline=cmdline,
+                                            hugepages=HUGEPAGES),
                                    console=con)
         vms.append(vm)
+        if HUGEPAGES:  # never the silent fallback: these runs are about huge pages
+            assert vm.status()["memory_backing"] == HUGETLB, vm.status()["memory_backing"]
         if start:
             vm.start()
         return vm, con

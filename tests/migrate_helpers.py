@@ -14,7 +14,7 @@ from pyhyve.migration.dest import ReceiveOptions, Receiver
 from pyhyve.migration.protocol import HEADER, MAC_LEN, T
 from pyhyve.migration.source import Migration, Options, Stats
 
-from conftest import BIN, CaptureConsole, cli, spawn, wait_socket
+from conftest import BIN, HUGEPAGES, HUGETLB, CaptureConsole, cli, spawn, wait_socket
 
 KEY = b"k" * 32
 OTHER_KEY = b"x" * 32
@@ -25,6 +25,7 @@ class Destination:
 
     def __init__(self, key: bytes | None = KEY, name: str = "dst", **opts: object) -> None:
         self.console = CaptureConsole()
+        opts.setdefault("hugepages", HUGEPAGES)
         self.receiver = Receiver(name, "127.0.0.1", 0, key,
                                  ReceiveOptions(console="null", io_timeout=10, **opts),
                                  console=self.console)
@@ -38,6 +39,11 @@ class Destination:
     def _run(self) -> None:
         try:
             self.vm = self.receiver.receive()
+            backing = self.vm.status()["memory_backing"]
+            if self.receiver.opts.hugepages and backing != HUGETLB:  # no silent fallback
+                vm, self.vm = self.vm, None
+                vm.close()
+                raise AssertionError(f"the destination got {backing}, not huge pages")
         except BaseException as e:
             self.error = e
         finally:

@@ -54,11 +54,11 @@ def test_ab_migrates_and_keeps_passing(make_vm, tmp_path, ws, live):
         dest.vm.close()
 
 
-@pytest.mark.parametrize("target_ms", [300.0, 5.0], ids=["pause-takes-it", "too-big"])
+@pytest.mark.parametrize("target_ms", [300.0, 1.0], ids=["pause-takes-it", "too-big"])
 def test_a_rewritten_working_set_is_sent_in_the_pause_when_the_target_allows(
         make_vm, tmp_path, monkeypatch, target_ms):
     """Regions the guest rewrites as it runs (the A-B working set) are found by reading
-    sampled pages twice and held back: never write-protected (so never seen written) or
+    sampled pages three times and held back: never write-protected (so never seen written) or
     sent before the pause, and sent whole in it. A read-only region is not hot: it goes in
     round 0. When the held-back pages would not fit the downtime target, they are sent in
     the rounds like any other."""
@@ -77,6 +77,7 @@ def test_a_rewritten_working_set_is_sent_in_the_pause_when_the_target_allows(
         held.append(m._hot)
         return out
     monkeypatch.setattr(Migration, "_hold_back_hot", hold_back)
+    monkeypatch.setattr(Migration, "HOT_SAMPLE_S", 0.05)  # a busy host may hold the vCPU
     ws, ro = 16 * MB // 4096, 32 * MB // 4096
     vm, con = make_vm("ab", "ws=16M ro=32M", memory=256 * MB)
     con.wait_count(b"B", 3, timeout=60, start=con.wait_for("\n") + 1)
@@ -86,9 +87,9 @@ def test_a_rewritten_working_set_is_sent_in_the_pause_when_the_target_allows(
     try:
         rounds = stats.pages_per_round
         assert rounds[0] >= ro  # the read-only region: not hot
+        assert held[0] is not None and ws <= int(held[0].sum()) <= ws + 512  # + the stack's
         if target_ms == 300.0:
-            assert ws <= stats.hot_pages <= ws + 512, stats.line()  # + the stack's region
-            assert held[0] is not None and int(held[0].sum()) == stats.hot_pages
+            assert int(held[0].sum()) == stats.hot_pages, stats.line()
             assert not any((mask & held[0]).any() for mask in seen)  # never protected
             assert rounds[0] < ro + 512 and max(rounds[1:-1], default=0) < ws, stats.line()
             assert rounds[-1] >= ws  # all of it, in the pause

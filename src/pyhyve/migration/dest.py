@@ -31,7 +31,7 @@ from .postcopy import PostcopyDest, runs_mask, valid_session
 from .protocol import MAX_PAGES_PER_FRAME, MEM_HEADER, PROTOCOL_VERSION, Channel, Enc, Frame, ProtocolError, T
 
 MAX_STATE_SECTIONS = 4 * MAX_CPUS + 64
-PREFAULT_WAIT_S = 10.0  # at most, for a round's acknowledgement (the source waits 60 s)
+PREFAULT_WAIT_S = 3.0  # at most, once: the source waits 60 s while its guest runs
 
 
 class ReceiveError(MigrationDestFailed, RuntimeError):
@@ -89,6 +89,7 @@ class Receiver:
         self.rounds = 0
         self.done = False
         self._prefaulter: threading.Thread | None = None
+        self._prefault_awaited = False
         self.t_first = 0.0
         self.session = ""                      # the source's post-copy session, if any
         self._postcopy_runs: bytes | None = None
@@ -266,10 +267,7 @@ class Receiver:
                 self._postcopy_runs = bytes(f.payload)
             elif f.type == T.ROUND:
                 self.rounds += 1
-                if self._prefaulter is not None:  # the guest's memory in place before the
-                    # acknowledgement, so the pages sent in the pause land fast (bounded:
-                    # a slow host must not run into the source's I/O timeout)
-                    self._prefaulter.join(PREFAULT_WAIT_S)
+                self._await_prefault(f)
                 ch.send(T.ROUND, bytes(f.payload))  # caught up to here: the source may stop
             elif f.type == T.STATE:
                 gc.disable()  # the source is paused from here on: no collector pauses
@@ -299,6 +297,16 @@ class Receiver:
                     mem.populate(off, n)
         self._prefaulter = threading.Thread(target=work, name="prefault", daemon=True)
         self._prefaulter.start()
+
+    def _await_prefault(self, f: Frame) -> None:
+        """The first ROUND of a running source is acknowledged once the announced pages are
+        faulted in (bounded), so the pages sent in its pause land in memory already there.
+        Never while the source's guest waits (a warm migration, the last round)."""
+        if self._prefaulter is None or self._prefault_awaited:
+            return
+        self._prefault_awaited = True
+        if f.json(max_depth=1).get("paused") is not True:
+            self._prefaulter.join(PREFAULT_WAIT_S)
 
     def _stop_prefault(self) -> None:
         """The prefault thread must be gone before guest memory can be unmapped."""

@@ -114,7 +114,7 @@ class Stats:
                 f"{self.pages_sent} pages, {self.bytes_sent / (1 << 20):.1f} "
                 f"MiB sent, {self.rounds} rounds, pages per round {self.pages_per_round} "
                 f"in ms {self.ms_per_round}, "
-                f"{self.zero_pages} zero pages skipped, {self.hot_pages} hot pages sent in "
+                f"{self.zero_pages} zero pages skipped, {self.hot_pages} hot pages held for "
                 f"the pause, max throttle {self.throttle:.0%}{to}")
 
 
@@ -483,7 +483,7 @@ class Migration:
 
     HOT_REGION = 512         # pages (2 MiB): a few sampled pages stand for each
     HOT_PER_REGION = 4
-    HOT_MAX_SAMPLES = 4096   # pages read, twice: bigger guests get bigger regions
+    HOT_MAX_SAMPLES = 4096   # pages read, each 3 times: bigger guests get bigger regions
     HOT_SAMPLE_S = 0.01      # per window
     HOT_WINDOWS = 2
     MEMORY_RATE = 3e9        # bytes/s the destination decodes or copies into fresh memory
@@ -505,19 +505,20 @@ class Migration:
         for p, k in runs:
             inrun[p:p + k] = True
         data = inrun | data_pages(mem)  # zero pages written here too: they may turn hot
-        idx = np.flatnonzero(data)
-        if not len(idx):
-            return runs
         r = self.HOT_REGION
-        while (np.count_nonzero(np.diff(idx // r)) + 1) * self.HOT_PER_REGION \
-                > self.HOT_MAX_SAMPLES:  # idx is sorted: regions = changes + 1
+        while True:  # bools only: a 64 GiB guest costs a few 16 MB passes, no index arrays
+            used = np.flatnonzero(np.pad(data, (0, -n % r)).reshape(-1, r).any(axis=1))
+            if len(used) * self.HOT_PER_REGION <= self.HOT_MAX_SAMPLES:
+                break
             r *= 2
-        region = idx // r
-        starts = np.flatnonzero(np.r_[True, region[1:] != region[:-1]])
-        ends = np.r_[starts[1:], len(idx)]
-        pages = idx[np.unique(np.concatenate([  # spread over each region's data pages
-            starts + (ends - starts) * j // self.HOT_PER_REGION
-            for j in range(self.HOT_PER_REGION)]))]
+        if not len(used):
+            return runs
+        picks = []
+        for reg in used:  # spread over each region's data pages
+            where = np.flatnonzero(data[reg * r:(reg + 1) * r]) + reg * r
+            picks.append(where[np.arange(self.HOT_PER_REGION) * len(where)
+                               // self.HOT_PER_REGION])
+        pages = np.unique(np.concatenate(picks))
         after = [bytes(mem.file_view(int(p) * PAGE, PAGE)) for p in pages]
         hot_pages = np.zeros(len(pages), dtype=bool)
         for _ in range(self.HOT_WINDOWS):  # more than one: the guest's vCPU may not have
@@ -534,7 +535,7 @@ class Migration:
         # what a byte of them will cost in the pause: on the wire as the sample encodes,
         # then into the destination's memory
         raw = b"".join(after[i] for i in changed)
-        _, body = encoder(self.opts.compress, paused=True)(memoryview(raw))
+        _, body = encoder(self.opts.compress, paused=not self.opts.bandwidth)(memoryview(raw))
         wire = len(body) / len(raw) / self.ASSUMED_BANDWIDTH
         self._hot_cost = wire + 1 / self.MEMORY_RATE
         return runs_of(inrun & ~self._hot)
@@ -563,8 +564,10 @@ class Migration:
                 mask |= self.dirty.fetch()  # type: ignore[union-attr]
                 pages = int(mask.sum())
             stop = self._fits(pages, target) or round_no == MAX_ROUNDS
-            if stop and self._hot is not None and round_no < MAX_ROUNDS \
-                    and not self._hot_fits(pages, target):
+            if self._hot is not None and not self.dirty.deferred:  # type: ignore[union-attr]
+                self._hot, st.hot_pages = None, 0  # a second consumer: they came as written
+            if self._hot is not None and round_no < MAX_ROUNDS \
+                    and not self._hot_fits(pages if stop else 0, target):
                 mask |= self._hot  # too many for the pause: sent like any other page
                 pages, stop, self._hot, st.hot_pages = int(mask.sum()), False, None, 0
             if stop:
@@ -636,7 +639,9 @@ class Migration:
         assert ch is not None
         sent = 0
         t0 = time.perf_counter()
-        compress = encoder(self.opts.compress, paused=self._paused_by_us)
+        # lz4 while the guest waits, unless a bandwidth cap makes bytes the cost
+        compress = encoder(self.opts.compress,
+                           paused=self._paused_by_us and not self.opts.bandwidth)
         dirty = self.dirty if self.dirty and self.dirty.deferred and not self._paused_by_us \
             else None
         for off, data in chunks(mem, runs, MAX_PAGES_PER_FRAME * PAGE):
@@ -663,7 +668,7 @@ class Migration:
                 if round_no > 0:  # a page that became zero must be zeroed over there
                     ch.send(T.MEM, MEM_HEADER.pack(first + s, k, Enc.ZERO))
                 st.zero_pages += k
-        ch.send_json(T.ROUND, {"round": round_no, "pages": sent})
+        ch.send_json(T.ROUND, {"round": round_no, "pages": sent, "paused": self._paused_by_us})
         st.rounds = round_no + 1
         dt = time.perf_counter() - t0
         st.pages_per_round.append(sent)
