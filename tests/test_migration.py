@@ -65,6 +65,7 @@ def test_a_rewritten_working_set_is_sent_in_the_pause_when_the_target_allows(
     import numpy as np
 
     from pyhyve.machine.dirty import DirtyConsumer
+    from pyhyve.migration import hot
     from pyhyve.migration.source import Migration
 
     seen: list[np.ndarray] = []
@@ -77,7 +78,7 @@ def test_a_rewritten_working_set_is_sent_in_the_pause_when_the_target_allows(
         held.append(m._hot)
         return out
     monkeypatch.setattr(Migration, "_hold_back_hot", hold_back)
-    monkeypatch.setattr(Migration, "HOT_SAMPLE_S", 0.05)  # a busy host may hold the vCPU
+    monkeypatch.setattr(hot, "WINDOW_S", 0.05)  # a busy host may hold the vCPU longer
     ws, ro = 16 * MB // 4096, 32 * MB // 4096
     vm, con = make_vm("ab", "ws=16M ro=32M", memory=256 * MB)
     con.wait_count(b"B", 3, timeout=60, start=con.wait_for("\n") + 1)

@@ -32,6 +32,7 @@ from ..pipeline.pages import (
 from ..pipeline.record import machine_record
 from ..pipeline.sections import device_list, to_sections
 from .encoding import encoder
+from .hot import find_hot
 from .postcopy import NotStarted, PostcopySource, new_session
 from .protocol import (
     LIMITS,
@@ -481,64 +482,27 @@ class Migration:
             self.vm.set_throttle(min(THROTTLE_MAX, 1 - self.ASSUMED_BANDWIDTH / rate / 2))
             self.stats.throttle = self.vm.throttle
 
-    HOT_REGION = 512         # pages (2 MiB): a few sampled pages stand for each
-    HOT_PER_REGION = 4
-    HOT_MAX_SAMPLES = 4096   # pages read, each 3 times: bigger guests get bigger regions
-    HOT_SAMPLE_S = 0.01      # per window
-    HOT_WINDOWS = 2
-    MEMORY_RATE = 3e9        # bytes/s the destination decodes or copies into fresh memory
+    MEMORY_RATE = 3e9  # bytes/s the destination decodes or copies into fresh memory
 
     def _hold_back_hot(self, runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        """Regions the guest rewrites within a few ms go only in the pause. Sent before,
-        they would be written again at once, each write a fault on a page just protected
-        (about 21 us here: a guest that rewrites 512 MiB stalls for seconds) and each page
-        sent again anyway. A few pages of each region are read HOT_WINDOWS + 1 times,
-        HOT_SAMPLE_S apart (reading costs the guest nothing; protecting even a few pages
-        stalls it here); a region with a changed page is hot: its pages that may hold data
-        are held back.
-        Whether the pause can take them is decided before it (`_precopy`). Returns round
-        0's runs: the rest."""
+        """Hold the hot pages (hot.py) back for the pause; whether the pause can take them
+        is decided before it (`_precopy`). Returns round 0's runs: the rest."""
         import numpy as np
 
-        n, mem = self.vm.memory.size // PAGE, self.vm.memory
-        inrun = np.zeros(n, dtype=bool)
+        mem = self.vm.memory
+        inrun = np.zeros(mem.size // PAGE, dtype=bool)
         for p, k in runs:
             inrun[p:p + k] = True
-        data = inrun | data_pages(mem)  # zero pages written here too: they may turn hot
-        r = self.HOT_REGION
-        while True:  # bools only: a 64 GiB guest costs a few 16 MB passes, no index arrays
-            used = np.flatnonzero(np.pad(data, (0, -n % r)).reshape(-1, r).any(axis=1))
-            if len(used) * self.HOT_PER_REGION <= self.HOT_MAX_SAMPLES:
-                break
-            r *= 2
-        if not len(used):
+        hot, sample = find_hot(mem, inrun | data_pages(mem))  # zero pages may turn hot too
+        if hot is None:
             return runs
-        picks = []
-        for reg in used:  # spread over each region's data pages
-            where = np.flatnonzero(data[reg * r:(reg + 1) * r]) + reg * r
-            picks.append(where[np.arange(self.HOT_PER_REGION) * len(where)
-                               // self.HOT_PER_REGION])
-        pages = np.unique(np.concatenate(picks))
-        after = [bytes(mem.file_view(int(p) * PAGE, PAGE)) for p in pages]
-        hot_pages = np.zeros(len(pages), dtype=bool)
-        for _ in range(self.HOT_WINDOWS):  # more than one: the guest's vCPU may not have
-            time.sleep(self.HOT_SAMPLE_S)  # run in one window, on a busy host
-            before, after = after, [bytes(mem.file_view(int(p) * PAGE, PAGE)) for p in pages]
-            hot_pages |= [b != a for b, a in zip(before, after, strict=True)]
-        changed = np.flatnonzero(hot_pages)
-        if not len(changed):
-            return runs
-        hot_regions = np.zeros((n + r - 1) // r, dtype=bool)
-        hot_regions[pages[changed] // r] = True
-        self._hot = np.repeat(hot_regions, r)[:n] & data
-        self.stats.hot_pages = int(self._hot.sum())
+        self._hot, self.stats.hot_pages = hot, int(hot.sum())
         # what a byte of them will cost in the pause: on the wire as the sample encodes,
         # then into the destination's memory
-        raw = b"".join(after[i] for i in changed)
-        _, body = encoder(self.opts.compress, paused=not self.opts.bandwidth)(memoryview(raw))
-        wire = len(body) / len(raw) / self.ASSUMED_BANDWIDTH
-        self._hot_cost = wire + 1 / self.MEMORY_RATE
-        return runs_of(inrun & ~self._hot)
+        _, body = encoder(self.opts.compress, paused=not self.opts.bandwidth)(
+            memoryview(sample))
+        self._hot_cost = len(body) / len(sample) / self.ASSUMED_BANDWIDTH + 1 / self.MEMORY_RATE
+        return runs_of(inrun & ~hot)
 
     def _hot_fits(self, pages: int, target: float) -> bool:
         """Would the held-back pages, with `pages` more, fit the downtime target? If not,
