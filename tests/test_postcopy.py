@@ -115,9 +115,13 @@ class RelayProxy:
                     self._seen += data
                     at = self._seen.find(self._cut_after)
                     if at >= 0 and len(self._seen) >= at + self._cut_len:
+                        # nothing comes back once those bytes are out (an answer could,
+                        # between the send and the break, if this thread lost the GIL)
+                        self._dropping = True
                         y.sendall(data[:at + self._cut_len - before])  # exactly that far
                         self._cut_after = b""
                         self._break()
+                        self._dropping = False
                         return
                 if not self._dropping:
                     y.sendall(data)
