@@ -507,7 +507,7 @@ class Migration:
     def _hot_fits(self, pages: int, target: float) -> bool:
         """Would the held-back pages, with `pages` more, fit the downtime target? If not,
         they join the rounds (and the guest pays the faults)."""
-        nbytes = (int(self._hot.sum()) + pages) * PAGE
+        nbytes = (self.stats.hot_pages + pages) * PAGE
         cost = 1 / self._rate if self._rate else self._hot_cost
         return nbytes * cost <= target
 
